@@ -1,0 +1,112 @@
+"""Command line: ``python -m wanwu_worker serve|predict`` (the image's entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .bundle import load_bundle
+from .errors import WorkerError
+from .preprocess import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
+
+log = logging.getLogger("wanwu_worker")
+
+MOUNTED_MODEL = "/model"
+
+
+def default_model_dir() -> str:
+    """WANWU_MODEL_DIR, else a bundle mounted at /model, else the image's built-in
+    demo bundle (WANWU_BUILTIN_MODEL)."""
+    explicit = os.environ.get("WANWU_MODEL_DIR")
+    if explicit:
+        return explicit
+    if Path(MOUNTED_MODEL, "model.json").is_file():
+        return MOUNTED_MODEL
+    return os.environ.get("WANWU_BUILTIN_MODEL", MOUNTED_MODEL)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"wanwu-worker: {name}={raw!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanwu-worker", description="Classify images with a wanwu model bundle.")
+    parser.add_argument(
+        "--model", default=None, help="bundle directory (default: $WANWU_MODEL_DIR, /model, built-in demo)"
+    )
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("WANWU_DEVICE") or None,
+        help="cpu, cuda or cuda:N (default: cuda if available)",
+    )
+    parser.add_argument("--max-pixels", type=int, default=_env_int("WANWU_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    sub = parser.add_subparsers(dest="mode", required=True)
+    serve = sub.add_parser("serve", help="answer /healthz and /predict on a Unix socket")
+    serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
+    serve.add_argument("--max-body", type=int, default=_env_int("WANWU_MAX_BODY_BYTES", 20 * 2**20))
+    predict = sub.add_parser("predict", help="classify FILEs, print one JSON line each")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("files", nargs="+", metavar="FILE")
+    return parser
+
+
+def run_predict(predictor: Predictor, files: list[str], top_k: int) -> int:
+    """Print one JSON line per file; return 1 if any file failed, else 0."""
+    failed = 0
+    for name in files:
+        line: dict[str, object] = {"file": name}
+        try:
+            data = Path(name).read_bytes()
+            line["predictions"] = predictor.predict(data, top_k).predictions
+        except WorkerError as exc:
+            line["error"] = exc.to_json()
+        except OSError as exc:
+            line["error"] = {"code": "unreadable", "message": f"{name}: {exc.strerror or exc}"}
+        failed += "error" in line
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("WANWU_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s wanwu-worker %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.mode == "predict" and not 1 <= args.top_k <= 1000:
+        print(f"wanwu-worker: --top-k is {args.top_k}; expected 1..1000", file=sys.stderr)
+        return 2
+    # torch is imported only now, so --help and argument errors are instant.
+    from .predictor import Predictor
+
+    try:
+        bundle = load_bundle(args.model or default_model_dir())
+        predictor = Predictor(bundle, device=args.device, max_pixels=args.max_pixels)
+    except WorkerError as exc:
+        print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
+        return 2
+    if args.mode == "predict":
+        return run_predict(predictor, args.files, args.top_k)
+    from .server import serve
+
+    serve(predictor, args.socket, args.max_body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

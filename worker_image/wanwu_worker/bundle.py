@@ -1,0 +1,190 @@
+"""Model bundles: a directory with ``model.json``, a TorchScript ``model.pt`` and a
+UTF-8 ``labels.txt``. ``load_bundle`` validates all of it without importing torch, so
+every problem is reported with the file and field at fault before a model is loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMATS = ("torchscript",)
+TASKS = ("classify",)
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int
+    max_wait_ms: float
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated model bundle. ``input_size`` is (channels, height, width)."""
+
+    path: Path
+    name: str
+    format: str
+    task: str
+    input_size: tuple[int, int, int]
+    resize: int
+    crop: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    precision: str
+    labels: tuple[str, ...]
+    gpu_memory_mb: int
+    idle_ttl_s: float | None
+    batching: Batching | None
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / "model.pt"
+
+
+def _err(path: Path, field: str, problem: str) -> BundleError:
+    return BundleError(f"{path}: field '{field}' {problem}")
+
+
+def _require(cfg: dict[str, Any], path: Path, field: str) -> Any:
+    if field not in cfg:
+        raise _err(path, field, "is missing")
+    return cfg[field]
+
+
+def _choice(cfg: dict[str, Any], path: Path, field: str, allowed: tuple[str, ...]) -> str:
+    value = _require(cfg, path, field)
+    if value not in allowed:
+        raise _err(path, field, f"is {value!r}; expected one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _pos_int(value: Any, path: Path, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _err(path, field, f"is {value!r}; expected a positive integer")
+    return value
+
+
+def _int_seq(value: Any, path: Path, field: str, length: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != length:
+        raise _err(path, field, f"is {value!r}; expected a list of {length} positive integers")
+    return tuple(_pos_int(v, path, field) for v in value)
+
+
+def _float_triple(value: Any, path: Path, field: str, positive: bool) -> tuple[float, float, float]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and all(math.isfinite(v) and (v > 0 or not positive) for v in value)
+    )
+    if not ok:
+        kind = "positive numbers" if positive else "numbers"
+        raise _err(path, field, f"is {value!r}; expected a list of 3 {kind}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _optional_positive(cfg: dict[str, Any], path: Path, field: str) -> float | None:
+    value = cfg.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _err(path, field, f"is {value!r}; expected a positive number of seconds")
+    return float(value)
+
+
+def _batching(cfg: dict[str, Any], path: Path) -> Batching | None:
+    value = cfg.get("batching")
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise _err(path, "batching", f"is {value!r}; expected an object")
+    size = _pos_int(value.get("max_batch_size"), path, "batching.max_batch_size")
+    wait = value.get("max_wait_ms", 5)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+        raise _err(path, "batching.max_wait_ms", f"is {wait!r}; expected a number >= 0")
+    return Batching(size, float(wait))
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    """Read a labels file: UTF-8, one non-empty label per line, no duplicates."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{path}: labels file is missing") from None
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not labels:
+        raise BundleError(f"{path}: no labels")
+    seen: set[str] = set()
+    for number, label in enumerate(labels, 1):
+        if label in seen:
+            raise BundleError(f"{path}: label {label!r} on line {number} is a duplicate")
+        seen.add(label)
+    return labels
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read and validate the bundle in ``directory``; raise BundleError naming the
+    file and field at fault. The model file is checked for presence, not loaded."""
+    root = Path(directory)
+    meta = root / "model.json"
+    try:
+        cfg = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{meta}: missing (is {root} a model bundle?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{meta}: not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{meta}: expected a JSON object, got {type(cfg).__name__}")
+
+    name = _require(cfg, meta, "name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(meta, "name", f"is {name!r}; expected a non-empty name without '/'")
+    fmt = _choice(cfg, meta, "format", FORMATS)
+    task = _choice(cfg, meta, "task", TASKS)
+    precision = _choice(cfg, meta, "precision", PRECISIONS) if "precision" in cfg else "fp32"
+    channels, height, width = _int_seq(_require(cfg, meta, "input_size"), meta, "input_size", 3)
+    if channels != 3:
+        raise _err(meta, "input_size", f"has {channels} channels; only 3 (RGB) is supported")
+    resize = _pos_int(_require(cfg, meta, "resize"), meta, "resize")
+    crop_h, crop_w = _int_seq(cfg.get("crop", [height, width]), meta, "crop", 2)
+    if (crop_h, crop_w) != (height, width):
+        raise _err(meta, "crop", f"is {[crop_h, crop_w]}; must equal input_size's height and width")
+    if resize < min(crop_h, crop_w):
+        raise _err(meta, "resize", f"is {resize}; must be at least the crop's shorter side")
+    mean = _float_triple(_require(cfg, meta, "mean"), meta, "mean", positive=False)
+    std = _float_triple(_require(cfg, meta, "std"), meta, "std", positive=True)
+    gpu_mb = cfg.get("gpu_memory_mb", 0)
+    if isinstance(gpu_mb, bool) or not isinstance(gpu_mb, int) or gpu_mb < 0:
+        raise _err(meta, "gpu_memory_mb", f"is {gpu_mb!r}; expected an integer >= 0")
+
+    labels_name = cfg.get("labels", "labels.txt")
+    if not isinstance(labels_name, str) or "/" in labels_name or labels_name.startswith("."):
+        raise _err(meta, "labels", f"is {labels_name!r}; expected a file name inside the bundle")
+    labels = read_labels(root / labels_name)
+    bundle = Bundle(
+        path=root,
+        name=name,
+        format=fmt,
+        task=task,
+        input_size=(channels, height, width),
+        resize=resize,
+        crop=(crop_h, crop_w),
+        mean=mean,
+        std=std,
+        precision=precision,
+        labels=labels,
+        gpu_memory_mb=gpu_mb,
+        idle_ttl_s=_optional_positive(cfg, meta, "idle_ttl_s"),
+        batching=_batching(cfg, meta),
+    )
+    if not bundle.model_file.is_file():
+        raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")
+    return bundle
