@@ -1,0 +1,1 @@
+"""wanwu's HTTP gateway and command line. Only this package imports flask."""

@@ -1,0 +1,185 @@
+"""Build the worker image without needing a registry.
+
+1. Base image: the one asked for; else ``python:3.11-slim`` if present; else the
+   debootstrapped ``wanwu-base:bookworm`` if present; else pull ``python:3.11-slim``;
+   else build ``wanwu-base:bookworm`` with ``deploy/build-base-image.sh``.
+2. Wheelhouse: ``pip download`` on the host (its pip configuration and proxies apply)
+   into ``worker_image/wheelhouse/<flavor>``, skipped while the requirements are unchanged.
+3. ``docker build`` of ``worker_image/Dockerfile`` with BASE_IMAGE and FLAVOR; the layer
+   cache makes a second run take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import docker.utils
+
+from ..errors import BackendUnavailable, ImageBuildError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTEXT = ROOT / "worker_image"
+BASE_SCRIPT = ROOT / "deploy" / "build-base-image.sh"
+FLAVORS = ("cpu", "cuda")
+SLIM = "python:3.11-slim"
+DEBOOTSTRAPPED = "wanwu-base:bookworm"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    tag: str
+    flavor: str
+    base_image: str
+    size_bytes: int
+    seconds: float
+
+
+def _client() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise BackendUnavailable(f"cannot reach the Docker engine: {exc} (try deploy/ensure-docker.sh)") from exc
+    return client
+
+
+def _present(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def choose_base_image(client: docker.DockerClient, requested: str | None, progress: Progress) -> str:
+    """Return a base image tag that is present locally, making one if need be."""
+    if requested:
+        if not _present(client, requested):
+            progress(f"pulling {requested}")
+            try:
+                client.images.pull(requested)
+            except docker.errors.APIError as exc:
+                raise ImageBuildError(f"base image {requested} is not present and cannot be pulled: {exc}") from exc
+        return requested
+    for tag in (SLIM, DEBOOTSTRAPPED):
+        if _present(client, tag):
+            return tag
+    try:
+        progress(f"pulling {SLIM}")
+        client.images.pull(SLIM)
+        return SLIM
+    except docker.errors.APIError as exc:
+        progress(f"no registry ({str(exc).splitlines()[0][:120]}); building {DEBOOTSTRAPPED} with debootstrap")
+    result = subprocess.run(["bash", str(BASE_SCRIPT), DEBOOTSTRAPPED], check=False)
+    if result.returncode != 0:
+        raise ImageBuildError(f"{BASE_SCRIPT} failed with exit status {result.returncode}")
+    return DEBOOTSTRAPPED
+
+
+def fill_wheelhouse(flavor: str, progress: Progress, extra_args: list[str] | None = None) -> Path:
+    """Download the flavour's wheels (and pip's own) for CPython 3.11 on Linux x86-64
+    into the wheelhouse. A hash of the requirements marks a complete download."""
+    requirements = CONTEXT / f"requirements-{flavor}.txt"
+    target = CONTEXT / "wheelhouse" / flavor
+    stamp = target / ".requirements.sha256"
+    extra = extra_args if extra_args is not None else shlex.split(os.environ.get("WANWU_PIP_DOWNLOAD_ARGS", ""))
+    digest = hashlib.sha256(requirements.read_bytes() + " ".join(extra).encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    progress(f"downloading wheels for {flavor} into {target.relative_to(ROOT)}")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--dest",
+        str(target),
+        "-r",
+        str(requirements),
+        "pip",
+        *extra,
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-10:])
+        raise ImageBuildError(f"pip download for the {flavor} wheelhouse failed:\n{tail}")
+    stamp.write_text(digest + "\n")
+    return target
+
+
+def _context_tar(flavor: str) -> Any:
+    """The build context: worker_image/ without other flavours' wheelhouses."""
+    ignore = CONTEXT / ".dockerignore"
+    patterns = [p.strip() for p in ignore.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns += [f"wheelhouse/{other}" for other in FLAVORS if other != flavor]
+    return docker.utils.tar(str(CONTEXT), exclude=patterns, gzip=False)
+
+
+def build_worker_image(
+    flavor: str = "cpu",
+    tag: str | None = None,
+    base_image: str | None = None,
+    no_cache: bool = False,
+    progress: Progress | None = None,
+) -> BuiltImage:
+    """Build ``wanwu-worker:<flavor>`` (or ``tag``); see the module docstring."""
+    if flavor not in FLAVORS:
+        raise ImageBuildError(f"flavour {flavor!r} is unknown; expected one of {', '.join(FLAVORS)}")
+    say = progress or (lambda line: log.info("%s", line))
+    tag = tag or f"wanwu-worker:{flavor}"
+    started = time.monotonic()
+    client = _client()
+    base = choose_base_image(client, base_image, say)
+    fill_wheelhouse(flavor, say)
+    say(f"building {tag} from {base}")
+    context = _context_tar(flavor)
+    try:
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            nocache=no_cache,
+            decode=True,
+            buildargs={"BASE_IMAGE": base, "FLAVOR": flavor},
+        )
+        last: list[str] = []
+        for chunk in stream:
+            if "error" in chunk:
+                raise ImageBuildError(f"docker build of {tag} failed: {chunk['error'].strip()}\n" + "".join(last[-15:]))
+            line = chunk.get("stream", "")
+            if line:
+                last.append(line)
+                if line.startswith("Step ") or "accuracy" in line:
+                    say(line.rstrip())
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"docker build of {tag} failed: {exc}") from exc
+    finally:
+        context.close()
+    image = client.images.get(tag)
+    return BuiltImage(tag, flavor, base, int(image.attrs["Size"]), round(time.monotonic() - started, 1))
