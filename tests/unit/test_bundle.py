@@ -1,0 +1,141 @@
+"""Model bundle validation: every problem names the file and the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wanwu_worker.bundle import load_bundle
+from wanwu_worker.errors import BundleError
+
+
+@pytest.fixture
+def bundle_dir(tiny_bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+def edit_json(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    meta = directory / "model.json"
+    config = json.loads(meta.read_text(encoding="utf-8"))
+    change(config)
+    meta.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+
+
+def test_valid_bundle_loads(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert bundle.name == "demo-shapes"
+    assert bundle.input_size == (3, 64, 64)
+    assert bundle.labels == ("红色圆形", "红色方形", "绿色圆形", "绿色方形", "蓝色圆形", "蓝色方形")
+    assert bundle.precision == "fp32"
+    assert bundle.idle_ttl_s is None and bundle.batching is None
+
+
+def test_missing_model_json(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"model\.json: missing"):
+        load_bundle(tmp_path)
+
+
+def test_bad_json_names_file(bundle_dir: Path) -> None:
+    (bundle_dir / "model.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(BundleError, match=r"model\.json: not valid JSON"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("format", "onnx", r"'format' is 'onnx'; expected one of torchscript"),
+        ("task", "detect", r"'task' is 'detect'"),
+        ("precision", "int4", r"'precision' is 'int4'; expected one of fp32, fp16"),
+        ("input_size", [3, 64], r"'input_size' .* list of 3"),
+        ("input_size", [1, 64, 64], r"'input_size' has 1 channels"),
+        ("resize", 0, r"'resize' is 0; expected a positive integer"),
+        ("resize", 32, r"'resize' is 32; must be at least"),
+        ("crop", [32, 32], r"'crop' .* must equal input_size"),
+        ("mean", [0.5, 0.5], r"'mean' .* list of 3 numbers"),
+        ("std", [0.5, 0, 0.5], r"'std' .* positive numbers"),
+        ("gpu_memory_mb", -1, r"'gpu_memory_mb' is -1"),
+        ("idle_ttl_s", -5, r"'idle_ttl_s' is -5"),
+        ("batching", {"max_batch_size": 0}, r"'batching.max_batch_size' is 0"),
+        ("labels", "../etc/passwd", r"'labels' .* inside the bundle"),
+        ("name", "", r"'name' is ''"),
+    ],
+)
+def test_bad_field_is_named(bundle_dir: Path, field: str, value: object, message: str) -> None:
+    edit_json(bundle_dir, lambda c: c.__setitem__(field, value))
+    with pytest.raises(BundleError, match=message) as caught:
+        load_bundle(bundle_dir)
+    assert "model.json" in str(caught.value)
+
+
+@pytest.mark.parametrize("field", ["name", "format", "task", "input_size", "resize", "mean", "std"])
+def test_missing_field_is_named(bundle_dir: Path, field: str) -> None:
+    edit_json(bundle_dir, lambda c: c.pop(field))
+    with pytest.raises(BundleError, match=rf"model\.json: field '{field}' is missing"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_model_file(bundle_dir: Path) -> None:
+    (bundle_dir / "model.pt").unlink()
+    with pytest.raises(BundleError, match=r"model\.pt: missing"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_labels(bundle_dir: Path) -> None:
+    (bundle_dir / "labels.txt").unlink()
+    with pytest.raises(BundleError, match=r"labels\.txt: labels file is missing"):
+        load_bundle(bundle_dir)
+
+
+def test_labels_not_utf8(bundle_dir: Path) -> None:
+    (bundle_dir / "labels.txt").write_bytes("红色圆形\n".encode("gbk"))
+    with pytest.raises(BundleError, match=r"labels\.txt: not valid UTF-8"):
+        load_bundle(bundle_dir)
+
+
+def test_duplicate_label(bundle_dir: Path) -> None:
+    (bundle_dir / "labels.txt").write_text("a\nb\na\n", encoding="utf-8")
+    with pytest.raises(BundleError, match=r"labels\.txt: label 'a' on line 3 is a duplicate"):
+        load_bundle(bundle_dir)
+
+
+def test_label_count_must_match_model_output(bundle_dir: Path) -> None:
+    from wanwu_worker.predictor import Predictor
+
+    (bundle_dir / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")
+    with pytest.raises(BundleError, match=r"labels\.txt: has 3 labels but model\.pt outputs 6 classes"):
+        Predictor(load_bundle(bundle_dir), device="cpu")
+
+
+def test_model_file_not_torchscript(bundle_dir: Path) -> None:
+    from wanwu_worker.predictor import Predictor
+
+    (bundle_dir / "model.pt").write_bytes(b"definitely not a zip archive")
+    with pytest.raises(BundleError, match=r"model\.pt: not a loadable TorchScript archive"):
+        Predictor(load_bundle(bundle_dir), device="cpu")
+
+
+def test_fp16_falls_back_to_fp32_on_cpu(bundle_dir: Path) -> None:
+    from wanwu_worker.predictor import Predictor
+
+    edit_json(bundle_dir, lambda c: c.__setitem__("precision", "fp16"))
+    predictor = Predictor(load_bundle(bundle_dir), device="cpu")
+    assert predictor.bundle.precision == "fp16"
+    assert predictor.precision == "fp32"
+    assert predictor.health()["gpu_memory_mb"] is None
+
+
+def test_cuda_requested_without_cuda_is_clear(bundle_dir: Path) -> None:
+    import torch
+    from wanwu_worker.predictor import Predictor
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is for hosts without CUDA")
+    with pytest.raises(BundleError, match="CUDA is not available"):
+        Predictor(load_bundle(bundle_dir), device="cuda")
