@@ -6,6 +6,7 @@
     ├── BackendUnavailable     the container engine cannot be reached         -> 503
     ├── CapacityExhausted      no worker became free before the deadline      -> 503
     ├── UnknownModel           no bundle of that name                         -> 404
+    ├── ModelUnavailable       its workers keep failing to start (backoff)   -> 503
     └── WorkerError            a worker failed a request
         ├── WorkerStartError       it did not become ready (carries its logs) -> 502
         │   └── WorkerStartTimeout                                        -> 504
@@ -78,3 +79,11 @@ class WorkerRejected(WorkerError):
         super().__init__(message, worker_id)
         self.status = status
         self.code = code
+
+
+class ModelUnavailable(WanwuError):
+    """A model is backing off after its workers failed to start; try again later."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

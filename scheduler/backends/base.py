@@ -1,0 +1,86 @@
+"""The backend seam, in the pool's words: spawn a worker, stop it, list what is managed,
+remove leftovers, watch for workers that die, and connect to a worker. Docker implements
+it (``docker.py``); a Kubernetes backend would implement the same without touching the
+pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..worker_client import WorkerAnswer
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    worker_id: str
+    model: str
+    model_dir: Path
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """A worker that answered /healthz. ``timing_ms`` breaks its start down
+    (``create``: the container exists and runs; ``ready``: the worker answered)."""
+
+    worker_id: str
+    health: dict[str, Any]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ManagedWorker:
+    worker_id: str
+    model: str
+    running: bool
+
+
+class Connection(Protocol):
+    """How the pool talks to a worker (``WorkerClient`` over a Unix socket)."""
+
+    def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer: ...
+
+    def health(self, timeout: float = 2.0) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+ExitCallback = Callable[[str, str], None]
+
+
+class Backend(Protocol):
+    def spawn(self, request: SpawnRequest) -> Started:
+        """Start a worker and block until it is ready. Raises WorkerStartError (with
+        its last log lines), WorkerStartTimeout or BackendUnavailable; a worker that
+        failed to start is already removed."""
+        ...
+
+    def stop(self, worker_id: str) -> None:
+        """Kill and remove a worker. Idempotent."""
+        ...
+
+    def list_workers(self) -> list[ManagedWorker]:
+        """Every worker of this pool the backend knows, running or not."""
+        ...
+
+    def remove_orphans(self) -> list[str]:
+        """Remove every worker of this pool id (left by an earlier run)."""
+        ...
+
+    def connect(self, worker_id: str, timeout: float) -> Connection: ...
+
+    def watch(self, on_exit: ExitCallback, on_reconnect: Callable[[], None], stop: threading.Event) -> None:
+        """Block, calling ``on_exit(worker_id, reason)`` when a worker dies, until
+        ``stop`` is set; after losing and regaining the engine call ``on_reconnect``."""
+        ...
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless the engine answers."""
+        ...
+
+    def close(self) -> None: ...

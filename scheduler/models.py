@@ -1,0 +1,103 @@
+"""The model catalog: every bundle directory under WANWU_MODELS_DIR.
+
+Bundles are validated with the worker's own loader (``wanwu_worker.bundle``, which
+does not import torch), so the gateway refuses a bad bundle with the same message the
+worker would print. The directory is rescanned when an unknown name is asked for, at
+most every few seconds, so a new bundle needs no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanwu_worker.bundle import Bundle, load_bundle
+from wanwu_worker.errors import BundleError
+
+from .clock import Clock, MonotonicClock
+from .errors import UnknownModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    gpu_memory_mb: int
+    idle_ttl_s: float | None
+    labels: tuple[str, ...]
+    input_size: tuple[int, int, int]
+    precision: str
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
+        return cls(
+            bundle.name,
+            bundle.path.resolve(),
+            bundle.gpu_memory_mb,
+            bundle.idle_ttl_s,
+            bundle.labels,
+            bundle.input_size,
+            bundle.precision,
+        )
+
+
+class ModelCatalog:
+    def __init__(self, models_dir: Path, rescan_after_s: float = 5.0, clock: Clock | None = None) -> None:
+        self.models_dir = models_dir
+        self._rescan_after = rescan_after_s
+        self._now = (clock or MonotonicClock()).now
+        self._models: dict[str, ModelInfo] = {}
+        self.problems: dict[str, str] = {}
+        self._scanned_at = float("-inf")
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the directory. A bundle that fails validation is left out and its
+        problem is kept in ``problems`` (and logged once)."""
+        models: dict[str, ModelInfo] = {}
+        problems: dict[str, str] = {}
+        if self.models_dir.is_dir():
+            for entry in sorted(self.models_dir.iterdir()):
+                if not (entry / "model.json").is_file():
+                    continue
+                try:
+                    info = ModelInfo.from_bundle(load_bundle(entry))
+                except BundleError as exc:
+                    problems[entry.name] = str(exc)
+                    continue
+                if info.name != entry.name:
+                    problems[entry.name] = (
+                        f"{entry / 'model.json'}: field 'name' is {info.name!r}; must match the directory name"
+                    )
+                    continue
+                models[info.name] = info
+        with self._lock:
+            for name, problem in problems.items():
+                if self.problems.get(name) != problem:
+                    log.error("model bundle %s is invalid and not served: %s", name, problem)
+            self._models, self.problems = models, problems
+            self._scanned_at = self._now()
+
+    def get(self, name: str) -> ModelInfo:
+        with self._lock:
+            info = self._models.get(name)
+            stale = self._now() - self._scanned_at >= self._rescan_after
+        if info is None and stale:
+            self.refresh()
+            with self._lock:
+                info = self._models.get(name)
+        if info is None:
+            problem = self.problems.get(name)
+            if problem:
+                raise UnknownModel(f"model {name!r} is not served: {problem}")
+            raise UnknownModel(f"no model named {name!r} in {self.models_dir}")
+        return info
+
+    def all(self) -> list[ModelInfo]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: m.name)

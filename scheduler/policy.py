@@ -1,0 +1,214 @@
+"""The pool's decisions, as pure functions.
+
+No docker, no threads, no clock: workers, the time and GPU readings are arguments, so
+the live pool and the trace simulator take the same decisions, and tests state rules
+with symbols and fixed timestamps.
+
+Rules (DESIGN.md, "The pool"):
+
+- Capacity N counts every live container: starting, idle, busy, and stopping (a stopping
+  container still exists until its removal completes).
+- A request for model M reuses M's most recently used idle worker.
+- Otherwise, with room (fewer than N live) and the model's GPU estimate fitting: spawn.
+- Without room: stop the least recently used idle worker of another model and spawn in
+  its place. If the estimate does not fit, idle workers are evicted (least recently used
+  first) until it does.
+- No idle worker to take: wait. A model that could never fit is rejected.
+- Idle longer than the model's TTL (or the default): stop.
+- GPU memory used above the high watermark: stop idle workers, least recently used
+  first, until the projection is below the low watermark.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the policy knows of one worker."""
+
+    id: str
+    model: str
+    state: State
+    last_used: float
+    gpu_mb: float = 0.0
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """Memory of one GPU, in MB."""
+
+    device: str
+    used_mb: float
+    total_mb: float
+
+    @property
+    def fraction(self) -> float:
+        return self.used_mb / self.total_mb if self.total_mb else 0.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    capacity: int
+    default_ttl_s: float
+    model_ttl_s: Mapping[str, float] = field(default_factory=dict)
+    high_watermark: float = 0.90
+    low_watermark: float = 0.80
+
+    def ttl(self, model: str) -> float:
+        return self.model_ttl_s.get(model, self.default_ttl_s)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start a worker, after stopping ``evict`` (whose slots and memory it takes)."""
+
+    device: str | None = None
+    evict: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+Decision = Reuse | Spawn | Wait | Reject
+
+
+def _lru(workers: Iterable[WorkerView]) -> list[WorkerView]:
+    return sorted(workers, key=lambda w: (w.last_used, w.id))
+
+
+def _idle(workers: Iterable[WorkerView]) -> list[WorkerView]:
+    return [w for w in workers if w.state is State.IDLE]
+
+
+def projected_used_mb(reading: GpuReading, workers: Sequence[WorkerView], estimates: Mapping[str, float]) -> float:
+    """GPU memory in use once every starting worker on the device has loaded: a reading
+    does not yet show what a starting worker is about to allocate."""
+    starting = sum(
+        estimates.get(w.model, 0.0) for w in workers if w.state is State.STARTING and w.device == reading.device
+    )
+    return reading.used_mb + starting
+
+
+def _place(
+    workers: Sequence[WorkerView],
+    estimate_mb: float,
+    gpus: Sequence[GpuReading],
+    estimates: Mapping[str, float],
+    limits: Limits,
+    evictable: list[WorkerView],
+) -> tuple[str | None, tuple[str, ...]] | None:
+    """Pick a GPU for a new worker and the idle workers to evict so its estimate fits
+    under the high watermark: the device needing the fewest evictions, then the one with
+    the most headroom. None if no device can make room."""
+    if not gpus:
+        return (None, ())
+    best: tuple[int, float, str, tuple[str, ...]] | None = None
+    for gpu in gpus:
+        ceiling = limits.high_watermark * gpu.total_mb
+        used = projected_used_mb(gpu, workers, estimates)
+        victims: list[str] = []
+        for victim in evictable:
+            if used + estimate_mb <= ceiling:
+                break
+            if victim.device == gpu.device:
+                used -= victim.gpu_mb
+                victims.append(victim.id)
+        if used + estimate_mb <= ceiling:
+            key = (len(victims), -(ceiling - used), gpu.device, tuple(victims))
+            if best is None or key < best:
+                best = key
+    return None if best is None else (best[2], best[3])
+
+
+def decide(
+    model: str,
+    workers: Sequence[WorkerView],
+    limits: Limits,
+    gpus: Sequence[GpuReading] = (),
+    estimates: Mapping[str, float] | None = None,
+) -> Decision:
+    """What to do for one request for ``model`` given the pool as it is now."""
+    estimates = estimates or {}
+    own_idle = [w for w in _idle(workers) if w.model == model]
+    if own_idle:
+        return Reuse(max(own_idle, key=lambda w: (w.last_used, w.id)).id)
+
+    estimate = estimates.get(model, 0.0)
+    if gpus and all(estimate > limits.high_watermark * g.total_mb for g in gpus):
+        return Reject(
+            f"model {model} needs {estimate:g} MB of GPU memory; no GPU has that much under the high watermark"
+        )
+
+    others_idle = _lru(w for w in _idle(workers) if w.model != model)
+    room = limits.capacity - len(workers)
+    if room <= 0:
+        if not others_idle:
+            return Wait("every worker is busy or starting")
+        first, rest = others_idle[0], others_idle[1:]
+        # The evicted worker's memory is free for the new one.
+        freed = [w for w in workers if w.id != first.id]
+        placed = _place(freed, estimate, _credit(gpus, first), estimates, limits, rest)
+        if placed is None:
+            return Wait(f"model {model} does not fit in GPU memory yet")
+        device, more = placed
+        return Spawn(device, (first.id, *more))
+
+    placed = _place(workers, estimate, gpus, estimates, limits, others_idle)
+    if placed is None:
+        return Wait(f"model {model} does not fit in GPU memory until busy workers finish")
+    device, evict = placed
+    return Spawn(device, evict)
+
+
+def _credit(gpus: Sequence[GpuReading], leaving: WorkerView) -> list[GpuReading]:
+    """Readings as they will be once ``leaving`` has stopped."""
+    return [
+        GpuReading(g.device, max(0.0, g.used_mb - leaving.gpu_mb), g.total_mb) if g.device == leaving.device else g
+        for g in gpus
+    ]
+
+
+def expired(workers: Sequence[WorkerView], now: float, limits: Limits) -> list[str]:
+    """Idle workers whose idle time exceeds their model's TTL, oldest first."""
+    return [w.id for w in _lru(_idle(workers)) if now - w.last_used > limits.ttl(w.model)]
+
+
+def under_pressure(workers: Sequence[WorkerView], gpus: Sequence[GpuReading], limits: Limits) -> list[str]:
+    """Idle workers to stop because their GPU is above the high watermark: least
+    recently used first, until the device is projected below the low watermark."""
+    victims: list[str] = []
+    for gpu in gpus:
+        if gpu.fraction <= limits.high_watermark:
+            continue
+        used = gpu.used_mb
+        target = limits.low_watermark * gpu.total_mb
+        for worker in _lru(w for w in _idle(workers) if w.device == gpu.device):
+            if used <= target:
+                break
+            victims.append(worker.id)
+            used -= worker.gpu_mb
+    return victims

@@ -1,0 +1,210 @@
+"""One frozen, validated settings object.
+
+Sources, later ones winning: defaults < a TOML file (``WANWU_CONFIG`` or ``--config``)
+< ``WANWU_*`` environment variables < command-line flags. A bad value stops start-up
+with a ConfigError that names where it came from, the key and the value, e.g.
+``WANWU_IDLE_TTL_S='-5': must be > 0``. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _default_socket_root() -> Path:
+    # Short paths: a Unix socket path must fit in 108 bytes.
+    return Path("/run/wanwu") if os.geteuid() == 0 else Path(f"/tmp/wanwu-{os.geteuid()}")
+
+
+def _default_models_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "wanwu" / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a wanwu server. Field names are the TOML keys; the environment
+    variable is ``WANWU_`` + the upper-cased name."""
+
+    max_workers: int = 2
+    idle_ttl_s: float = 30.0
+    gpu_high_watermark: float = 0.90
+    gpu_low_watermark: float = 0.80
+    request_timeout_s: float = 30.0
+    queue_timeout_s: float = 10.0
+    queue_max: int = 64
+    max_upload_mb: float = 20.0
+    max_pixels: int = 40_000_000
+    pool_id: str = "wanwu"
+    worker_image: str = "wanwu-worker:cpu"
+    models_dir: Path = field(default_factory=_default_models_dir)
+    default_model: str = "demo-shapes"
+    gpus: tuple[str, ...] = ()
+    socket_dir: Path = field(default_factory=_default_socket_root)
+    spawn_timeout_s: float = 60.0
+    reap_interval_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+    worker_memory: str = "2g"
+    worker_pids: int = 512
+    worker_cpus: float = 0.0
+    cache_enabled: bool = True
+    cache_size: int = 1024
+    cache_ttl_s: float = 300.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        config_file: str | Path | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings from a TOML file, the environment and flags (see module doc).
+        ``environ`` defaults to ``os.environ``; flags whose value is None are unset."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        path = config_file or environ.get("WANWU_CONFIG")
+        if path:
+            for key, raw in _read_toml(Path(path)).items():
+                values[key], origin[key] = raw, f"{path}: {key}"
+        for name in _FIELDS:
+            env = f"WANWU_{name.upper()}"
+            if env in environ:
+                values[name], origin[name] = environ[env], env
+        for name, raw in (flags or {}).items():
+            if raw is not None:
+                if name not in _FIELDS:
+                    raise ConfigError(f"unknown setting {name!r}")
+                values[name], origin[name] = raw, "--" + name.replace("_", "-")
+        parsed = {name: _parse(name, raw, origin[name]) for name, raw in values.items()}
+        settings = cls(**parsed)
+        settings._check(origin, values)
+        return settings
+
+    def _check(self, origin: Mapping[str, str], raw: Mapping[str, Any]) -> None:
+        def fail(name: str, problem: str) -> ConfigError:
+            where = origin.get(name, f"WANWU_{name.upper()} (default)")
+            return ConfigError(f"{where}={raw.get(name, getattr(self, name))!r}: {problem}")
+
+        positive = (
+            "max_workers",
+            "idle_ttl_s",
+            "request_timeout_s",
+            "queue_timeout_s",
+            "max_upload_mb",
+            "max_pixels",
+            "spawn_timeout_s",
+            "reap_interval_s",
+            "worker_pids",
+            "cache_size",
+            "cache_ttl_s",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise fail(name, "must be > 0")
+        for name in ("queue_max", "shutdown_grace_s", "worker_cpus"):
+            if getattr(self, name) < 0:
+                raise fail(name, "must be >= 0")
+        for name in ("gpu_high_watermark", "gpu_low_watermark"):
+            if not 0 < getattr(self, name) <= 1:
+                raise fail(name, "must be in (0, 1]")
+        if self.gpu_low_watermark >= self.gpu_high_watermark:
+            raise fail("gpu_low_watermark", f"must be below gpu_high_watermark ({self.gpu_high_watermark})")
+        if not self.pool_id or not all(c.isalnum() or c in "-_." for c in self.pool_id) or len(self.pool_id) > 32:
+            raise fail("pool_id", "must be 1-32 letters, digits, '-', '_' or '.'")
+        if len(str(self.socket_dir)) + len(self.pool_id) + 30 > 107:
+            raise fail("socket_dir", "is too long for Unix socket paths (108 bytes)")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    section = data.get("wanwu", data)
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {', '.join(unknown)}")
+    return dict(section)
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _to_gpus(raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+    gpus = tuple(str(item).strip() for item in items if str(item).strip())
+    for gpu in gpus:
+        if not (gpu.isdigit() or gpu.startswith(("GPU-", "MIG-"))):
+            raise ValueError("expected device indexes or UUIDs separated by commas, e.g. 0,1")
+    return gpus
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError("expected an integer")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _to_float(raw: Any) -> float:
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "int": _to_int,
+    "float": _to_float,
+    "bool": _to_bool,
+    "str": lambda raw: str(raw).strip(),
+    "Path": lambda raw: Path(str(raw)).expanduser(),
+    "tuple[str, ...]": _to_gpus,
+}
+
+
+def _parse(name: str, raw: Any, where: str) -> Any:
+    parser = _PARSERS[str(_FIELDS[name].type)]
+    try:
+        return parser(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}={raw!r}: {exc}") from None

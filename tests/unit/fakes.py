@@ -1,0 +1,158 @@
+"""A real fake backend and a tick-able clock for pool tests."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scheduler.backends.base import ManagedWorker, SpawnRequest, Started
+from scheduler.errors import WanwuError, WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
+from scheduler.worker_client import WorkerAnswer
+
+
+class FakeClock:
+    """Time moves only when told; waiting for an unset event moves it to the deadline."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        if not event.is_set() and timeout > 0:
+            self.t += timeout
+        return event.is_set()
+
+
+class FakeConnection:
+    def __init__(self, backend: FakeBackend, worker_id: str, model: str) -> None:
+        self.backend, self.worker_id, self.model = backend, worker_id, model
+        self.calls = 0
+        self.closed = False
+
+    def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer:
+        self.calls += 1
+        outcome = self.backend.next_outcome(self.worker_id, self.model)
+        if outcome == "crash":
+            raise WorkerCrashed(f"worker {self.worker_id} dropped the connection", self.worker_id)
+        if outcome == "timeout":
+            raise WorkerTimeout(f"worker {self.worker_id} did not answer", self.worker_id)
+        if outcome == "reject":
+            raise WorkerRejected("not an image", 400, "not_an_image", self.worker_id)
+        return WorkerAnswer(
+            [{"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0}],
+            {"inference": 1.0, "total": 2.0},
+            2.5,
+        )
+
+    def health(self, timeout: float = 2.0) -> dict[str, Any]:
+        return {"status": "ready", "model": self.model}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """Records spawns and stops, tracks the most containers alive at once, and can be
+    told to fail spawns, to make workers crash or hang, and what GPU memory to report."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spawns: list[SpawnRequest] = []
+        self.stops: list[str] = []
+        self.live: dict[str, SpawnRequest] = {}
+        self.peak = 0
+        self.spawn_failures: dict[str, collections.deque[WanwuError]] = collections.defaultdict(collections.deque)
+        self.outcomes: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
+        self.gpu_mb: dict[str, float] = {}
+        self.orphans: list[str] = []
+        self.on_stop: Callable[[str], None] | None = None
+        self.on_spawn: Callable[[SpawnRequest], None] | None = None
+        self.connections: dict[str, FakeConnection] = {}
+
+    def fail_next_spawns(self, model: str, count: int = 1, error: WanwuError | None = None) -> None:
+        for _ in range(count):
+            self.spawn_failures[model].append(
+                error or WorkerStartError(f"{model}: bundle is broken; last log lines: ...")
+            )
+
+    def next_outcome(self, worker_id: str, model: str) -> str:
+        with self.lock:
+            for key in (worker_id, model):
+                if self.outcomes[key]:
+                    return self.outcomes[key].popleft()
+        return "ok"
+
+    def spawn(self, request: SpawnRequest) -> Started:
+        if self.on_spawn:
+            self.on_spawn(request)
+        with self.lock:
+            self.spawns.append(request)
+            if self.spawn_failures[request.model]:
+                raise self.spawn_failures[request.model].popleft()
+            self.live[request.worker_id] = request
+            self.peak = max(self.peak, len(self.live))
+        return Started(
+            request.worker_id, {"gpu_memory_mb": self.gpu_mb.get(request.model)}, {"create": 1.0, "ready": 2.0}
+        )
+
+    def stop(self, worker_id: str) -> None:
+        if self.on_stop:
+            self.on_stop(worker_id)
+        with self.lock:
+            self.stops.append(worker_id)
+            self.live.pop(worker_id, None)
+
+    def list_workers(self) -> list[ManagedWorker]:
+        with self.lock:
+            return [ManagedWorker(w, r.model, True) for w, r in self.live.items()]
+
+    def remove_orphans(self) -> list[str]:
+        removed, self.orphans = self.orphans, []
+        return removed
+
+    def connect(self, worker_id: str, timeout: float) -> FakeConnection:
+        connection = FakeConnection(self, worker_id, self.live[worker_id].model)
+        self.connections[worker_id] = connection
+        return connection
+
+    def watch(
+        self, on_exit: Callable[[str, str], None], on_reconnect: Callable[[], None], stop: threading.Event
+    ) -> None:
+        stop.wait()
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_bundle(models_dir: Path, name: str, gpu_memory_mb: int = 0, idle_ttl_s: float | None = None) -> Path:
+    """A bundle directory the catalog accepts (the model file is never loaded here)."""
+    path = models_dir / name
+    path.mkdir(parents=True)
+    config: dict[str, Any] = {
+        "name": name,
+        "format": "torchscript",
+        "task": "classify",
+        "input_size": [3, 8, 8],
+        "resize": 8,
+        "mean": [0, 0, 0],
+        "std": [1, 1, 1],
+        "gpu_memory_mb": gpu_memory_mb,
+    }
+    if idle_ttl_s is not None:
+        config["idle_ttl_s"] = idle_ttl_s
+    (path / "model.json").write_text(json.dumps(config))
+    (path / "labels.txt").write_text("a\nb\n")
+    (path / "model.pt").write_bytes(b"")
+    return path
