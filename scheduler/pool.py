@@ -258,11 +258,11 @@ class WarmPool:
         self._stop.set()
         for worker in victims:
             self._stop_worker(worker.id, "shutdown")
+        self.backend.close()  # ends the event stream the watcher blocks on
         for thread in self._threads:
             thread.join(timeout=5)
         if self._own_executor:
             self._executor.shutdown(wait=True)
-        self.backend.close()
         self.gpu.close()
 
     # -- leases --------------------------------------------------------------------

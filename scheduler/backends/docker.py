@@ -9,12 +9,26 @@ limits, the model bundle mounted read-only at /model, and the worker's socket di
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker
+import docker.errors
 import docker.types
+import requests
+
+from ..errors import BackendUnavailable, WanwuError, WorkerStartError, WorkerStartTimeout
+from ..worker_client import WorkerClient
+from .base import ExitCallback, ManagedWorker, SpawnRequest, Started
+
+log = logging.getLogger(__name__)
 
 MANAGED_LABEL = "wanwu.managed"
 POOL_LABEL = "wanwu.pool"
@@ -52,11 +66,15 @@ class WorkerSpec:
 
     @property
     def name(self) -> str:
-        return f"wanwu-{self.pool_id}-{self.worker_id}"
+        return container_name(self.pool_id, self.worker_id)
 
     @property
     def labels(self) -> dict[str, str]:
         return {MANAGED_LABEL: "true", POOL_LABEL: self.pool_id, MODEL_LABEL: self.model, WORKER_LABEL: self.worker_id}
+
+
+def container_name(pool_id: str, worker_id: str) -> str:
+    return f"wanwu-{pool_id}-{worker_id}"
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -105,3 +123,251 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
     if spec.gpus:
         options["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
     return options
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+class DockerBackend:
+    """Workers as hardened Docker containers, one Unix socket directory each under
+    ``socket_root/<pool id>/<worker id>``. Docker SDK errors become the scheduler's
+    here: an engine that cannot be reached is BackendUnavailable; a container that
+    exits or never answers during start is WorkerStartError/WorkerStartTimeout with its
+    exit status and last log lines."""
+
+    def __init__(
+        self,
+        image: str,
+        pool_id: str,
+        socket_root: Path,
+        limits: ContainerLimits | None = None,
+        spawn_timeout_s: float = 60.0,
+        client: docker.DockerClient | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        self.image = image
+        self.pool_id = pool_id
+        self.socket_root = socket_root / pool_id
+        self.limits = limits or ContainerLimits()
+        self.spawn_timeout_s = spawn_timeout_s
+        self.environment = environment or {}
+        self._client = client
+        self._events: Any = None
+        self._events_lock = threading.Lock()
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env(timeout=60)
+            except docker.errors.DockerException as exc:
+                raise BackendUnavailable(f"cannot reach the Docker engine: {_first_line(exc)}") from exc
+        return self._client
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+
+    def image_present(self) -> bool:
+        try:
+            self.client.images.get(self.image)
+        except docker.errors.ImageNotFound:
+            return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+        return True
+
+    def _spec(self, request: SpawnRequest) -> WorkerSpec:
+        return WorkerSpec(
+            image=self.image,
+            pool_id=self.pool_id,
+            model=request.model,
+            worker_id=request.worker_id,
+            model_dir=request.model_dir,
+            socket_dir=self.socket_root / request.worker_id,
+            gpus=(request.device,) if request.device else (),
+            limits=self.limits,
+            environment=self.environment,
+        )
+
+    def spawn(self, request: SpawnRequest) -> Started:
+        spec = self._spec(request)
+        started = time.monotonic()
+        prepare_socket_dir(spec.socket_dir)
+        try:
+            container = self.client.containers.run(**run_options(spec))
+        except docker.errors.ImageNotFound as exc:
+            self._cleanup(spec)
+            raise WorkerStartError(
+                f"worker image {self.image} is not present: run `wanwu image build`", request.worker_id
+            ) from exc
+        except docker.errors.APIError as exc:
+            self._cleanup(spec)
+            raise WorkerStartError(
+                f"cannot start worker {spec.name} ({self.image}): {_first_line(exc)}", request.worker_id
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            self._cleanup(spec)
+            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+        created = time.monotonic()
+        health = self._wait_ready(spec, container, started + self.spawn_timeout_s)
+        ready = time.monotonic()
+        return Started(
+            request.worker_id,
+            health,
+            {
+                "create": round((created - started) * 1000, 3),
+                "ready": round((ready - created) * 1000, 3),
+            },
+        )
+
+    def _wait_ready(self, spec: WorkerSpec, container: Any, deadline: float) -> dict[str, Any]:
+        """Poll for the socket (it appears only once the model is warm), then /healthz.
+        The container's state is checked every 0.25 s, so a crash is reported at once."""
+        socket = spec.socket_dir / "worker.sock"
+        next_check = time.monotonic() + 0.25
+        while True:
+            now = time.monotonic()
+            if socket.exists():
+                client = WorkerClient(str(socket), spec.worker_id)
+                try:
+                    return client.health(timeout=max(0.5, deadline - now))
+                except WanwuError:
+                    pass
+                finally:
+                    client.close()
+            if now >= next_check:
+                next_check = now + 0.25
+                state = self._state(container)
+                if state is not None and state.get("Status") in ("exited", "dead"):
+                    logs = self._logs(container)
+                    self._remove(spec)
+                    oom = " (killed: out of memory)" if state.get("OOMKilled") else ""
+                    raise WorkerStartError(
+                        f"worker {spec.name} (model {spec.model}, image {self.image}) exited with status "
+                        f"{state.get('ExitCode')}{oom} while starting; last log lines:\n{logs}",
+                        spec.worker_id,
+                    )
+            if now >= deadline:
+                logs = self._logs(container)
+                self._remove(spec)
+                raise WorkerStartTimeout(
+                    f"worker {spec.name} (model {spec.model}, image {self.image}) was not ready within "
+                    f"{self.spawn_timeout_s:g} s; last log lines:\n{logs}",
+                    spec.worker_id,
+                )
+            time.sleep(0.005)
+
+    def _state(self, container: Any) -> dict[str, Any] | None:
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return {"Status": "dead", "ExitCode": "unknown (container removed)"}
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return None
+        return dict(container.attrs.get("State", {}))
+
+    @staticmethod
+    def _logs(container: Any, lines: int = 20) -> str:
+        try:
+            return str(container.logs(tail=lines).decode("utf-8", "replace").rstrip()) or "(no output)"
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return f"(logs unavailable: {_first_line(exc)})"
+
+    def _remove(self, spec: WorkerSpec) -> None:
+        self.stop(spec.worker_id)
+
+    @staticmethod
+    def _cleanup(spec: WorkerSpec) -> None:
+        shutil.rmtree(spec.socket_dir, ignore_errors=True)
+
+    def stop(self, worker_id: str) -> None:
+        """Kill and remove (one API call), then delete the socket directory."""
+        name = container_name(self.pool_id, worker_id)
+        try:
+            self.client.api.remove_container(name, force=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise BackendUnavailable(f"cannot remove {name}: {_first_line(exc)}") from exc
+        finally:
+            shutil.rmtree(self.socket_root / worker_id, ignore_errors=True)
+
+    def list_workers(self) -> list[ManagedWorker]:
+        # The low-level call lists in one request; the high-level one inspects each
+        # container after listing and fails on one removed in between.
+        try:
+            rows = self.client.api.containers(all=True, filters={"label": [f"{POOL_LABEL}={self.pool_id}"]})
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise BackendUnavailable(f"cannot list containers: {_first_line(exc)}") from exc
+        workers = []
+        for row in rows:
+            labels = row.get("Labels") or {}
+            name = (row.get("Names") or ["?"])[0].lstrip("/")
+            workers.append(
+                ManagedWorker(
+                    labels.get(WORKER_LABEL, name), labels.get(MODEL_LABEL, ""), row.get("State") == "running"
+                )
+            )
+        return workers
+
+    def remove_orphans(self) -> list[str]:
+        removed = []
+        for worker in self.list_workers():
+            self.stop(worker.worker_id)
+            removed.append(worker.worker_id)
+        if self.socket_root.is_dir():
+            for leftover in self.socket_root.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+    def connect(self, worker_id: str, timeout: float) -> WorkerClient:
+        return WorkerClient(str(self.socket_root / worker_id / "worker.sock"), worker_id, timeout)
+
+    def watch(self, on_exit: ExitCallback, on_reconnect: Callable[[], None], stop: threading.Event) -> None:
+        """Follow the engine's events for this pool's containers. When the stream is
+        lost (the engine restarted), reconnect with backoff and reconcile once back."""
+        lost, failures = False, 0
+        while not stop.is_set():
+            try:
+                stream = docker.from_env(timeout=60).events(
+                    decode=True,
+                    filters={"type": "container", "label": f"{POOL_LABEL}={self.pool_id}", "event": ["die", "oom"]},
+                )
+                with self._events_lock:
+                    self._events = stream
+                if lost:
+                    log.info("reconnected to the Docker engine; reconciling the pool")
+                    on_reconnect()
+                lost, failures = False, 0
+                for event in stream:
+                    self._dispatch_event(event, on_exit)
+            except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+                if not stop.is_set():
+                    log.warning("lost the Docker event stream: %s", _first_line(exc))
+            except Exception:  # the watcher must not die silently
+                log.exception("event watcher failed; restarting it")
+            if stop.is_set():
+                break
+            lost, failures = True, failures + 1
+            stop.wait(min(5.0, 0.1 * 2**failures))
+
+    @staticmethod
+    def _dispatch_event(event: dict[str, Any], on_exit: ExitCallback) -> None:
+        attributes = event.get("Actor", {}).get("Attributes", {})
+        worker_id = attributes.get(WORKER_LABEL)
+        if worker_id:
+            oom = event.get("Action") == "oom"
+            on_exit(worker_id, "killed: out of memory" if oom else f"exit {attributes.get('exitCode', '?')}")
+
+    def close(self) -> None:
+        with self._events_lock:
+            if self._events is not None:
+                try:
+                    self._events.close()
+                except Exception:  # noqa: BLE001 - closing a stream the engine may have dropped
+                    pass
+                self._events = None

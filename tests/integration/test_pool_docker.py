@@ -1,0 +1,320 @@
+"""The warm pool driving real containers through the Docker backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from scheduler.backends.docker import POOL_LABEL, ContainerLimits, DockerBackend
+from scheduler.errors import WorkerStartError
+from scheduler.models import ModelCatalog
+from scheduler.pool import WarmPool
+from scheduler.settings import Settings
+from tests.dockerutil import IMAGE, wait_for
+from tests.images import demo_images
+
+pytestmark = pytest.mark.docker
+
+
+def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
+    """A two-class TorchScript bundle that computes for a few seconds when the picture
+    is bright (normalised mean > 1.5) and answers at once otherwise; the warm-up input is
+    zeros, so it starts fast."""
+    import torch
+    from torch import nn
+
+    class Slow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.zeros(x.shape[0], 2)
+            if bool(x.mean() > 1.5):
+                m = torch.ones(384, 384) / 384
+                acc = m
+                for _ in range(6000):
+                    acc = acc @ m
+                y = y + acc.sum()
+            return y
+
+    path = dest / name
+    path.mkdir(parents=True)
+    torch.jit.script(Slow()).save(str(path / "model.pt"))
+    (path / "labels.txt").write_text("亮\n暗\n", encoding="utf-8")
+    config = {
+        "name": name,
+        "format": "torchscript",
+        "task": "classify",
+        "input_size": [3, 32, 32],
+        "resize": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "precision": "fp32",
+        "gpu_memory_mb": 0,
+    }
+    (path / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def white_png() -> bytes:
+    from PIL import Image
+
+    from tests.images import encode
+
+    return encode(Image.new("RGB", (48, 48), (255, 255, 255)))
+
+
+@pytest.fixture(scope="module")
+def models_dir(demo_model_dir: Path) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="wanwu-models-"))
+    shutil.copytree(demo_model_dir, root / "demo-shapes")
+    other = root / "demo-other"
+    shutil.copytree(demo_model_dir, other)
+    config = json.loads((other / "model.json").read_text(encoding="utf-8"))
+    config["name"] = "demo-other"
+    (other / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    make_slow_bundle(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def socket_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="wit-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class PoolFactory:
+    def __init__(self, client: docker.DockerClient, models: Path, sockets: Path) -> None:
+        self.client, self.models, self.sockets = client, models, sockets
+        self.pools: list[WarmPool] = []
+        self.pool_ids: list[str] = []
+
+    def __call__(self, pool_id: str | None = None, **overrides: object) -> WarmPool:
+        pool_id = pool_id or "it" + uuid.uuid4().hex[:6]
+        values: dict[str, object] = {
+            "max_workers": 2,
+            "idle_ttl_s": 60.0,
+            "queue_timeout_s": 60.0,
+            "request_timeout_s": 30.0,
+            "reap_interval_s": 0.2,
+            "spawn_timeout_s": 60.0,
+        }
+        values.update(overrides)
+        settings = Settings(
+            models_dir=self.models, pool_id=pool_id, socket_dir=self.sockets, worker_image=IMAGE, **values
+        )  # type: ignore[arg-type]
+        backend = DockerBackend(IMAGE, pool_id, self.sockets, ContainerLimits(memory="1g"), settings.spawn_timeout_s)
+        pool = WarmPool(backend, ModelCatalog(self.models), settings)
+        pool.start()
+        self.pools.append(pool)
+        self.pool_ids.append(pool_id)
+        return pool
+
+    def containers(self, pool: WarmPool, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 - docker's word
+        """Rows of `docker ps` for the pool (one API call, safe while containers go)."""
+        rows: list[dict[str, Any]] = self.client.api.containers(
+            all=all, filters={"label": f"{POOL_LABEL}={pool.settings.pool_id}"}
+        )
+        return rows
+
+
+@pytest.fixture
+def pools(docker_client: docker.DockerClient, models_dir: Path, socket_root: Path) -> Iterator[PoolFactory]:
+    factory = PoolFactory(docker_client, models_dir, socket_root)
+    yield factory
+    for pool in factory.pools:
+        pool.shutdown(grace_s=1)
+    for pool_id in factory.pool_ids:
+        left = docker_client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
+        for container in left:
+            container.remove(force=True)
+        assert not left, f"pool {pool_id} left containers behind: {[c.name for c in left]}"
+
+
+def test_two_sequential_requests_create_one_container(pools: PoolFactory) -> None:
+    pool = pools()
+    label, image = next(iter(demo_images().items()))
+    first = pool.predict("demo-shapes", image)
+    second = pool.predict("demo-shapes", image)
+    assert first.predictions[0]["label"] == second.predictions[0]["label"] == label
+    assert first.cold_start and not second.cold_start
+    assert len(pools.containers(pool, all=True)) == 1
+    assert first.timing_ms["spawn"] > 0 and second.timing_ms["spawn"] == 0
+
+
+def test_a_miss_spawns_a_second_container(pools: PoolFactory) -> None:
+    pool = pools()
+    image = next(iter(demo_images().values()))
+    pool.predict("demo-shapes", image)
+    answer = pool.predict("demo-other", image)
+    assert answer.cold_start
+    models = sorted(c["Labels"]["wanwu.model"] for c in pools.containers(pool))
+    assert models == ["demo-other", "demo-shapes"]
+
+
+def test_concurrent_requests_never_exceed_n_containers(pools: PoolFactory) -> None:
+    pool = pools(max_workers=2)
+    images = list(demo_images(seed=4242).items())
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(len(pools.containers(pool, all=True)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        model = ("demo-shapes", "demo-other")[i % 2]
+        try:
+            results[i] = pool.predict(model, images[i % len(images)][1]).predictions[0]["label"]
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    stop.set()
+    watcher.join()
+    assert not errors
+    assert results == {i: images[i % len(images)][0] for i in range(6)}
+    assert seen and max(seen) <= 2
+
+
+def test_idle_workers_are_reaped_after_the_ttl(pools: PoolFactory) -> None:
+    pool = pools(idle_ttl_s=1.0)
+    pool.predict("demo-shapes", next(iter(demo_images().values())))
+    assert len(pools.containers(pool)) == 1
+    wait_for(lambda: not pools.containers(pool, all=True), 15, "the idle worker to be reaped")
+    assert pool.snapshot().reaps["ttl"] == 1 and pool.snapshot().workers == []
+
+
+def test_a_full_pool_evicts_an_idle_worker_of_another_model(pools: PoolFactory) -> None:
+    pool = pools(max_workers=1)
+    image = next(iter(demo_images().values()))
+    pool.predict("demo-shapes", image)
+    pool.predict("demo-other", image)
+    models = [c["Labels"]["wanwu.model"] for c in pools.containers(pool, all=True)]
+    assert models == ["demo-other"]
+    assert pool.snapshot().reaps["evicted"] == 1
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from scheduler.backends.docker import DockerBackend
+from scheduler.models import ModelCatalog
+from scheduler.pool import WarmPool
+from scheduler.settings import Settings
+models, sockets, pool_id, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+settings = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image)
+pool = WarmPool(DockerBackend(image, pool_id, sockets), ModelCatalog(models), settings)
+pool.start()
+pool.predict("demo-shapes", Path(sys.argv[5]).read_bytes())
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_orphans_of_a_killed_process_are_removed_by_the_next_pool(pools: PoolFactory, tmp_path: Path) -> None:
+    pool_id = "orph" + uuid.uuid4().hex[:6]
+    picture = tmp_path / "a.png"
+    picture.write_bytes(next(iter(demo_images().values())))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(pools.models), str(pools.sockets), pool_id, IMAGE, str(picture)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        labelled = {"label": f"{POOL_LABEL}={pool_id}"}
+        assert len(pools.client.containers.list(all=True, filters=labelled)) == 1  # orphaned
+        pool = pools(pool_id=pool_id)
+        assert pools.client.containers.list(all=True, filters=labelled) == []
+        assert pool.snapshot().workers == []
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+    pool = pools(max_workers=2)
+    pool.predict("slow", demo_images()["红色圆形"])  # warm a worker (a dark picture: fast)
+    answers: list[object] = []
+    thread = threading.Thread(target=lambda: answers.append(pool.predict("slow", white_png())))
+    thread.start()
+    wait_for(lambda: any(w.state == "busy" for w in pool.snapshot().workers), 10, "the request to reach the worker")
+    time.sleep(0.5)  # let the worker start computing
+    (busy,) = [w for w in pool.snapshot().workers if w.state == "busy"]
+    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{busy.id}").kill()
+    thread.join(120)
+    assert answers, "the request was not answered"
+    answer = answers[0]
+    assert answer.attempts == 2 and answer.worker_id != busy.id  # type: ignore[attr-defined]
+    assert answer.predictions[0]["label"] in ("亮", "暗")  # type: ignore[attr-defined]
+    assert pool.snapshot().reaps["crashed"] == 1
+
+
+def test_a_paused_worker_times_out_and_is_replaced(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+    pool = pools(request_timeout_s=2.0)
+    image = next(iter(demo_images().values()))
+    first = pool.predict("demo-shapes", image).worker_id
+    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{first}").pause()
+    answer = pool.predict("demo-shapes", image)
+    assert answer.attempts == 2 and answer.worker_id != first
+    assert pool.snapshot().reaps["timeout"] == 1
+    names = [c["Names"][0] for c in pools.containers(pool, all=True)]
+    assert f"/wanwu-{pool.settings.pool_id}-{first}" not in names
+
+
+def test_a_worker_stopped_from_outside_leaves_the_pool(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+    pool = pools()
+    worker = pool.predict("demo-shapes", next(iter(demo_images().values()))).worker_id
+    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{worker}").kill()
+    wait_for(lambda: pool.snapshot().workers == [], 10, "the pool to notice the dead worker")
+    assert pool.snapshot().reaps["crashed"] == 1
+    wait_for(lambda: not pools.containers(pool, all=True), 10, "the dead container to be removed")
+
+
+def test_a_broken_bundle_reports_its_logs_and_backs_off(pools: PoolFactory, models_dir: Path) -> None:
+    broken = models_dir / "broken"
+    shutil.copytree(models_dir / "demo-shapes", broken)
+    config = json.loads((broken / "model.json").read_text(encoding="utf-8"))
+    config["name"] = "broken"
+    (broken / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (broken / "model.pt").write_bytes(b"not torchscript")
+    try:
+        pool = pools()
+        with pytest.raises(
+            WorkerStartError,
+            match=r"exited with status 2 while starting; last log lines:\n.*not a loadable TorchScript",
+        ):
+            pool.predict("broken", b"x")
+        from scheduler.errors import ModelUnavailable
+
+        with pytest.raises(ModelUnavailable):
+            pool.predict("broken", b"x")
+        assert pool.snapshot().counters["spawn_failures"] == 1
+    finally:
+        shutil.rmtree(broken)
