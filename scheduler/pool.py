@@ -636,6 +636,17 @@ class WarmPool:
 
     # -- introspection ----------------------------------------------------------------
 
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        """The backend's checks, the default model's bundle, and whether we are open."""
+        checks = self.backend.readiness()
+        try:
+            model = self.catalog.get(self.settings.default_model)
+            checks["model"] = (True, f"{model.name} ({model.path})")
+        except WanwuError as exc:
+            checks["model"] = (False, str(exc))
+        checks["pool"] = (not self._closing, "shutting down" if self._closing else "accepting requests")
+        return checks
+
     def snapshot(self) -> PoolSnapshot:
         now = self.clock.now()
         with self._lock:

@@ -32,18 +32,11 @@ def engine() -> docker.DockerClient:
     return client
 
 
-def demo_bundle_dir(client: docker.DockerClient, dest: Path) -> Path:
+def demo_bundle_dir(dest: Path) -> Path:
     """Copy the image's built-in demo bundle out to ``dest`` (for mounting at /model)."""
-    import io
-    import tarfile
+    from scheduler.backends.docker_image import export_builtin_model
 
-    container = client.containers.create(IMAGE, command=["true"], labels={"wanwu.managed": "true", POOL_LABEL: "copy"})
-    try:
-        stream, _ = container.get_archive("/opt/wanwu/models/demo-shapes")
-        tarfile.open(fileobj=io.BytesIO(b"".join(stream))).extractall(dest, filter="data")
-    finally:
-        container.remove(force=True)
-    return dest / "demo-shapes"
+    return export_builtin_model(IMAGE, "demo-shapes", dest)
 
 
 class Containers:

@@ -180,6 +180,18 @@ class DockerBackend:
             raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
         return True
 
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        try:
+            version = self.client.version().get("Version", "?")
+        except (WanwuError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return {"docker": (False, f"the Docker engine does not answer: {_first_line(exc)}")}
+        try:
+            present = self.image_present()
+        except WanwuError as exc:
+            return {"docker": (True, f"engine {version}"), "image": (False, str(exc))}
+        image = (True, self.image) if present else (False, f"{self.image} is missing: run `wanwu image build`")
+        return {"docker": (True, f"engine {version}"), "image": image}
+
     def _spec(self, request: SpawnRequest) -> WorkerSpec:
         return WorkerSpec(
             image=self.image,

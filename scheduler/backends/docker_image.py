@@ -183,3 +183,39 @@ def build_worker_image(
         context.close()
     image = client.images.get(tag)
     return BuiltImage(tag, flavor, base, int(image.attrs["Size"]), round(time.monotonic() - started, 1))
+
+
+BUILTIN_MODELS = "/opt/wanwu/models"
+
+
+def export_builtin_model(image: str, name: str, models_dir: Path) -> Path:
+    """Copy the bundle ``name`` built into ``image`` (the demo model) to
+    ``models_dir/name``, so the pool can mount it. Returns the bundle path."""
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    client = _client()
+    try:
+        container = client.containers.create(
+            image, command=["true"], network_mode="none", labels={"wanwu.managed": "true", "wanwu.pool": "export"}
+        )
+    except docker.errors.ImageNotFound as exc:
+        raise ImageBuildError(f"worker image {image} is not present: run `wanwu image build`") from exc
+    try:
+        stream, _ = container.get_archive(f"{BUILTIN_MODELS}/{name}")
+        archive = b"".join(stream)
+    except docker.errors.NotFound as exc:
+        raise ImageBuildError(f"image {image} has no built-in model {name!r} under {BUILTIN_MODELS}") from exc
+    finally:
+        container.remove(force=True)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir) as staging:
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(staging, filter="data")
+        target = models_dir / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(Path(staging) / name, target)  # appears whole or not at all
+    os.chmod(target, 0o755)
+    return target

@@ -19,7 +19,7 @@ def docker_client() -> docker.DockerClient:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_bundle_dir(docker_client, tmp_path_factory.mktemp("models"))
+    return demo_bundle_dir(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

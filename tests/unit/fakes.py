@@ -132,6 +132,9 @@ class FakeBackend:
     def ping(self) -> None:
         pass
 
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        return {"backend": (True, "fake")}
+
     def close(self) -> None:
         pass
 

@@ -1,0 +1,36 @@
+"""A TTL cache of answers keyed by the SHA-256 of the image bytes, the model and top_k.
+Identical uploads (retries, duplicate frames) are answered without touching a worker."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+from cachetools import TTLCache
+
+
+class ResultCache:
+    def __init__(self, size: int, ttl_s: float, enabled: bool = True) -> None:
+        self.enabled = enabled and size > 0
+        self._cache: TTLCache[tuple[str, str, int], dict[str, Any]] = TTLCache(maxsize=max(1, size), ttl=ttl_s)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(image: bytes, model: str, top_k: int) -> tuple[str, str, int]:
+        return (hashlib.sha256(image).hexdigest(), model, top_k)
+
+    def get(self, key: tuple[str, str, int]) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._cache.get(key)
+
+    def put(self, key: tuple[str, str, int], answer: dict[str, Any]) -> None:
+        if self.enabled:
+            with self._lock:
+                self._cache[key] = answer
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)

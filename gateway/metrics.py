@@ -1,0 +1,80 @@
+"""Prometheus metrics. Request metrics are recorded as requests finish; pool state
+(workers, reaps, GPU memory, queue depth) is read from the pool when scraped, so it is
+never stale. Each app has its own registry (tests build many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from scheduler.pool import PoolSnapshot
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class PoolCollector(Collector):
+    def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        snap = self._snapshot()
+        workers = GaugeMetricFamily("wanwu_workers", "Worker containers by model and state", labels=["model", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for worker in snap.workers:
+            counts[(worker.model, worker.state)] = counts.get((worker.model, worker.state), 0) + 1
+        for (model, state), count in sorted(counts.items()):
+            workers.add_metric([model, state], count)
+        yield workers
+        yield GaugeMetricFamily("wanwu_pool_capacity", "Most worker containers at once", value=snap.capacity)
+        yield GaugeMetricFamily("wanwu_queue_depth", "Requests waiting for a worker", value=snap.queue_depth)
+        reaps = CounterMetricFamily("wanwu_reaps", "Workers stopped, by reason", labels=["reason"])
+        for reason, count in sorted(snap.reaps.items()):
+            reaps.add_metric([reason], count)
+        yield reaps
+        failures = CounterMetricFamily("wanwu_spawn_failures", "Workers that failed to start")
+        failures.add_metric([], snap.counters.get("spawn_failures", 0))
+        yield failures
+        used = GaugeMetricFamily("wanwu_gpu_memory_used_bytes", "GPU memory in use", labels=["device"])
+        total = GaugeMetricFamily("wanwu_gpu_memory_total_bytes", "GPU memory in all", labels=["device"])
+        for gpu in snap.gpus:
+            used.add_metric([gpu.device], gpu.used_mb * 2**20)
+            total.add_metric([gpu.device], gpu.total_mb * 2**20)
+        yield used
+        yield total
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "wanwu_requests", "Prediction requests by model and outcome", ["model", "outcome"], registry=r
+        )
+        self.cold_starts = Counter(
+            "wanwu_cold_starts", "Requests served by a newly started worker", ["model"], registry=r
+        )
+        self.warm_hits = Counter("wanwu_warm_hits", "Requests served by a warm worker", ["model"], registry=r)
+        self.cache_hits = Counter("wanwu_cache_hits", "Requests answered from the result cache", ["model"], registry=r)
+        self.queue = Histogram(
+            "wanwu_queue_seconds", "Time waiting for a worker", ["model"], buckets=BUCKETS, registry=r
+        )
+        self.spawn = Histogram(
+            "wanwu_spawn_seconds", "Worker start time on cold starts", ["model"], buckets=BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "wanwu_inference_seconds",
+            "Worker time (decode, preprocess, inference)",
+            ["model"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.total = Histogram(
+            "wanwu_request_seconds", "Whole request as the gateway saw it", ["model"], buckets=BUCKETS, registry=r
+        )
+        r.register(PoolCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
