@@ -11,15 +11,9 @@ import requests
 
 from tests.e2e.conftest import Gateway
 from tests.images import demo_images, png_header_only, truncated_png
+from tests.promtext import metric
 
 pytestmark = pytest.mark.docker
-
-
-def metric(text: str, series: str) -> float:
-    for line in text.splitlines():
-        if line.split(" ")[0] == series:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_the_original_client_call_gets_each_demo_class_right(gateway: Gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]

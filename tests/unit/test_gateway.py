@@ -17,6 +17,7 @@ from scheduler.models import ModelCatalog
 from scheduler.pool import INLINE, WarmPool
 from scheduler.settings import Settings
 from tests.images import demo_images, encode, png_header_only, truncated_png
+from tests.promtext import metric
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
 
@@ -187,13 +188,6 @@ def test_readiness_fails_without_the_default_model(tmp_path: Path, backend: Fake
     ready = create_app(settings, pool).test_client().get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["checks"]["model"]["ok"] is False
     pool.shutdown(grace_s=0)
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_metrics_count_what_was_sent(client: FlaskClient) -> None:
