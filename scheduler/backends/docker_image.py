@@ -17,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +140,45 @@ def _context_tar(flavor: str) -> Any:
     return docker.utils.tar(str(CONTEXT), exclude=patterns, gzip=False)
 
 
+def _docker_build(
+    client: docker.DockerClient,
+    context: Any,
+    tag: str,
+    buildargs: dict[str, str],
+    no_cache: bool,
+    say: Progress,
+    dockerfile: str = "Dockerfile",
+) -> None:
+    """Run ``docker build`` on a context tar, reporting steps; raise ImageBuildError
+    with the last lines of output if it fails."""
+    say(f"building {tag} from {buildargs.get('BASE_IMAGE')}")
+    try:
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            nocache=no_cache,
+            decode=True,
+            buildargs=buildargs,
+            dockerfile=dockerfile,
+        )
+        last: list[str] = []
+        for chunk in stream:
+            if "error" in chunk:
+                raise ImageBuildError(f"docker build of {tag} failed: {chunk['error'].strip()}\n" + "".join(last[-15:]))
+            line = chunk.get("stream", "")
+            if line:
+                last.append(line)
+                if line.startswith("Step ") or "accuracy" in line:
+                    say(line.rstrip())
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"docker build of {tag} failed: {exc}") from exc
+    finally:
+        context.close()
+
+
 def build_worker_image(
     flavor: str = "cpu",
     tag: str | None = None,
@@ -155,37 +195,66 @@ def build_worker_image(
     client = _client()
     base = choose_base_image(client, base_image, say)
     fill_wheelhouse(flavor, say)
-    say(f"building {tag} from {base}")
-    context = _context_tar(flavor)
-    try:
-        stream = client.api.build(
-            fileobj=context,
-            custom_context=True,
-            tag=tag,
-            rm=True,
-            forcerm=True,
-            nocache=no_cache,
-            decode=True,
-            buildargs={"BASE_IMAGE": base, "FLAVOR": flavor},
-        )
-        last: list[str] = []
-        for chunk in stream:
-            if "error" in chunk:
-                raise ImageBuildError(f"docker build of {tag} failed: {chunk['error'].strip()}\n" + "".join(last[-15:]))
-            line = chunk.get("stream", "")
-            if line:
-                last.append(line)
-                if line.startswith("Step ") or "accuracy" in line:
-                    say(line.rstrip())
-    except docker.errors.APIError as exc:
-        raise ImageBuildError(f"docker build of {tag} failed: {exc}") from exc
-    finally:
-        context.close()
+    _docker_build(client, _context_tar(flavor), tag, {"BASE_IMAGE": base, "FLAVOR": flavor}, no_cache, say)
     image = client.images.get(tag)
     return BuiltImage(tag, flavor, base, int(image.attrs["Size"]), round(time.monotonic() - started, 1))
 
 
+def build_gateway_image(
+    tag: str = "wanwu-gateway:latest",
+    base_image: str | None = None,
+    no_cache: bool = False,
+    progress: Progress | None = None,
+) -> BuiltImage:
+    """Build the gateway image (deploy/gateway.Dockerfile): the project's wheel and its
+    dependencies, gathered on the host with ``pip wheel``, installed with --no-index."""
+    say = progress or (lambda line: log.info("%s", line))
+    started = time.monotonic()
+    client = _client()
+    base = choose_base_image(client, base_image, say)
+    wheels = ROOT / "deploy" / "wheelhouse"
+    wheels.mkdir(parents=True, exist_ok=True)
+    for old in wheels.glob("wanwu-*.whl"):
+        old.unlink()  # always the checkout as it is now
+    say(f"building wheels for the gateway into {wheels.relative_to(ROOT)}")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--prefer-binary",
+        "--wheel-dir",
+        str(wheels),
+        str(ROOT),
+        "pip",
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-10:])
+        raise ImageBuildError(f"pip wheel for the gateway failed:\n{tail}")
+    context = docker.utils.tar(str(ROOT / "deploy"), exclude=["*.service", "*.example", "*.sh"], gzip=False)
+    _docker_build(client, context, tag, {"BASE_IMAGE": base}, no_cache, say, dockerfile="gateway.Dockerfile")
+    image = client.images.get(tag)
+    return BuiltImage(tag, "gateway", base, int(image.attrs["Size"]), round(time.monotonic() - started, 1))
+
+
 BUILTIN_MODELS = "/opt/wanwu/models"
+
+
+def _extract(archive: tarfile.TarFile, dest: Path) -> None:
+    """Extract only plain files and directories inside ``dest``. Python 3.11.4+ has
+    the "data" filter for this; Debian bookworm's 3.11.2 does not."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in archive.getmembers():
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or (target != root and root not in target.parents):
+            raise ImageBuildError(f"refusing to extract {member.name!r} from the image archive")
+    archive.extractall(dest)
 
 
 def export_builtin_model(image: str, name: str, models_dir: Path) -> Path:
@@ -193,7 +262,6 @@ def export_builtin_model(image: str, name: str, models_dir: Path) -> Path:
     ``models_dir/name``, so the pool can mount it. Returns the bundle path."""
     import io
     import shutil
-    import tarfile
     import tempfile
 
     client = _client()
@@ -212,7 +280,7 @@ def export_builtin_model(image: str, name: str, models_dir: Path) -> Path:
         container.remove(force=True)
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir) as staging:
-        tarfile.open(fileobj=io.BytesIO(archive)).extractall(staging, filter="data")
+        _extract(tarfile.open(fileobj=io.BytesIO(archive)), Path(staging))
         target = models_dir / name
         if target.exists():
             shutil.rmtree(target)
