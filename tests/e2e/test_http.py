@@ -9,7 +9,7 @@ import docker
 import pytest
 import requests
 
-from tests.e2e.conftest import Gateway
+from tests.gatewayproc import Gateway
 from tests.images import demo_images, png_header_only, truncated_png
 from tests.promtext import metric
 

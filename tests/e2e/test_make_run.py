@@ -16,7 +16,7 @@ import docker
 import pytest
 
 from scheduler.backends.docker import POOL_LABEL
-from tests.e2e.conftest import ROOT, stop, wait_ready
+from tests.gatewayproc import ROOT, stop, wait_ready
 from tests.images import demo_images
 
 pytestmark = pytest.mark.docker

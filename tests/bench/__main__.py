@@ -1,0 +1,453 @@
+"""wanwu benchmarks: real containers, the demo model, a table on stdout and a JSON file.
+
+    python -m tests.bench [--quick] [--out bench-results]      (make bench)
+
+1. Warm path: sequential requests to a warm worker through the gateway, the worker's
+   socket called directly, and in-process inference, side by side.
+2. Cold start: requests that each find no warm worker, broken into container create +
+   start, worker ready, first inference and what the scheduler adds; against
+   `docker run --rm IMAGE true` and a `docker run` that imports torch and loads the model.
+3. Throughput at N = 1 and 2 with 4N concurrent clients, against in-process inference.
+4. Footprint: gateway RSS idle and under load, idle CPU, image size, worker memory.
+
+Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from scheduler.backends.docker import ContainerLimits, DockerBackend
+from scheduler.backends.docker_image import export_builtin_model
+from scheduler.clock import MonotonicClock
+from scheduler.models import ModelCatalog
+from scheduler.pool import WarmPool
+from scheduler.settings import Settings
+from scheduler.worker_client import WorkerClient
+from tests.dockerutil import IMAGE, engine
+from tests.gatewayproc import Gateway, running_gateway
+from tests.images import demo_images
+
+MODEL = "demo-shapes"
+BOUNDARY = "wanwu-bench-boundary"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 3)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": pct(values, 50),
+        "p99": pct(values, 99),
+        "mean": round(statistics.fmean(values), 3),
+        "n": len(values),
+    }
+
+
+def multipart(image: bytes) -> bytes:
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+class Client:
+    """A keep-alive HTTP client with a prebuilt body: as little client time as Python allows."""
+
+    def __init__(self, port: int, image: bytes) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.body = multipart(image)
+        self.headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+    def predict(self) -> tuple[float, dict[str, Any], int]:
+        started = time.perf_counter()
+        self.conn.request("POST", f"/v1/models/{MODEL}/predict", body=self.body, headers=self.headers)
+        response = self.conn.getresponse()
+        raw = response.read()
+        elapsed = (time.perf_counter() - started) * 1000
+        return elapsed, json.loads(raw), response.status
+
+
+def bench_image() -> bytes:
+    return demo_images(seed=5150, fmt="JPEG")["蓝色方形"]
+
+
+def in_process_predictor(models_dir: Path) -> Any:
+    from wanwu_worker.bundle import load_bundle
+    from wanwu_worker.predictor import Predictor
+
+    return Predictor(load_bundle(models_dir / MODEL), device="cpu")
+
+
+# -- 1. warm path --------------------------------------------------------------------
+
+
+def warm_path(gw: Gateway, requests: int) -> dict[str, Any]:
+    image = bench_image()
+    client = Client(gw.port, image)
+    for _ in range(30):
+        client.predict()
+    e2e, worker, gateway_total = [], [], []
+    for _ in range(requests):
+        elapsed, body, status = client.predict()
+        assert status == 200 and not body["cold_start"], body
+        e2e.append(elapsed)
+        worker.append(body["timing_ms"]["worker"])
+        gateway_total.append(body["timing_ms"]["total"])
+    overhead = [a - b for a, b in zip(e2e, worker, strict=True)]
+
+    pool = json.loads(_get(gw.port, "/v1/pool"))
+    (worker_id,) = [w["id"] for w in pool["workers"]]
+    socket = gw.socket_dir / gw.pool_id / worker_id / "worker.sock"
+    direct = WorkerClient(str(socket), worker_id, timeout=30)
+    for _ in range(30):
+        direct.predict(image)
+    socket_rt, socket_worker = [], []
+    for _ in range(requests):
+        answer = direct.predict(image)
+        socket_rt.append(answer.round_trip_ms)
+        socket_worker.append(answer.timing_ms["total"])
+    direct.close()
+
+    predictor = in_process_predictor(gw.models_dir)
+    for _ in range(30):
+        predictor.predict(image)
+    in_process = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        predictor.predict(image)
+        in_process.append((time.perf_counter() - started) * 1000)
+    socket_overhead = [a - b for a, b in zip(socket_rt, socket_worker, strict=True)]
+    gateway_added = [a - b for a, b in zip(e2e, worker, strict=True)]
+    return {
+        "requests": requests,
+        "e2e_http_ms": summary(e2e),
+        "gateway_measured_total_ms": summary(gateway_total),
+        "worker_own_ms": summary(worker),
+        "e2e_minus_worker_ms": summary(overhead),
+        "direct_socket_round_trip_ms": summary(socket_rt),
+        "direct_socket_minus_worker_ms": summary(socket_overhead),
+        "in_process_ms": summary(in_process),
+        "gateway_and_scheduler_added_ms": {
+            "p50": round(pct(gateway_added, 50) - pct(socket_overhead, 50), 3),
+            "p99": round(pct(gateway_added, 99) - pct(socket_overhead, 99), 3),
+            "how": "p(e2e - worker) - p(direct socket round trip - worker): what the gateway, the scheduler "
+            "and the client's HTTP hop add over calling the worker's socket directly",
+        },
+    }
+
+
+def _get(port: int, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+# -- 2. cold start ---------------------------------------------------------------------
+
+
+def _timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return (time.perf_counter() - started) * 1000
+
+
+def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
+    models = workdir / "cold-models"
+    export_builtin_model(IMAGE, MODEL, models)
+    sockets = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
+    settings = Settings(models_dir=models, socket_dir=sockets, pool_id="benchcold", worker_image=IMAGE, max_workers=1)
+    backend = DockerBackend(IMAGE, settings.pool_id, sockets, ContainerLimits(), settings.spawn_timeout_s)
+    pool = WarmPool(backend, ModelCatalog(models), settings, clock=MonotonicClock())
+    pool.start(background=False)
+    image = bench_image()
+    rows = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            answer = pool.predict(MODEL, image)
+            total = (time.perf_counter() - started) * 1000
+            assert answer.cold_start
+            t = answer.timing_ms
+            docker_and_worker = t["spawn_create"] + t["spawn_ready"] + t["round_trip"]
+            rows.append(
+                {
+                    "total": total,
+                    "create_start": t["spawn_create"],
+                    "ready": t["spawn_ready"],
+                    "first_inference": t["round_trip"],
+                    "worker_own": t["worker"],
+                    "scheduler_added": total - docker_and_worker,
+                }
+            )
+            pool.reap(now=pool.clock.now() + 10**6)  # the worker goes idle "forever": stop it
+            while pool.snapshot().workers:
+                time.sleep(0.01)
+    finally:
+        pool.shutdown(grace_s=1)
+    run_true = [
+        _timed(["docker", "run", "--rm", "--network", "none", "--entrypoint", "true", IMAGE])
+        for _ in range(baseline_runs)
+    ]
+    load = (
+        "from wanwu_worker.bundle import load_bundle; from wanwu_worker.predictor import Predictor; "
+        "Predictor(load_bundle('/opt/wanwu/models/demo-shapes'))"
+    )
+    run_load = [
+        _timed(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", IMAGE, "-c", load])
+        for _ in range(baseline_runs)
+    ]
+    column = {key: summary([r[key] for r in rows]) for key in rows[0]}
+    p50_total = column["total"]["p50"]
+    return {
+        "requests": count,
+        "breakdown_ms": column,
+        "docker_run_true_ms": summary(run_true),
+        "docker_run_import_torch_load_model_ms": summary(run_load),
+        "ratio_cold_to_docker_run_true": round(p50_total / summary(run_true)["p50"], 2),
+        "ratio_cold_to_docker_run_load_model": round(p50_total / summary(run_load)["p50"], 2),
+    }
+
+
+# -- 3. throughput -------------------------------------------------------------------------
+
+
+def throughput(gw: Gateway, workers: int, seconds: float) -> dict[str, Any]:
+    image = bench_image()
+    clients = [Client(gw.port, image) for _ in range(4 * workers)]
+    barrier = threading.Barrier(len(clients))
+    while len(json.loads(_get(gw.port, "/v1/pool"))["workers"]) < workers:  # N warm workers before timing
+        warmers = [threading.Thread(target=c.predict) for c in clients]
+        for thread in warmers:
+            thread.start()
+        for thread in warmers:
+            thread.join()
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = [0.0]
+
+    def run(client: Client) -> None:
+        barrier.wait()
+        if deadline[0] == 0.0:
+            deadline[0] = time.perf_counter() + seconds
+        local, failed = [], 0
+        while time.perf_counter() < deadline[0]:
+            elapsed, _, status = client.predict()
+            if status == 200:
+                local.append(elapsed)
+            else:
+                failed += 1
+        with lock:
+            latencies.extend(local)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    rss_peak = 0
+    while any(t.is_alive() for t in threads):
+        rss_peak = max(rss_peak, gateway_rss(gw))
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    return {
+        "workers": workers,
+        "clients": len(clients),
+        "seconds": round(elapsed, 2),
+        "requests": len(latencies),
+        "errors": errors[0],
+        "rps": round(len(latencies) / elapsed, 1),
+        "latency_ms": summary(latencies),
+        "gateway_rss_peak_mb": round(rss_peak / 2**20, 1),
+    }
+
+
+def in_process_throughput(models_dir: Path, seconds: float) -> dict[str, Any]:
+    predictor = in_process_predictor(models_dir)
+    image = bench_image()
+    for _ in range(30):
+        predictor.predict(image)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        predictor.predict(image)
+        count += 1
+    elapsed = time.perf_counter() - started
+    return {"seconds": round(elapsed, 2), "requests": count, "rps": round(count / elapsed, 1)}
+
+
+# -- 4. footprint ----------------------------------------------------------------------------
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        for text in child.read_text().split():
+            pids += _process_tree(int(text))
+    return pids
+
+
+def gateway_rss(gw: Gateway) -> int:
+    total = 0
+    for pid in _process_tree(gw.process.pid):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _cpu_ticks(gw: Gateway) -> int:
+    ticks = 0
+    for pid in _process_tree(gw.process.pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass
+    return ticks
+
+
+def footprint(gw: Gateway, client: docker.DockerClient, idle_seconds: float) -> dict[str, Any]:
+    rss_idle = gateway_rss(gw)
+    before, started = _cpu_ticks(gw), time.perf_counter()
+    time.sleep(idle_seconds)
+    cpu = (_cpu_ticks(gw) - before) / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - started)
+    workers = []
+    for row in gw.containers(client):
+        stats = client.api.stats(row["Id"], stream=False)
+        memory = stats.get("memory_stats", {})
+        cache = memory.get("stats", {}).get("cache", 0) or memory.get("stats", {}).get("inactive_file", 0)
+        workers.append(round((memory.get("usage", 0) - cache) / 2**20, 1))
+    return {
+        "gateway_rss_idle_mb": round(rss_idle / 2**20, 1),
+        "gateway_idle_cpu_percent": round(cpu * 100, 2),
+        "image_size_gb": round(client.images.get(IMAGE).attrs["Size"] / 1e9, 3),
+        "worker_container_memory_mb": workers,
+    }
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+
+    def row(name: str, value: str) -> None:
+        lines.append(f"  {name:<52} {value}")
+
+    def pair(s: dict[str, float]) -> str:
+        return f"p50 {s['p50']:>8.2f}  p99 {s['p99']:>8.2f}"
+
+    w = results["warm_path"]
+    lines.append(f"warm path ({w['requests']} sequential requests, ms)")
+    for key in (
+        "e2e_http_ms",
+        "worker_own_ms",
+        "e2e_minus_worker_ms",
+        "direct_socket_round_trip_ms",
+        "direct_socket_minus_worker_ms",
+        "in_process_ms",
+    ):
+        row(key, pair(w[key]))
+    row("gateway + scheduler added (target p50 <= 1, p99 <= 5)", pair(w["gateway_and_scheduler_added_ms"]))
+    c = results["cold_start"]
+    lines.append(f"cold start ({c['requests']} requests, ms)")
+    for key, value in c["breakdown_ms"].items():
+        row(key, pair(value))
+    row("docker run --rm IMAGE true", pair(c["docker_run_true_ms"]))
+    row("docker run: import torch + load model", pair(c["docker_run_import_torch_load_model_ms"]))
+    row("ratio cold / docker run true", f"{c['ratio_cold_to_docker_run_true']}x")
+    row("ratio cold / docker run load model", f"{c['ratio_cold_to_docker_run_load_model']}x")
+    lines.append("throughput (4N clients)")
+    base = results["in_process"]["rps"]
+    for t in results["throughput"]:
+        row(
+            f"N={t['workers']}: {t['clients']} clients",
+            f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  "
+            f"errors {t['errors']}  ratio to in-process {t['rps'] / base:.2f}",
+        )
+    row("in-process inference (one thread)", f"{base:>7.1f} req/s")
+    f = results["footprint"]
+    lines.append("footprint")
+    row(
+        "gateway RSS idle / peak under load (MB)",
+        f"{f['gateway_rss_idle_mb']} / {max(t['gateway_rss_peak_mb'] for t in results['throughput'])}",
+    )
+    row("gateway idle CPU (%)", str(f["gateway_idle_cpu_percent"]))
+    row("image size (GB)", str(f["image_size_gb"]))
+    row("worker container memory (MB)", ", ".join(map(str, f["worker_container_memory_mb"])))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    warm_n, cold_n, baseline_n, seconds = (50, 3, 2, 2.0) if args.quick else (500, 20, 5, 10.0)
+    client = engine()
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "docker": client.version().get("Version"),
+        },
+        "command": "make bench" + (" BENCH_ARGS=--quick" if args.quick else ""),
+    }
+    with tempfile.TemporaryDirectory(prefix="wanwu-bench-") as tmp:
+        workdir = Path(tmp)
+        quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
+        with running_gateway(workdir / "w", client, max_workers="1", **quiet) as gw:
+            print("warm path ...", file=sys.stderr)
+            results["warm_path"] = warm_path(gw, warm_n)
+            results["in_process"] = in_process_throughput(gw.models_dir, seconds)
+            results["footprint"] = footprint(gw, client, idle_seconds=3 if args.quick else 10)
+        print("cold start ...", file=sys.stderr)
+        results["cold_start"] = cold_start(workdir, cold_n, baseline_n)
+        results["throughput"] = []
+        for n in (1, 2):
+            print(f"throughput N={n} ...", file=sys.stderr)
+            with running_gateway(workdir / f"t{n}", client, max_workers=str(n), **quiet) as gw:
+                results["throughput"].append(throughput(gw, n, seconds))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (args.out / name).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"wanwu bench on {results['machine']['cpus']} CPUs ({results['command']})")
+    print(table(results))
+    print(f"JSON: {args.out / f'bench-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Run the real gateway (``wanwu serve``) in a subprocess, for e2e tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import requests
+
+from scheduler.backends.docker import POOL_LABEL
+from tests.dockerutil import IMAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    pool_id: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    models_dir: Path
+    socket_dir: Path
+
+    def containers(self, client: docker.DockerClient) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = client.api.containers(
+            all=True, filters={"label": f"{POOL_LABEL}={self.pool_id}"}
+        )
+        return rows
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the gateway was not ready in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextmanager
+def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str) -> Iterator[Gateway]:
+    """A gateway on a free port with its own pool id, models and socket directories.
+    On exit it is stopped with SIGTERM and must have removed all its containers."""
+    pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
+    port = free_port()
+    sockets = Path(tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = workdir / "models"
+    log = workdir / f"gateway-{pool_id}.log"
+    env = {
+        **os.environ,
+        "WANWU_POOL_ID": pool_id,
+        "WANWU_MODELS_DIR": str(models),
+        "WANWU_SOCKET_DIR": str(sockets),
+        "WANWU_WORKER_IMAGE": IMAGE,
+    }
+    env.update({f"WANWU_{key.upper()}": value for key, value in settings.items()})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                "32",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+        yield Gateway(url, port, pool_id, process, log, models, sockets)
+    finally:
+        stop(process)
+        shutil.rmtree(sockets, ignore_errors=True)
+        left = client.api.containers(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
+        for row in left:
+            client.api.remove_container(row["Id"], force=True)
+    assert not left, f"the gateway left {len(left)} containers behind"
