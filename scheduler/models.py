@@ -54,6 +54,7 @@ class ModelCatalog:
         self.problems: dict[str, str] = {}
         self._scanned_at = float("-inf")
         self._lock = threading.Lock()
+        self.version = 0  # bumped whenever the set of served models changes
         self.refresh()
 
     def refresh(self) -> None:
@@ -80,6 +81,8 @@ class ModelCatalog:
             for name, problem in problems.items():
                 if self.problems.get(name) != problem:
                     log.error("model bundle %s is invalid and not served: %s", name, problem)
+            if models != self._models:
+                self.version += 1
             self._models, self.problems = models, problems
             self._scanned_at = self._now()
 

@@ -204,6 +204,11 @@ class WarmPool:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ids = itertools.count(1)
+        self._inputs_version = -1
+        self._inputs: tuple[policy.Limits, dict[str, float]] = (
+            policy.Limits(settings.max_workers, settings.idle_ttl_s),
+            {},
+        )
         self._id_prefix = uuid.uuid4().hex[:4]
 
     # -- lifecycle -----------------------------------------------------------------
@@ -376,17 +381,27 @@ class WarmPool:
         return [w.view() for w in self._workers.values()]
 
     def _limits(self) -> policy.Limits:
-        ttl = {m.name: m.idle_ttl_s for m in self.catalog.all() if m.idle_ttl_s is not None}
-        return policy.Limits(
-            self.settings.max_workers,
-            self.settings.idle_ttl_s,
-            ttl,
-            self.settings.gpu_high_watermark,
-            self.settings.gpu_low_watermark,
-        )
+        return self._policy_inputs()[0]
 
     def _estimates(self) -> dict[str, float]:
-        return {m.name: float(m.gpu_memory_mb) for m in self.catalog.all()}
+        return self._policy_inputs()[1]
+
+    def _policy_inputs(self) -> tuple[policy.Limits, dict[str, float]]:
+        """Limits (with per-model TTLs) and GPU estimates, rebuilt only when the catalog
+        changes: they are read on every request."""
+        if self._inputs_version != self.catalog.version:
+            models = self.catalog.all()
+            ttl = {m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None}
+            limits = policy.Limits(
+                self.settings.max_workers,
+                self.settings.idle_ttl_s,
+                ttl,
+                self.settings.gpu_high_watermark,
+                self.settings.gpu_low_watermark,
+            )
+            self._inputs = (limits, {m.name: float(m.gpu_memory_mb) for m in models})
+            self._inputs_version = self.catalog.version
+        return self._inputs
 
     def _dispatch(self) -> list[Action]:
         """Serve waiters in FIFO order as far as the policy allows (lock held)."""
@@ -623,16 +638,26 @@ class WarmPool:
         self._run(actions)
 
     def reconcile(self) -> None:
-        """After losing the engine: forget workers whose containers are gone."""
+        """After losing the engine: forget workers whose containers are gone or dead,
+        and remove containers of this pool the pool does not track (a removal that
+        failed while the engine was down leaves one behind)."""
         try:
-            running = {w.worker_id for w in self.backend.list_workers() if w.running}
+            listed = self.backend.list_workers()
         except WanwuError as exc:
             log.warning("cannot reconcile with the engine: %s", exc)
             return
+        running = {w.worker_id for w in listed if w.running}
         with self._lock:
+            tracked = set(self._workers)
             lost = [w.id for w in self._workers.values() if w.state in (State.IDLE, State.BUSY) and w.id not in running]
         for worker_id in lost:
             self.on_worker_exit(worker_id, "gone after an engine restart")
+        for stray in sorted({w.worker_id for w in listed} - tracked):
+            log.info("removing container of worker %s, which this pool no longer tracks", stray)
+            try:
+                self.backend.stop(stray)
+            except WanwuError as exc:
+                log.error("removing stray worker %s failed: %s", stray, exc)
 
     # -- introspection ----------------------------------------------------------------
 

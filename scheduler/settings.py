@@ -55,6 +55,7 @@ class Settings:
     worker_memory: str = "2g"
     worker_pids: int = 512
     worker_cpus: float = 0.0
+    worker_threads: int = 1
     cache_enabled: bool = True
     cache_size: int = 1024
     cache_ttl_s: float = 300.0
@@ -111,7 +112,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise fail(name, "must be > 0")
-        for name in ("queue_max", "shutdown_grace_s", "worker_cpus"):
+        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads"):
             if getattr(self, name) < 0:
                 raise fail(name, "must be >= 0")
         for name in ("gpu_high_watermark", "gpu_low_watermark"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pytest
 
 from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL
 from tests.dockerutil import Containers, demo_bundle_dir, engine
+from tests.integration.pools import PoolFactory, make_slow_bundle
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +39,37 @@ def containers(docker_client: docker.DockerClient, demo_model_dir: Path) -> Iter
             all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{POOL_LABEL}={made.pool_id}"]}
         )
         assert not left, f"containers left behind: {[c.name for c in left]}"
+
+
+@pytest.fixture(scope="module")
+def models_dir(demo_model_dir: Path) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="wanwu-models-"))
+    shutil.copytree(demo_model_dir, root / "demo-shapes")
+    other = root / "demo-other"
+    shutil.copytree(demo_model_dir, other)
+    config = json.loads((other / "model.json").read_text(encoding="utf-8"))
+    config["name"] = "demo-other"
+    (other / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    make_slow_bundle(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def socket_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="wit-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pools(docker_client: docker.DockerClient, models_dir: Path, socket_root: Path) -> Iterator[PoolFactory]:
+    factory = PoolFactory(docker_client, models_dir, socket_root)
+    yield factory
+    for pool in factory.pools:
+        pool.shutdown(grace_s=1)
+    for pool_id in factory.pool_ids:
+        left = docker_client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
+        for container in left:
+            container.remove(force=True)
+        assert not left, f"pool {pool_id} left containers behind: {[c.name for c in left]}"

@@ -8,140 +8,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 
-from scheduler.backends.docker import POOL_LABEL, ContainerLimits, DockerBackend
+from scheduler.backends.docker import POOL_LABEL
 from scheduler.errors import WorkerStartError
-from scheduler.models import ModelCatalog
-from scheduler.pool import WarmPool
-from scheduler.settings import Settings
 from tests.dockerutil import IMAGE, wait_for
 from tests.images import demo_images
+from tests.integration.pools import PoolFactory, white_png
 
 pytestmark = pytest.mark.docker
-
-
-def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
-    """A two-class TorchScript bundle that computes for a few seconds when the picture
-    is bright (normalised mean > 1.5) and answers at once otherwise; the warm-up input is
-    zeros, so it starts fast."""
-    import torch
-    from torch import nn
-
-    class Slow(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.zeros(x.shape[0], 2)
-            if bool(x.mean() > 1.5):
-                m = torch.ones(384, 384) / 384
-                acc = m
-                for _ in range(6000):
-                    acc = acc @ m
-                y = y + acc.sum()
-            return y
-
-    path = dest / name
-    path.mkdir(parents=True)
-    torch.jit.script(Slow()).save(str(path / "model.pt"))
-    (path / "labels.txt").write_text("亮\n暗\n", encoding="utf-8")
-    config = {
-        "name": name,
-        "format": "torchscript",
-        "task": "classify",
-        "input_size": [3, 32, 32],
-        "resize": 32,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "precision": "fp32",
-        "gpu_memory_mb": 0,
-    }
-    (path / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def white_png() -> bytes:
-    from PIL import Image
-
-    from tests.images import encode
-
-    return encode(Image.new("RGB", (48, 48), (255, 255, 255)))
-
-
-@pytest.fixture(scope="module")
-def models_dir(demo_model_dir: Path) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="wanwu-models-"))
-    shutil.copytree(demo_model_dir, root / "demo-shapes")
-    other = root / "demo-other"
-    shutil.copytree(demo_model_dir, other)
-    config = json.loads((other / "model.json").read_text(encoding="utf-8"))
-    config["name"] = "demo-other"
-    (other / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    make_slow_bundle(root)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def socket_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="wit-", dir="/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-class PoolFactory:
-    def __init__(self, client: docker.DockerClient, models: Path, sockets: Path) -> None:
-        self.client, self.models, self.sockets = client, models, sockets
-        self.pools: list[WarmPool] = []
-        self.pool_ids: list[str] = []
-
-    def __call__(self, pool_id: str | None = None, **overrides: object) -> WarmPool:
-        pool_id = pool_id or "it" + uuid.uuid4().hex[:6]
-        values: dict[str, object] = {
-            "max_workers": 2,
-            "idle_ttl_s": 60.0,
-            "queue_timeout_s": 60.0,
-            "request_timeout_s": 30.0,
-            "reap_interval_s": 0.2,
-            "spawn_timeout_s": 60.0,
-        }
-        values.update(overrides)
-        settings = Settings(
-            models_dir=self.models, pool_id=pool_id, socket_dir=self.sockets, worker_image=IMAGE, **values
-        )  # type: ignore[arg-type]
-        backend = DockerBackend(IMAGE, pool_id, self.sockets, ContainerLimits(memory="1g"), settings.spawn_timeout_s)
-        pool = WarmPool(backend, ModelCatalog(self.models), settings)
-        pool.start()
-        self.pools.append(pool)
-        self.pool_ids.append(pool_id)
-        return pool
-
-    def containers(self, pool: WarmPool, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 - docker's word
-        """Rows of `docker ps` for the pool (one API call, safe while containers go)."""
-        rows: list[dict[str, Any]] = self.client.api.containers(
-            all=all, filters={"label": f"{POOL_LABEL}={pool.settings.pool_id}"}
-        )
-        return rows
-
-
-@pytest.fixture
-def pools(docker_client: docker.DockerClient, models_dir: Path, socket_root: Path) -> Iterator[PoolFactory]:
-    factory = PoolFactory(docker_client, models_dir, socket_root)
-    yield factory
-    for pool in factory.pools:
-        pool.shutdown(grace_s=1)
-    for pool_id in factory.pool_ids:
-        left = docker_client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
-        for container in left:
-            container.remove(force=True)
-        assert not left, f"pool {pool_id} left containers behind: {[c.name for c in left]}"
 
 
 def test_two_sequential_requests_create_one_container(pools: PoolFactory) -> None:

@@ -244,6 +244,16 @@ def test_reconcile_forgets_workers_the_engine_lost(pool: WarmPool, backend: Fake
     assert worker in backend.stops
 
 
+def test_reconcile_removes_containers_the_pool_does_not_track(pool: WarmPool, backend: FakeBackend) -> None:
+    from scheduler.backends.base import SpawnRequest
+
+    kept = pool.predict("a", b"x").worker_id
+    backend.live["stray01"] = SpawnRequest("stray01", "a", Path("/m"))  # its removal failed earlier
+    pool.reconcile()
+    assert "stray01" in backend.stops and kept not in backend.stops
+    assert [w.id for w in pool.snapshot().workers] == [kept]
+
+
 def test_start_removes_leftovers(backend: FakeBackend, clock: FakeClock, models: Path) -> None:
     backend.orphans = ["wanwu-wanwu-old1", "wanwu-wanwu-old2"]
     pool = make_pool(backend, clock, models)

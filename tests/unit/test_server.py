@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from wanwu_worker.predictor import Predictor
 from wanwu_worker.server import WorkerServer
 
 from scheduler.errors import WorkerCrashed, WorkerRejected
-from scheduler.worker_client import UnixHTTPConnection, WorkerClient
+from scheduler.worker_client import WorkerClient
 from tests.images import demo_images, png_header_only, truncated_png
 
 
@@ -37,6 +39,19 @@ def client(server: WorkerServer) -> Iterator[WorkerClient]:
     c = WorkerClient(server.final_path, worker_id="test", timeout=10)
     yield c
     c.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket: an independent client to check the server with."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 def raw_request(
@@ -144,17 +159,16 @@ def test_chunked_body_is_refused_cleanly(server: WorkerServer) -> None:
 
 def test_connection_is_kept_alive_across_requests(client: WorkerClient) -> None:
     image = next(iter(demo_images().values()))
-    client.predict(image)
-    first = client._conn
-    assert first is not None and first.sock is not None
-    for _ in range(5):
+    for _ in range(6):
         client.predict(image)
-    assert client._conn is first
+    client.health()
+    assert client.connections == 1
 
 
 def test_client_reconnects_after_the_worker_drops_an_idle_connection(client: WorkerClient) -> None:
     image = next(iter(demo_images().values()))
     client.predict(image)
-    assert client._conn is not None and client._conn.sock is not None
-    client._conn.sock.shutdown(2)  # as if the worker had closed it while idle
+    assert client._sock is not None
+    client._sock.shutdown(socket.SHUT_RDWR)  # as if the worker had closed it while idle
     assert client.predict(image).predictions
+    assert client.connections == 2

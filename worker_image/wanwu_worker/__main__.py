@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda or cuda:N (default: cuda if available)",
     )
     parser.add_argument("--max-pixels", type=int, default=_env_int("WANWU_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=_env_int("WANWU_TORCH_THREADS", 1),
+        help="torch intra-op threads (default 1; 0 leaves torch's own choice)",
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
     serve = sub.add_parser("serve", help="answer /healthz and /predict on a Unix socket")
     serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = load_bundle(args.model or default_model_dir())
-        predictor = Predictor(bundle, device=args.device, max_pixels=args.max_pixels)
+        predictor = Predictor(bundle, device=args.device, max_pixels=args.max_pixels, threads=args.threads)
     except WorkerError as exc:
         print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
         return 2

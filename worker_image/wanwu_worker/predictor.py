@@ -58,7 +58,17 @@ class Predictor:
     """One loaded model. ``predict`` is safe to call from several threads: inference
     runs one request at a time, decoding and preprocessing run outside the lock."""
 
-    def __init__(self, bundle: Bundle, device: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            # One request is one small image: intra-op threads mostly wait to be woken,
+            # and workers running side by side would fight over the cores.
+            torch.set_num_threads(threads)
         self.bundle = bundle
         self.max_pixels = max_pixels
         self.device = choose_device(device)
@@ -126,6 +136,7 @@ class Predictor:
             "load_ms": self.load_ms,
             "warmup_ms": self.warmup_ms,
             "requests": self.requests,
+            "threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
 

@@ -104,7 +104,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode.startswith("I;16"):
         image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     elif mode in ("I", "F"):
-        low, high = image.getextrema()
+        extrema = image.getextrema()  # one band: (min, max) as numbers
+        low, high = float(extrema[0]), float(extrema[1])  # type: ignore[arg-type]
         scale = 255 / (high - low) if high > low else 0
         image = image.point(lambda v: (v - low) * scale).convert("L")
     if (image.mode == "P" and "transparency" in image.info) or image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
