@@ -395,7 +395,7 @@ def table(results: dict[str, Any]) -> str:
             f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  "
             f"errors {t['errors']}  ratio to in-process {t['rps'] / base:.2f}",
         )
-    row("in-process inference (one thread)", f"{base:>7.1f} req/s")
+    row("in-process inference (one process, torch threads = cores)", f"{base:>7.1f} req/s")
     f = results["footprint"]
     lines.append("footprint")
     row(

@@ -153,8 +153,16 @@ def test_unknown_route_and_wrong_method(server: WorkerServer) -> None:
 
 
 def test_chunked_body_is_refused_cleanly(server: WorkerServer) -> None:
-    status, _, raw = raw_request(server.final_path, "POST", "/predict", iter([b"abc"]))  # type: ignore[arg-type]
-    assert status == 411 and b"length_required" in raw
+    # The whole request in one write: the server answers before reading a chunked body.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(server.final_path)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 411 ") and b'"length_required"' in answer
+    assert b"Connection: close" in answer
 
 
 def test_connection_is_kept_alive_across_requests(client: WorkerClient) -> None:

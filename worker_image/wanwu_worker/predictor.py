@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .bundle import Bundle
 from .errors import BundleError, InferenceError, InputError
@@ -86,6 +88,7 @@ class Predictor:
         self.load_ms = _ms(started)
         started = time.perf_counter()
         self._check_output()
+        self._warm_up()
         self.warmup_ms = _ms(started)
 
     def _load(self) -> torch.jit.ScriptModule:
@@ -118,6 +121,22 @@ class Predictor:
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _warm_up(self, passes: int = 3) -> None:
+        """Run whole requests (JPEG and PNG) before serving: TorchScript optimises its
+        graph on the first runs and Pillow imports decoders on first use, which made the
+        first real request after a cold start ten times slower than the next."""
+        side = max(self.bundle.resize, *self.bundle.crop)
+        picture = Image.new("RGB", (side + side // 3, side), (90, 140, 200))
+        samples = []
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            picture.save(buffer, fmt)
+            samples.append(buffer.getvalue())
+        for _ in range(passes):
+            for data in samples:
+                self.predict(data, 1)
+        self.requests = 0
 
     def gpu_memory_mb(self) -> float | None:
         """GPU memory this process holds through PyTorch's allocator; None on the CPU."""
