@@ -113,7 +113,6 @@ def create_app(
         pool = build_pool(settings)
     app = Flask("wanwu")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_SLACK
-    app.config["JSON_AS_ASCII"] = False
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if test_config:

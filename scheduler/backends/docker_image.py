@@ -124,12 +124,17 @@ def fill_wheelhouse(flavor: str, progress: Progress, extra_args: list[str] | Non
         "pip",
         *extra,
     ]
+    _pip(command, f"pip download for the {flavor} wheelhouse")
+    stamp.write_text(digest + "\n")
+    return target
+
+
+def _pip(command: list[str], what: str) -> None:
+    """Run a pip command on the host; on failure raise with the end of its stderr."""
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-10:])
-        raise ImageBuildError(f"pip download for the {flavor} wheelhouse failed:\n{tail}")
-    stamp.write_text(digest + "\n")
-    return target
+        raise ImageBuildError(f"{what} failed:\n{tail}")
 
 
 def _context_tar(flavor: str) -> Any:
@@ -230,10 +235,7 @@ def build_gateway_image(
         str(ROOT),
         "pip",
     ]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-10:])
-        raise ImageBuildError(f"pip wheel for the gateway failed:\n{tail}")
+    _pip(command, "pip wheel for the gateway")
     context = docker.utils.tar(str(ROOT / "deploy"), exclude=["*.service", "*.example", "*.sh"], gzip=False)
     _docker_build(client, context, tag, {"BASE_IMAGE": base}, no_cache, say, dockerfile="gateway.Dockerfile")
     image = client.images.get(tag)
