@@ -16,18 +16,18 @@ class ResultCache:
         self._cache: TTLCache[tuple[str, str, int], dict[str, Any]] = TTLCache(maxsize=max(1, size), ttl=ttl_s)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def key(image: bytes, model: str, top_k: int) -> tuple[str, str, int]:
-        return (hashlib.sha256(image).hexdigest(), model, top_k)
+    def key(self, image: bytes, model: str, top_k: int) -> tuple[str, str, int] | None:
+        """The cache key, or None when the cache is off (no hashing of a 20 MB upload for nothing)."""
+        return (hashlib.sha256(image).hexdigest(), model, top_k) if self.enabled else None
 
-    def get(self, key: tuple[str, str, int]) -> dict[str, Any] | None:
-        if not self.enabled:
+    def get(self, key: tuple[str, str, int] | None) -> dict[str, Any] | None:
+        if key is None:
             return None
         with self._lock:
             return self._cache.get(key)
 
-    def put(self, key: tuple[str, str, int], answer: dict[str, Any]) -> None:
-        if self.enabled:
+    def put(self, key: tuple[str, str, int] | None, answer: dict[str, Any]) -> None:
+        if key is not None:
             with self._lock:
                 self._cache[key] = answer
 

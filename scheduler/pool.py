@@ -282,7 +282,6 @@ class WarmPool:
         with self._lock:
             if self._closing:
                 raise BackendUnavailable("the pool is shutting down")
-            self._check_backoff(model, now)
             if len(self._queue) >= max(1, self.settings.queue_max):
                 self._counters["rejected"] += 1
                 raise CapacityExhausted(f"the wait queue is full ({len(self._queue)} requests)", self._retry_after())
@@ -412,12 +411,12 @@ class WarmPool:
             if waiter.done:
                 self._queue.remove(waiter)
                 continue
-            backoff = self._backoff.get(waiter.model)
-            if waiter.spawning is None and backoff and backoff.until > now:
-                self._fail(waiter, self._backoff_error(waiter.model, backoff, now))
-                continue
             decision = policy.decide(waiter.model, self._views(), limits, self._readings, estimates)
-            if isinstance(decision, policy.Reuse):
+            backoff = self._backoff.get(waiter.model)
+            if not isinstance(decision, policy.Reuse) and waiter.spawning is None and backoff and backoff.until > now:
+                # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
+                self._fail(waiter, self._backoff_error(waiter.model, backoff, now))
+            elif isinstance(decision, policy.Reuse):
                 self._hand_over(waiter, self._workers[decision.worker_id], now)
             elif isinstance(decision, policy.Spawn) and waiter.spawning is None:
                 actions.append(self._begin_spawn(waiter, decision, now))
@@ -545,15 +544,6 @@ class WarmPool:
             actions = self._dispatch()
             self._idle_or_gone.notify_all()
         self._run(actions)
-
-    def _check_backoff(self, model: str, now: float) -> None:
-        backoff = self._backoff.get(model)
-        if (
-            backoff
-            and backoff.until > now
-            and not any(w.model == model and w.state is State.IDLE for w in self._workers.values())
-        ):
-            raise self._backoff_error(model, backoff, now)
 
     @staticmethod
     def _backoff_error(model: str, backoff: _Backoff, now: float) -> ModelUnavailable:

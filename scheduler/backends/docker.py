@@ -256,7 +256,7 @@ class DockerBackend:
                 state = self._state(container)
                 if state is not None and state.get("Status") in ("exited", "dead"):
                     logs = self._logs(container)
-                    self._remove(spec)
+                    self.stop(spec.worker_id)
                     oom = " (killed: out of memory)" if state.get("OOMKilled") else ""
                     raise WorkerStartError(
                         f"worker {spec.name} (model {spec.model}, image {self.image}) exited with status "
@@ -265,7 +265,7 @@ class DockerBackend:
                     )
             if now >= deadline:
                 logs = self._logs(container)
-                self._remove(spec)
+                self.stop(spec.worker_id)
                 raise WorkerStartTimeout(
                     f"worker {spec.name} (model {spec.model}, image {self.image}) was not ready within "
                     f"{self.spawn_timeout_s:g} s; last log lines:\n{logs}",
@@ -288,9 +288,6 @@ class DockerBackend:
             return str(container.logs(tail=lines).decode("utf-8", "replace").rstrip()) or "(no output)"
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             return f"(logs unavailable: {_first_line(exc)})"
-
-    def _remove(self, spec: WorkerSpec) -> None:
-        self.stop(spec.worker_id)
 
     @staticmethod
     def _cleanup(spec: WorkerSpec) -> None:

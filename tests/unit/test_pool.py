@@ -195,6 +195,21 @@ def test_spawn_failure_is_reported_then_the_model_backs_off(
     assert pool.predict("b", b"x")  # other models never waited
 
 
+def test_a_backing_off_model_is_still_served_by_its_idle_worker(
+    pool: WarmPool, backend: FakeBackend, clock: FakeClock
+) -> None:
+    lease = pool.acquire("a", clock.now() + 5)  # worker 1 busy
+    backend.fail_next_spawns("a")
+    with pytest.raises(WorkerStartError):
+        pool.predict("a", b"x")  # a second worker fails to start: backoff
+    pool.release(lease)
+    assert pool.predict("a", b"y").worker_id == lease.worker_id  # the idle one serves
+    with pytest.raises(ModelUnavailable):  # but no new worker is tried while it is busy
+        lease = pool.acquire("a", clock.now() + 5)
+        pool.acquire("a", clock.now() + 5)
+    pool.release(lease)
+
+
 def test_a_crashed_worker_is_replaced_and_the_request_retried_once(pool: WarmPool, backend: FakeBackend) -> None:
     first = pool.predict("a", b"x").worker_id
     backend.outcomes[first].append("crash")
