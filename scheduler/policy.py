@@ -192,9 +192,13 @@ def _credit(gpus: Sequence[GpuReading], leaving: WorkerView) -> list[GpuReading]
     ]
 
 
-def expired(workers: Sequence[WorkerView], now: float, limits: Limits) -> list[str]:
-    """Idle workers whose idle time exceeds their model's TTL, oldest first."""
-    return [w.id for w in _lru(_idle(workers)) if now - w.last_used > limits.ttl(w.model)]
+def expired(
+    workers: Sequence[WorkerView], now: float, limits: Limits, keep_s: Mapping[str, float] | None = None
+) -> list[str]:
+    """Idle workers whose idle time exceeds their keep-alive (``keep_s`` by worker id,
+    else their model's TTL), oldest first."""
+    keep = keep_s or {}
+    return [w.id for w in _lru(_idle(workers)) if now - w.last_used > keep.get(w.id, limits.ttl(w.model))]
 
 
 def under_pressure(workers: Sequence[WorkerView], gpus: Sequence[GpuReading], limits: Limits) -> list[str]:

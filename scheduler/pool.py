@@ -1,10 +1,12 @@
-"""The warm pool: leases on worker containers, carried out from the pure policy.
+"""The warm pool: the live shell around the pool core (``scheduler.core``).
 
-Every decision is taken under one lock by ``scheduler.policy``; what it asks for
-(spawning, stopping) runs after the lock is released, on an executor, so several spawns
-can run at once and no Docker call ever holds up another request. Requests that cannot
-be served at once wait in a bounded FIFO queue until a worker is released or started,
-or their deadline passes (CapacityExhausted: the gateway's 503 + Retry-After).
+The core decides everything (queue, FIFO order, deadlines, reservations, eviction,
+backoff, keep-alive) from events; this shell feeds it events under one lock, with real
+time, and carries out its commands: grants and failures wake the waiting thread, spawns
+and stops run after the lock is released, on an executor, so several spawns can run at
+once and no Docker call ever holds up another request. Requests that cannot be served
+at once wait until a worker is released or started, or their deadline passes
+(CapacityExhausted: the gateway's 503 + Retry-After).
 
     pool = WarmPool(backend, catalog, settings)
     pool.start()                      # remove this pool id's leftovers, start threads
@@ -14,7 +16,6 @@ or their deadline passes (CapacityExhausted: the gateway's 503 + Retry-After).
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
@@ -27,61 +28,27 @@ from typing import Any
 from . import policy
 from .backends.base import Backend, Connection, SpawnRequest
 from .clock import Clock, MonotonicClock
-from .errors import (
-    BackendUnavailable,
-    CapacityExhausted,
-    ModelUnavailable,
-    WanwuError,
-    WorkerCrashed,
-    WorkerError,
-    WorkerRejected,
-    WorkerTimeout,
-)
+from .core import REAP_REASONS, Command, CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
+from .errors import WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
 from .gpu import GpuMonitor
-from .models import ModelCatalog, ModelInfo
+from .models import ModelCatalog
 from .policy import State
 from .settings import Settings
 from .worker_client import WorkerAnswer
 
 log = logging.getLogger(__name__)
 
-REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "shutdown")
+__all__ = ["INLINE", "REAP_REASONS", "Lease", "PoolAnswer", "PoolSnapshot", "WarmPool", "WorkerInfo"]
 Action = Callable[[], None]
-
-
-@dataclass
-class _Worker:
-    id: str
-    model: str
-    state: State
-    last_used: float
-    started_at: float
-    device: str | None = None
-    gpu_mb: float = 0.0
-    served: int = 0
-    connection: Connection | None = None
-    dead: str | None = None  # why, if it died while busy
-    reserved_for: _Waiter | None = None
-    spawn_ms: float = 0.0
-    spawn_breakdown: dict[str, float] = field(default_factory=dict)
-
-    def view(self) -> policy.WorkerView:
-        return policy.WorkerView(self.id, self.model, self.state, self.last_used, self.gpu_mb, self.device)
 
 
 @dataclass(eq=False)
 class _Waiter:
-    model: str
-    deadline: float
-    enqueued: float
+    """A thread waiting in ``acquire`` for the core's Grant or Fail."""
+
     event: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
     error: WanwuError | None = None
-    spawning: _Worker | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.lease is not None or self.error is not None
 
 
 @dataclass(frozen=True)
@@ -128,6 +95,8 @@ class PoolSnapshot:
     reaps: dict[str, int]
     gpus: list[policy.GpuReading]
     backoff: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+    keepalive: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +110,8 @@ class PoolSnapshot:
                 for g in self.gpus
             ],
             "backoff_s": self.backoff,
+            "settings": self.settings,
+            "keepalive": self.keepalive,
         }
 
 
@@ -153,13 +124,6 @@ class _Inline(Executor):
 
 
 INLINE = _Inline()
-
-
-@dataclass
-class _Backoff:
-    failures: int = 0
-    until: float = 0.0
-    last_error: str = ""
 
 
 class WarmPool:
@@ -183,33 +147,43 @@ class WarmPool:
         self.gpu = gpu or GpuMonitor(settings.gpus)
         self._executor = executor or ThreadPoolExecutor(settings.max_workers * 2 + 4, thread_name_prefix="wanwu-pool")
         self._own_executor = executor is None
-        self._backoff_base = backoff_base_s
-        self._backoff_max = backoff_max_s
+        self._backoff = (backoff_base_s, backoff_max_s)
         self._lock = threading.Lock()
         self._idle_or_gone = threading.Condition(self._lock)
-        self._workers: dict[str, _Worker] = {}
-        self._queue: collections.deque[_Waiter] = collections.deque()
-        self._backoff: dict[str, _Backoff] = {}
-        self._readings: list[policy.GpuReading] = []
-        self._counters = {
-            "cold_starts": 0,
-            "warm_hits": 0,
-            "spawn_failures": 0,
-            "retries": 0,
-            "rejected": 0,
-            "timeouts": 0,
-        }
-        self._reaps = dict.fromkeys(REAP_REASONS, 0)
-        self._closing = False
+        self._catalog_version = catalog.version
+        self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4])
+        self._waiters: dict[int, _Waiter] = {}
+        self._connections: dict[str, Connection] = {}
+        self._request_ids = itertools.count(1)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._ids = itertools.count(1)
-        self._inputs_version = -1
-        self._inputs: tuple[policy.Limits, dict[str, float]] = (
-            policy.Limits(settings.max_workers, settings.idle_ttl_s),
-            {},
+        self.recorder: Callable[[str, tuple[Any, ...], list[Command]], None] | None = None
+
+    def _core_config(self) -> CoreConfig:
+        models = self.catalog.all()
+        s = self.settings
+        return CoreConfig(
+            capacity=s.max_workers,
+            default_ttl_s=s.idle_ttl_s,
+            model_ttl_s={m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None},
+            estimates_mb={m.name: float(m.gpu_memory_mb) for m in models},
+            high_watermark=s.gpu_high_watermark,
+            low_watermark=s.gpu_low_watermark,
+            queue_max=s.queue_max,
+            retry_after_s=max(1.0, min(s.queue_timeout_s, 5.0)),
+            backoff_base_s=self._backoff[0],
+            backoff_max_s=self._backoff[1],
+            keepalive=s.keepalive,
         )
-        self._id_prefix = uuid.uuid4().hex[:4]
+
+    @property
+    def _readings(self) -> list[policy.GpuReading]:
+        """The GPU readings the core decides with (tests set them directly)."""
+        return self.core.readings
+
+    @_readings.setter
+    def _readings(self, readings: list[policy.GpuReading]) -> None:
+        self.core.readings = readings
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -245,24 +219,17 @@ class WarmPool:
         stop every worker of this pool."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         with self._lock:
-            self._closing = True
-            for waiter in self._queue:
-                if waiter.spawning is None:
-                    waiter.error = BackendUnavailable("the pool is shutting down")
-                    waiter.event.set()
+            self._event("close", self.clock.now())
             deadline = self.clock.now() + grace
-            while any(w.state in (State.BUSY, State.STARTING) for w in self._workers.values()):
+            while self.core.in_flight():
                 left = deadline - self.clock.now()
                 if left <= 0:
                     log.warning("shutdown grace of %.1f s is over with requests still in flight", grace)
                     break
                 self._idle_or_gone.wait(min(left, 0.1))
-            victims = [w for w in self._workers.values() if w.state is not State.STOPPING]
-            for worker in victims:
-                worker.state = State.STOPPING
+            actions = self._event("stop_all", self.clock.now())
         self._stop.set()
-        for worker in victims:
-            self._stop_worker(worker.id, "shutdown")
+        self._run(actions)
         self.backend.close()  # ends the event stream the watcher blocks on
         for thread in self._threads:
             thread.join(timeout=5)
@@ -270,39 +237,85 @@ class WarmPool:
             self._executor.shutdown(wait=True)
         self.gpu.close()
 
+    # -- the core, under the lock ------------------------------------------------------
+
+    def _event(self, name: str, *args: Any) -> list[Action]:
+        """Feed one event to the core (lock held) and carry out what it returns:
+        grants and failures at once, spawns and stops as actions to run unlocked."""
+        return self._apply(self._feed(name, *args))
+
+    def _feed(self, name: str, *args: Any) -> list[Command]:
+        actions: list[Command] = []
+        if self.catalog.version != self._catalog_version:  # bundles came or went: new TTLs and estimates
+            self._catalog_version = self.catalog.version
+            actions = self._feed("configure", self._core_config(), self.clock.now())
+        commands: list[Command] = getattr(self.core, name)(*args)
+        if self.recorder is not None:
+            self.recorder(name, args, commands)
+        return actions + commands
+
+    def _apply(self, commands: list[Command]) -> list[Action]:
+        actions: list[Action] = []
+        for command in commands:
+            if isinstance(command, Grant):
+                waiter = self._waiters.pop(command.request_id)
+                waiter.lease = Lease(
+                    command.worker_id,
+                    command.model,
+                    self._connections[command.worker_id],
+                    command.cold_start,
+                    command.queue_ms,
+                    command.spawn_ms,
+                    dict(command.spawn_breakdown),
+                )
+                waiter.event.set()
+            elif isinstance(command, Fail):
+                waiter = self._waiters.pop(command.request_id)
+                waiter.error = command.error
+                waiter.event.set()
+            elif isinstance(command, SpawnWorker):
+                actions.append(self._later(self._spawn_job, command))
+            else:
+                self._log_stop(command)
+                actions.append(self._later(self._stop_job, command))
+        self._idle_or_gone.notify_all()
+        return actions
+
+    @staticmethod
+    def _log_stop(command: StopWorker) -> None:
+        if command.reason in ("ttl", "gpu_pressure") and command.idle_s is not None:
+            log.info(
+                "reaping worker %s (model %s): %s after %.1f s idle",
+                command.worker_id,
+                command.model,
+                command.reason,
+                command.idle_s,
+            )
+        elif command.reason in ("crashed", "timeout"):
+            log.warning("worker %s (model %s) removed: %s", command.worker_id, command.model, command.reason)
+        else:
+            log.info("stopping worker %s (model %s): %s", command.worker_id, command.model or "-", command.reason)
+
     # -- leases --------------------------------------------------------------------
 
-    def acquire(self, model: str, deadline: float) -> Lease:
+    def acquire(self, model: str, deadline: float, retry: bool = False) -> Lease:
         """A lease on a ready worker of ``model``, or an error by ``deadline``:
         CapacityExhausted (no worker in time, or the queue is full), ModelUnavailable
         (the model is backing off after failed starts), WorkerStartError, UnknownModel,
         BackendUnavailable."""
         info = self.catalog.get(model)
-        now = self.clock.now()
+        waiter = _Waiter()
         with self._lock:
-            if self._closing:
-                raise BackendUnavailable("the pool is shutting down")
-            if len(self._queue) >= max(1, self.settings.queue_max):
-                self._counters["rejected"] += 1
-                raise CapacityExhausted(f"the wait queue is full ({len(self._queue)} requests)", self._retry_after())
-            waiter = _Waiter(info.name, deadline, now)
-            self._queue.append(waiter)
-            actions = self._dispatch()
+            request_id = next(self._request_ids)
+            self._waiters[request_id] = waiter
+            actions = self._event("arrive", request_id, info.name, self.clock.now(), deadline, retry)
         self._run(actions)
         self.clock.wait(waiter.event, deadline - self.clock.now())
+        actions = []
         with self._lock:
-            if not waiter.done:
-                # Out of time. A spawn under way for it goes on and serves the next waiter.
-                if waiter in self._queue:
-                    self._queue.remove(waiter)
-                if waiter.spawning is not None:
-                    waiter.spawning.reserved_for = None
-                self._counters["timeouts"] += 1
-                waiter.error = CapacityExhausted(
-                    f"no {model} worker became free within {deadline - waiter.enqueued:.1f} s "
-                    f"({len(self._workers)}/{self.settings.max_workers} workers, {len(self._queue)} waiting)",
-                    self._retry_after(),
-                )
+            if not waiter.event.is_set():
+                actions = self._event("expire", request_id, self.clock.now())
+        self._run(actions)
         if waiter.error is not None:
             raise waiter.error
         assert waiter.lease is not None
@@ -311,23 +324,8 @@ class WarmPool:
     def release(self, lease: Lease, ok: bool = True, reason: str = "crashed") -> None:
         """Give a lease back. ``ok=False`` means the worker failed (``reason``:
         crashed or timeout) and is replaced rather than reused."""
-        now = self.clock.now()
-        actions: list[Action] = []
         with self._lock:
-            worker = self._workers.get(lease.worker_id)
-            if worker is None or worker.state is not State.BUSY:
-                return
-            worker.served += 1
-            if ok and worker.dead is None and not self._closing:
-                worker.state = State.IDLE
-                worker.last_used = now
-            else:
-                worker.state = State.STOPPING
-                why = reason if not ok else "crashed"
-                log.warning("worker %s (model %s) removed: %s", worker.id, worker.model, worker.dead or why)
-                actions.append(lambda: self._stop_worker(worker.id, why))
-            actions += self._dispatch()
-            self._idle_or_gone.notify_all()
+            actions = self._event("released", lease.worker_id, self.clock.now(), ok, reason)
         self._run(actions)
 
     def predict(
@@ -346,7 +344,7 @@ class WarmPool:
         queue_ms = spawn_ms = 0.0
         cold = False
         for attempt in (1, 2):
-            lease = self.acquire(model, self.clock.now() + queue_timeout)
+            lease = self.acquire(model, self.clock.now() + queue_timeout, retry=attempt > 1)
             queue_ms += lease.queue_ms
             spawn_ms += lease.spawn_ms
             cold = cold or lease.cold_start
@@ -359,8 +357,6 @@ class WarmPool:
                 self.release(lease, ok=False, reason="timeout" if isinstance(exc, WorkerTimeout) else "crashed")
                 if attempt == 2:
                     raise
-                with self._lock:
-                    self._counters["retries"] += 1
                 log.warning("retrying on another worker after: %s", exc)
                 continue
             self.release(lease, ok=True)
@@ -374,196 +370,69 @@ class WarmPool:
             )
         raise AssertionError("unreachable")
 
-    # -- what the policy asks for ----------------------------------------------------
+    # -- carrying out commands -------------------------------------------------------
 
-    def _views(self) -> list[policy.WorkerView]:
-        return [w.view() for w in self._workers.values()]
-
-    def _limits(self) -> policy.Limits:
-        return self._policy_inputs()[0]
-
-    def _estimates(self) -> dict[str, float]:
-        return self._policy_inputs()[1]
-
-    def _policy_inputs(self) -> tuple[policy.Limits, dict[str, float]]:
-        """Limits (with per-model TTLs) and GPU estimates, rebuilt only when the catalog
-        changes: they are read on every request."""
-        if self._inputs_version != self.catalog.version:
-            models = self.catalog.all()
-            ttl = {m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None}
-            limits = policy.Limits(
-                self.settings.max_workers,
-                self.settings.idle_ttl_s,
-                ttl,
-                self.settings.gpu_high_watermark,
-                self.settings.gpu_low_watermark,
-            )
-            self._inputs = (limits, {m.name: float(m.gpu_memory_mb) for m in models})
-            self._inputs_version = self.catalog.version
-        return self._inputs
-
-    def _dispatch(self) -> list[Action]:
-        """Serve waiters in FIFO order as far as the policy allows (lock held)."""
-        actions: list[Action] = []
-        now = self.clock.now()
-        limits, estimates = self._limits(), self._estimates()
-        for waiter in list(self._queue):
-            if waiter.done:
-                self._queue.remove(waiter)
-                continue
-            decision = policy.decide(waiter.model, self._views(), limits, self._readings, estimates)
-            backoff = self._backoff.get(waiter.model)
-            if not isinstance(decision, policy.Reuse) and waiter.spawning is None and backoff and backoff.until > now:
-                # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
-                self._fail(waiter, self._backoff_error(waiter.model, backoff, now))
-            elif isinstance(decision, policy.Reuse):
-                self._hand_over(waiter, self._workers[decision.worker_id], now)
-            elif isinstance(decision, policy.Spawn) and waiter.spawning is None:
-                actions.append(self._begin_spawn(waiter, decision, now))
-            elif isinstance(decision, policy.Reject):
-                self._fail(waiter, CapacityExhausted(decision.reason, self._retry_after()))
-        return actions
-
-    def _hand_over(self, waiter: _Waiter, worker: _Worker, now: float) -> None:
-        cold = worker.reserved_for is waiter
-        if waiter.spawning is not None and waiter.spawning is not worker:
-            waiter.spawning.reserved_for = None  # that spawn will serve someone else
-        worker.reserved_for = None
-        worker.state = State.BUSY
-        self._counters["cold_starts" if cold else "warm_hits"] += 1
-        spawn_ms = worker.spawn_ms if cold else 0.0
-        waited = max(0.0, (now - waiter.enqueued) * 1000 - spawn_ms)
-        assert worker.connection is not None
-        waiter.lease = Lease(
-            worker.id,
-            worker.model,
-            worker.connection,
-            cold,
-            round(waited, 3),
-            spawn_ms,
-            dict(worker.spawn_breakdown) if cold else {},
-        )
-        self._queue.remove(waiter)
-        waiter.event.set()
-
-    def _fail(self, waiter: _Waiter, error: WanwuError) -> None:
-        waiter.error = error
-        if waiter in self._queue:
-            self._queue.remove(waiter)
-        waiter.event.set()
-
-    def _begin_spawn(self, waiter: _Waiter, decision: policy.Spawn, now: float) -> Action:
-        evicted = []
-        for victim_id in decision.evict:
-            victim = self._workers.pop(victim_id)  # its slot passes to the new worker now
-            log.info("evicting worker %s (model %s) for a %s worker", victim.id, victim.model, waiter.model)
-            evicted.append(victim)
-        worker_id = f"{self._id_prefix}{next(self._ids):04d}"
-        worker = _Worker(
-            worker_id,
-            waiter.model,
-            State.STARTING,
-            now,
-            now,
-            decision.device,
-            gpu_mb=self._estimates().get(waiter.model, 0.0),
-            reserved_for=waiter,
-        )
-        self._workers[worker_id] = worker
-        waiter.spawning = worker
-        info = self.catalog.get(waiter.model)
-        log.info(
-            "spawning worker %s for model %s%s",
-            worker_id,
-            waiter.model,
-            f" on GPU {decision.device}" if decision.device else "",
-        )
-        return self._later(self._spawn_job, worker, info, [v.id for v in evicted])
-
-    def _spawn_job(self, worker: _Worker, info: ModelInfo, evict: list[str]) -> None:
+    def _spawn_job(self, command: SpawnWorker) -> None:
         # Evicted containers go first, so the engine never holds more than N.
-        for victim_id in evict:
+        for victim_id in command.evict:
+            log.info("evicting worker %s for a %s worker", victim_id, command.model)
             self._stop_container(victim_id, "evicted")
+        log.info(
+            "%s worker %s for model %s%s",
+            "pre-warming" if command.request_id is None else "spawning",
+            command.worker_id,
+            command.model,
+            f" on GPU {command.device}" if command.device else "",
+        )
         started_at = self.clock.now()
         try:
-            started = self.backend.spawn(SpawnRequest(worker.id, worker.model, info.path, worker.device))
-            connection = self.backend.connect(worker.id, self.settings.request_timeout_s)
+            info = self.catalog.get(command.model)
+            started = self.backend.spawn(SpawnRequest(command.worker_id, command.model, info.path, command.device))
+            connection = self.backend.connect(command.worker_id, self.settings.request_timeout_s)
         except WanwuError as exc:
-            self._spawn_failed(worker, exc)
+            self._spawn_failed(command, exc)
             return
         except Exception as exc:  # a backend bug must not leave a waiter hanging
-            log.exception("spawning worker %s failed unexpectedly", worker.id)
-            self._spawn_failed(worker, WorkerError(f"spawning worker {worker.id} failed: {exc}", worker.id))
+            log.exception("spawning worker %s failed unexpectedly", command.worker_id)
+            error = WorkerError(f"spawning worker {command.worker_id} failed: {exc}", command.worker_id)
+            self._spawn_failed(command, error)
             return
         now = self.clock.now()
+        spawn_ms = round((now - started_at) * 1000, 3)
+        gpu_mb = started.health.get("gpu_memory_mb")
         with self._lock:
-            self._backoff.pop(worker.model, None)
-            worker.connection = connection
-            worker.spawn_ms = round((now - started_at) * 1000, 3)
-            worker.spawn_breakdown = started.timing_ms
-            gpu_mb = started.health.get("gpu_memory_mb")
-            if isinstance(gpu_mb, (int, float)) and gpu_mb > 0:
-                worker.gpu_mb = float(gpu_mb)
-            if worker.state is State.STOPPING or self._closing:
-                actions: list[Action] = [lambda: self._stop_worker(worker.id, "shutdown")]
-                waiter = worker.reserved_for
-                if waiter is not None and not waiter.done:
-                    self._fail(waiter, BackendUnavailable("the pool is shutting down"))
-            else:
-                log.info("worker %s (model %s) ready in %.0f ms", worker.id, worker.model, worker.spawn_ms)
-                worker.state = State.IDLE
-                worker.last_used = now
-                waiter = worker.reserved_for
-                if waiter is not None and not waiter.done:
-                    self._hand_over(waiter, worker, now)
-                actions = self._dispatch()
-            self._idle_or_gone.notify_all()
-        self._run(actions)
-
-    def _spawn_failed(self, worker: _Worker, exc: WanwuError) -> None:
-        now = self.clock.now()
-        with self._lock:
-            self._workers.pop(worker.id, None)
-            self._counters["spawn_failures"] += 1
-            backoff = self._backoff.setdefault(worker.model, _Backoff())
-            backoff.failures += 1
-            delay = min(self._backoff_max, self._backoff_base * 2 ** (backoff.failures - 1))
-            backoff.until = now + delay
-            backoff.last_error = str(exc).splitlines()[0][:300]
-            log.error(
-                "worker %s for model %s failed to start (%d in a row; next try in %.0f s): %s",
-                worker.id,
-                worker.model,
-                backoff.failures,
-                delay,
-                exc,
+            self._connections[command.worker_id] = connection
+            log.info("worker %s (model %s) ready in %.0f ms", command.worker_id, command.model, spawn_ms)
+            actions = self._event(
+                "ready",
+                command.worker_id,
+                now,
+                spawn_ms,
+                started.timing_ms,
+                float(gpu_mb) if isinstance(gpu_mb, (int, float)) else None,
             )
-            waiter = worker.reserved_for
-            if waiter is not None and not waiter.done:
-                self._fail(waiter, exc)
-            actions = self._dispatch()
-            self._idle_or_gone.notify_all()
         self._run(actions)
 
-    @staticmethod
-    def _backoff_error(model: str, backoff: _Backoff, now: float) -> ModelUnavailable:
-        wait = backoff.until - now
-        return ModelUnavailable(
-            f"model {model} failed to start {backoff.failures} time(s) in a row; next try in {wait:.1f} s. "
-            f"Last error: {backoff.last_error}",
-            retry_after_s=wait,
-        )
-
-    def _retry_after(self) -> float:
-        return max(1.0, min(self.settings.queue_timeout_s, 5.0))
-
-    def _stop_worker(self, worker_id: str, reason: str) -> None:
-        """Stop a worker whose record is STOPPING, then forget it and serve waiters."""
-        self._stop_container(worker_id, reason)
+    def _spawn_failed(self, command: SpawnWorker, exc: WanwuError) -> None:
         with self._lock:
-            self._workers.pop(worker_id, None)
-            actions = self._dispatch()
-            self._idle_or_gone.notify_all()
+            actions = self._event("start_failed", command.worker_id, self.clock.now(), exc)
+            backoff = self.core.backoff.get(command.model)
+            if backoff is not None:
+                log.error(
+                    "worker %s for model %s failed to start (%d in a row; next try in %.0f s): %s",
+                    command.worker_id,
+                    command.model,
+                    backoff.failures,
+                    self.core.backoff_delay(backoff),
+                    exc,
+                )
+        self._run(actions)
+
+    def _stop_job(self, command: StopWorker) -> None:
+        """Stop a worker the core marked STOPPING, then tell the core it is gone."""
+        self._stop_container(command.worker_id, command.reason)
+        with self._lock:
+            actions = self._event("stopped", command.worker_id, self.clock.now())
         self._run(actions)
 
     def _stop_container(self, worker_id: str, reason: str) -> None:
@@ -572,37 +441,14 @@ class WarmPool:
         except WanwuError as exc:
             log.error("stopping worker %s (%s) failed: %s", worker_id, reason, exc)
         with self._lock:
-            self._reaps[reason] += 1
+            connection = self._connections.pop(worker_id, None)
+        if connection is not None:
+            connection.close()
         log.info("worker %s stopped: %s", worker_id, reason)
 
     def _run(self, actions: Iterable[Action]) -> None:
         for action in actions:
             action()
-
-    # -- reaping and events -----------------------------------------------------------
-
-    def reap(self, now: float | None = None, readings: list[policy.GpuReading] | None = None) -> list[tuple[str, str]]:
-        """Stop idle workers past their TTL and, under GPU pressure, idle workers least
-        recently used first. Returns (worker id, reason) pairs."""
-        readings = self.gpu.readings() if readings is None else readings
-        now = self.clock.now() if now is None else now
-        with self._lock:
-            self._readings = readings
-            views, limits = self._views(), self._limits()
-            victims = [(w, "ttl") for w in policy.expired(views, now, limits)]
-            chosen = {w for w, _ in victims}
-            victims += [(w, "gpu_pressure") for w in policy.under_pressure(views, readings, limits) if w not in chosen]
-            for worker_id, reason in victims:
-                worker = self._workers[worker_id]
-                worker.state = State.STOPPING
-                idle = now - worker.last_used
-                log.info("reaping worker %s (model %s): %s after %.1f s idle", worker_id, worker.model, reason, idle)
-            actions = [self._stop_action(w, r) for w, r in victims] + self._dispatch()
-        self._run(actions)
-        return victims
-
-    def _stop_action(self, worker_id: str, reason: str) -> Action:
-        return self._later(self._stop_worker, worker_id, reason)
 
     def _later(self, fn: Callable[..., None], *args: Any) -> Action:
         """An action that hands ``fn(*args)`` to the executor."""
@@ -612,19 +458,27 @@ class WarmPool:
 
         return action
 
+    # -- reaping and events -----------------------------------------------------------
+
+    def reap(self, now: float | None = None, readings: list[policy.GpuReading] | None = None) -> list[tuple[str, str]]:
+        """Stop idle workers past their keep-alive and, under GPU pressure, idle workers
+        least recently used first; start pre-warmed workers that are due. Returns the
+        (worker id, reason) pairs stopped."""
+        readings = self.gpu.readings() if readings is None else readings
+        now = self.clock.now() if now is None else now
+        with self._lock:
+            commands = self._feed("tick", now, readings)
+            actions = self._apply(commands)
+        self._run(actions)
+        return [(c.worker_id, c.reason) for c in commands if isinstance(c, StopWorker)]
+
     def on_worker_exit(self, worker_id: str, reason: str) -> None:
         """The backend saw a worker die (exit, OOM kill, removal from outside)."""
-        actions: list[Action] = []
         with self._lock:
-            worker = self._workers.get(worker_id)
-            if worker is None or worker.state in (State.STOPPING, State.STARTING):
-                return  # ours to stop, or the spawn itself will notice
-            if worker.state is State.BUSY:
-                worker.dead = reason  # the request in flight fails and is retried
-                return
-            log.warning("worker %s (model %s) died while idle: %s", worker_id, worker.model, reason)
-            worker.state = State.STOPPING
-            actions.append(self._stop_action(worker_id, "crashed"))
+            worker = self.core.workers.get(worker_id)
+            if worker is not None and worker.state is State.IDLE:
+                log.warning("worker %s (model %s) died while idle: %s", worker_id, worker.model, reason)
+            actions = self._event("died", worker_id, self.clock.now(), reason)
         self._run(actions)
 
     def reconcile(self) -> None:
@@ -638,8 +492,10 @@ class WarmPool:
             return
         running = {w.worker_id for w in listed if w.running}
         with self._lock:
-            tracked = set(self._workers)
-            lost = [w.id for w in self._workers.values() if w.state in (State.IDLE, State.BUSY) and w.id not in running]
+            tracked = set(self.core.workers)
+            lost = [
+                w.id for w in self.core.workers.values() if w.state in (State.IDLE, State.BUSY) and w.id not in running
+            ]
         for worker_id in lost:
             self.on_worker_exit(worker_id, "gone after an engine restart")
         for stray in sorted({w.worker_id for w in listed} - tracked):
@@ -659,12 +515,14 @@ class WarmPool:
             checks["model"] = (True, f"{model.name} ({model.path})")
         except WanwuError as exc:
             checks["model"] = (False, str(exc))
-        checks["pool"] = (not self._closing, "shutting down" if self._closing else "accepting requests")
+        closing = self.core.closing
+        checks["pool"] = (not closing, "shutting down" if closing else "accepting requests")
         return checks
 
     def snapshot(self) -> PoolSnapshot:
         now = self.clock.now()
         with self._lock:
+            core = self.core
             workers = [
                 WorkerInfo(
                     w.id,
@@ -676,18 +534,33 @@ class WarmPool:
                     w.device,
                     w.served,
                 )
-                for w in sorted(self._workers.values(), key=lambda w: w.started_at)
+                for w in sorted(core.workers.values(), key=lambda w: w.started_at)
             ]
-            backoff = {m: round(b.until - now, 3) for m, b in self._backoff.items() if b.until > now}
+            backoff = {m: round(b.until - now, 3) for m, b in core.backoff.items() if b.until > now}
             return PoolSnapshot(
                 self.settings.max_workers,
                 workers,
-                len(self._queue),
-                dict(self._counters),
-                dict(self._reaps),
-                list(self._readings),
+                len(core.queue),
+                dict(core.counters),
+                dict(core.reaps),
+                list(core.readings),
                 backoff,
+                self._live_settings(),
+                core.describe_keepalive(),
             )
+
+    def _live_settings(self) -> dict[str, Any]:
+        """What a simulator needs to predict this pool (``wanwu replay``)."""
+        config = self.core.config
+        return {
+            "max_workers": config.capacity,
+            "idle_ttl_s": config.default_ttl_s,
+            "model_ttl_s": dict(config.model_ttl_s),
+            "keepalive": config.keepalive,
+            "queue_timeout_s": self.settings.queue_timeout_s,
+            "queue_max": config.queue_max,
+            "reap_interval_s": self.settings.reap_interval_s,
+        }
 
 
 def _timing(answer: WorkerAnswer, queue_ms: float, spawn_ms: float, breakdown: dict[str, float]) -> dict[str, float]:

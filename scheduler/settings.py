@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .keepalive import POLICIES as KEEPALIVE_POLICIES
 
 
 def _default_socket_root() -> Path:
@@ -36,6 +37,7 @@ class Settings:
 
     max_workers: int = 2
     idle_ttl_s: float = 30.0
+    keepalive: str = "fixed"
     gpu_high_watermark: float = 0.90
     gpu_low_watermark: float = 0.80
     request_timeout_s: float = 30.0
@@ -124,6 +126,8 @@ class Settings:
             raise fail("pool_id", "must be 1-32 letters, digits, '-', '_' or '.'")
         if len(str(self.socket_dir)) + len(self.pool_id) + 30 > 107:
             raise fail("socket_dir", "is too long for Unix socket paths (108 bytes)")
+        if self.keepalive not in KEEPALIVE_POLICIES:
+            raise fail("keepalive", f"must be one of {', '.join(KEEPALIVE_POLICIES)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
 

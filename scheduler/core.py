@@ -1,0 +1,468 @@
+"""The pool core: the whole behaviour of the warm pool as a state machine without I/O.
+
+No threads, no clock reads, no backend (like h11 for HTTP): the core takes events and
+returns commands. Two shells drive it: ``WarmPool`` (a lock, threads, an executor, a
+backend and real time) and ``scheduler.sim.Simulator`` (an event heap in virtual time),
+so what the tuner predicts is what the live pool does.
+
+Events (methods, each taking ``now``):
+    arrive        a request for a model came in, with a deadline (``retry``: a second attempt)
+    expire        a waiting request's deadline passed
+    ready         a worker answered its health check
+    start_failed  a worker did not become ready
+    released      a request on a worker finished (``ok=False``: the worker failed it)
+    died          the backend saw a worker exit
+    stopped       a worker's container is gone
+    tick          time passed (TTL reaping, pre-warming), with fresh GPU readings
+    configure     settings changed
+    close         shutting down: refuse new requests
+    stop_all      stop every worker (the end of a shutdown)
+
+Commands (what the shell must carry out):
+    SpawnWorker   stop ``evict`` first (their slots pass to the new worker), then start it
+    StopWorker    kill and remove a worker, then report ``stopped``
+    Grant         hand a request its lease on a worker
+    Fail          end a request with an error
+
+The rules the core applies are ``policy.py``'s (reuse, spawn, evict, wait, reject,
+expiry, GPU pressure) and ``keepalive.py``'s (how long to keep, when to pre-warm).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import policy
+from .errors import BackendUnavailable, CapacityExhausted, ModelUnavailable, WanwuError
+from .keepalive import KeepAlive, Window, make
+from .policy import State
+
+REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "shutdown")
+UNBOUNDED = sys.maxsize
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Everything the core needs to decide; ``capacity`` 0 means unbounded."""
+
+    capacity: int
+    default_ttl_s: float
+    model_ttl_s: Mapping[str, float] = field(default_factory=dict)
+    estimates_mb: Mapping[str, float] = field(default_factory=dict)
+    high_watermark: float = 0.90
+    low_watermark: float = 0.80
+    queue_max: int = 64
+    retry_after_s: float = 5.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    keepalive: str = "fixed"
+
+    @property
+    def limits(self) -> policy.Limits:
+        capacity = self.capacity if self.capacity > 0 else UNBOUNDED
+        return policy.Limits(capacity, self.default_ttl_s, self.model_ttl_s, self.high_watermark, self.low_watermark)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpawnWorker:
+    worker_id: str
+    model: str
+    device: str | None = None
+    evict: tuple[str, ...] = ()
+    request_id: int | None = None  # the request it is started for; None: a pre-warm
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    worker_id: str
+    model: str
+    reason: str
+    idle_s: float | None = None  # how long it had been idle, for TTL and pressure reaps
+
+
+@dataclass(frozen=True)
+class Grant:
+    request_id: int
+    worker_id: str
+    model: str
+    cold_start: bool
+    queue_ms: float
+    spawn_ms: float
+    spawn_breakdown: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Fail:
+    request_id: int
+    error: WanwuError
+
+
+Command = SpawnWorker | StopWorker | Grant | Fail
+
+
+# -- state ---------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    id: str
+    model: str
+    state: State
+    last_used: float
+    started_at: float
+    device: str | None = None
+    gpu_mb: float = 0.0
+    served: int = 0
+    dead: str | None = None  # why, if it died while busy
+    reserved_for: int | None = None  # request id its start is for
+    spawn_ms: float = 0.0
+    spawn_breakdown: Mapping[str, float] = field(default_factory=dict)
+    keep_s: float | None = None  # its own keep-alive; None: the model's window now
+    prewarmed: bool = False
+
+    def view(self) -> policy.WorkerView:
+        return policy.WorkerView(self.id, self.model, self.state, self.last_used, self.gpu_mb, self.device)
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    model: str
+    deadline: float
+    enqueued: float
+    spawning: str | None = None  # the worker started for it, if any
+
+
+@dataclass
+class Backoff:
+    failures: int = 0
+    until: float = 0.0
+    last_error: str = ""
+
+
+class PoolCore:
+    """The pool's state and rules (module doc). Not thread-safe: the shell serialises events."""
+
+    def __init__(self, config: CoreConfig, id_prefix: str = "w") -> None:
+        self.config = config
+        self.workers: dict[str, Worker] = {}
+        self.queue: collections.deque[Request] = collections.deque()
+        self.backoff: dict[str, Backoff] = {}
+        self.readings: list[policy.GpuReading] = []
+        self.counters = dict.fromkeys(
+            ("cold_starts", "warm_hits", "prewarms", "spawn_failures", "retries", "rejected", "timeouts"), 0
+        )
+        self.reaps = dict.fromkeys(REAP_REASONS, 0)
+        self.closing = False
+        self.prewarm_at: dict[str, float] = {}  # model -> when to start a pre-warmed worker
+        self.keepalive: KeepAlive = make(config.keepalive)
+        self._limits = config.limits
+        self._start_s: dict[str, float] = {}  # model -> smoothed start-up time
+        self._ids = itertools.count(1)
+        self._prefix = id_prefix
+
+    # -- events ------------------------------------------------------------------------
+
+    def arrive(self, request_id: int, model: str, now: float, deadline: float, retry: bool = False) -> list[Command]:
+        """A request for ``model`` that must be served (or failed) by ``deadline``."""
+        if self.closing:
+            return [Fail(request_id, BackendUnavailable("the pool is shutting down"))]
+        if len(self.queue) >= max(1, self.config.queue_max):
+            self.counters["rejected"] += 1
+            error = CapacityExhausted(f"the wait queue is full ({len(self.queue)} requests)", self.config.retry_after_s)
+            return [Fail(request_id, error)]
+        if retry:
+            self.counters["retries"] += 1
+        else:
+            self.keepalive.observe(model, now)
+        self.prewarm_at.pop(model, None)  # the request itself is here
+        self.queue.append(Request(request_id, model, deadline, now))
+        return self._dispatch(now)
+
+    def expire(self, request_id: int, now: float) -> list[Command]:
+        """``request_id``'s deadline passed; a start under way for it goes on and serves the next waiter."""
+        request = next((r for r in self.queue if r.id == request_id), None)
+        if request is None:
+            return []
+        self.queue.remove(request)
+        if request.spawning is not None and request.spawning in self.workers:
+            self.workers[request.spawning].reserved_for = None
+        self.counters["timeouts"] += 1
+        waited = request.deadline - request.enqueued
+        capacity = "unbounded" if self.config.capacity <= 0 else str(self.config.capacity)
+        error = CapacityExhausted(
+            f"no {request.model} worker became free within {waited:.1f} s "
+            f"({len(self.workers)}/{capacity} workers, {len(self.queue)} waiting)",
+            self.config.retry_after_s,
+        )
+        return [Fail(request_id, error)]
+
+    def ready(
+        self,
+        worker_id: str,
+        now: float,
+        spawn_ms: float,
+        breakdown: Mapping[str, float] | None = None,
+        gpu_mb: float | None = None,
+    ) -> list[Command]:
+        """A worker started and answered its health check."""
+        worker = self.workers.get(worker_id)
+        if worker is None:  # stopped while it was starting (a shutdown): stop what came up
+            return [StopWorker(worker_id, "", "shutdown")]
+        self.backoff.pop(worker.model, None)
+        worker.spawn_ms = spawn_ms
+        worker.spawn_breakdown = dict(breakdown or {})
+        self._start_s[worker.model] = spawn_ms / 1000
+        if gpu_mb is not None and gpu_mb > 0:
+            worker.gpu_mb = float(gpu_mb)
+        commands: list[Command] = []
+        if worker.state is State.STOPPING or self.closing:
+            commands.append(self._stop(worker, "shutdown", now))
+            waiting = self._request(worker.reserved_for)
+            if waiting is not None:
+                commands.append(self._fail(waiting, BackendUnavailable("the pool is shutting down")))
+            return commands
+        worker.state = State.IDLE
+        worker.last_used = now
+        if worker.prewarmed:
+            worker.keep_s = self._window(worker.model).keep_s
+        waiting = self._request(worker.reserved_for)
+        if waiting is not None:
+            commands.append(self._hand_over(waiting, worker, now))
+        return commands + self._dispatch(now)
+
+    def start_failed(self, worker_id: str, now: float, error: WanwuError) -> list[Command]:
+        """A worker did not become ready: its model backs off (1 s, doubling to the
+        maximum) and the request it was started for gets ``error``."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return []
+        self.counters["spawn_failures"] += 1
+        backoff = self.backoff.setdefault(worker.model, Backoff())
+        backoff.failures += 1
+        backoff.until = now + self.backoff_delay(backoff)
+        backoff.last_error = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        commands: list[Command] = []
+        waiting = self._request(worker.reserved_for)
+        if waiting is not None:
+            commands.append(self._fail(waiting, error))
+        return commands + self._dispatch(now)
+
+    def backoff_delay(self, backoff: Backoff) -> float:
+        return min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (backoff.failures - 1))
+
+    def released(self, worker_id: str, now: float, ok: bool = True, reason: str = "crashed") -> list[Command]:
+        """A request on ``worker_id`` finished. ``ok=False``: the worker failed it
+        (``reason``: crashed or timeout) and is replaced rather than reused."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state is not State.BUSY:
+            return []
+        worker.served += 1
+        commands: list[Command] = []
+        if ok and worker.dead is None and not self.closing:
+            worker.state = State.IDLE
+            worker.last_used = now
+            worker.keep_s = None
+        else:
+            commands.append(self._stop(worker, reason if not ok else "crashed", now))
+        commands += self._dispatch(now)
+        if worker.state is State.IDLE:
+            commands += self._after_idle(worker, now)
+        return commands
+
+    def died(self, worker_id: str, now: float, reason: str) -> list[Command]:
+        """The backend saw ``worker_id`` exit (crash, OOM kill, removal from outside)."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state in (State.STOPPING, State.STARTING):
+            return []  # ours to stop, or its start will notice
+        if worker.state is State.BUSY:
+            worker.dead = reason  # the request in flight fails and is retried
+            return []
+        return [self._stop(worker, "crashed", now)]
+
+    def stopped(self, worker_id: str, now: float) -> list[Command]:
+        """A worker's container is gone: its slot is free."""
+        if self.workers.pop(worker_id, None) is None:
+            return []
+        return self._dispatch(now)
+
+    def tick(self, now: float, readings: list[policy.GpuReading] | None = None) -> list[Command]:
+        """Stop idle workers past their keep-alive and, above the GPU high watermark,
+        idle workers least recently used first; start workers due to be pre-warmed."""
+        if readings is not None:
+            self.readings = readings
+        views = [w.view() for w in self.workers.values()]
+        keep = {w.id: self._keep_s(w) for w in self.workers.values() if w.state is State.IDLE}
+        victims = [(w, "ttl") for w in policy.expired(views, now, self._limits, keep)]
+        chosen = {w for w, _ in victims}
+        pressure = policy.under_pressure(views, self.readings, self._limits)
+        victims += [(w, "gpu_pressure") for w in pressure if w not in chosen]
+        commands: list[Command] = [self._stop(self.workers[w], reason, now) for w, reason in victims]
+        commands += self._prewarm_due(now)
+        return commands + self._dispatch(now)
+
+    def configure(self, config: CoreConfig, now: float) -> list[Command]:
+        """New settings: capacity, TTLs, estimates, keep-alive policy. A smaller
+        capacity stops idle workers (least recently used first) down to it; busy ones
+        finish first."""
+        if config.keepalive != self.config.keepalive:
+            self.keepalive = make(config.keepalive)
+            self.prewarm_at.clear()
+        self.config, self._limits = config, config.limits
+        commands: list[Command] = []
+        over = len(self.workers) - self._limits.capacity
+        idle = sorted((w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (w.last_used, w.id))
+        for worker in idle[: max(0, over)]:
+            commands.append(self._stop(worker, "evicted", now))
+        return commands + self._dispatch(now)
+
+    def close(self, now: float) -> list[Command]:
+        """Refuse new requests; waiters without a start under way fail now."""
+        self.closing = True
+        self.prewarm_at.clear()
+        error = BackendUnavailable("the pool is shutting down")
+        return [self._fail(r, error) for r in list(self.queue) if r.spawning is None]
+
+    def stop_all(self, now: float) -> list[Command]:
+        """Stop every worker that is not already stopping."""
+        live = [w for w in self.workers.values() if w.state is not State.STOPPING]
+        return [self._stop(w, "shutdown", now) for w in live]
+
+    # -- what the shell may read ---------------------------------------------------------
+
+    def in_flight(self) -> bool:
+        return any(w.state in (State.BUSY, State.STARTING) for w in self.workers.values())
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time a ``tick`` would change something (an idle worker's
+        keep-alive ending, a pre-warm falling due); None if nothing is timed."""
+        times = [w.last_used + self._keep_s(w) for w in self.workers.values() if w.state is State.IDLE]
+        times += self.prewarm_at.values()
+        return min(times) if times else None
+
+    def window(self, model: str) -> Window:
+        return self._window(model)
+
+    def describe_keepalive(self) -> dict[str, Any]:
+        return {"policy": self.keepalive.name, "models": self.keepalive.describe()}
+
+    # -- rules ---------------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> list[Command]:
+        """Serve waiters in FIFO order as far as the policy allows."""
+        commands: list[Command] = []
+        limits, estimates = self._limits, self.config.estimates_mb
+        for request in list(self.queue):
+            views = [w.view() for w in self.workers.values()]
+            decision = policy.decide(request.model, views, limits, self.readings, estimates)
+            backoff = self.backoff.get(request.model)
+            if isinstance(decision, policy.Reuse):
+                commands.append(self._hand_over(request, self.workers[decision.worker_id], now))
+            elif request.spawning is None and backoff is not None and backoff.until > now:
+                # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
+                commands.append(self._fail(request, self._backoff_error(request.model, backoff, now)))
+            elif isinstance(decision, policy.Spawn) and request.spawning is None:
+                commands.append(self._spawn(request.model, decision, now, request))
+            elif isinstance(decision, policy.Reject):
+                commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
+        return commands
+
+    def _hand_over(self, request: Request, worker: Worker, now: float) -> Grant:
+        cold = worker.reserved_for == request.id
+        if request.spawning is not None and request.spawning != worker.id and request.spawning in self.workers:
+            self.workers[request.spawning].reserved_for = None  # that start will serve someone else
+        worker.reserved_for = None
+        worker.state = State.BUSY
+        self.counters["cold_starts" if cold else "warm_hits"] += 1
+        spawn_ms = worker.spawn_ms if cold else 0.0
+        waited = max(0.0, (now - request.enqueued) * 1000 - spawn_ms)
+        self.queue.remove(request)
+        breakdown = dict(worker.spawn_breakdown) if cold else {}
+        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown)
+
+    def _fail(self, request: Request, error: WanwuError) -> Fail:
+        if request in self.queue:
+            self.queue.remove(request)
+        return Fail(request.id, error)
+
+    def _spawn(self, model: str, decision: policy.Spawn, now: float, request: Request | None) -> SpawnWorker:
+        for victim_id in decision.evict:
+            del self.workers[victim_id]  # its slot passes to the new worker now
+            self.reaps["evicted"] += 1
+        worker = Worker(
+            f"{self._prefix}{next(self._ids):04d}",
+            model,
+            State.STARTING,
+            now,
+            now,
+            decision.device,
+            gpu_mb=self.config.estimates_mb.get(model, 0.0),
+            reserved_for=None if request is None else request.id,
+            prewarmed=request is None,
+        )
+        self.workers[worker.id] = worker
+        if request is not None:
+            request.spawning = worker.id
+        return SpawnWorker(worker.id, model, decision.device, decision.evict, None if request is None else request.id)
+
+    def _stop(self, worker: Worker, reason: str, now: float) -> StopWorker:
+        idle = now - worker.last_used if worker.state is State.IDLE else None
+        worker.state = State.STOPPING
+        self.reaps[reason] += 1
+        return StopWorker(worker.id, worker.model, reason, idle)
+
+    def _after_idle(self, worker: Worker, now: float) -> list[Command]:
+        """Adaptive keep-alive: a model whose next request is not expected for a while
+        gives its worker back at once and gets one pre-warmed shortly before then."""
+        window = self._window(worker.model)
+        if window.prewarm_s <= 0:
+            return []
+        lead = self._start_s.get(worker.model, 0.0)
+        self.prewarm_at[worker.model] = now + max(0.0, window.prewarm_s - lead)
+        return [self._stop(worker, "ttl", now)]
+
+    def _prewarm_due(self, now: float) -> list[Command]:
+        commands: list[Command] = []
+        for model, due in list(self.prewarm_at.items()):
+            if due > now:
+                continue
+            del self.prewarm_at[model]
+            if self.closing or any(w.model == model and w.state is not State.STOPPING for w in self.workers.values()):
+                continue
+            backoff = self.backoff.get(model)
+            if backoff is not None and backoff.until > now:
+                continue
+            views = [w.view() for w in self.workers.values()]
+            decision = policy.decide(model, views, self._limits, self.readings, self.config.estimates_mb)
+            if isinstance(decision, policy.Spawn) and not decision.evict:  # never evict for a guess
+                self.counters["prewarms"] += 1
+                commands.append(self._spawn(model, decision, now, None))
+        return commands
+
+    def _window(self, model: str) -> Window:
+        return self.keepalive.window(model, self._limits.ttl(model), self._start_s.get(model, 0.0))
+
+    def _keep_s(self, worker: Worker) -> float:
+        return worker.keep_s if worker.keep_s is not None else self._window(worker.model).keep_s
+
+    def _request(self, request_id: int | None) -> Request | None:
+        if request_id is None:
+            return None
+        return next((r for r in self.queue if r.id == request_id), None)
+
+    @staticmethod
+    def _backoff_error(model: str, backoff: Backoff, now: float) -> ModelUnavailable:
+        wait = backoff.until - now
+        return ModelUnavailable(
+            f"model {model} failed to start {backoff.failures} time(s) in a row; next try in {wait:.1f} s. "
+            f"Last error: {backoff.last_error}",
+            retry_after_s=wait,
+        )
