@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
@@ -41,6 +42,7 @@ from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 
+from .accesslog import JsonAccessLog
 from .cache import ResultCache
 from .metrics import Metrics
 
@@ -75,6 +77,7 @@ class Services:
     catalog: ModelCatalog
     metrics: Metrics
     cache: ResultCache
+    access_log: JsonAccessLog | None = None
 
 
 def services() -> Services:
@@ -123,6 +126,7 @@ def create_app(
         pool.catalog,
         Metrics(pool.snapshot),
         ResultCache(settings.cache_size, settings.cache_ttl_s, settings.cache_enabled),
+        JsonAccessLog(Path(settings.access_log).expanduser()) if settings.access_log else None,
     )
     _register(app)
     return app
@@ -140,6 +144,7 @@ def _register(app: Flask) -> None:
     @app.before_request
     def start() -> None:
         g.started = time.perf_counter()
+        g.arrived = time.time()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         g.model = None
@@ -168,6 +173,24 @@ def _register(app: Flask) -> None:
             timing.get("worker", 0.0),
             total,
         )
+        journal = services().access_log
+        if journal is not None:
+            journal.write(
+                {
+                    "ts": round(g.get("arrived", time.time()), 6),
+                    "request_id": g.get("request_id"),
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "model": g.get("model"),
+                    "cold_start": g.get("cold_start"),
+                    "cached": g.get("cached"),
+                    "timing_ms": {
+                        **{k: timing.get(k, 0.0) for k in ("queue", "spawn", "worker")},
+                        "total": round(total, 3),
+                    },
+                }
+            )
         return response
 
     @app.errorhandler(ApiError)
@@ -283,8 +306,9 @@ def _predict(model: str, raw_allowed: bool) -> Response:
             raise ApiError(INPUT_STATUS.get(exc.code, 400), exc.code, exc.message) from None
         except Exception as exc:  # noqa: BLE001 - Pillow's verify raises many kinds
             raise ApiError(400, "corrupt_image", f"the image is damaged: {exc}") from None
+        # Cache-Control: no-cache asks for a fresh answer from a worker (wanwu replay sends it).
         key = svc.cache.key(image, info.name, top_k)
-        cached = svc.cache.get(key)
+        cached = None if request.cache_control.no_cache else svc.cache.get(key)
         if cached is not None:
             svc.metrics.cache_hits.labels(info.name).inc()
             svc.metrics.requests.labels(info.name, "ok").inc()

@@ -251,6 +251,304 @@ def doctor(config: str | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+def _numbers(kind: Callable[[str], Any], what: str) -> Callable[[click.Context, click.Parameter, str], list[Any]]:
+    """A click callback parsing a comma-separated list, e.g. ``--ttl 10,30,60``."""
+
+    def parse(ctx: click.Context, param: click.Parameter, raw: str) -> list[Any]:
+        try:
+            values = [kind(item.strip()) for item in raw.split(",") if item.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{raw!r}: expected {what} separated by commas") from None
+        if not values or any(v < 0 for v in values):
+            raise click.BadParameter(f"{raw!r}: expected {what} (>= 0) separated by commas")
+        return values
+
+    return parse
+
+
+def _policies(ctx: click.Context, param: click.Parameter, raw: str) -> list[str]:
+    from scheduler.keepalive import POLICIES
+
+    values = [item.strip() for item in raw.split(",") if item.strip()]
+    unknown = [v for v in values if v not in POLICIES]
+    if not values or unknown:
+        raise click.BadParameter(f"{raw!r}: expected some of {', '.join(POLICIES)} separated by commas")
+    return values
+
+
+def _minutes(ctx: click.Context, param: click.Parameter, raw: str | None) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    try:
+        first, last = (int(part) for part in raw.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{raw!r}: expected A:B, minutes from the trace's start, e.g. 600:660") from None
+    if not 0 <= first < last:
+        raise click.BadParameter(f"{raw!r}: expected 0 <= A < B")
+    return first, last
+
+
+def _trace_options(func: F) -> F:
+    func = click.option("--seed", default=0, show_default=True, help="Seed for spreading a minute's requests.")(func)
+    func = click.option(
+        "--minutes", callback=_minutes, default=None, help="Only minutes A to B of the trace, e.g. 600:660."
+    )(func)
+    func = click.option(
+        "--max-per-day",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Keep only models with at most this many requests a day (the low-QPS traffic wanwu is for).",
+    )(func)
+    return click.argument("trace", type=click.Path(exists=True))(func)
+
+
+@cli.command()
+@_trace_options
+@click.option(
+    "--max-workers",
+    "workers",
+    default="1,2,4,8",
+    show_default=True,
+    callback=_numbers(int, "integers"),
+    help="Pool sizes N to try; 0 means unbounded.",
+)
+@click.option(
+    "--ttl",
+    default="10,30,60,120,300,600",
+    show_default=True,
+    callback=_numbers(float, "seconds"),
+    help="Idle TTLs to try (the fallback TTL of the adaptive policy).",
+)
+@click.option(
+    "--keepalive", default="fixed,adaptive", show_default=True, callback=_policies, help="Keep-alive policies to try."
+)
+@click.option(
+    "--spawn-ms",
+    default=1700.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Cold start-up time of a worker (measure yours: make bench, or wanwu replay).",
+)
+@click.option(
+    "--stop-ms",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Time to stop and remove a worker (it holds its slot meanwhile).",
+)
+@click.option(
+    "--infer-ms",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="Every request's inference time [default: the trace's own durations per model].",
+)
+@click.option(
+    "--memory-mb",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="GPU memory of every worker [default: the trace's memory per model].",
+)
+@click.option("--queue-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--queue-max", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--tick-s",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="The reaper's interval (WANWU_REAP_INTERVAL_S); 0: keep-alive ends are exact.",
+)
+@click.option(
+    "--max-cold-rate", type=click.FloatRange(0, 1), default=None, help="Target: at most this cold-start rate."
+)
+@click.option("--max-p99-ms", type=click.FloatRange(min=0), default=None, help="Target: at most this p99 latency.")
+@click.option(
+    "--max-reject-rate",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Target: at most this 503 rate.",
+)
+@click.option(
+    "--max-idle-gb-h",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Target: at most this many idle GPU-memory GB-hours (alone: the fewest cold starts within it).",
+)
+@click.option(
+    "--plot", "plot_file", type=click.Path(dir_okay=False), default=None, help="Write a PNG of the trade-off."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+@click.option("--jobs", default=None, type=click.IntRange(min=1), help="Processes [default: the number of CPUs].")
+@_reports_errors
+def tune(
+    trace: str,
+    max_per_day: float | None,
+    minutes: tuple[int, int] | None,
+    seed: int,
+    workers: list[int],
+    ttl: list[float],
+    keepalive: list[str],
+    spawn_ms: float,
+    stop_ms: float,
+    infer_ms: float | None,
+    memory_mb: float | None,
+    queue_timeout_s: float,
+    queue_max: int,
+    tick_s: float,
+    max_cold_rate: float | None,
+    max_p99_ms: float | None,
+    max_reject_rate: float,
+    max_idle_gb_h: float | None,
+    plot_file: str | None,
+    as_json: bool,
+    jobs: int | None,
+) -> None:
+    """Replay TRACE through the pool simulator over a grid of N, TTL and keep-alive policy.
+
+    TRACE is a directory in the Azure Functions 2019 format (inv.csv, run.csv, mem.csv;
+    each function is a model) or the gateway's JSON access log (WANWU_ACCESS_LOG).
+    Prints cold-start rate, 503 rate, latency and idle cost for every point, marks the
+    Pareto front (cold starts against idle GB-hours) and recommends the cheapest point
+    that meets the target.
+    """
+    import json
+    import os
+
+    from scheduler import tuning
+    from scheduler.core import CoreConfig
+    from scheduler.sim import Grid, Profile, run_grid
+    from scheduler.traces import load_trace
+
+    loaded = load_trace(trace, max_per_day=max_per_day, minutes=minutes, seed=seed)
+    if not loaded.arrivals:
+        raise tuning.TuneError(f"{trace}: no requests left to replay (check --max-per-day and --minutes)")
+    target = tuning.Target(max_cold_rate, max_p99_ms, max_reject_rate, max_idle_gb_h)
+    if memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
+        click.echo("wanwu tune: the trace has no memory figures, so idle GB-hours are 0; pass --memory-mb", err=True)
+    grid = Grid(workers, ttl, keepalive)
+    base = CoreConfig(capacity=1, default_ttl_s=30, queue_max=queue_max)
+    profile = Profile(spawn_ms=spawn_ms, stop_ms=stop_ms, infer_ms=infer_ms, memory_mb=memory_mb)
+    size = len(workers) * len(ttl) * len(keepalive)
+    click.echo(
+        f"wanwu tune: {len(loaded.arrivals)} requests to {len(loaded.models())} models over "
+        f"{loaded.span_s / 3600:.1f} h, {size} points",
+        err=True,
+    )
+    with click.progressbar(length=size, label="simulating", file=sys.stderr) as bar:
+        points, speed = run_grid(
+            loaded, grid, profile, base, queue_timeout_s, tick_s or None, seed, jobs or os.cpu_count() or 1, bar.update
+        )
+    front = tuning.pareto_front(points)
+    chosen, reason = tuning.recommend(points, target)
+    if plot_file:
+        tuning.plot(points, front, chosen, plot_file, title=f"wanwu tune: {trace}")
+    if as_json:
+        extra = {
+            "trace": trace,
+            "requests": len(loaded.arrivals),
+            "models": len(loaded.models()),
+            "simulated_requests_per_s": round(speed),
+        }
+        click.echo(json.dumps(tuning.report_json(points, chosen, target, reason, extra), ensure_ascii=False))
+        return
+    click.echo(tuning.format_table(points, front, chosen))
+    click.echo("\n* on the Pareto front (no other point has fewer cold starts for less idle memory)")
+    for line in tuning.compare_keepalive(points):
+        click.echo(line)
+    click.echo(f"\nrecommended for {target.describe()}: {reason}")
+    click.echo(f"simulator: {speed:,.0f} requests/s of wall time per process")
+    if plot_file:
+        click.echo(f"plot: {plot_file}")
+
+
+@cli.command()
+@_trace_options
+@_url_option
+@click.option(
+    "--speedup",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Compress the trace's time by this factor.",
+)
+@click.option(
+    "--model",
+    "models",
+    default=None,
+    help="Model(s) to send to, comma-separated; the trace's functions are spread over them in turn "
+    "[default: the gateway's default model].",
+)
+@click.option(
+    "--stop-ms",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="For the prediction: time to stop and remove a worker.",
+)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Most requests in flight at once.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: measured and predicted.")
+@_reports_errors
+def replay(
+    trace: str,
+    max_per_day: float | None,
+    minutes: tuple[int, int] | None,
+    seed: int,
+    url: str,
+    speedup: float,
+    models: str | None,
+    stop_ms: float,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Play TRACE against a live gateway in compressed time, then print what was measured
+    beside what the simulator predicts for the gateway's own settings."""
+    import json
+
+    from .replay import replay_trace
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    report = replay_trace(
+        trace,
+        url,
+        speedup,
+        minutes=minutes,
+        max_per_day=max_per_day,
+        seed=seed,
+        models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+        stop_ms=stop_ms,
+        concurrency=concurrency,
+        progress=say,
+    )
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    rows = [
+        (key, _show(report["measured"][key]), _show(report["predicted"][key]))
+        for key in ("requests", "cold_starts", "cold_rate", "reject_rate", "p50_ms", "p99_ms")
+    ]
+    _table(("", "measured", "predicted"), rows)
+    settings, profile = report["settings"], report["profile"]
+    click.echo(
+        f"slice {report['slice']}, speed-up {report['speedup']:g}x; predicted with N={settings['max_workers']}, "
+        f"TTL {settings['idle_ttl_s']:g} s, {settings['keepalive']} keep-alive, "
+        f"spawn {profile['spawn_ms']:.0f} ms, inference {profile['infer_ms']:.1f} ms (measured)"
+    )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 1 else f"{value:.1f}"
+    return str(value)
+
+
 def main() -> None:
     cli(prog_name="wanwu")
 

@@ -31,6 +31,7 @@ expiry, GPU pressure) and ``keepalive.py``'s (how long to keep, when to pre-warm
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import sys
 from collections.abc import Mapping
@@ -125,11 +126,8 @@ class Worker:
     reserved_for: int | None = None  # request id its start is for
     spawn_ms: float = 0.0
     spawn_breakdown: Mapping[str, float] = field(default_factory=dict)
-    keep_s: float | None = None  # its own keep-alive; None: the model's window now
+    keep_s: float = 0.0  # how long it may stay idle, decided when it went idle
     prewarmed: bool = False
-
-    def view(self) -> policy.WorkerView:
-        return policy.WorkerView(self.id, self.model, self.state, self.last_used, self.gpu_mb, self.device)
 
 
 @dataclass(eq=False)
@@ -165,7 +163,9 @@ class PoolCore:
         self.prewarm_at: dict[str, float] = {}  # model -> when to start a pre-warmed worker
         self.keepalive: KeepAlive = make(config.keepalive)
         self._limits = config.limits
-        self._start_s: dict[str, float] = {}  # model -> smoothed start-up time
+        self._start_s: dict[str, float] = {}  # model -> its last start-up time
+        self._windows: dict[str, Window] = {}  # model -> keep-alive window, until its inputs change
+        self._expiry: list[tuple[float, str, float]] = []  # heap of (idle until, worker id, idle since)
         self._ids = itertools.count(1)
         self._prefix = id_prefix
 
@@ -183,6 +183,7 @@ class PoolCore:
             self.counters["retries"] += 1
         else:
             self.keepalive.observe(model, now)
+            self._windows.pop(model, None)
         self.prewarm_at.pop(model, None)  # the request itself is here
         self.queue.append(Request(request_id, model, deadline, now))
         return self._dispatch(now)
@@ -221,6 +222,7 @@ class PoolCore:
         worker.spawn_ms = spawn_ms
         worker.spawn_breakdown = dict(breakdown or {})
         self._start_s[worker.model] = spawn_ms / 1000
+        self._windows.pop(worker.model, None)
         if gpu_mb is not None and gpu_mb > 0:
             worker.gpu_mb = float(gpu_mb)
         commands: list[Command] = []
@@ -230,10 +232,7 @@ class PoolCore:
             if waiting is not None:
                 commands.append(self._fail(waiting, BackendUnavailable("the pool is shutting down")))
             return commands
-        worker.state = State.IDLE
-        worker.last_used = now
-        if worker.prewarmed:
-            worker.keep_s = self._window(worker.model).keep_s
+        self._idle(worker, now, self._window(worker.model).keep_s)
         waiting = self._request(worker.reserved_for)
         if waiting is not None:
             commands.append(self._hand_over(waiting, worker, now))
@@ -267,15 +266,14 @@ class PoolCore:
             return []
         worker.served += 1
         commands: list[Command] = []
+        window = self._window(worker.model)
         if ok and worker.dead is None and not self.closing:
-            worker.state = State.IDLE
-            worker.last_used = now
-            worker.keep_s = None
+            self._idle(worker, now, window.keep_s)
         else:
             commands.append(self._stop(worker, reason if not ok else "crashed", now))
         commands += self._dispatch(now)
-        if worker.state is State.IDLE:
-            commands += self._after_idle(worker, now)
+        if window.prewarm_s > 0 and self._current((0.0, worker_id, now)):  # nobody took it
+            commands += self._unload_until_prewarm(worker, window, now)
         return commands
 
     def died(self, worker_id: str, now: float, reason: str) -> list[Command]:
@@ -299,11 +297,14 @@ class PoolCore:
         idle workers least recently used first; start workers due to be pre-warmed."""
         if readings is not None:
             self.readings = readings
-        views = [w.view() for w in self.workers.values()]
-        keep = {w.id: self._keep_s(w) for w in self.workers.values() if w.state is State.IDLE}
-        victims = [(w, "ttl") for w in policy.expired(views, now, self._limits, keep)]
+        due = self._due(now)
+        keep = {w.id: w.keep_s for w in due}
+        victims = [(w, "ttl") for w in policy.expired(due, now, self._limits, keep)]
         chosen = {w for w, _ in victims}
-        pressure = policy.under_pressure(views, self.readings, self._limits)
+        for worker in due:
+            if worker.id not in chosen:  # due by the sum, not yet by the difference: look again later
+                heapq.heappush(self._expiry, (worker.last_used + worker.keep_s, worker.id, worker.last_used))
+        pressure = policy.under_pressure(list(self.workers.values()), self.readings, self._limits)
         victims += [(w, "gpu_pressure") for w in pressure if w not in chosen]
         commands: list[Command] = [self._stop(self.workers[w], reason, now) for w, reason in victims]
         commands += self._prewarm_due(now)
@@ -317,6 +318,11 @@ class PoolCore:
             self.keepalive = make(config.keepalive)
             self.prewarm_at.clear()
         self.config, self._limits = config, config.limits
+        self._windows.clear()
+        self._expiry.clear()
+        for worker in self.workers.values():  # idle workers get the new keep-alive
+            if worker.state is State.IDLE:
+                self._idle(worker, worker.last_used, self._window(worker.model).keep_s)
         commands: list[Command] = []
         over = len(self.workers) - self._limits.capacity
         idle = sorted((w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (w.last_used, w.id))
@@ -344,7 +350,10 @@ class PoolCore:
     def next_wakeup(self) -> float | None:
         """The earliest time a ``tick`` would change something (an idle worker's
         keep-alive ending, a pre-warm falling due); None if nothing is timed."""
-        times = [w.last_used + self._keep_s(w) for w in self.workers.values() if w.state is State.IDLE]
+        expiry = self._expiry
+        while expiry and not self._current(expiry[0]):
+            heapq.heappop(expiry)
+        times = [expiry[0][0]] if expiry else []
         times += self.prewarm_at.values()
         return min(times) if times else None
 
@@ -360,20 +369,42 @@ class PoolCore:
         """Serve waiters in FIFO order as far as the policy allows."""
         commands: list[Command] = []
         limits, estimates = self._limits, self.config.estimates_mb
+        if self._full_and_busy(now):
+            return commands  # every waiter would wait: skip the walk (a full queue stays cheap)
+        # Decisions depend only on the model and the workers: reuse them along the queue
+        # until a hand-over or a spawn changes the workers (a long queue stays cheap).
+        decided: dict[str, policy.Decision] = {}
         for request in list(self.queue):
-            views = [w.view() for w in self.workers.values()]
-            decision = policy.decide(request.model, views, limits, self.readings, estimates)
+            decision = decided.get(request.model)
+            if decision is None:
+                views = list(self.workers.values())
+                decision = decided[request.model] = policy.decide(
+                    request.model, views, limits, self.readings, estimates
+                )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
                 commands.append(self._hand_over(request, self.workers[decision.worker_id], now))
+                decided.clear()
             elif request.spawning is None and backoff is not None and backoff.until > now:
                 # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
                 commands.append(self._fail(request, self._backoff_error(request.model, backoff, now)))
             elif isinstance(decision, policy.Spawn) and request.spawning is None:
                 commands.append(self._spawn(request.model, decision, now, request))
+                decided.clear()
             elif isinstance(decision, policy.Reject):
                 commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
         return commands
+
+    def _full_and_busy(self, now: float) -> bool:
+        """No waiter can be served, failed or rejected now: no room, no idle worker, no
+        backoff in force, and no GPU readings (which could reject a model outright)."""
+        if not self.queue:
+            return True
+        if self.readings or len(self.workers) < self._limits.capacity:
+            return False
+        if any(b.until > now for b in self.backoff.values()):
+            return False
+        return not any(w.state is State.IDLE for w in self.workers.values())
 
     def _hand_over(self, request: Request, worker: Worker, now: float) -> Grant:
         cold = worker.reserved_for == request.id
@@ -419,12 +450,30 @@ class PoolCore:
         self.reaps[reason] += 1
         return StopWorker(worker.id, worker.model, reason, idle)
 
-    def _after_idle(self, worker: Worker, now: float) -> list[Command]:
+    def _idle(self, worker: Worker, now: float, keep_s: float) -> None:
+        worker.state = State.IDLE
+        worker.last_used = now
+        worker.keep_s = keep_s
+        heapq.heappush(self._expiry, (now + keep_s, worker.id, now))
+
+    def _current(self, entry: tuple[float, str, float]) -> bool:
+        """Whether an expiry entry still describes an idle worker (not reused since)."""
+        worker = self.workers.get(entry[1])
+        return worker is not None and worker.state is State.IDLE and worker.last_used == entry[2]
+
+    def _due(self, now: float) -> list[Worker]:
+        """Idle workers whose keep-alive has ended by ``now`` (taken off the expiry heap)."""
+        due: list[Worker] = []
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            entry = heapq.heappop(expiry)
+            if self._current(entry) and self.workers[entry[1]] not in due:  # an entry may be there twice
+                due.append(self.workers[entry[1]])
+        return due
+
+    def _unload_until_prewarm(self, worker: Worker, window: Window, now: float) -> list[Command]:
         """Adaptive keep-alive: a model whose next request is not expected for a while
         gives its worker back at once and gets one pre-warmed shortly before then."""
-        window = self._window(worker.model)
-        if window.prewarm_s <= 0:
-            return []
         lead = self._start_s.get(worker.model, 0.0)
         self.prewarm_at[worker.model] = now + max(0.0, window.prewarm_s - lead)
         return [self._stop(worker, "ttl", now)]
@@ -440,7 +489,7 @@ class PoolCore:
             backoff = self.backoff.get(model)
             if backoff is not None and backoff.until > now:
                 continue
-            views = [w.view() for w in self.workers.values()]
+            views = list(self.workers.values())
             decision = policy.decide(model, views, self._limits, self.readings, self.config.estimates_mb)
             if isinstance(decision, policy.Spawn) and not decision.evict:  # never evict for a guess
                 self.counters["prewarms"] += 1
@@ -448,10 +497,11 @@ class PoolCore:
         return commands
 
     def _window(self, model: str) -> Window:
-        return self.keepalive.window(model, self._limits.ttl(model), self._start_s.get(model, 0.0))
-
-    def _keep_s(self, worker: Worker) -> float:
-        return worker.keep_s if worker.keep_s is not None else self._window(worker.model).keep_s
+        window = self._windows.get(model)
+        if window is None:
+            window = self.keepalive.window(model, self._limits.ttl(model), self._start_s.get(model, 0.0))
+            self._windows[model] = window
+        return window
 
     def _request(self, request_id: int | None) -> Request | None:
         if request_id is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 
 class State(enum.Enum):
@@ -33,9 +34,27 @@ class State(enum.Enum):
     STOPPING = "stopping"
 
 
+class Worker(Protocol):
+    """What the policy reads of a worker (``WorkerView``, or the core's own records,
+    which it reads in place: no copies on the hot path)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def last_used(self) -> float: ...
+    @property
+    def gpu_mb(self) -> float: ...
+    @property
+    def device(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class WorkerView:
-    """What the policy knows of one worker."""
+    """What the policy knows of one worker, as a value (tests build these)."""
 
     id: str
     model: str
@@ -94,17 +113,18 @@ class Reject:
 
 
 Decision = Reuse | Spawn | Wait | Reject
+W = TypeVar("W", bound=Worker)
 
 
-def _lru(workers: Iterable[WorkerView]) -> list[WorkerView]:
+def _lru(workers: Iterable[W]) -> list[W]:
     return sorted(workers, key=lambda w: (w.last_used, w.id))
 
 
-def _idle(workers: Iterable[WorkerView]) -> list[WorkerView]:
+def _idle(workers: Iterable[W]) -> list[W]:
     return [w for w in workers if w.state is State.IDLE]
 
 
-def projected_used_mb(reading: GpuReading, workers: Sequence[WorkerView], estimates: Mapping[str, float]) -> float:
+def projected_used_mb(reading: GpuReading, workers: Sequence[W], estimates: Mapping[str, float]) -> float:
     """GPU memory in use once every starting worker on the device has loaded: a reading
     does not yet show what a starting worker is about to allocate."""
     starting = sum(
@@ -114,12 +134,12 @@ def projected_used_mb(reading: GpuReading, workers: Sequence[WorkerView], estima
 
 
 def _place(
-    workers: Sequence[WorkerView],
+    workers: Sequence[W],
     estimate_mb: float,
     gpus: Sequence[GpuReading],
     estimates: Mapping[str, float],
     limits: Limits,
-    evictable: list[WorkerView],
+    evictable: list[W],
 ) -> tuple[str | None, tuple[str, ...]] | None:
     """Pick a GPU for a new worker and the idle workers to evict so its estimate fits
     under the high watermark: the device needing the fewest evictions, then the one with
@@ -146,16 +166,20 @@ def _place(
 
 def decide(
     model: str,
-    workers: Sequence[WorkerView],
+    workers: Sequence[W],
     limits: Limits,
     gpus: Sequence[GpuReading] = (),
     estimates: Mapping[str, float] | None = None,
 ) -> Decision:
     """What to do for one request for ``model`` given the pool as it is now."""
     estimates = estimates or {}
-    own_idle = [w for w in _idle(workers) if w.model == model]
+    idle = State.IDLE
+    own_idle = [w for w in workers if w.state is idle and w.model == model]
     if own_idle:
         return Reuse(max(own_idle, key=lambda w: (w.last_used, w.id)).id)
+    room = limits.capacity - len(workers)
+    if room > 0 and not gpus:
+        return Spawn()  # the common case on CPU: nothing to place, nobody to evict
 
     estimate = estimates.get(model, 0.0)
     if gpus and all(estimate > limits.high_watermark * g.total_mb for g in gpus):
@@ -163,8 +187,7 @@ def decide(
             f"model {model} needs {estimate:g} MB of GPU memory; no GPU has that much under the high watermark"
         )
 
-    others_idle = _lru(w for w in _idle(workers) if w.model != model)
-    room = limits.capacity - len(workers)
+    others_idle = _lru(w for w in workers if w.state is idle and w.model != model)
     if room <= 0:
         if not others_idle:
             return Wait("every worker is busy or starting")
@@ -184,7 +207,7 @@ def decide(
     return Spawn(device, evict)
 
 
-def _credit(gpus: Sequence[GpuReading], leaving: WorkerView) -> list[GpuReading]:
+def _credit(gpus: Sequence[GpuReading], leaving: W) -> list[GpuReading]:
     """Readings as they will be once ``leaving`` has stopped."""
     return [
         GpuReading(g.device, max(0.0, g.used_mb - leaving.gpu_mb), g.total_mb) if g.device == leaving.device else g
@@ -192,16 +215,14 @@ def _credit(gpus: Sequence[GpuReading], leaving: WorkerView) -> list[GpuReading]
     ]
 
 
-def expired(
-    workers: Sequence[WorkerView], now: float, limits: Limits, keep_s: Mapping[str, float] | None = None
-) -> list[str]:
+def expired(workers: Sequence[W], now: float, limits: Limits, keep_s: Mapping[str, float] | None = None) -> list[str]:
     """Idle workers whose idle time exceeds their keep-alive (``keep_s`` by worker id,
     else their model's TTL), oldest first."""
     keep = keep_s or {}
-    return [w.id for w in _lru(_idle(workers)) if now - w.last_used > keep.get(w.id, limits.ttl(w.model))]
+    return [w.id for w in _lru(w for w in _idle(workers) if now - w.last_used > keep.get(w.id, limits.ttl(w.model)))]
 
 
-def under_pressure(workers: Sequence[WorkerView], gpus: Sequence[GpuReading], limits: Limits) -> list[str]:
+def under_pressure(workers: Sequence[W], gpus: Sequence[GpuReading], limits: Limits) -> list[str]:
     """Idle workers to stop because their GPU is above the high watermark: least
     recently used first, until the device is projected below the low watermark."""
     victims: list[str] = []

@@ -62,6 +62,7 @@ class Settings:
     cache_size: int = 1024
     cache_ttl_s: float = 300.0
     log_level: str = "INFO"
+    access_log: str = ""  # a path: one JSON line per request (wanwu tune reads it); empty: off
 
     @classmethod
     def load(

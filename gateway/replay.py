@@ -1,0 +1,227 @@
+"""``wanwu replay``: play a trace against a live gateway and check the simulator's word.
+
+The trace's requests go to the gateway at their own times divided by the speed-up, each
+a fresh answer (``Cache-Control: no-cache``) for a small picture made here. From the
+answers come the measured cold-start rate, 503 rate and latency, and the start-up and
+inference times the simulator then uses, with the gateway's live settings (``GET
+/v1/pool``), to predict the same run. The two agreeing is how we know ``wanwu tune``
+tells operators the truth.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from scheduler.core import CoreConfig
+from scheduler.errors import WanwuError
+from scheduler.sim import Profile, percentile, simulate
+from scheduler.traces import Trace, load_trace
+
+
+class ReplayError(WanwuError):
+    """The replay cannot run: the gateway is unreachable, too old, or knows no such model."""
+
+
+@dataclass
+class Outcome:
+    model: str
+    sent_at: float  # seconds after the replay's start
+    status: int
+    latency_ms: float
+    cold_start: bool = False
+    spawn_ms: float = 0.0
+    worker_ms: float = 0.0
+    queue_ms: float = 0.0
+
+
+def picture() -> bytes:
+    """A small PNG for the replay's requests (the model's answer does not matter here)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(220, 30, 30))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _get(url: str) -> Any:
+    try:
+        response = requests.get(url, timeout=10)
+        response.raise_for_status()
+        return response.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise ReplayError(f"cannot read {url}: {exc}") from exc
+
+
+def gateway_settings(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pool's live settings (from /v1/pool) and the models (from /v1/models)."""
+    pool = _get(f"{url}/v1/pool")
+    if "settings" not in pool:
+        raise ReplayError(f"{url}/v1/pool has no settings: the gateway predates wanwu replay")
+    return pool, _get(f"{url}/v1/models")
+
+
+def assign(trace: Trace, models: Sequence[str]) -> Trace:
+    """Spread the trace's functions over ``models`` in turn, in order of first request."""
+    return trace.mapped({name: models[i % len(models)] for i, name in enumerate(trace.models())})
+
+
+def send_all(
+    url: str,
+    trace: Trace,
+    concurrency: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[Outcome]:
+    """Send every arrival of ``trace`` at its time (seconds from now), at most
+    ``concurrency`` at once; a request that would start late goes at once."""
+    body = picture()
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency))
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    start = time.monotonic()
+
+    def one(at: float, model: str) -> None:
+        began = time.monotonic()
+        try:
+            response = session.post(
+                f"{url}/v1/models/{model}/predict",
+                data=body,
+                headers={"Content-Type": "image/png", "Cache-Control": "no-cache"},
+                timeout=300,
+            )
+            status, answer = response.status_code, response.json()
+        except (requests.RequestException, ValueError) as exc:
+            status, answer = 0, {"error": {"message": str(exc)}}
+        latency = (time.monotonic() - began) * 1000
+        timing = answer.get("timing_ms", {}) if status == 200 else {}
+        outcome = Outcome(
+            model,
+            at,
+            status,
+            latency,
+            bool(answer.get("cold_start")) if status == 200 else False,
+            float(timing.get("spawn", 0.0)),
+            float(timing.get("worker", 0.0)),
+            float(timing.get("queue", 0.0)),
+        )
+        with lock:
+            outcomes.append(outcome)
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="wanwu-replay") as executor:
+        last_said = start
+        for index, (at, model) in enumerate(trace.arrivals):
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            executor.submit(one, at, model)
+            if progress and time.monotonic() - last_said >= 10:
+                last_said = time.monotonic()
+                progress(f"replay: {index + 1}/{len(trace.arrivals)} sent, {time.monotonic() - start:.0f} s")
+    session.close()
+    return sorted(outcomes, key=lambda o: o.sent_at)
+
+
+def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    served = sorted(o.latency_ms for o in outcomes if o.status == 200)
+    total = len(outcomes)
+    cold = sum(o.cold_start for o in outcomes)
+    rejected = sum(o.status == 503 for o in outcomes)
+    return {
+        "requests": total,
+        "cold_starts": cold,
+        "cold_rate": cold / total if total else 0.0,
+        "reject_rate": rejected / total if total else 0.0,
+        "errors": sum(o.status not in (200, 503) for o in outcomes),
+        "p50_ms": percentile(served, 0.50),
+        "p99_ms": percentile(served, 0.99),
+    }
+
+
+def profile_of(outcomes: Sequence[Outcome], stop_ms: float) -> Profile:
+    """Start-up and inference times as measured: the median spawn of cold answers, and
+    the median latency of warm answers that did not queue (gateway and HTTP included)."""
+    spawns = [o.spawn_ms for o in outcomes if o.cold_start and o.spawn_ms > 0]
+    warm = [o.latency_ms for o in outcomes if o.status == 200 and not o.cold_start and o.queue_ms < 1]
+    if not warm:
+        warm = [o.latency_ms - o.spawn_ms for o in outcomes if o.status == 200]
+    if not spawns or not warm:
+        raise ReplayError("the replay got no usable answers to measure start-up and inference times from")
+    return Profile(spawn_ms=statistics.median(spawns), stop_ms=stop_ms, infer_ms=statistics.median(warm))
+
+
+def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:
+    """What the simulator says the same run gives, with the gateway's live settings."""
+    live = pool["settings"]
+    config = CoreConfig(
+        capacity=int(live["max_workers"]),
+        default_ttl_s=float(live["idle_ttl_s"]),
+        model_ttl_s={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
+        queue_max=int(live.get("queue_max", 64)),
+        keepalive=str(live.get("keepalive", "fixed")),
+    )
+    result = simulate(trace, config, profile, float(live["queue_timeout_s"]), float(live.get("reap_interval_s", 1.0)))
+    m = result.metrics()
+    return {
+        "requests": result.requests,
+        "cold_starts": result.cold_starts,
+        "cold_rate": m["cold_rate"],
+        "reject_rate": m["reject_rate"],
+        "p50_ms": m["p50_ms"],
+        "p99_ms": m["p99_ms"],
+    }
+
+
+def replay_trace(
+    path: str,
+    url: str,
+    speedup: float,
+    *,
+    minutes: tuple[int, int] | None = None,
+    max_per_day: float | None = None,
+    seed: int = 0,
+    models: Sequence[str] | None = None,
+    stop_ms: float = 300.0,
+    concurrency: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Replay ``path`` against ``url`` and return ``{"measured", "predicted", ...}``."""
+    url = url.rstrip("/")
+    pool, listed = gateway_settings(url)
+    known = {m["name"] for m in listed.get("models", [])}
+    default = next((m["name"] for m in listed.get("models", []) if m.get("default")), None)
+    targets = list(models or ([default] if default else []))
+    if not targets:
+        raise ReplayError(f"{url} has no default model; name one with --model")
+    unknown = [m for m in targets if m not in known]
+    if unknown:
+        raise ReplayError(f"{url} serves no model named {', '.join(unknown)} (it has: {', '.join(sorted(known))})")
+    trace = assign(load_trace(path, max_per_day=max_per_day, minutes=minutes, seed=seed), targets).compressed(speedup)
+    if not trace.arrivals:
+        raise ReplayError(f"{path}: no requests in the chosen slice")
+    if pool.get("workers"):
+        say = progress or (lambda _: None)
+        say(f"replay: the pool already has {len(pool['workers'])} workers; the prediction starts from an empty pool")
+    if progress:
+        progress(f"replay: {len(trace.arrivals)} requests over {trace.span_s:.0f} s to {', '.join(targets)}")
+    outcomes = send_all(url, trace, concurrency, progress)
+    profile = profile_of(outcomes, stop_ms)
+    return {
+        "measured": measured(outcomes),
+        "predicted": predicted(trace, pool, profile),
+        "slice": f"minutes {minutes[0]}:{minutes[1]}" if minutes else "the whole trace",
+        "speedup": speedup,
+        "models": targets,
+        "settings": pool["settings"],
+        "profile": {"spawn_ms": profile.spawn_ms, "infer_ms": profile.infer_ms, "stop_ms": profile.stop_ms},
+    }

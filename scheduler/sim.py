@@ -1,0 +1,321 @@
+"""The trace simulator: the pool core driven in virtual time.
+
+The same ``PoolCore`` the live pool runs gets the same events, in an order an event
+heap gives them: requests from a trace arrive, spawns take the profile's start-up time,
+inferences the trace's own durations, stops the profile's stop time. Nothing sleeps,
+so a day of traffic replays in seconds.
+
+    result = simulate(trace, CoreConfig(capacity=4, default_ttl_s=60), Profile(spawn_ms=1700))
+    result.metrics()   # cold_rate, reject_rate, p50_ms, p99_ms, idle_worker_s, idle_gb_h
+
+What it counts: a request is cold when it waited for a worker started for it; its
+latency is queueing + start-up + inference. Idle cost is the time workers sit idle
+(and pre-warmed workers spend starting) times their model's memory; the simulation
+runs past the trace's end until the last worker is reaped, so a long TTL pays for the
+tail it keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import multiprocessing
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
+from .policy import State
+from .traces import Trace
+from .tuning import Point
+
+_READY, _DONE, _STOPPED, _EXPIRE, _TICK = range(5)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How long things take. ``infer_ms`` None: each request takes a duration drawn
+    from its model's trace profile; ``memory_mb`` None: the trace's memory per model."""
+
+    spawn_ms: float = 1700.0
+    stop_ms: float = 300.0
+    infer_ms: float | None = None
+    memory_mb: float | None = None
+    model_spawn_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def spawn_s(self, model: str) -> float:
+        return self.model_spawn_ms.get(model, self.spawn_ms) / 1000
+
+
+@dataclass
+class SimResult:
+    requests: int = 0
+    served: int = 0
+    cold_starts: int = 0
+    rejected: int = 0
+    prewarms: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    idle_worker_s: float = 0.0
+    idle_mb_s: float = 0.0
+    peak_workers: int = 0
+    wall_s: float = 0.0
+    events: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        ordered = sorted(self.latencies_ms)
+        return {
+            "requests": self.requests,
+            "cold_starts": self.cold_starts,
+            "cold_rate": self.cold_starts / self.requests if self.requests else 0.0,
+            "reject_rate": self.rejected / self.requests if self.requests else 0.0,
+            "p50_ms": percentile(ordered, 0.50),
+            "p99_ms": percentile(ordered, 0.99),
+            "idle_worker_s": self.idle_worker_s,
+            "idle_gb_h": self.idle_mb_s / 1024 / 3600,
+        }
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values (NaN when empty)."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class Simulator:
+    """One run of ``trace`` through a ``PoolCore`` (module doc). ``tick_s``: how often
+    the live pool's reaper runs (keep-alive ends are noticed at the next tick); None:
+    at once."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        config: CoreConfig,
+        profile: Profile,
+        queue_timeout_s: float = 10.0,
+        tick_s: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.trace, self.profile = trace, profile
+        self.core = PoolCore(config, id_prefix="sim")
+        self.queue_timeout_s = queue_timeout_s
+        self.tick_s = tick_s
+        self._rng = random.Random(seed)
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._arrived: dict[int, float] = {}
+        self._idle_since: dict[str, tuple[float, str]] = {}  # worker -> (idle since, model)
+        self._next_tick = math.inf
+        self.result = SimResult()
+        self.log: list[tuple[str, tuple[Any, ...], list[Any]]] | None = None  # (event, args, commands) if kept
+
+    def run(self) -> SimResult:
+        started = time.perf_counter()
+        arrivals = self.trace.arrivals
+        heap, result = self._heap, self.result
+        i, now = 0, 0.0
+        while i < len(arrivals) or heap:
+            if i < len(arrivals) and (not heap or arrivals[i][0] <= heap[0][0]):
+                now, model = arrivals[i]
+                i += 1
+                request_id = result.requests = i
+                self._arrived[request_id] = now
+                deadline = now + self.queue_timeout_s
+                commands = self._feed("arrive", request_id, model, now, deadline)
+                if request_id in self._arrived:  # still waiting: it may time out
+                    self._push(deadline, _EXPIRE, request_id)
+            else:
+                now, _, kind, payload = heapq.heappop(heap)
+                commands = self._event(kind, payload, now)
+            self._carry_out(commands, now)
+            self._schedule_tick(now)
+            result.events += 1
+        for since, model in self._idle_since.values():  # only when the loop was cut short
+            self._add_idle(model, since, now)
+        result.wall_s = time.perf_counter() - started
+        return result
+
+    # -- events ----------------------------------------------------------------------
+
+    def _event(self, kind: int, payload: Any, now: float) -> list[Any]:
+        if kind == _TICK:
+            if now < self._next_tick:
+                return []  # a tick that a later schedule made stale
+            self._next_tick = math.inf
+            return self._feed("tick", now)
+        if kind == _READY:
+            worker_id, spawn_ms = payload
+            return self._feed("ready", worker_id, now, spawn_ms)
+        if kind == _DONE:
+            return self._feed("released", payload, now)
+        if kind == _STOPPED:
+            return self._feed("stopped", payload, now)
+        return self._feed("expire", payload, now)
+
+    def _feed(self, name: str, *args: Any) -> list[Any]:
+        commands: list[Any] = getattr(self.core, name)(*args)
+        if self.log is not None:
+            self.log.append((name, args, commands))
+        if name in ("released", "ready"):
+            worker = self.core.workers.get(args[0])
+            if worker is not None and worker.state is State.IDLE and args[0] not in self._idle_since:
+                self._idle_since[args[0]] = (args[1], worker.model)
+        return commands
+
+    def _carry_out(self, commands: list[Any], now: float) -> None:
+        result, profile = self.result, self.profile
+        for command in commands:
+            if isinstance(command, Grant):
+                self._busy(command.worker_id, now)
+                arrived = self._arrived.pop(command.request_id)
+                infer_ms = profile.infer_ms
+                if infer_ms is None:
+                    infer_ms = self.trace.profiles[command.model].sample_ms(self._rng.random())
+                result.served += 1
+                result.cold_starts += command.cold_start
+                result.latencies_ms.append((now - arrived) * 1000 + infer_ms)
+                self._push(now + infer_ms / 1000, _DONE, command.worker_id)
+            elif isinstance(command, Fail):
+                self._arrived.pop(command.request_id, None)
+                result.rejected += 1
+            elif isinstance(command, SpawnWorker):
+                for victim in command.evict:
+                    self._busy(victim, now)
+                if command.request_id is None:
+                    result.prewarms += 1
+                    self._idle_since[command.worker_id] = (now, command.model)  # a guess holds memory while it starts
+                spawn_s = profile.spawn_s(command.model)
+                ready_at = now + len(command.evict) * profile.stop_ms / 1000 + spawn_s
+                self._push(ready_at, _READY, (command.worker_id, spawn_s * 1000))
+                result.peak_workers = max(result.peak_workers, len(self.core.workers))
+            elif isinstance(command, StopWorker):
+                self._busy(command.worker_id, now)
+                self._push(now + profile.stop_ms / 1000, _STOPPED, command.worker_id)
+
+    def _busy(self, worker_id: str, now: float) -> None:
+        """``worker_id`` stops being idle (taken, stopped or evicted)."""
+        idle = self._idle_since.pop(worker_id, None)
+        if idle is not None:
+            self._add_idle(idle[1], idle[0], now)
+
+    def _add_idle(self, model: str, since: float, now: float) -> None:
+        seconds = max(0.0, now - since)
+        self.result.idle_worker_s += seconds
+        memory = self.profile.memory_mb
+        if memory is None:
+            known = self.trace.profiles.get(model)
+            memory = known.memory_mb if known is not None else 0.0
+        self.result.idle_mb_s += seconds * memory
+
+    def _schedule_tick(self, now: float) -> None:
+        wake = self.core.next_wakeup()
+        if wake is None:
+            return
+        wake = max(wake, now) + 1e-6  # keep-alive ends are strict: idle longer than the window
+        if self.tick_s:
+            wake = math.ceil(wake / self.tick_s) * self.tick_s
+        if wake < self._next_tick:
+            self._next_tick = wake
+            self._push(wake, _TICK, None)
+
+    def _push(self, at: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, kind, payload))
+
+
+def simulate(
+    trace: Trace,
+    config: CoreConfig,
+    profile: Profile,
+    queue_timeout_s: float = 10.0,
+    tick_s: float | None = None,
+    seed: int = 0,
+) -> SimResult:
+    """Run ``trace`` through a pool with ``config`` (module doc)."""
+    return Simulator(trace, config, profile, queue_timeout_s, tick_s, seed).run()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The settings ``wanwu tune`` tries: every combination."""
+
+    max_workers: Sequence[int] = (1, 2, 4, 8)
+    ttl_s: Sequence[float] = (10, 30, 60, 120, 300, 600)
+    keepalive: Sequence[str] = ("fixed", "adaptive")
+
+    def configs(self, base: CoreConfig) -> list[CoreConfig]:
+        return [
+            replace(base, capacity=n, default_ttl_s=ttl, keepalive=policy)
+            for policy in self.keepalive
+            for n in self.max_workers
+            for ttl in self.ttl_s
+        ]
+
+
+def point(config: CoreConfig, result: SimResult) -> Point:
+    m = result.metrics()
+    return Point(
+        keepalive=config.keepalive,
+        max_workers=config.capacity,
+        ttl_s=config.default_ttl_s,
+        requests=result.requests,
+        cold_rate=m["cold_rate"],
+        reject_rate=m["reject_rate"],
+        p50_ms=m["p50_ms"],
+        p99_ms=m["p99_ms"],
+        idle_worker_s=m["idle_worker_s"],
+        idle_gb_h=m["idle_gb_h"],
+    )
+
+
+_shared: tuple[Trace, Profile, float, float | None, int] | None = None
+
+
+def _adopt(trace: Trace, profile: Profile, queue_timeout_s: float, tick_s: float | None, seed: int) -> None:
+    """Process-pool initializer: the trace arrives once per process (forked, not pickled)."""
+    global _shared
+    _shared = (trace, profile, queue_timeout_s, tick_s, seed)
+
+
+def _run_one(config: CoreConfig) -> tuple[Point, float, int]:
+    assert _shared is not None
+    trace, profile, queue_timeout_s, tick_s, seed = _shared
+    result = simulate(trace, config, profile, queue_timeout_s, tick_s, seed)
+    return point(config, result), result.wall_s, result.requests
+
+
+def run_grid(
+    trace: Trace,
+    grid: Grid,
+    profile: Profile,
+    base: CoreConfig | None = None,
+    queue_timeout_s: float = 10.0,
+    tick_s: float | None = None,
+    seed: int = 0,
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Point], float]:
+    """Simulate every point of ``grid`` (on ``jobs`` processes); returns the points in
+    grid order and the simulator's speed in requests per second of wall time (per process)."""
+    configs = grid.configs(base or CoreConfig(capacity=1, default_ttl_s=30))
+    shared = (trace, profile, queue_timeout_s, tick_s, seed)
+    points: list[Point] = []
+    wall = requests = 0.0
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and len(configs) > 1:
+            context = multiprocessing.get_context("fork")
+            executor = ProcessPoolExecutor(min(jobs, len(configs)), context, initializer=_adopt, initargs=shared)
+            outcomes: Iterable[tuple[Point, float, int]] = stack.enter_context(executor).map(_run_one, configs)
+        else:
+            _adopt(*shared)
+            outcomes = map(_run_one, configs)
+        for got in outcomes:
+            points.append(got[0])
+            wall, requests = wall + got[1], requests + got[2]
+            if progress:
+                progress(1)
+    return points, (requests / wall if wall else math.inf)
