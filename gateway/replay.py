@@ -149,15 +149,14 @@ def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def profile_of(outcomes: Sequence[Outcome], stop_ms: float) -> Profile:
-    """Start-up and inference times as measured: the median spawn of cold answers, and
-    the median latency of warm answers that did not queue (gateway and HTTP included)."""
+    """Start-up and service times as measured: the median spawn of cold answers, and the
+    median of what each answer took beyond queueing and start-up (HTTP, gateway and
+    worker time)."""
     spawns = [o.spawn_ms for o in outcomes if o.cold_start and o.spawn_ms > 0]
-    warm = [o.latency_ms for o in outcomes if o.status == 200 and not o.cold_start and o.queue_ms < 1]
-    if not warm:
-        warm = [o.latency_ms - o.spawn_ms for o in outcomes if o.status == 200]
-    if not spawns or not warm:
-        raise ReplayError("the replay got no usable answers to measure start-up and inference times from")
-    return Profile(spawn_ms=statistics.median(spawns), stop_ms=stop_ms, infer_ms=statistics.median(warm))
+    service = [max(0.0, o.latency_ms - o.queue_ms - o.spawn_ms) for o in outcomes if o.status == 200]
+    if not spawns or not service:
+        raise ReplayError("the replay got no cold and warm answers to measure start-up and inference times from")
+    return Profile(spawn_ms=statistics.median(spawns), stop_ms=stop_ms, infer_ms=statistics.median(service))
 
 
 def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:

@@ -207,3 +207,57 @@ def test_metrics_count_what_was_sent(client: FlaskClient) -> None:
     assert metric(text, 'wanwu_request_seconds_count{model="demo-shapes"}') == 3
     assert metric(text, 'wanwu_reaps_total{reason="ttl"}') == 0
     assert "wanwu_queue_depth 0.0" in text
+
+
+def test_no_cache_asks_a_worker_again(client: FlaskClient, backend: FakeBackend) -> None:
+    post(client)
+    again = post(client, headers={"Cache-Control": "no-cache"}).get_json()
+    assert again["cached"] is False and len(backend.connections) == 1
+    assert sum(c.calls for c in backend.connections.values()) == 2
+
+
+def test_pool_status_carries_the_live_settings(client: FlaskClient) -> None:
+    body = client.get("/v1/pool").get_json()
+    assert body["settings"]["max_workers"] == 1 and body["settings"]["queue_timeout_s"] == 2
+    assert body["settings"]["keepalive"] == "fixed" and body["keepalive"]["policy"] == "fixed"
+
+
+def test_the_json_access_log_has_a_line_per_request(tmp_path: Path, backend: FakeBackend) -> None:
+    import json
+
+    make_bundle(tmp_path / "m", "demo-shapes")
+    journal = tmp_path / "logs" / "access.jsonl"
+    clock = FakeClock()
+    settings = Settings(models_dir=tmp_path / "m", access_log=str(journal))
+    pool = WarmPool(backend, ModelCatalog(tmp_path / "m", clock=clock), settings, clock, GpuMonitor(()), INLINE)
+    client = create_app(settings, pool, {"TESTING": True}).test_client()
+    post(client)
+    post(client, data=b"not an image")
+    client.get("/healthz")
+    pool.shutdown(grace_s=0)
+    lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
+    assert [(e["method"], e["path"], e["status"]) for e in lines] == [
+        ("POST", "/predict", 200),
+        ("POST", "/predict", 415),
+        ("GET", "/healthz", 200),
+    ]
+    first = lines[0]
+    assert first["model"] == "demo-shapes" and first["cold_start"] is True and first["cached"] is False
+    assert set(first["timing_ms"]) == {"queue", "spawn", "worker", "total"} and first["ts"] > 1.7e9
+
+    from scheduler.traces import load_trace
+
+    replayed = load_trace(journal)  # wanwu tune reads it back as a trace
+    assert [m for _, m in replayed.arrivals] == ["demo-shapes", "demo-shapes"]
+
+
+def test_an_access_log_that_cannot_be_opened_is_a_config_error(tmp_path: Path, backend: FakeBackend) -> None:
+    from scheduler.errors import ConfigError
+
+    make_bundle(tmp_path / "m", "demo-shapes")
+    (tmp_path / "file").write_text("x")
+    settings = Settings(models_dir=tmp_path / "m", access_log=str(tmp_path / "file" / "access.jsonl"))
+    pool = WarmPool(backend, ModelCatalog(tmp_path / "m"), settings, gpu=GpuMonitor(()), executor=INLINE)
+    with pytest.raises(ConfigError, match=r"WANWU_ACCESS_LOG=.*cannot open it"):
+        create_app(settings, pool, {"TESTING": True})
+    pool.shutdown(grace_s=0)

@@ -39,6 +39,7 @@ def test_sources_apply_in_order(tmp_path: Path) -> None:
         ({"WANWU_POOL_ID": "a b"}, "WANWU_POOL_ID='a b': must be 1-32 letters"),
         ({"WANWU_CACHE_ENABLED": "maybe"}, "WANWU_CACHE_ENABLED='maybe': expected true or false"),
         ({"WANWU_QUEUE_TIMEOUT_S": "inf"}, "WANWU_QUEUE_TIMEOUT_S='inf': expected a finite number"),
+        ({"WANWU_KEEPALIVE": "lru"}, "WANWU_KEEPALIVE='lru': must be one of fixed, adaptive"),
     ],
 )
 def test_bad_values_name_key_and_value(env: dict[str, str], message: str) -> None:

@@ -1,0 +1,258 @@
+"""The pool core on its own: events in, commands out. No threads, no clock, no backend."""
+
+from __future__ import annotations
+
+from scheduler.core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
+from scheduler.errors import BackendUnavailable, CapacityExhausted, ModelUnavailable, WorkerStartError
+from scheduler.policy import GpuReading, State
+
+CONFIG = CoreConfig(capacity=2, default_ttl_s=30, model_ttl_s={"quick": 5}, queue_max=3, retry_after_s=2)
+
+
+def core(**changes: object) -> PoolCore:
+    from dataclasses import replace
+
+    return PoolCore(replace(CONFIG, **changes), id_prefix="w")  # type: ignore[arg-type]
+
+
+def serve(pool: PoolCore, request_id: int, model: str, now: float) -> str:
+    """A request that starts a worker, gets it, and gives it back; returns the worker id."""
+    (spawn,) = pool.arrive(request_id, model, now, now + 10)
+    assert isinstance(spawn, SpawnWorker) and spawn.request_id == request_id
+    (grant,) = pool.ready(spawn.worker_id, now, spawn_ms=100.0, breakdown={"create": 40.0})
+    assert isinstance(grant, Grant) and grant.cold_start
+    assert pool.released(spawn.worker_id, now) == []
+    return spawn.worker_id
+
+
+def test_a_miss_spawns_a_worker_reserved_for_the_request() -> None:
+    pool = core()
+    commands = pool.arrive(1, "a", 0.0, 10.0)
+    assert commands == [SpawnWorker("w0001", "a", None, (), 1)]
+    assert pool.workers["w0001"].state is State.STARTING
+    grant = pool.ready("w0001", 1.5, spawn_ms=1500.0, breakdown={"create": 200.0})
+    assert grant == [Grant(1, "w0001", "a", True, 0.0, 1500.0, {"create": 200.0})]
+    assert pool.counters["cold_starts"] == 1
+
+
+def test_a_hit_reuses_the_most_recently_used_idle_worker() -> None:
+    pool = core(capacity=3)
+    first = serve(pool, 1, "a", 0.0)
+    second = pool.arrive(2, "a", 1.0, 11.0)[0]
+    assert isinstance(second, Grant) and second.worker_id == first and not second.cold_start
+    (spawn,) = pool.arrive(3, "a", 1.0, 11.0)  # the only idle one is busy now
+    assert isinstance(spawn, SpawnWorker)
+    pool.ready(spawn.worker_id, 2.0, 1000.0)
+    pool.released(spawn.worker_id, 3.0)
+    pool.released(first, 4.0)  # first is now the most recently used
+    (grant,) = pool.arrive(4, "a", 5.0, 15.0)
+    assert isinstance(grant, Grant) and grant.worker_id == first
+    assert pool.counters["warm_hits"] == 2
+
+
+def test_a_full_pool_evicts_the_least_recently_used_idle_worker_of_another_model() -> None:
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    b = serve(pool, 2, "b", 1.0)
+    pool.arrive(3, "a", 2.0, 12.0)  # a is the most recently used
+    pool.released(a, 2.0)
+    (spawn,) = pool.arrive(4, "c", 3.0, 13.0)
+    assert isinstance(spawn, SpawnWorker) and spawn.evict == (b,) and spawn.model == "c"
+    assert b not in pool.workers and len(pool.workers) == 2  # the slot passed to the new worker
+    assert pool.reaps["evicted"] == 1
+
+
+def test_without_an_idle_worker_requests_wait_in_fifo_order_and_time_out() -> None:
+    pool = core(capacity=1)
+    (spawn,) = pool.arrive(1, "a", 0.0, 10.0)
+    pool.ready(spawn.worker_id, 0.5, 500.0)  # request 1 has it
+    assert pool.arrive(2, "a", 1.0, 11.0) == []  # every worker is busy
+    assert pool.arrive(3, "a", 2.0, 5.0) == []
+    (grant,) = pool.released(spawn.worker_id, 3.0)
+    assert isinstance(grant, Grant) and grant.request_id == 2 and grant.queue_ms == 2000.0  # first come
+    (fail,) = pool.expire(3, 5.0)
+    assert isinstance(fail, Fail) and isinstance(fail.error, CapacityExhausted)
+    assert "no a worker became free within 3.0 s (1/1 workers, 0 waiting)" in str(fail.error)
+    assert fail.error.retry_after_s == 2
+    assert pool.expire(3, 6.0) == []  # it is gone
+    assert pool.counters["timeouts"] == 1
+
+
+def test_the_first_waiter_of_another_model_takes_a_released_worker_by_eviction() -> None:
+    pool = core(capacity=1)
+    (spawn,) = pool.arrive(1, "a", 0.0, 10.0)
+    pool.ready(spawn.worker_id, 0.5, 500.0)
+    pool.arrive(2, "b", 1.0, 11.0)
+    pool.arrive(3, "a", 2.0, 12.0)
+    (evicting,) = pool.released(spawn.worker_id, 3.0)  # FIFO: b came first
+    assert isinstance(evicting, SpawnWorker) and evicting.request_id == 2 and evicting.evict == (spawn.worker_id,)
+
+
+def test_an_evicting_spawn_goes_to_the_first_waiter() -> None:
+    pool = core(capacity=1)
+    a = serve(pool, 1, "a", 0.0)
+    (first,) = pool.arrive(2, "b", 1.0, 11.0)
+    assert isinstance(first, SpawnWorker) and first.evict == (a,) and first.request_id == 2
+    assert pool.arrive(3, "b", 1.0, 11.0) == []  # no room: it waits for request 2's worker to free up
+    (grant,) = pool.ready(first.worker_id, 2.0, 1000.0)
+    assert isinstance(grant, Grant) and grant.request_id == 2
+    (warm,) = pool.released(first.worker_id, 2.1)
+    assert isinstance(warm, Grant) and warm.request_id == 3 and not warm.cold_start
+
+
+def test_a_full_queue_rejects_at_once() -> None:
+    pool = core(capacity=1, queue_max=2)
+    pool.arrive(1, "a", 0.0, 10.0)
+    pool.arrive(2, "a", 0.0, 10.0)
+    (fail,) = pool.arrive(3, "a", 0.0, 10.0)
+    assert isinstance(fail, Fail) and "wait queue is full (2 requests)" in str(fail.error)
+    assert pool.counters["rejected"] == 1
+
+
+def test_a_start_under_way_serves_the_next_waiter_when_its_request_times_out() -> None:
+    pool = core(capacity=1)
+    (spawn,) = pool.arrive(1, "a", 0.0, 1.0)
+    assert pool.arrive(2, "a", 0.5, 30.0) == []
+    pool.expire(1, 1.0)
+    (grant,) = pool.ready(spawn.worker_id, 3.0, 3000.0)
+    assert isinstance(grant, Grant) and grant.request_id == 2 and not grant.cold_start
+
+
+def test_failed_starts_back_off_doubling_and_reset_on_success() -> None:
+    pool = core()
+    (spawn,) = pool.arrive(1, "a", 0.0, 10.0)
+    error = WorkerStartError("bundle is broken")
+    assert pool.start_failed(spawn.worker_id, 0.5, error) == [Fail(1, error)]
+    (fail,) = pool.arrive(2, "a", 1.0, 11.0)
+    assert isinstance(fail, Fail) and isinstance(fail.error, ModelUnavailable)
+    assert "failed to start 1 time(s) in a row; next try in 0.5 s. Last error: bundle is broken" in str(fail.error)
+    (spawn,) = pool.arrive(3, "a", 1.6, 11.6)  # after 1 s
+    pool.start_failed(spawn.worker_id, 2.0, error)
+    assert pool.backoff["a"].until == 4.0  # 2 s now
+    assert isinstance(pool.arrive(4, "b", 2.0, 12.0)[0], SpawnWorker)  # other models are not held up
+    (spawn,) = pool.arrive(5, "a", 4.5, 14.5)
+    pool.ready(spawn.worker_id, 5.0, 500.0)
+    assert "a" not in pool.backoff and pool.counters["spawn_failures"] == 2
+
+
+def test_a_failed_request_stops_its_worker_and_a_retry_is_counted() -> None:
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    pool.arrive(2, "a", 1.0, 11.0)
+    assert pool.released(a, 1.1, ok=False, reason="timeout") == [StopWorker(a, "a", "timeout")]
+    assert pool.workers[a].state is State.STOPPING and pool.reaps["timeout"] == 1
+    (spawn,) = pool.arrive(3, "a", 1.2, 11.2, retry=True)
+    assert isinstance(spawn, SpawnWorker) and pool.counters["retries"] == 1
+    assert pool.stopped(a, 1.5) == [] and a not in pool.workers
+
+
+def test_a_worker_that_dies_idle_is_stopped_and_one_that_dies_busy_is_not_reused() -> None:
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    assert pool.died(a, 1.0, "exit 137") == [StopWorker(a, "a", "crashed", 1.0)]
+    b = serve(pool, 2, "b", 2.0)
+    pool.arrive(3, "b", 3.0, 13.0)
+    assert pool.died(b, 3.5, "oom") == []
+    assert pool.released(b, 4.0, ok=True) == [StopWorker(b, "b", "crashed")]
+    assert pool.reaps["crashed"] == 2
+
+
+def test_tick_reaps_idle_workers_past_their_ttl_oldest_first() -> None:
+    pool = core(capacity=3)
+    a = serve(pool, 1, "a", 0.0)
+    quick = serve(pool, 2, "quick", 1.0)
+    b = serve(pool, 3, "b", 2.0)
+    assert pool.next_wakeup() == 6.0  # quick: 1 + 5 s
+    assert pool.tick(6.0) == []  # not yet: idle longer than the TTL, not as long
+    assert pool.tick(6.5) == [StopWorker(quick, "quick", "ttl", 5.5)]
+    assert pool.next_wakeup() == 30.0
+    assert pool.tick(33.0) == [StopWorker(a, "a", "ttl", 33.0), StopWorker(b, "b", "ttl", 31.0)]
+    assert pool.reaps["ttl"] == 3
+
+
+def test_a_reused_worker_starts_its_idle_clock_again() -> None:
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    pool.arrive(2, "a", 20.0, 30.0)
+    pool.released(a, 25.0)
+    assert pool.tick(40.0) == [] and pool.next_wakeup() == 55.0
+
+
+def test_gpu_pressure_stops_idle_workers_lru_first_until_below_the_low_watermark() -> None:
+    pool = core(capacity=3)
+    ids = [serve(pool, i, m, float(i)) for i, m in enumerate("abc", start=1)]
+    for worker_id in ids:
+        pool.workers[worker_id].gpu_mb, pool.workers[worker_id].device = 3000, "0"
+    commands = pool.tick(4.0, [GpuReading("0", 9500, 10_000)])
+    assert [(c.worker_id, c.reason) for c in commands if isinstance(c, StopWorker)] == [(ids[0], "gpu_pressure")]
+
+
+def test_close_fails_waiters_and_stop_all_stops_every_worker() -> None:
+    pool = core(capacity=1)
+    a = serve(pool, 1, "a", 0.0)
+    pool.arrive(2, "a", 1.0, 11.0)
+    assert pool.arrive(3, "b", 1.0, 11.0) == []
+    (fail,) = pool.close(2.0)
+    assert fail.request_id == 3 and isinstance(fail.error, BackendUnavailable)
+    assert isinstance(pool.arrive(4, "a", 2.0, 12.0)[0], Fail)
+    assert pool.in_flight()
+    assert pool.stop_all(3.0) == [StopWorker(a, "a", "shutdown")]
+
+
+def test_a_worker_that_comes_up_after_shutdown_is_stopped() -> None:
+    pool = core()
+    (spawn,) = pool.arrive(1, "a", 0.0, 10.0)
+    pool.close(1.0)
+    pool.stop_all(1.0)
+    pool.stopped(spawn.worker_id, 1.1)
+    assert pool.ready(spawn.worker_id, 2.0, 2000.0) == [StopWorker(spawn.worker_id, "", "shutdown")]
+
+
+def test_configure_shrinks_the_pool_and_applies_new_ttls_to_idle_workers() -> None:
+    pool = core(capacity=3)
+    a = serve(pool, 1, "a", 0.0)
+    serve(pool, 2, "b", 1.0)
+    commands = pool.configure(CoreConfig(capacity=1, default_ttl_s=100), 2.0)
+    assert commands == [StopWorker(a, "a", "evicted", 2.0)]
+    assert pool.next_wakeup() == 101.0
+
+
+def test_adaptive_keep_alive_unloads_and_prewarms_before_the_expected_request() -> None:
+    pool = core(keepalive="adaptive", capacity=2)
+    now, worker = 0.0, ""
+    for request_id in range(1, 13):  # one request every 600 s: a clear period
+        commands = pool.arrive(request_id, "a", now, now + 10)
+        if commands and isinstance(commands[0], SpawnWorker):
+            worker = commands[0].worker_id
+            pool.ready(worker, now + 2, 2000.0)
+        released = pool.released(worker, now + 2.1)
+        for command in pool.tick(now + 2.2):  # fixed fallback (TTL 30 s) until the history is long enough
+            released.append(command)
+        for command in released:
+            if isinstance(command, StopWorker):
+                pool.stopped(command.worker_id, now + 2.5)
+        if pool.prewarm_at:
+            due = pool.prewarm_at["a"]
+            (prewarm,) = pool.tick(due)
+            assert isinstance(prewarm, SpawnWorker) and prewarm.request_id is None
+            pool.ready(prewarm.worker_id, due + 2, 2000.0)
+            worker = prewarm.worker_id
+        now += 600
+    window = pool.window("a")
+    assert window.source == "histogram" and 450 < window.prewarm_s < 600
+    assert pool.counters["prewarms"] >= 1
+    (grant,) = pool.arrive(99, "a", now, now + 10)  # served by the pre-warmed worker
+    assert isinstance(grant, Grant) and not grant.cold_start
+
+
+def test_unknown_events_for_unknown_workers_change_nothing() -> None:
+    pool = core()
+    assert pool.released("nope", 0.0) == [] and pool.died("nope", 0.0, "x") == []
+    assert pool.stopped("nope", 0.0) == [] and pool.start_failed("nope", 0.0, WorkerStartError("x")) == []
+    assert pool.expire(42, 0.0) == []
+
+
+def test_capacity_zero_means_unbounded() -> None:
+    pool = core(capacity=0, queue_max=64)
+    spawns = [pool.arrive(i, "a", 0.0, 10.0)[0] for i in range(1, 40)]
+    assert all(isinstance(s, SpawnWorker) for s in spawns) and len(pool.workers) == 39

@@ -1,0 +1,158 @@
+"""The simulator: hand-computed runs, and the same commands as the live shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler.core import Command, CoreConfig, Fail, Grant, SpawnWorker, StopWorker
+from scheduler.gpu import GpuMonitor
+from scheduler.models import ModelCatalog
+from scheduler.pool import INLINE, WarmPool
+from scheduler.settings import Settings
+from scheduler.sim import Grid, Profile, Simulator, percentile, run_grid, simulate
+from scheduler.traces import ModelProfile, Trace
+from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
+
+
+def trace(*arrivals: tuple[float, str], memory_mb: float = 1024.0, duration_ms: float = 100.0) -> Trace:
+    models = {m for _, m in arrivals}
+    profiles = {m: ModelProfile(m, memory_mb, ((50.0, duration_ms),)) for m in models}
+    return Trace(tuple(arrivals), profiles, max(t for t, _ in arrivals), "test")
+
+
+def test_a_cold_a_warm_and_a_cold_again_after_the_ttl() -> None:
+    result = simulate(
+        trace((0, "a"), (10, "a"), (100, "a")),
+        CoreConfig(capacity=2, default_ttl_s=30),
+        Profile(spawn_ms=2000, stop_ms=500, infer_ms=100),
+    )
+    assert (result.requests, result.served, result.cold_starts, result.rejected) == (3, 3, 2, 0)
+    assert sorted(result.latencies_ms) == pytest.approx([100, 2100, 2100])
+    # Idle: 2.1 -> 10 (7.9 s), 10.1 -> 40.1 (30 s), 102.1 -> 132.1 (30 s), at 1 GB each.
+    assert result.idle_worker_s == pytest.approx(67.9, abs=1e-3)
+    metrics = result.metrics()
+    assert metrics["cold_rate"] == pytest.approx(2 / 3)
+    assert metrics["idle_gb_h"] == pytest.approx(67.9 / 3600, abs=1e-6)
+    assert metrics["p50_ms"] == pytest.approx(2100)
+
+
+def test_the_trace_durations_are_used_unless_overridden() -> None:
+    result = simulate(trace((0, "a"), (5, "a"), duration_ms=700), CoreConfig(2, 30), Profile(spawn_ms=0))
+    assert sorted(result.latencies_ms) == pytest.approx([700, 700])
+
+
+def test_requests_that_wait_past_their_deadline_are_rejected() -> None:
+    result = simulate(
+        trace((0, "a"), (0.1, "b"), duration_ms=5000),
+        CoreConfig(capacity=1, default_ttl_s=30),
+        Profile(spawn_ms=1000, stop_ms=0),
+        queue_timeout_s=1.5,
+    )
+    assert (result.served, result.rejected) == (1, 1)
+    assert result.metrics()["reject_rate"] == 0.5
+
+
+def test_eviction_costs_the_stop_before_the_start() -> None:
+    result = simulate(
+        trace((0, "a"), (10, "b")),
+        CoreConfig(capacity=1, default_ttl_s=300),
+        Profile(spawn_ms=1000, stop_ms=400, infer_ms=0),
+    )
+    assert sorted(result.latencies_ms) == pytest.approx([1000, 1400])
+    assert result.peak_workers == 1
+
+
+def test_the_tick_interval_delays_reaping_like_the_live_reaper() -> None:
+    exact = simulate(trace((0, "a"), (31.5, "a")), CoreConfig(1, 30), Profile(spawn_ms=0, infer_ms=0))
+    ticked = simulate(trace((0, "a"), (31.5, "a")), CoreConfig(1, 30), Profile(spawn_ms=0, infer_ms=0), tick_s=5)
+    assert (exact.cold_starts, ticked.cold_starts) == (2, 1)  # the 5 s reaper has not run by 31.5 s
+
+
+def test_adaptive_prewarming_turns_periodic_cold_starts_warm() -> None:
+    periodic = trace(*[(i * 600.0, "a") for i in range(40)])
+    config = CoreConfig(capacity=2, default_ttl_s=30)
+    fixed = simulate(periodic, config, Profile(spawn_ms=2000, infer_ms=100))
+    adaptive = simulate(periodic, CoreConfig(2, 30, keepalive="adaptive"), Profile(spawn_ms=2000, infer_ms=100))
+    assert fixed.cold_starts == 40  # every request outlives a 30 s TTL
+    assert adaptive.cold_starts <= 12 and adaptive.prewarms >= 28
+    assert adaptive.idle_worker_s < 40 * 600 * 0.2  # it does not keep the worker all the time
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([1, 2, 3, 4], 0.5) == 2 and percentile([1, 2, 3, 4], 0.99) == 4
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_the_grid_gives_a_point_per_setting_in_order() -> None:
+    grid = Grid(max_workers=(1, 0), ttl_s=(10, 60), keepalive=("fixed",))
+    points, speed = run_grid(trace((0, "a"), (30, "a"), (31, "b")), grid, Profile(spawn_ms=1000, infer_ms=10))
+    assert [(p.max_workers, p.ttl_s) for p in points] == [(1, 10), (1, 60), (0, 10), (0, 60)]
+    assert points[0].cold_rate == 1.0 and points[1].cold_rate == pytest.approx(2 / 3)
+    assert speed > 0
+    parallel, _ = run_grid(trace((0, "a"), (30, "a"), (31, "b")), grid, Profile(spawn_ms=1000, infer_ms=10), jobs=2)
+    assert parallel == points
+
+
+# -- the live shell and the simulator drive the same core ---------------------------------------
+
+
+def normalise(commands: list[Command]) -> list[tuple[Any, ...]]:
+    """Commands without what the two shells name differently (worker ids, their start-up breakdowns)."""
+    names: dict[str, str] = {}
+
+    def name(worker_id: str) -> str:
+        return names.setdefault(worker_id, f"worker{len(names) + 1}")
+
+    shaped: list[tuple[Any, ...]] = []
+    for c in commands:
+        if isinstance(c, SpawnWorker):
+            shaped.append(("spawn", name(c.worker_id), c.model, tuple(name(v) for v in c.evict), c.request_id))
+        elif isinstance(c, StopWorker):
+            shaped.append(("stop", name(c.worker_id), c.model, c.reason, c.idle_s))
+        elif isinstance(c, Grant):
+            shaped.append(("grant", c.request_id, name(c.worker_id), c.model, c.cold_start, c.queue_ms))
+        elif isinstance(c, Fail):
+            shaped.append(("fail", c.request_id, type(c.error).__name__, str(c.error)))
+    return shaped
+
+
+SCHEDULE = [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (5, "c"), (40, "b"), (41, "a"), (43, "c"), (80, "b")]
+
+
+def test_a_recorded_run_gives_the_same_commands_live_and_simulated(tmp_path: Path) -> None:
+    for model in ("a", "b", "c"):
+        make_bundle(tmp_path, model)
+    clock = FakeClock(start=0.0)
+    settings = Settings(models_dir=tmp_path, max_workers=2, idle_ttl_s=30, queue_timeout_s=5)
+    pool = WarmPool(FakeBackend(), ModelCatalog(tmp_path, clock=clock), settings, clock, GpuMonitor(()), INLINE)
+    live: list[Command] = []
+    pool.recorder = lambda name, args, commands: live.extend(commands)
+    pool.start(background=False)
+    arrivals = list(SCHEDULE)
+    for second in range(0, 121):  # the live reaper runs every second, after that second's arrivals
+        clock.t = float(second)
+        while arrivals and arrivals[0][0] == second:
+            pool.predict(arrivals.pop(0)[1], b"x")
+        pool.reap(readings=[])
+    pool.shutdown(grace_s=0)
+
+    simulator = Simulator(
+        trace(*[(float(t), m) for t, m in SCHEDULE]),
+        CoreConfig(capacity=2, default_ttl_s=30, queue_max=settings.queue_max, retry_after_s=5),
+        Profile(spawn_ms=0, stop_ms=0, infer_ms=0),
+        queue_timeout_s=5,
+        tick_s=1.0,
+    )
+    simulator.log = []
+    simulator.run()
+    simulated = [c for _, _, commands in simulator.log for c in commands]
+
+    expected = normalise(live)[: len(simulated)]  # live goes on to its shutdown
+    assert normalise(simulated) == expected
+    kinds = [c[0] for c in expected]
+    assert kinds.count("spawn") == 7 and kinds.count("stop") >= 5 and kinds.count("grant") == len(SCHEDULE)
+    assert any(c[0] == "spawn" and c[3] for c in expected)  # an eviction happened
+    assert any(c[0] == "stop" and c[3] == "ttl" for c in expected)  # and TTL reaps
