@@ -37,7 +37,7 @@ class Settings:
 
     max_workers: int = 2
     idle_ttl_s: float = 30.0
-    keepalive: str = "fixed"
+    keepalive: str = "adaptive"
     gpu_high_watermark: float = 0.90
     gpu_low_watermark: float = 0.80
     request_timeout_s: float = 30.0

@@ -358,6 +358,24 @@ def footprint(gw: Gateway, client: docker.DockerClient, idle_seconds: float) -> 
 # -- report ------------------------------------------------------------------------------------
 
 
+TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "azure2019-sample50"
+
+
+def simulator_speed(quick: bool) -> dict[str, Any]:
+    """Requests per second of wall time the trace simulator replays (one process): a day
+    of the 50-function sample (the low-QPS 38 with --quick), N=8, TTL 60 s."""
+    from scheduler.core import CoreConfig
+    from scheduler.sim import Profile, simulate
+    from scheduler.traces import load_trace
+
+    trace = load_trace(TRACE, max_per_day=1440 if quick else None)
+    speed: dict[str, Any] = {"requests": len(trace.arrivals), "models": len(trace.models())}
+    for policy in ("fixed", "adaptive"):
+        result = simulate(trace, CoreConfig(capacity=8, default_ttl_s=60, keepalive=policy), Profile(infer_ms=5))
+        speed[policy] = {"wall_s": round(result.wall_s, 2), "requests_per_s": round(result.requests / result.wall_s)}
+    return speed
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
 
@@ -405,6 +423,11 @@ def table(results: dict[str, Any]) -> str:
     row("gateway idle CPU (%)", str(f["gateway_idle_cpu_percent"]))
     row("image size (GB)", str(f["image_size_gb"]))
     row("worker container memory (MB)", ", ".join(map(str, f["worker_container_memory_mb"])))
+    sim = results.get("simulator")
+    if sim:
+        lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
+        for policy in ("fixed", "adaptive"):
+            row(f"{policy}, N=8, TTL 60 s", f"{sim[policy]['requests_per_s']:>7} req/s  ({sim[policy]['wall_s']} s)")
     return "\n".join(lines)
 
 
@@ -424,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "make bench" + (" BENCH_ARGS=--quick" if args.quick else ""),
     }
+    if TRACE.is_dir():
+        print("simulator ...", file=sys.stderr)
+        results["simulator"] = simulator_speed(args.quick)
     with tempfile.TemporaryDirectory(prefix="wanwu-bench-") as tmp:
         workdir = Path(tmp)
         quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}

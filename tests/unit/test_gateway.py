@@ -219,7 +219,7 @@ def test_no_cache_asks_a_worker_again(client: FlaskClient, backend: FakeBackend)
 def test_pool_status_carries_the_live_settings(client: FlaskClient) -> None:
     body = client.get("/v1/pool").get_json()
     assert body["settings"]["max_workers"] == 1 and body["settings"]["queue_timeout_s"] == 2
-    assert body["settings"]["keepalive"] == "fixed" and body["keepalive"]["policy"] == "fixed"
+    assert body["settings"]["keepalive"] == "adaptive" and body["keepalive"]["policy"] == "adaptive"
 
 
 def test_the_json_access_log_has_a_line_per_request(tmp_path: Path, backend: FakeBackend) -> None:
