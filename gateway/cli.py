@@ -14,6 +14,8 @@ import click
 from scheduler.errors import WanwuError
 from scheduler.settings import Settings
 
+from .client import request_json as _request
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -126,24 +128,6 @@ def _url_option(func: F) -> F:
     return click.option(
         "--url", default="http://127.0.0.1:8080", show_default=True, envvar="WANWU_URL", help="The gateway's address."
     )(func)
-
-
-def _request(method: str, url: str, **kwargs: Any) -> Any:
-    import requests
-
-    try:
-        response = requests.request(method, url, timeout=kwargs.pop("timeout", 120), **kwargs)
-    except requests.RequestException as exc:
-        raise GatewayUnreachable(f"cannot reach {url}: {exc}") from exc
-    try:
-        body = response.json()
-    except ValueError:
-        raise GatewayUnreachable(f"{url} answered {response.status_code} without JSON: {response.text[:200]}") from None
-    return response.status_code, body
-
-
-class GatewayUnreachable(WanwuError):
-    """The gateway did not answer, or not with JSON."""
 
 
 @cli.command()
@@ -259,8 +243,8 @@ def _numbers(kind: Callable[[str], Any], what: str) -> Callable[[click.Context, 
             values = [kind(item.strip()) for item in raw.split(",") if item.strip()]
         except ValueError:
             raise click.BadParameter(f"{raw!r}: expected {what} separated by commas") from None
-        if not values or any(v < 0 for v in values):
-            raise click.BadParameter(f"{raw!r}: expected {what} (>= 0) separated by commas")
+        if not values or any(not 0 <= v < float("inf") for v in values):  # also refuses nan and inf
+            raise click.BadParameter(f"{raw!r}: expected {what} (>= 0, finite) separated by commas")
         return values
 
     return parse
@@ -476,7 +460,7 @@ def tune(
     "models",
     default=None,
     help="Model(s) to send to, comma-separated; the trace's functions are spread over them in turn "
-    "[default: the gateway's default model].",
+    "[default: models the gateway serves keep their names, the rest go to its default model].",
 )
 @click.option(
     "--stop-ms",
@@ -484,6 +468,12 @@ def tune(
     show_default=True,
     type=click.FloatRange(min=0),
     help="For the prediction: time to stop and remove a worker.",
+)
+@click.option(
+    "--spawn-ms",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="For the prediction, when no answer was a cold start: a worker's start-up time.",
 )
 @click.option(
     "--concurrency",
@@ -503,6 +493,7 @@ def replay(
     speedup: float,
     models: str | None,
     stop_ms: float,
+    spawn_ms: float | None,
     concurrency: int,
     as_json: bool,
 ) -> None:
@@ -524,17 +515,22 @@ def replay(
         seed=seed,
         models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
         stop_ms=stop_ms,
+        spawn_ms=spawn_ms,
         concurrency=concurrency,
         progress=say,
     )
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False))
         return
+    measured, predicted = report["measured"], report["predicted"] or {}
     rows = [
-        (key, _show(report["measured"][key]), _show(report["predicted"][key]))
-        for key in ("requests", "cold_starts", "cold_rate", "reject_rate", "p50_ms", "p99_ms")
+        (key, _show(measured[key]), _show(predicted[key]) if key in predicted else "-")
+        for key in ("requests", "cold_starts", "cold_rate", "reject_rate", "errors", "p50_ms", "p99_ms")
     ]
     _table(("", "measured", "predicted"), rows)
+    if "note" in report:
+        click.echo(f"no prediction: {report['note']}")
+        return
     settings, profile = report["settings"], report["profile"]
     click.echo(
         f"slice {report['slice']}, speed-up {report['speedup']:g}x; predicted with N={settings['max_workers']}, "
@@ -544,6 +540,8 @@ def replay(
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, float) and value != value:
+        return "-"  # NaN: nothing was served
     if isinstance(value, float):
         return f"{value:.4f}" if value < 1 else f"{value:.1f}"
     return str(value)

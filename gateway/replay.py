@@ -26,9 +26,11 @@ from scheduler.errors import WanwuError
 from scheduler.sim import Profile, percentile, simulate
 from scheduler.traces import Trace, load_trace
 
+from .client import request_json
+
 
 class ReplayError(WanwuError):
-    """The replay cannot run: the gateway is unreachable, too old, or knows no such model."""
+    """The replay cannot run: the gateway is too old, or knows no such model."""
 
 
 @dataclass
@@ -55,12 +57,10 @@ def picture() -> bytes:
 
 
 def _get(url: str) -> Any:
-    try:
-        response = requests.get(url, timeout=10)
-        response.raise_for_status()
-        return response.json()
-    except (requests.RequestException, ValueError) as exc:
-        raise ReplayError(f"cannot read {url}: {exc}") from exc
+    status, body = request_json("GET", url, timeout=10)
+    if status != 200 or not isinstance(body, dict):
+        raise ReplayError(f"{url} answered {status}: {str(body)[:200]}")
+    return body
 
 
 def gateway_settings(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -71,9 +71,11 @@ def gateway_settings(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return pool, _get(f"{url}/v1/models")
 
 
-def assign(trace: Trace, models: Sequence[str]) -> Trace:
-    """Spread the trace's functions over ``models`` in turn, in order of first request."""
-    return trace.mapped({name: models[i % len(models)] for i, name in enumerate(trace.models())})
+def assign(trace: Trace, models: Sequence[str], known: frozenset[str] = frozenset()) -> Trace:
+    """Send the trace's models the gateway serves to themselves (an access log of this
+    gateway), and spread the others over ``models`` in turn, in order of first request."""
+    others = [name for name in trace.models() if name not in known]
+    return trace.mapped({name: models[i % len(models)] for i, name in enumerate(others)})
 
 
 def send_all(
@@ -92,7 +94,6 @@ def send_all(
     start = time.monotonic()
 
     def one(at: float, model: str) -> None:
-        began = time.monotonic()
         try:
             response = session.post(
                 f"{url}/v1/models/{model}/predict",
@@ -100,20 +101,28 @@ def send_all(
                 headers={"Content-Type": "image/png", "Cache-Control": "no-cache"},
                 timeout=300,
             )
-            status, answer = response.status_code, response.json()
-        except (requests.RequestException, ValueError) as exc:
-            status, answer = 0, {"error": {"message": str(exc)}}
-        latency = (time.monotonic() - began) * 1000
-        timing = answer.get("timing_ms", {}) if status == 200 else {}
+            status = response.status_code
+            try:
+                answer = response.json()
+            except ValueError:  # a proxy's error page, say: the status still counts
+                answer = {}
+        except requests.RequestException:
+            status, answer = 0, {}
+        # From when it was due, as the simulator counts: a client running late shows too.
+        latency = (time.monotonic() - (start + at)) * 1000
+        if not isinstance(answer, dict) or status != 200:
+            answer = {}
+        raw_timing = answer.get("timing_ms")
+        timing: dict[str, Any] = raw_timing if isinstance(raw_timing, dict) else {}
         outcome = Outcome(
             model,
             at,
             status,
             latency,
-            bool(answer.get("cold_start")) if status == 200 else False,
-            float(timing.get("spawn", 0.0)),
-            float(timing.get("worker", 0.0)),
-            float(timing.get("queue", 0.0)),
+            answer.get("cold_start") is True,
+            _number(timing.get("spawn")),
+            _number(timing.get("worker")),
+            _number(timing.get("queue")),
         )
         with lock:
             outcomes.append(outcome)
@@ -132,6 +141,10 @@ def send_all(
     return sorted(outcomes, key=lambda o: o.sent_at)
 
 
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     served = sorted(o.latency_ms for o in outcomes if o.status == 200)
     total = len(outcomes)
@@ -148,15 +161,17 @@ def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
-def profile_of(outcomes: Sequence[Outcome], stop_ms: float) -> Profile:
-    """Start-up and service times as measured: the median spawn of cold answers, and the
-    median of what each answer took beyond queueing and start-up (HTTP, gateway and
-    worker time)."""
+def profile_of(outcomes: Sequence[Outcome], stop_ms: float, spawn_ms: float | None = None) -> Profile | None:
+    """Start-up and service times as measured: the median spawn of cold answers (or
+    ``spawn_ms`` when none was cold), and the median of what each answer took beyond
+    queueing and start-up (HTTP, gateway and worker time). None without answers."""
     spawns = [o.spawn_ms for o in outcomes if o.cold_start and o.spawn_ms > 0]
     service = [max(0.0, o.latency_ms - o.queue_ms - o.spawn_ms) for o in outcomes if o.status == 200]
-    if not spawns or not service:
-        raise ReplayError("the replay got no cold and warm answers to measure start-up and inference times from")
-    return Profile(spawn_ms=statistics.median(spawns), stop_ms=stop_ms, infer_ms=statistics.median(service))
+    if spawns:
+        spawn_ms = statistics.median(spawns)
+    if spawn_ms is None or not service:
+        return None
+    return Profile(spawn_ms=spawn_ms, stop_ms=stop_ms, infer_ms=statistics.median(service))
 
 
 def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:
@@ -191,10 +206,12 @@ def replay_trace(
     seed: int = 0,
     models: Sequence[str] | None = None,
     stop_ms: float = 300.0,
+    spawn_ms: float | None = None,
     concurrency: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Replay ``path`` against ``url`` and return ``{"measured", "predicted", ...}``."""
+    """Replay ``path`` against ``url`` and return ``{"measured", "predicted", ...}``;
+    ``predicted`` is None (with a ``note``) when nothing could be measured to predict with."""
     url = url.rstrip("/")
     pool, listed = gateway_settings(url)
     known = {m["name"] for m in listed.get("models", [])}
@@ -205,7 +222,8 @@ def replay_trace(
     unknown = [m for m in targets if m not in known]
     if unknown:
         raise ReplayError(f"{url} serves no model named {', '.join(unknown)} (it has: {', '.join(sorted(known))})")
-    trace = assign(load_trace(path, max_per_day=max_per_day, minutes=minutes, seed=seed), targets).compressed(speedup)
+    loaded = load_trace(path, max_per_day=max_per_day, minutes=minutes, seed=seed)
+    trace = assign(loaded, targets, frozenset() if models else frozenset(known)).compressed(speedup)
     if not trace.arrivals:
         raise ReplayError(f"{path}: no requests in the chosen slice")
     if pool.get("workers"):
@@ -214,13 +232,17 @@ def replay_trace(
     if progress:
         progress(f"replay: {len(trace.arrivals)} requests over {trace.span_s:.0f} s to {', '.join(targets)}")
     outcomes = send_all(url, trace, concurrency, progress)
-    profile = profile_of(outcomes, stop_ms)
-    return {
+    profile = profile_of(outcomes, stop_ms, spawn_ms)
+    report: dict[str, Any] = {
         "measured": measured(outcomes),
-        "predicted": predicted(trace, pool, profile),
+        "predicted": None if profile is None else predicted(trace, pool, profile),
         "slice": f"minutes {minutes[0]}:{minutes[1]}" if minutes else "the whole trace",
         "speedup": speedup,
         "models": targets,
         "settings": pool["settings"],
-        "profile": {"spawn_ms": profile.spawn_ms, "infer_ms": profile.infer_ms, "stop_ms": profile.stop_ms},
     }
+    if profile is None:
+        report["note"] = "no answer was a cold start (or none succeeded): pass --spawn-ms to predict anyway"
+    else:
+        report["profile"] = {"spawn_ms": profile.spawn_ms, "infer_ms": profile.infer_ms, "stop_ms": profile.stop_ms}
+    return report

@@ -62,6 +62,7 @@ class CoreConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     keepalive: str = "fixed"
+    tick_s: float = 0.0  # how late a tick may come (the live reaper's interval): pre-warms start that early
 
     @property
     def limits(self) -> policy.Limits:
@@ -127,7 +128,6 @@ class Worker:
     spawn_ms: float = 0.0
     spawn_breakdown: Mapping[str, float] = field(default_factory=dict)
     keep_s: float = 0.0  # how long it may stay idle, decided when it went idle
-    prewarmed: bool = False
 
 
 @dataclass(eq=False)
@@ -164,6 +164,7 @@ class PoolCore:
         self.keepalive: KeepAlive = make(config.keepalive)
         self._limits = config.limits
         self._start_s: dict[str, float] = {}  # model -> its last start-up time
+        self._last_arrival: dict[str, float] = {}  # model -> its last request (idle times count from there)
         self._windows: dict[str, Window] = {}  # model -> keep-alive window, until its inputs change
         self._expiry: list[tuple[float, str, float]] = []  # heap of (idle until, worker id, idle since)
         self._ids = itertools.count(1)
@@ -184,6 +185,7 @@ class PoolCore:
         else:
             self.keepalive.observe(model, now)
             self._windows.pop(model, None)
+            self._last_arrival[model] = now
         self.prewarm_at.pop(model, None)  # the request itself is here
         self.queue.append(Request(request_id, model, deadline, now))
         return self._dispatch(now)
@@ -269,8 +271,10 @@ class PoolCore:
         window = self._window(worker.model)
         if ok and worker.dead is None and not self.closing:
             self._idle(worker, now, window.keep_s)
-        else:
+        elif not ok or worker.dead is not None:
             commands.append(self._stop(worker, reason if not ok else "crashed", now))
+        else:  # a sound worker finishing during a shutdown
+            commands.append(self._stop(worker, "shutdown", now))
         commands += self._dispatch(now)
         if window.prewarm_s > 0 and self._current((0.0, worker_id, now)):  # nobody took it
             commands += self._unload_until_prewarm(worker, window, now)
@@ -338,9 +342,12 @@ class PoolCore:
         return [self._fail(r, error) for r in list(self.queue) if r.spawning is None]
 
     def stop_all(self, now: float) -> list[Command]:
-        """Stop every worker that is not already stopping."""
+        """Stop every worker that is not already stopping; requests still waiting (for a
+        start that outlived the grace period) fail now, as nothing will serve them."""
         live = [w for w in self.workers.values() if w.state is not State.STOPPING]
-        return [self._stop(w, "shutdown", now) for w in live]
+        commands: list[Command] = [self._stop(w, "shutdown", now) for w in live]
+        error = BackendUnavailable("the pool is shutting down")
+        return commands + [self._fail(r, error) for r in list(self.queue)]
 
     # -- what the shell may read ---------------------------------------------------------
 
@@ -389,11 +396,25 @@ class PoolCore:
                 # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
                 commands.append(self._fail(request, self._backoff_error(request.model, backoff, now)))
             elif isinstance(decision, policy.Spawn) and request.spawning is None:
-                commands.append(self._spawn(request.model, decision, now, request))
+                starting = self._unreserved_start(request.model)
+                if starting is not None:  # a pre-warm, or a start whose request gave up: wait for it
+                    starting.reserved_for, request.spawning = request.id, starting.id
+                else:
+                    commands.append(self._spawn(request.model, decision, now, request))
                 decided.clear()
             elif isinstance(decision, policy.Reject):
                 commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
         return commands
+
+    def _unreserved_start(self, model: str) -> Worker | None:
+        return next(
+            (
+                w
+                for w in self.workers.values()
+                if w.model == model and w.state is State.STARTING and w.reserved_for is None
+            ),
+            None,
+        )
 
     def _full_and_busy(self, now: float) -> bool:
         """No waiter can be served, failed or rejected now: no room, no idle worker, no
@@ -437,7 +458,6 @@ class PoolCore:
             decision.device,
             gpu_mb=self.config.estimates_mb.get(model, 0.0),
             reserved_for=None if request is None else request.id,
-            prewarmed=request is None,
         )
         self.workers[worker.id] = worker
         if request is not None:
@@ -474,8 +494,14 @@ class PoolCore:
     def _unload_until_prewarm(self, worker: Worker, window: Window, now: float) -> list[Command]:
         """Adaptive keep-alive: a model whose next request is not expected for a while
         gives its worker back at once and gets one pre-warmed shortly before then."""
-        lead = self._start_s.get(worker.model, 0.0)
-        self.prewarm_at[worker.model] = now + max(0.0, window.prewarm_s - lead)
+        # Idle times are counted from arrivals, and a tick may come up to tick_s late.
+        lead = self._start_s.get(worker.model, 0.0) + self.config.tick_s
+        due = self._last_arrival.get(worker.model, now) + window.prewarm_s - lead
+        if due <= now + lead:  # no time to stop and start again: keep it through the pre-warm window too
+            worker.keep_s = window.prewarm_s + window.keep_s
+            heapq.heappush(self._expiry, (now + worker.keep_s, worker.id, now))
+            return []
+        self.prewarm_at[worker.model] = due
         return [self._stop(worker, "ttl", now)]
 
     def _prewarm_due(self, now: float) -> list[Command]:

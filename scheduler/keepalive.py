@@ -85,7 +85,8 @@ class FixedKeepAlive:
 
 # Bin edges in seconds: 0, then 1 s growing by 10 % up to 4 hours (about 100 bins).
 RANGE_S = 4 * 3600.0
-_EDGES: tuple[float, ...] = (0.0, *(1.1**i for i in range(int(math.log(RANGE_S) / math.log(1.1)) + 2)))
+_EDGES: tuple[float, ...] = (0.0, *(1.1**i for i in range(int(math.log(RANGE_S) / math.log(1.1)) + 1)))
+assert _EDGES[-1] < RANGE_S  # the last bin ends at RANGE_S (``_upper``)
 
 
 class _Histogram:
@@ -227,7 +228,7 @@ class AdaptiveKeepAlive(_HistogramPolicy):
         # Optimal windows start and end at occupied bins (an empty bin only adds idle time),
         # or keep for the whole range: a few hundred pairs, not ten thousand.
         occupied = [i for i, count in enumerate(counts) if count]
-        ends = [*occupied, n_bins - 1]
+        ends = sorted({0, *occupied, n_bins - 1})  # 0: hardly keep it at all
         best: tuple[float, float, float] | None = None  # (cost, prewarm, keep)
         for a in [0, *occupied]:
             prewarm = _EDGES[a]
@@ -249,7 +250,7 @@ class AdaptiveKeepAlive(_HistogramPolicy):
 
 
 def make(name: str) -> KeepAlive:
-    """The policy called ``name`` (``fixed`` or ``adaptive``)."""
+    """The policy called ``name``: ``fixed``, ``adaptive`` or ``hybrid``."""
     factories: dict[str, Callable[[], KeepAlive]] = {
         "fixed": FixedKeepAlive,
         "adaptive": AdaptiveKeepAlive,

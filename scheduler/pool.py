@@ -174,6 +174,7 @@ class WarmPool:
             backoff_base_s=self._backoff[0],
             backoff_max_s=self._backoff[1],
             keepalive=s.keepalive,
+            tick_s=s.reap_interval_s,
         )
 
     @property
@@ -454,7 +455,10 @@ class WarmPool:
         """An action that hands ``fn(*args)`` to the executor."""
 
         def action() -> None:
-            self._executor.submit(fn, *args)
+            try:
+                self._executor.submit(fn, *args)
+            except RuntimeError:  # the executor is shut down: a start that outlived the shutdown; stop it here
+                fn(*args)
 
         return action
 

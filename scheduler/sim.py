@@ -101,7 +101,7 @@ class Simulator:
         seed: int = 0,
     ) -> None:
         self.trace, self.profile = trace, profile
-        self.core = PoolCore(config, id_prefix="sim")
+        self.core = PoolCore(replace(config, tick_s=tick_s or 0.0), id_prefix="sim")
         self.queue_timeout_s = queue_timeout_s
         self.tick_s = tick_s
         self._rng = random.Random(seed)
@@ -134,7 +134,7 @@ class Simulator:
             self._carry_out(commands, now)
             self._schedule_tick(now)
             result.events += 1
-        for since, model in self._idle_since.values():  # only when the loop was cut short
+        for since, model in self._idle_since.values():  # workers kept for ever (an infinite keep-alive)
             self._add_idle(model, since, now)
         result.wall_s = time.perf_counter() - started
         return result

@@ -449,8 +449,17 @@ def _percentile_points(samples: Sequence[float]) -> tuple[tuple[float, float], .
     return tuple(zip(_PERCENTILES, _running_max(values), strict=True))
 
 
+def _reached_pool(entry: Mapping[str, Any]) -> bool:
+    """Whether a request asked the pool for a worker: not answered from the result cache,
+    not refused at the edge (4xx: bad upload, unknown model); 2xx and 5xx did."""
+    status = entry.get("status")
+    if entry.get("cached") is True or not isinstance(status, int):
+        return False
+    return not 400 <= status < 500
+
+
 def _read_access_log(path: Path) -> tuple[list[float], list[str], dict[str, list[float]]]:
-    """Times and models of the POSTs naming a model, and worker times by model."""
+    """Times and models of the POSTs that reached the pool, and worker times by model."""
     times: list[float] = []
     models: list[str] = []
     worker: dict[str, list[float]] = {}
@@ -468,7 +477,7 @@ def _read_access_log(path: Path) -> tuple[list[float], list[str], dict[str, list
                 raise TraceError(f"{path}, line {line_no}: expected a JSON object, got {type(entry).__name__}")
             seen_object = True
             model = entry.get("model")
-            if not isinstance(model, str) or not model or entry.get("method") != "POST":
+            if not isinstance(model, str) or not model or entry.get("method") != "POST" or not _reached_pool(entry):
                 continue
             ts = entry.get("ts")
             if not _is_number(ts):

@@ -54,11 +54,15 @@ class Point:
             "requests": self.requests,
             "cold_rate": round(self.cold_rate, 6),
             "reject_rate": round(self.reject_rate, 6),
-            "p50_ms": round(self.p50_ms, 3),
-            "p99_ms": round(self.p99_ms, 3),
+            "p50_ms": _finite(self.p50_ms, 3),  # NaN (nothing served) is no JSON: null
+            "p99_ms": _finite(self.p99_ms, 3),
             "idle_worker_s": round(self.idle_worker_s, 1),
             "idle_gb_h": round(self.idle_gb_h, 6),
         }
+
+
+def _finite(value: float, decimals: int) -> float | None:
+    return round(value, decimals) if math.isfinite(value) else None
 
 
 def _trim(value: float, decimals: int) -> str:

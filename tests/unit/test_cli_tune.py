@@ -67,7 +67,9 @@ def test_tune_prints_a_table_with_the_front_and_a_recommendation(azure: Path) ->
     ("args", "message"),
     [
         (["--ttl", "ten"], "'ten': expected seconds separated by commas"),
-        (["--max-workers", "-1"], "expected integers (>= 0)"),
+        (["--max-workers", "-1"], "expected integers (>= 0, finite)"),
+        (["--ttl", "inf"], "expected seconds (>= 0, finite)"),
+        (["--ttl", "nan"], "expected seconds (>= 0, finite)"),
         (["--keepalive", "lru"], "expected some of fixed, adaptive"),
         (["--minutes", "5"], "expected A:B"),
     ],

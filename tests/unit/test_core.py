@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+
+import pytest
+
 from scheduler.core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
 from scheduler.errors import BackendUnavailable, CapacityExhausted, ModelUnavailable, WorkerStartError
 from scheduler.policy import GpuReading, State
@@ -256,3 +260,56 @@ def test_capacity_zero_means_unbounded() -> None:
     pool = core(capacity=0, queue_max=64)
     spawns = [pool.arrive(i, "a", 0.0, 10.0)[0] for i in range(1, 40)]
     assert all(isinstance(s, SpawnWorker) for s in spawns) and len(pool.workers) == 39
+
+
+def test_a_request_waits_for_a_start_nobody_claimed_instead_of_starting_another() -> None:
+    pool = core(capacity=2)
+    (spawn,) = pool.arrive(1, "a", 0.0, 1.0)
+    pool.expire(1, 1.0)  # its request gave up; the start goes on
+    assert pool.arrive(2, "a", 1.5, 11.5) == []  # it claims that start rather than a second one
+    (grant,) = pool.ready(spawn.worker_id, 2.0, 2000.0)
+    assert isinstance(grant, Grant) and grant.request_id == 2 and grant.cold_start
+    assert len(pool.workers) == 1
+
+
+def test_stop_all_fails_requests_still_waiting_for_a_start() -> None:
+    pool = core()
+    (spawn,) = pool.arrive(1, "a", 0.0, 10.0)
+    assert pool.close(1.0) == []  # its start is under way: it may still be served within the grace
+    stop, fail = pool.stop_all(2.0)
+    assert stop == StopWorker(spawn.worker_id, "a", "shutdown") and isinstance(fail, Fail)
+    assert isinstance(fail.error, BackendUnavailable) and pool.queue == collections.deque()
+
+
+def test_a_sound_worker_finishing_during_shutdown_is_stopped_as_shutdown_not_crashed() -> None:
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    pool.arrive(2, "a", 1.0, 11.0)
+    pool.close(2.0)
+    assert pool.released(a, 2.5) == [StopWorker(a, "a", "shutdown")]
+    assert pool.reaps["crashed"] == 0
+
+
+def test_prewarms_count_from_the_last_arrival_and_allow_for_the_start_and_a_late_tick() -> None:
+    pool = core(keepalive="adaptive", tick_s=1.0)
+    worker = ""
+    for request_id in range(1, 13):
+        now = (request_id - 1) * 600.0
+        for command in pool.arrive(request_id, "a", now, now + 10):
+            if isinstance(command, SpawnWorker):
+                worker = command.worker_id
+                pool.ready(worker, now + 2, 2000.0)
+        for command in pool.released(worker, now + 5.0):  # 5 s after its arrival
+            if isinstance(command, StopWorker):
+                pool.stopped(command.worker_id, now + 5.5)
+        for command in pool.tick(now + 6):
+            if isinstance(command, StopWorker):
+                pool.stopped(command.worker_id, now + 6.5)
+        due = pool.prewarm_at.get("a")
+        if due is not None:
+            window = pool.window("a")
+            assert due == pytest.approx(now + window.prewarm_s - 2.0 - 1.0)  # arrival + pre-warm - start - tick
+            (prewarm,) = pool.tick(due)
+            worker = prewarm.worker_id
+            pool.ready(worker, due + 2, 2000.0)
+    assert pool.counters["prewarms"] >= 1

@@ -301,3 +301,38 @@ def test_snapshot_describes_workers(pool: WarmPool, clock: FakeClock) -> None:
     assert worker.model == "a" and worker.state == "idle" and worker.idle_s == 3 and worker.requests == 1
     assert worker.gpu_mb == 1000  # the bundle's estimate until the worker reports its own
     assert pool.snapshot().to_json()["workers"][0]["model"] == "a"
+
+
+def test_a_start_that_outlives_the_shutdown_is_stopped_and_its_request_fails(
+    backend: FakeBackend, models: Path
+) -> None:
+    from scheduler.clock import MonotonicClock
+
+    release, spawning = threading.Event(), threading.Event()
+
+    def slow_start(request: object) -> None:  # the container takes its time to come up
+        spawning.set()
+        release.wait(10)
+
+    backend.on_spawn = slow_start
+    config = Settings(models_dir=models, max_workers=1, queue_timeout_s=30)
+    pool = WarmPool(backend, ModelCatalog(models), config, clock=MonotonicClock(), gpu=GpuMonitor(()))
+    pool.start(background=False)
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            pool.acquire("a", pool.clock.now() + 30)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            errors.append(exc)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert spawning.wait(5)
+    stopper = threading.Thread(target=lambda: pool.shutdown(grace_s=0.1))
+    stopper.start()
+    asker.join(5)
+    assert errors and isinstance(errors[0], BackendUnavailable)  # at the shutdown, not after 30 s
+    release.set()  # the container comes up after all...
+    stopper.join(10)
+    assert backend.live == {}  # ...and is removed

@@ -366,7 +366,7 @@ def write_log(path: Path, lines: list[Any]) -> Path:
     return path
 
 
-def test_log_keeps_posts_that_name_a_model(tmp_path: Path) -> None:
+def test_log_keeps_posts_that_reached_the_pool(tmp_path: Path) -> None:
     log = write_log(
         tmp_path / "access.jsonl",
         [
@@ -376,13 +376,16 @@ def test_log_keeps_posts_that_name_a_model(tmp_path: Path) -> None:
             entry(1005.5, None),
             entry(1003.0, ""),
             entry(1002.25, "b"),
-            entry(1010.0, "a", cached=True),
+            entry(1010.0, "a", cached=True),  # answered from the result cache
+            entry(1011.0, "zzz", status=404),  # refused at the edge: no such model
+            entry(1012.0, "a", status=415),  # refused at the edge: not an image
+            entry(1009.0, "a", status=503),  # the pool had no worker in time: demand all the same
             entry(1004.0, "b", method="GET"),
         ],
     )
     trace = load_trace(log)
-    assert trace.arrivals == ((0.0, "a"), (2.25, "b"), (10.0, "a"))
-    assert trace.span_s == 10.0 and trace.source == str(log)
+    assert trace.arrivals == ((0.0, "a"), (2.25, "b"), (9.0, "a"))
+    assert trace.span_s == 9.0 and trace.source == str(log)
     assert set(trace.profiles) == {"a", "b"}
 
 
@@ -396,7 +399,7 @@ def test_log_durations_from_fresh_answers(tmp_path: Path) -> None:
     others = [
         entry(200.0, "a", cached=True, worker=1000.0),
         entry(201.0, "a", status=500, worker=5000.0),
-        entry(202.0, "b", cached=True, worker=7.0),  # b never answered fresh
+        entry(202.0, "b", status=502, worker=7.0),  # b never answered fresh
         entry(203.0, "c", status=503),
     ]
     profiles = load_trace(write_log(tmp_path / "l.jsonl", fresh + others)).profiles

@@ -1,0 +1,37 @@
+"""The parts of ``wanwu replay`` that need no gateway: model mapping, measuring, the profile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.replay import Outcome, assign, measured, profile_of
+from scheduler.traces import ModelProfile, Trace
+
+
+def outcome(status: int = 200, cold: bool = False, latency: float = 10.0, spawn: float = 0.0) -> Outcome:
+    return Outcome("m", 0.0, status, latency, cold, spawn, 2.0, 0.0)
+
+
+def test_models_the_gateway_serves_keep_their_names_and_the_rest_are_spread() -> None:
+    arrivals = ((0.0, "demo-shapes"), (1.0, "f1"), (2.0, "f2"), (3.0, "f3"))
+    trace = Trace(arrivals, {m: ModelProfile(m, 0.0, ((50.0, 1.0),)) for _, m in arrivals}, 3.0, "t")
+    mapped = assign(trace, ["x", "y"], frozenset({"demo-shapes"}))
+    assert [m for _, m in mapped.arrivals] == ["demo-shapes", "x", "y", "x"]
+
+
+def test_measured_counts_cold_starts_503s_and_errors() -> None:
+    got = measured([outcome(cold=True, latency=2000), outcome(), outcome(503), outcome(0), outcome(502)])
+    assert (got["requests"], got["cold_starts"], got["errors"]) == (5, 1, 2)
+    assert got["reject_rate"] == pytest.approx(0.2) and got["p99_ms"] == 2000
+
+
+def test_the_profile_comes_from_the_answers_or_the_given_spawn_time() -> None:
+    profile = profile_of([outcome(cold=True, latency=1700, spawn=1600), outcome(latency=12)], stop_ms=300)
+    assert profile is not None and profile.spawn_ms == 1600 and profile.infer_ms == pytest.approx(56)
+    assert profile_of([outcome(latency=12)], stop_ms=300) is None  # nothing cold: no start-up time
+    fallback = profile_of([outcome(latency=12)], stop_ms=300, spawn_ms=1500)
+    assert fallback is not None and fallback.spawn_ms == 1500 and fallback.infer_ms == 12
+    assert profile_of([outcome(503)], stop_ms=300, spawn_ms=1500) is None  # nothing served
+    assert math.isnan(measured([outcome(503)])["p50_ms"])
