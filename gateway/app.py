@@ -313,7 +313,7 @@ def _predict(model: str, raw_allowed: bool) -> Response:
             svc.metrics.cache_hits.labels(info.name).inc()
             svc.metrics.requests.labels(info.name, "ok").inc()
             g.cached = True
-            return _answer(dict(cached, cached=True, cold_start=False))
+            return _answer(dict(cached, cached=True, cold_start=False, start="cached"))
         result = svc.pool.predict(info.name, image, top_k)
     except ApiError as exc:
         svc.metrics.requests.labels(label, exc.code).inc()
@@ -328,6 +328,8 @@ def _predict(model: str, raw_allowed: bool) -> Response:
     m = svc.metrics
     m.requests.labels(info.name, "ok").inc()
     (m.cold_starts if result.cold_start else m.warm_hits).labels(info.name).inc()
+    if result.start == "stem":
+        m.stem_starts.labels(info.name).inc()
     m.queue.labels(info.name).observe(result.timing_ms["queue"] / 1000)
     if result.cold_start:
         m.spawn.labels(info.name).observe(result.timing_ms["spawn"] / 1000)
@@ -337,9 +339,10 @@ def _predict(model: str, raw_allowed: bool) -> Response:
         "predictions": result.predictions,
         "model": info.name,
         "cold_start": result.cold_start,
+        "start": result.start,
         "cached": False,
     }
-    svc.cache.put(key, {k: v for k, v in body.items() if k not in ("cold_start", "cached")})
+    svc.cache.put(key, {k: v for k, v in body.items() if k not in ("cold_start", "start", "cached")})
     return _answer(body, timing=result.timing_ms)
 
 
@@ -347,6 +350,7 @@ def _answer(body: dict[str, Any], timing: dict[str, float] | None = None) -> Res
     total = round((time.perf_counter() - g.started) * 1000, 3)
     timing = timing or {"queue": 0.0, "spawn": 0.0, "worker": 0.0}
     body["timing_ms"] = {"queue": timing["queue"], "spawn": timing["spawn"], "worker": timing["worker"], "total": total}
+    body["timing_ms"].update({k: v for k, v in timing.items() if k.startswith("spawn_")})  # how the start went
     body["request_id"] = g.request_id
     model = body.get("model") or "-"
     services().metrics.total.labels(model).observe(total / 1000)

@@ -56,6 +56,9 @@ class Metrics:
         self.cold_starts = Counter(
             "wanwu_cold_starts", "Requests served by a newly started worker", ["model"], registry=r
         )
+        self.stem_starts = Counter(
+            "wanwu_stem_starts", "Cold starts served by a stem cell that loaded the model", ["model"], registry=r
+        )
         self.warm_hits = Counter("wanwu_warm_hits", "Requests served by a warm worker", ["model"], registry=r)
         self.cache_hits = Counter("wanwu_cache_hits", "Requests answered from the result cache", ["model"], registry=r)
         self.queue = Histogram(

@@ -41,9 +41,9 @@ from typing import Any
 from . import policy
 from .errors import BackendUnavailable, CapacityExhausted, ModelUnavailable, WanwuError
 from .keepalive import KeepAlive, Window, make
-from .policy import State
+from .policy import STEM, State
 
-REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "shutdown")
+REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "load_failed", "shutdown")
 UNBOUNDED = sys.maxsize
 
 
@@ -63,6 +63,8 @@ class CoreConfig:
     backoff_max_s: float = 60.0
     keepalive: str = "fixed"
     tick_s: float = 0.0  # how late a tick may come (the live reaper's interval): pre-warms start that early
+    stem_cells: int = 0  # stem cells to keep ready (capacity permitting)
+    stem_models: frozenset[str] | None = None  # models a stem cell can load; None: all
 
     @property
     def limits(self) -> policy.Limits:
@@ -75,11 +77,23 @@ class CoreConfig:
 
 @dataclass(frozen=True)
 class SpawnWorker:
+    """Start a worker of ``model`` (a stem cell when it is STEM), after stopping ``evict``."""
+
     worker_id: str
     model: str
     device: str | None = None
     evict: tuple[str, ...] = ()
-    request_id: int | None = None  # the request it is started for; None: a pre-warm
+    request_id: int | None = None  # the request it is started for; None: a pre-warm or a stem cell
+
+
+@dataclass(frozen=True)
+class LoadWorker:
+    """Turn the stem cell ``worker_id`` into a worker of ``model``, then report ``ready``
+    (or ``start_failed``: the stem cell is then stopped)."""
+
+    worker_id: str
+    model: str
+    request_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class Grant:
     queue_ms: float
     spawn_ms: float
     spawn_breakdown: Mapping[str, float]
+    start: str = "warm"  # how its worker started: warm (reused), container, or stem (a stem cell loaded it)
 
 
 @dataclass(frozen=True)
@@ -107,7 +122,7 @@ class Fail:
     error: WanwuError
 
 
-Command = SpawnWorker | StopWorker | Grant | Fail
+Command = SpawnWorker | LoadWorker | StopWorker | Grant | Fail
 
 
 # -- state ---------------------------------------------------------------------------
@@ -128,6 +143,11 @@ class Worker:
     spawn_ms: float = 0.0
     spawn_breakdown: Mapping[str, float] = field(default_factory=dict)
     keep_s: float = 0.0  # how long it may stay idle, decided when it went idle
+    adopted: bool = False  # a stem cell that loads or serves a model
+
+    @property
+    def stem(self) -> bool:
+        return self.model == STEM
 
 
 @dataclass(eq=False)
@@ -156,7 +176,17 @@ class PoolCore:
         self.backoff: dict[str, Backoff] = {}
         self.readings: list[policy.GpuReading] = []
         self.counters = dict.fromkeys(
-            ("cold_starts", "warm_hits", "prewarms", "spawn_failures", "retries", "rejected", "timeouts"), 0
+            (
+                "cold_starts",
+                "stem_starts",
+                "warm_hits",
+                "prewarms",
+                "spawn_failures",
+                "retries",
+                "rejected",
+                "timeouts",
+            ),
+            0,
         )
         self.reaps = dict.fromkeys(REAP_REASONS, 0)
         self.closing = False
@@ -234,7 +264,10 @@ class PoolCore:
             if waiting is not None:
                 commands.append(self._fail(waiting, BackendUnavailable("the pool is shutting down")))
             return commands
-        self._idle(worker, now, self._window(worker.model).keep_s)
+        if worker.stem:
+            worker.state, worker.last_used = State.IDLE, now  # a stem cell waits for a model: no keep-alive
+        else:
+            self._idle(worker, now, self._window(worker.model).keep_s)
         waiting = self._request(worker.reserved_for)
         if waiting is not None:
             commands.append(self._hand_over(waiting, worker, now))
@@ -243,15 +276,19 @@ class PoolCore:
     def start_failed(self, worker_id: str, now: float, error: WanwuError) -> list[Command]:
         """A worker did not become ready: its model backs off (1 s, doubling to the
         maximum) and the request it was started for gets ``error``."""
-        worker = self.workers.pop(worker_id, None)
+        worker = self.workers.get(worker_id)
         if worker is None:
             return []
+        commands: list[Command] = []
+        if worker.adopted and worker.state is State.STARTING:  # a stem cell that failed to load: never reused
+            commands.append(self._stop(worker, "load_failed", now))
+        else:  # the backend has already removed a container that failed to start
+            del self.workers[worker_id]
         self.counters["spawn_failures"] += 1
         backoff = self.backoff.setdefault(worker.model, Backoff())
         backoff.failures += 1
         backoff.until = now + self.backoff_delay(backoff)
         backoff.last_error = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-        commands: list[Command] = []
         waiting = self._request(worker.reserved_for)
         if waiting is not None:
             commands.append(self._fail(waiting, error))
@@ -329,7 +366,9 @@ class PoolCore:
                 self._idle(worker, worker.last_used, self._window(worker.model).keep_s)
         commands: list[Command] = []
         over = len(self.workers) - self._limits.capacity
-        idle = sorted((w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (w.last_used, w.id))
+        idle = sorted(
+            (w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (not w.stem, w.last_used, w.id)
+        )
         for worker in idle[: max(0, over)]:
             commands.append(self._stop(worker, "evicted", now))
         return commands + self._dispatch(now)
@@ -377,7 +416,7 @@ class PoolCore:
         commands: list[Command] = []
         limits, estimates = self._limits, self.config.estimates_mb
         if self._full_and_busy(now):
-            return commands  # every waiter would wait: skip the walk (a full queue stays cheap)
+            return commands + self._refill_stems(now)  # every waiter would wait: skip the walk
         # Decisions depend only on the model and the workers: reuse them along the queue
         # until a hand-over or a spawn changes the workers (a long queue stays cheap).
         decided: dict[str, policy.Decision] = {}
@@ -386,7 +425,7 @@ class PoolCore:
             if decision is None:
                 views = list(self.workers.values())
                 decision = decided[request.model] = policy.decide(
-                    request.model, views, limits, self.readings, estimates
+                    request.model, views, limits, self.readings, estimates, self._stem_ok(request.model)
                 )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
@@ -402,8 +441,47 @@ class PoolCore:
                 else:
                     commands.append(self._spawn(request.model, decision, now, request))
                 decided.clear()
+            elif isinstance(decision, policy.Adopt) and request.spawning is None:
+                commands.append(self._adopt(request.model, decision.worker_id, now, request))
+                decided.clear()
             elif isinstance(decision, policy.Reject):
                 commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
+        return commands + self._refill_stems(now)
+
+    def _stem_ok(self, model: str) -> bool:
+        allowed = self.config.stem_models
+        return self.config.stem_cells > 0 and (allowed is None or model in allowed)
+
+    def _adopt(self, model: str, stem_id: str, now: float, request: Request | None) -> LoadWorker:
+        """A stem cell becomes ``model``'s worker: it loads while the request waits."""
+        worker = self.workers[stem_id]
+        worker.model, worker.state, worker.adopted = model, State.STARTING, True
+        worker.last_used = now
+        worker.gpu_mb += self.config.estimates_mb.get(model, 0.0)
+        worker.reserved_for = None if request is None else request.id
+        if request is not None:
+            request.spawning = stem_id
+        return LoadWorker(stem_id, model, None if request is None else request.id)
+
+    def _refill_stems(self, now: float) -> list[Command]:
+        """Keep ``stem_cells`` stem cells starting or ready, in spare slots only: a
+        request waiting for a slot, a full pool or stems failing to start come first."""
+        if self.closing or self.config.stem_cells <= 0:
+            return []
+        if any(r.spawning is None for r in self.queue):
+            return []
+        backoff = self.backoff.get(STEM)
+        if backoff is not None and backoff.until > now:
+            return []
+        commands: list[Command] = []
+        stems = sum(1 for w in self.workers.values() if w.stem and w.state in (State.STARTING, State.IDLE))
+        while stems < self.config.stem_cells:
+            views = list(self.workers.values())
+            decision = policy.room_for(STEM, views, self._limits, self.readings, self.config.estimates_mb)
+            if decision is None:
+                break
+            commands.append(self._spawn(STEM, decision, now, None))
+            stems += 1
         return commands
 
     def _unreserved_start(self, model: str) -> Worker | None:
@@ -438,7 +516,10 @@ class PoolCore:
         waited = max(0.0, (now - request.enqueued) * 1000 - spawn_ms)
         self.queue.remove(request)
         breakdown = dict(worker.spawn_breakdown) if cold else {}
-        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown)
+        start = "warm" if not cold else ("stem" if worker.adopted else "container")
+        if start == "stem":
+            self.counters["stem_starts"] += 1
+        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown, start)
 
     def _fail(self, request: Request, error: WanwuError) -> Fail:
         if request in self.queue:
@@ -516,8 +597,12 @@ class PoolCore:
             if backoff is not None and backoff.until > now:
                 continue
             views = list(self.workers.values())
-            decision = policy.decide(model, views, self._limits, self.readings, self.config.estimates_mb)
-            if isinstance(decision, policy.Spawn) and not decision.evict:  # never evict for a guess
+            estimates = self.config.estimates_mb
+            decision = policy.decide(model, views, self._limits, self.readings, estimates, self._stem_ok(model))
+            if isinstance(decision, policy.Adopt):
+                self.counters["prewarms"] += 1
+                commands.append(self._adopt(model, decision.worker_id, now, None))
+            elif isinstance(decision, policy.Spawn) and not decision.evict:  # never evict for a guess
                 self.counters["prewarms"] += 1
                 commands.append(self._spawn(model, decision, now, None))
         return commands

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+STEM = "(stem)"  # the model of a stem cell: a container with the runtime ready and no model
+
 
 class State(enum.Enum):
     STARTING = "starting"
@@ -95,6 +97,13 @@ class Reuse:
 
 
 @dataclass(frozen=True)
+class Adopt:
+    """Load the model into this idle stem cell."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True)
 class Spawn:
     """Start a worker, after stopping ``evict`` (whose slots and memory it takes)."""
 
@@ -112,12 +121,13 @@ class Reject:
     reason: str
 
 
-Decision = Reuse | Spawn | Wait | Reject
+Decision = Reuse | Adopt | Spawn | Wait | Reject
 W = TypeVar("W", bound=Worker)
 
 
 def _lru(workers: Iterable[W]) -> list[W]:
-    return sorted(workers, key=lambda w: (w.last_used, w.id))
+    """Least recently used first, stem cells before all (they go first when a slot is needed)."""
+    return sorted(workers, key=lambda w: (w.model != STEM, w.last_used, w.id))
 
 
 def _idle(workers: Iterable[W]) -> list[W]:
@@ -170,13 +180,19 @@ def decide(
     limits: Limits,
     gpus: Sequence[GpuReading] = (),
     estimates: Mapping[str, float] | None = None,
+    stem_ok: bool = False,
 ) -> Decision:
-    """What to do for one request for ``model`` given the pool as it is now."""
+    """What to do for one request for ``model`` given the pool as it is now;
+    ``stem_ok``: an idle stem cell may load it."""
     estimates = estimates or {}
     idle = State.IDLE
     own_idle = [w for w in workers if w.state is idle and w.model == model]
     if own_idle:
         return Reuse(max(own_idle, key=lambda w: (w.last_used, w.id)).id)
+    if stem_ok:
+        stem = _stem_for(model, workers, limits, gpus, estimates)
+        if stem is not None:
+            return Adopt(stem.id)
     room = limits.capacity - len(workers)
     if room > 0 and not gpus:
         return Spawn()  # the common case on CPU: nothing to place, nobody to evict
@@ -205,6 +221,32 @@ def decide(
         return Wait(f"model {model} does not fit in GPU memory until busy workers finish")
     device, evict = placed
     return Spawn(device, evict)
+
+
+def _stem_for(
+    model: str, workers: Sequence[W], limits: Limits, gpus: Sequence[GpuReading], estimates: Mapping[str, float]
+) -> W | None:
+    """An idle stem cell the model fits on (its GPU keeps the stem's context and gains
+    the model's estimate), most recently started first."""
+    stems = [w for w in workers if w.state is State.IDLE and w.model == STEM]
+    estimate = estimates.get(model, 0.0)
+    for stem in sorted(stems, key=lambda w: (w.last_used, w.id), reverse=True):
+        reading = next((g for g in gpus if g.device == stem.device), None)
+        if reading is None or projected_used_mb(reading, workers, estimates) + estimate <= (
+            limits.high_watermark * reading.total_mb
+        ):
+            return stem
+    return None
+
+
+def room_for(
+    model: str, workers: Sequence[W], limits: Limits, gpus: Sequence[GpuReading], estimates: Mapping[str, float]
+) -> Spawn | None:
+    """A spawn for ``model`` that needs no eviction (room and GPU memory to spare), or None."""
+    if len(workers) >= limits.capacity:
+        return None
+    placed = _place(workers, estimates.get(model, 0.0), gpus, estimates, limits, [])
+    return None if placed is None else Spawn(placed[0])
 
 
 def _credit(gpus: Sequence[GpuReading], leaving: W) -> list[GpuReading]:

@@ -28,11 +28,11 @@ from typing import Any
 from . import policy
 from .backends.base import Backend, Connection, SpawnRequest
 from .clock import Clock, MonotonicClock
-from .core import REAP_REASONS, Command, CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
+from .core import REAP_REASONS, Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
 from .errors import WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
 from .gpu import GpuMonitor
 from .models import ModelCatalog
-from .policy import State
+from .policy import STEM, State
 from .settings import Settings
 from .worker_client import WorkerAnswer
 
@@ -62,6 +62,7 @@ class Lease:
     queue_ms: float
     spawn_ms: float
     spawn_breakdown: dict[str, float]
+    start: str = "warm"  # warm, container or stem
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class PoolAnswer:
     cold_start: bool
     attempts: int
     timing_ms: dict[str, float]
+    start: str = "warm"  # how the worker that answered started: warm, container or stem
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class WarmPool:
     def _core_config(self) -> CoreConfig:
         models = self.catalog.all()
         s = self.settings
+        root = s.models_dir.resolve()
         return CoreConfig(
             capacity=s.max_workers,
             default_ttl_s=s.idle_ttl_s,
@@ -175,6 +178,9 @@ class WarmPool:
             backoff_max_s=self._backoff[1],
             keepalive=s.keepalive,
             tick_s=s.reap_interval_s,
+            stem_cells=s.stem_cells,
+            # A stem cell sees the models directory: bundles linked in from elsewhere start their own containers.
+            stem_models=frozenset(m.name for m in models if m.path.parent == root),
         )
 
     @property
@@ -189,13 +195,14 @@ class WarmPool:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, background: bool = True) -> list[str]:
-        """Remove containers an earlier run of this pool id left, then start the reaper
-        and the event watcher. Returns the names of the leftovers removed."""
+        """Remove containers an earlier run of this pool id left, start the stem cells,
+        the reaper and the event watcher. Returns the names of the leftovers removed."""
         removed = self.backend.remove_orphans()
         if removed:
             log.info(
                 "removed %d leftover workers of pool %s: %s", len(removed), self.settings.pool_id, ", ".join(removed)
             )
+        self.reap()  # the first tick starts the stem cells
         if background:
             self._spawn_thread("wanwu-reaper", self._reap_loop)
             self._spawn_thread(
@@ -268,6 +275,7 @@ class WarmPool:
                     command.queue_ms,
                     command.spawn_ms,
                     dict(command.spawn_breakdown),
+                    command.start,
                 )
                 waiter.event.set()
             elif isinstance(command, Fail):
@@ -276,6 +284,8 @@ class WarmPool:
                 waiter.event.set()
             elif isinstance(command, SpawnWorker):
                 actions.append(self._later(self._spawn_job, command))
+            elif isinstance(command, LoadWorker):
+                actions.append(self._later(self._load_job, command))
             else:
                 self._log_stop(command)
                 actions.append(self._later(self._stop_job, command))
@@ -343,12 +353,13 @@ class WarmPool:
         queue_timeout = self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
         request_timeout = self.settings.request_timeout_s if request_timeout_s is None else request_timeout_s
         queue_ms = spawn_ms = 0.0
-        cold = False
+        cold, start = False, "warm"
         for attempt in (1, 2):
             lease = self.acquire(model, self.clock.now() + queue_timeout, retry=attempt > 1)
             queue_ms += lease.queue_ms
             spawn_ms += lease.spawn_ms
             cold = cold or lease.cold_start
+            start = lease.start if lease.cold_start else start
             try:
                 answer = lease.connection.predict(image, top_k, timeout=request_timeout)
             except WorkerRejected:
@@ -368,6 +379,7 @@ class WarmPool:
                 cold,
                 attempt,
                 _timing(answer, queue_ms, spawn_ms, lease.spawn_breakdown),
+                start,
             )
         raise AssertionError("unreachable")
 
@@ -378,17 +390,18 @@ class WarmPool:
         for victim_id in command.evict:
             log.info("evicting worker %s for a %s worker", victim_id, command.model)
             self._stop_container(victim_id, "evicted")
+        stem = command.model == STEM
         log.info(
-            "%s worker %s for model %s%s",
-            "pre-warming" if command.request_id is None else "spawning",
+            "%s worker %s%s%s",
+            "starting stem cell" if stem else ("pre-warming" if command.request_id is None else "spawning"),
             command.worker_id,
-            command.model,
+            "" if stem else f" for model {command.model}",
             f" on GPU {command.device}" if command.device else "",
         )
         started_at = self.clock.now()
         try:
-            info = self.catalog.get(command.model)
-            started = self.backend.spawn(SpawnRequest(command.worker_id, command.model, info.path, command.device))
+            path = self.settings.models_dir if stem else self.catalog.get(command.model).path
+            started = self.backend.spawn(SpawnRequest(command.worker_id, command.model, path, command.device))
             connection = self.backend.connect(command.worker_id, self.settings.request_timeout_s)
         except WanwuError as exc:
             self._spawn_failed(command, exc)
@@ -414,7 +427,36 @@ class WarmPool:
             )
         self._run(actions)
 
-    def _spawn_failed(self, command: SpawnWorker, exc: WanwuError) -> None:
+    def _load_job(self, command: LoadWorker) -> None:
+        """A stem cell loads ``command.model``; a failed load stops it (the core says so)."""
+        log.info("stem cell %s loads model %s", command.worker_id, command.model)
+        started_at = self.clock.now()
+        try:
+            info = self.catalog.get(command.model)
+            started = self.backend.load(command.worker_id, info.path, self.settings.spawn_timeout_s)
+        except WanwuError as exc:
+            self._spawn_failed(command, exc)
+            return
+        except Exception as exc:  # a backend bug must not leave a waiter hanging
+            log.exception("loading %s into stem cell %s failed unexpectedly", command.model, command.worker_id)
+            self._spawn_failed(command, WorkerError(f"loading {command.model} failed: {exc}", command.worker_id))
+            return
+        now = self.clock.now()
+        load_ms = round((now - started_at) * 1000, 3)
+        gpu_mb = started.health.get("gpu_memory_mb")
+        with self._lock:
+            log.info("worker %s (model %s) loaded in a stem cell in %.0f ms", command.worker_id, command.model, load_ms)
+            actions = self._event(
+                "ready",
+                command.worker_id,
+                now,
+                load_ms,
+                started.timing_ms,
+                float(gpu_mb) if isinstance(gpu_mb, (int, float)) else None,
+            )
+        self._run(actions)
+
+    def _spawn_failed(self, command: SpawnWorker | LoadWorker, exc: WanwuError) -> None:
         with self._lock:
             actions = self._event("start_failed", command.worker_id, self.clock.now(), exc)
             backoff = self.core.backoff.get(command.model)

@@ -38,6 +38,7 @@ class Settings:
     max_workers: int = 2
     idle_ttl_s: float = 30.0
     keepalive: str = "adaptive"
+    stem_cells: int = 1
     gpu_high_watermark: float = 0.90
     gpu_low_watermark: float = 0.80
     request_timeout_s: float = 30.0
@@ -115,7 +116,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise fail(name, "must be > 0")
-        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads"):
+        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads", "stem_cells"):
             if getattr(self, name) < 0:
                 raise fail(name, "must be >= 0")
         for name in ("gpu_high_watermark", "gpu_low_watermark"):

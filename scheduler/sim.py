@@ -28,8 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
-from .policy import State
+from .core import CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
+from .policy import STEM, State
 from .traces import Trace
 from .tuning import Point
 
@@ -39,15 +39,22 @@ _READY, _DONE, _STOPPED, _EXPIRE, _TICK = range(5)
 @dataclass(frozen=True)
 class Profile:
     """How long things take. ``infer_ms`` None: each request takes a duration drawn
-    from its model's trace profile; ``memory_mb`` None: the trace's memory per model."""
+    from its model's trace profile; ``memory_mb`` None: the trace's memory per model.
+    A stem cell starts in ``spawn_ms`` less ``load_ms``, loads a model in ``load_ms``
+    and holds ``stem_memory_mb`` while it waits (the runtime and, on a GPU, the CUDA
+    context)."""
 
     spawn_ms: float = 1700.0
     stop_ms: float = 300.0
     infer_ms: float | None = None
     memory_mb: float | None = None
     model_spawn_ms: Mapping[str, float] = field(default_factory=dict)
+    load_ms: float = 150.0
+    stem_memory_mb: float = 500.0
 
     def spawn_s(self, model: str) -> float:
+        if model == STEM:
+            return max(0.0, self.spawn_ms - self.load_ms) / 1000
         return self.model_spawn_ms.get(model, self.spawn_ms) / 1000
 
 
@@ -56,6 +63,7 @@ class SimResult:
     requests: int = 0
     served: int = 0
     cold_starts: int = 0
+    stem_starts: int = 0  # cold starts a stem cell served
     rejected: int = 0
     prewarms: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -70,6 +78,7 @@ class SimResult:
         return {
             "requests": self.requests,
             "cold_starts": self.cold_starts,
+            "stem_starts": self.stem_starts,
             "cold_rate": self.cold_starts / self.requests if self.requests else 0.0,
             "reject_rate": self.rejected / self.requests if self.requests else 0.0,
             "p50_ms": percentile(ordered, 0.50),
@@ -118,6 +127,7 @@ class Simulator:
         arrivals = self.trace.arrivals
         heap, result = self._heap, self.result
         i, now = 0, 0.0
+        self._carry_out(self._feed("tick", now), now)  # as the live pool's start: stem cells begin
         while i < len(arrivals) or heap:
             if i < len(arrivals) and (not heap or arrivals[i][0] <= heap[0][0]):
                 now, model = arrivals[i]
@@ -177,6 +187,7 @@ class Simulator:
                     infer_ms = self.trace.profiles[command.model].sample_ms(self._rng.random())
                 result.served += 1
                 result.cold_starts += command.cold_start
+                result.stem_starts += command.start == "stem"
                 result.latencies_ms.append((now - arrived) * 1000 + infer_ms)
                 self._push(now + infer_ms / 1000, _DONE, command.worker_id)
             elif isinstance(command, Fail):
@@ -186,12 +197,18 @@ class Simulator:
                 for victim in command.evict:
                     self._busy(victim, now)
                 if command.request_id is None:
-                    result.prewarms += 1
+                    result.prewarms += command.model != STEM
                     self._idle_since[command.worker_id] = (now, command.model)  # a guess holds memory while it starts
                 spawn_s = profile.spawn_s(command.model)
                 ready_at = now + len(command.evict) * profile.stop_ms / 1000 + spawn_s
                 self._push(ready_at, _READY, (command.worker_id, spawn_s * 1000))
                 result.peak_workers = max(result.peak_workers, len(self.core.workers))
+            elif isinstance(command, LoadWorker):
+                self._busy(command.worker_id, now)  # the stem cell stops waiting
+                if command.request_id is None:
+                    result.prewarms += 1
+                    self._idle_since[command.worker_id] = (now, command.model)
+                self._push(now + profile.load_ms / 1000, _READY, (command.worker_id, profile.load_ms))
             elif isinstance(command, StopWorker):
                 self._busy(command.worker_id, now)
                 self._push(now + profile.stop_ms / 1000, _STOPPED, command.worker_id)
@@ -205,7 +222,7 @@ class Simulator:
     def _add_idle(self, model: str, since: float, now: float) -> None:
         seconds = max(0.0, now - since)
         self.result.idle_worker_s += seconds
-        memory = self.profile.memory_mb
+        memory = self.profile.stem_memory_mb if model == STEM else self.profile.memory_mb
         if memory is None:
             known = self.trace.profiles.get(model)
             memory = known.memory_mb if known is not None else 0.0

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .errors import WorkerCrashed, WorkerRejected, WorkerTimeout
+from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
 
 MAX_HEADER_LINES = 100
 ONE_WRITE_LIMIT = 256 * 1024  # above this, headers and body go in two writes, not one copy
@@ -181,3 +181,19 @@ class WorkerClient:
         if not isinstance(predictions, list) or not isinstance(timing, dict):
             raise WorkerCrashed(f"worker {self.who} answered without predictions: {payload}", self.worker_id)
         return WorkerAnswer(predictions, timing, round(elapsed, 3))
+
+    def load(self, model_dir: str, timeout: float) -> dict[str, Any]:
+        """Turn a stem cell into a worker of the bundle in ``model_dir`` (a directory
+        name under its models root); returns its health with ``timing_ms`` (load,
+        warmup, total). Raises WorkerStartError (with the worker's reason) if the
+        bundle does not load; the stem cell is then broken and must be replaced."""
+        body = json.dumps({"model": model_dir}).encode("utf-8")
+        status, payload = self._request("POST", "/load", body, timeout)
+        if status != 200:
+            raw_error = payload.get("error")
+            error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+            raise WorkerStartError(
+                f"stem cell {self.who} could not load {model_dir}: {error.get('code')}: {error.get('message')}",
+                self.worker_id,
+            )
+        return payload

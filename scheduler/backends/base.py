@@ -12,15 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..policy import STEM
 from ..worker_client import WorkerAnswer
 
 
 @dataclass(frozen=True)
 class SpawnRequest:
+    """Start ``worker_id`` for ``model`` from the bundle at ``model_dir``; with
+    ``model`` STEM, a stem cell with every bundle of ``model_dir`` (the models
+    directory) readable, ready to ``load`` one."""
+
     worker_id: str
     model: str
     model_dir: Path
     device: str | None = None
+
+    @property
+    def stem(self) -> bool:
+        return self.model == STEM
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,13 @@ class Backend(Protocol):
         """Start a worker and block until it is ready. Raises WorkerStartError (with
         its last log lines), WorkerStartTimeout or BackendUnavailable; a worker that
         failed to start is already removed."""
+        ...
+
+    def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
+        """Turn the ready stem cell ``worker_id`` into a worker of the bundle at
+        ``model_dir`` (inside the models directory it was started with). Raises
+        WorkerStartError with the reason if it does not load; the stem cell is then
+        broken, and the pool stops it."""
         ...
 
     def stop(self, worker_id: str) -> None:

@@ -36,6 +36,8 @@ MODEL_LABEL = "wanwu.model"
 WORKER_LABEL = "wanwu.worker"
 SOCKET_DIR_IN_CONTAINER = "/run/wanwu"
 MODEL_DIR_IN_CONTAINER = "/model"
+MODELS_DIR_IN_CONTAINER = "/models"  # a stem cell's view of every bundle
+STEM_LABEL = "wanwu.stem"
 WORKER_UID = 10001
 
 
@@ -63,6 +65,7 @@ class WorkerSpec:
     gpus: tuple[str, ...] = ()
     limits: ContainerLimits = field(default_factory=ContainerLimits)
     environment: dict[str, str] = field(default_factory=dict)
+    stem: bool = False  # model_dir is the whole models directory, mounted at /models
 
     @property
     def name(self) -> str:
@@ -70,7 +73,15 @@ class WorkerSpec:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {MANAGED_LABEL: "true", POOL_LABEL: self.pool_id, MODEL_LABEL: self.model, WORKER_LABEL: self.worker_id}
+        labels = {
+            MANAGED_LABEL: "true",
+            POOL_LABEL: self.pool_id,
+            MODEL_LABEL: self.model,
+            WORKER_LABEL: self.worker_id,
+        }
+        if self.stem:
+            labels[STEM_LABEL] = "true"
+        return labels
 
 
 def container_name(pool_id: str, worker_id: str) -> str:
@@ -92,6 +103,10 @@ def prepare_socket_dir(path: Path) -> None:
 def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``client.containers.run`` (or ``create``) for ``spec``."""
     limits = spec.limits
+    if spec.stem:
+        mount, model_env = MODELS_DIR_IN_CONTAINER, {"WANWU_MODELS_ROOT": MODELS_DIR_IN_CONTAINER, "WANWU_STEM": "1"}
+    else:
+        mount, model_env = MODEL_DIR_IN_CONTAINER, {"WANWU_MODEL_DIR": MODEL_DIR_IN_CONTAINER}
     options: dict[str, Any] = {
         "image": spec.image,
         "command": command or ["serve"],
@@ -109,11 +124,11 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
         "pids_limit": limits.pids,
         "shm_size": limits.shm_size,
         "volumes": {
-            str(spec.model_dir): {"bind": MODEL_DIR_IN_CONTAINER, "mode": "ro"},
+            str(spec.model_dir): {"bind": mount, "mode": "ro"},
             str(spec.socket_dir): {"bind": SOCKET_DIR_IN_CONTAINER, "mode": "rw"},
         },
         "environment": {
-            "WANWU_MODEL_DIR": MODEL_DIR_IN_CONTAINER,
+            **model_env,
             "WANWU_SOCKET": f"{SOCKET_DIR_IN_CONTAINER}/worker.sock",
             **spec.environment,
         },
@@ -123,6 +138,20 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
     if spec.gpus:
         options["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
     return options
+
+
+def _check_readable_by_workers(models_dir: Path) -> None:
+    """A stem cell (uid 10001) reads bundles through the models directory itself, so it
+    must be open to others; say how to fix it rather than fail every load."""
+    try:
+        mode = models_dir.stat().st_mode
+    except OSError as exc:
+        raise WorkerStartError(f"stem cells cannot use the models directory {models_dir}: {exc}") from exc
+    if os.geteuid() != WORKER_UID and (mode & 0o005) != 0o005:
+        raise WorkerStartError(
+            f"stem cells need the models directory {models_dir} readable by the worker user (uid {WORKER_UID}): "
+            f"chmod o+rx {models_dir}, or set WANWU_STEM_CELLS=0"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -203,9 +232,12 @@ class DockerBackend:
             gpus=(request.device,) if request.device else (),
             limits=self.limits,
             environment=self.environment,
+            stem=request.stem,
         )
 
     def spawn(self, request: SpawnRequest) -> Started:
+        if request.stem:
+            _check_readable_by_workers(request.model_dir)
         spec = self._spec(request)
         started = time.monotonic()
         prepare_socket_dir(spec.socket_dir)
@@ -292,6 +324,17 @@ class DockerBackend:
     @staticmethod
     def _cleanup(spec: WorkerSpec) -> None:
         shutil.rmtree(spec.socket_dir, ignore_errors=True)
+
+    def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
+        """Ask a stem cell to load ``model_dir``, which must lie in the models directory
+        the stem cell sees as /models (the pool only asks for such bundles)."""
+        client = self.connect(worker_id, timeout)
+        try:
+            health = client.load(model_dir.name, timeout)
+        finally:
+            client.close()
+        timing = health.pop("timing_ms", {})
+        return Started(worker_id, health, {k: float(v) for k, v in timing.items() if isinstance(v, (int, float))})
 
     def stop(self, worker_id: str) -> None:
         """Kill and remove (one API call), then delete the socket directory."""

@@ -44,6 +44,7 @@ def containers(docker_client: docker.DockerClient, demo_model_dir: Path) -> Iter
 @pytest.fixture(scope="module")
 def models_dir(demo_model_dir: Path) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="wanwu-models-"))
+    root.chmod(0o755)  # stem cells read bundles through the directory itself
     shutil.copytree(demo_model_dir, root / "demo-shapes")
     other = root / "demo-other"
     shutil.copytree(demo_model_dir, other)

@@ -76,6 +76,7 @@ class PoolFactory:
             "request_timeout_s": 30.0,
             "reap_interval_s": 0.2,
             "spawn_timeout_s": 60.0,
+            "stem_cells": 0,  # the container path; stem cells: test_stem_docker.py
         }
         values.update(overrides)
         settings = Settings(

@@ -77,6 +77,7 @@ class FakeBackend:
         self.on_stop: Callable[[str], None] | None = None
         self.on_spawn: Callable[[SpawnRequest], None] | None = None
         self.connections: dict[str, FakeConnection] = {}
+        self.loads: list[tuple[str, str]] = []  # (stem cell, model) loads asked for
 
     def fail_next_spawns(self, model: str, count: int = 1, error: WanwuError | None = None) -> None:
         for _ in range(count):
@@ -103,6 +104,18 @@ class FakeBackend:
         return Started(
             request.worker_id, {"gpu_memory_mb": self.gpu_mb.get(request.model)}, {"create": 1.0, "ready": 2.0}
         )
+
+    def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
+        """A stem cell loads ``model_dir``: fails as told for that model, like a spawn."""
+        model = model_dir.name
+        with self.lock:
+            self.loads.append((worker_id, model))
+            if self.spawn_failures[model]:
+                raise self.spawn_failures[model].popleft()
+            self.live[worker_id] = SpawnRequest(worker_id, model, model_dir)
+        if worker_id in self.connections:
+            self.connections[worker_id].model = model
+        return Started(worker_id, {"gpu_memory_mb": self.gpu_mb.get(model)}, {"load": 1.0, "warmup": 1.0})
 
     def stop(self, worker_id: str) -> None:
         if self.on_stop:

@@ -35,7 +35,7 @@ def test_a_miss_spawns_a_worker_reserved_for_the_request() -> None:
     assert commands == [SpawnWorker("w0001", "a", None, (), 1)]
     assert pool.workers["w0001"].state is State.STARTING
     grant = pool.ready("w0001", 1.5, spawn_ms=1500.0, breakdown={"create": 200.0})
-    assert grant == [Grant(1, "w0001", "a", True, 0.0, 1500.0, {"create": 200.0})]
+    assert grant == [Grant(1, "w0001", "a", True, 0.0, 1500.0, {"create": 200.0}, "container")]
     assert pool.counters["cold_starts"] == 1
 
 

@@ -31,7 +31,7 @@ def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
     make_bundle(tmp_path, "demo-shapes")
     make_bundle(tmp_path, "other")
     clock = FakeClock()
-    settings = Settings(models_dir=tmp_path, max_workers=1, queue_timeout_s=2, max_upload_mb=1)
+    settings = Settings(models_dir=tmp_path, max_workers=1, queue_timeout_s=2, max_upload_mb=1, stem_cells=0)
     pool = WarmPool(
         backend, ModelCatalog(tmp_path, clock=clock), settings, clock=clock, gpu=GpuMonitor(()), executor=INLINE
     )
@@ -59,7 +59,8 @@ def test_predict_answers_the_original_clients_shape(client: FlaskClient) -> None
     body = response.get_json()
     assert body["result"] == body["predictions"][0]["label"]
     assert body["model"] == "demo-shapes" and body["cold_start"] is True and body["cached"] is False
-    assert set(body["timing_ms"]) == {"queue", "spawn", "worker", "total"}
+    assert body["start"] == "container"
+    assert set(body["timing_ms"]) == {"queue", "spawn", "worker", "total", "spawn_create", "spawn_ready"}
     assert response.headers["X-Request-ID"] == body["request_id"]
 
 

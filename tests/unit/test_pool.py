@@ -44,7 +44,8 @@ def clock() -> FakeClock:
 
 
 def make_pool(backend: FakeBackend, clock: FakeClock, models: Path, **settings: object) -> WarmPool:
-    config = Settings(models_dir=models, **{"max_workers": 2, "queue_timeout_s": 5.0, **settings})  # type: ignore[arg-type]
+    defaults = {"max_workers": 2, "queue_timeout_s": 5.0, "stem_cells": 0}  # stem cells: tests/unit/test_stem.py
+    config = Settings(models_dir=models, **{**defaults, **settings})  # type: ignore[arg-type]
     pool = WarmPool(
         backend, ModelCatalog(models, clock=clock), config, clock=clock, gpu=GpuMonitor(()), executor=INLINE
     )
@@ -90,7 +91,7 @@ def test_a_miss_spawns_and_a_full_pool_evicts_the_lru_idle_worker_of_another_mod
 def real_time_pool(backend: FakeBackend, models: Path, **settings: object) -> WarmPool:
     from scheduler.clock import MonotonicClock
 
-    config = Settings(models_dir=models, **{"max_workers": 1, **settings})  # type: ignore[arg-type]
+    config = Settings(models_dir=models, **{"max_workers": 1, "stem_cells": 0, **settings})  # type: ignore[arg-type]
     pool = WarmPool(backend, ModelCatalog(models), config, clock=MonotonicClock(), gpu=GpuMonitor(()), executor=INLINE)
     pool.start(background=False)
     return pool
@@ -315,7 +316,7 @@ def test_a_start_that_outlives_the_shutdown_is_stopped_and_its_request_fails(
         release.wait(10)
 
     backend.on_spawn = slow_start
-    config = Settings(models_dir=models, max_workers=1, queue_timeout_s=30)
+    config = Settings(models_dir=models, max_workers=1, queue_timeout_s=30, stem_cells=0)
     pool = WarmPool(backend, ModelCatalog(models), config, clock=MonotonicClock(), gpu=GpuMonitor(()))
     pool.start(background=False)
     errors: list[Exception] = []

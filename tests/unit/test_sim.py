@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.core import Command, CoreConfig, Fail, Grant, SpawnWorker, StopWorker
+from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, SpawnWorker, StopWorker
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
 from scheduler.pool import INLINE, WarmPool
@@ -112,8 +112,10 @@ def normalise(commands: list[Command]) -> list[tuple[Any, ...]]:
             shaped.append(("spawn", name(c.worker_id), c.model, tuple(name(v) for v in c.evict), c.request_id))
         elif isinstance(c, StopWorker):
             shaped.append(("stop", name(c.worker_id), c.model, c.reason, c.idle_s))
+        elif isinstance(c, LoadWorker):
+            shaped.append(("load", name(c.worker_id), c.model, c.request_id))
         elif isinstance(c, Grant):
-            shaped.append(("grant", c.request_id, name(c.worker_id), c.model, c.cold_start, c.queue_ms))
+            shaped.append(("grant", c.request_id, name(c.worker_id), c.model, c.cold_start, c.queue_ms, c.start))
         elif isinstance(c, Fail):
             shaped.append(("fail", c.request_id, type(c.error).__name__, str(c.error)))
     return shaped
@@ -124,14 +126,20 @@ SCHEDULE = [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (5, "c"), (40, "b"), (41, "a
 PERIODIC = sorted([(t, "a") for t in range(0, 250, 10)] + [(t, "b") for t in (7, 33, 95, 96, 183)])
 
 
-@pytest.mark.parametrize(("keepalive", "schedule", "ttl"), [("fixed", SCHEDULE, 30), ("adaptive", PERIODIC, 2)])
+@pytest.mark.parametrize(
+    ("keepalive", "schedule", "ttl", "stems"),
+    [("fixed", SCHEDULE, 30, 0), ("adaptive", PERIODIC, 2, 0), ("fixed", SCHEDULE, 30, 1)],
+    ids=["fixed", "adaptive", "stem-cells"],
+)
 def test_a_recorded_run_gives_the_same_commands_live_and_simulated(
-    tmp_path: Path, keepalive: str, schedule: list[tuple[int, str]], ttl: float
+    tmp_path: Path, keepalive: str, schedule: list[tuple[int, str]], ttl: float, stems: int
 ) -> None:
     for model in ("a", "b", "c"):
         make_bundle(tmp_path, model)
     clock = FakeClock(start=0.0)
-    settings = Settings(models_dir=tmp_path, max_workers=2, idle_ttl_s=ttl, queue_timeout_s=5, keepalive=keepalive)
+    settings = Settings(
+        models_dir=tmp_path, max_workers=2, idle_ttl_s=ttl, queue_timeout_s=5, keepalive=keepalive, stem_cells=stems
+    )
     pool = WarmPool(FakeBackend(), ModelCatalog(tmp_path, clock=clock), settings, clock, GpuMonitor(()), INLINE)
     live: list[Command] = []
     pool.recorder = lambda name, args, commands: live.extend(commands)
@@ -147,11 +155,11 @@ def test_a_recorded_run_gives_the_same_commands_live_and_simulated(
         pool.reap(readings=[])
     pool.shutdown(grace_s=0)
 
-    config = CoreConfig(2, ttl, queue_max=settings.queue_max, retry_after_s=5, keepalive=keepalive)
+    config = CoreConfig(2, ttl, queue_max=settings.queue_max, retry_after_s=5, keepalive=keepalive, stem_cells=stems)
     simulator = Simulator(
         trace(*[(t + 0.5, m) for t, m in schedule]),
         config,
-        Profile(spawn_ms=0, stop_ms=0, infer_ms=0),
+        Profile(spawn_ms=0, stop_ms=0, infer_ms=0, load_ms=0),
         queue_timeout_s=5,
         tick_s=1.0,
     )
@@ -164,7 +172,10 @@ def test_a_recorded_run_gives_the_same_commands_live_and_simulated(
     kinds = [c[0] for c in expected]
     assert kinds.count("grant") == len(schedule) and kinds.count("stop") >= 5
     assert any(c[0] == "stop" and c[3] == "ttl" for c in expected)  # TTL reaps
-    if keepalive == "fixed":
+    if stems:
+        assert any(c[0] == "grant" and c[6] == "stem" for c in expected)  # a stem cell served a miss
+        assert any(c[0] == "grant" and c[6] == "container" for c in expected)
+    elif keepalive == "fixed":
         assert any(c[0] == "spawn" and c[3] for c in expected)  # an eviction happened
     else:
         assert any(c[0] == "spawn" and c[4] is None for c in expected)  # a pre-warm happened

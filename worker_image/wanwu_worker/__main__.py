@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="answer /healthz and /predict on a Unix socket")
     serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
     serve.add_argument("--max-body", type=int, default=_env_int("WANWU_MAX_BODY_BYTES", 20 * 2**20))
+    serve.add_argument(
+        "--stem",
+        action="store_true",
+        default=os.environ.get("WANWU_STEM") == "1",
+        help="start with no model (a stem cell); POST /load picks a bundle under --models-root",
+    )
+    serve.add_argument("--models-root", default=os.environ.get("WANWU_MODELS_ROOT", "/models"))
     predict = sub.add_parser("predict", help="classify FILEs, print one JSON line each")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("files", nargs="+", metavar="FILE")
@@ -99,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # torch is imported only now, so --help and argument errors are instant.
     from .predictor import Predictor
+
+    if args.mode == "serve" and args.stem:
+        from .server import serve
+        from .stem import Stem
+
+        try:
+            stem = Stem(args.models_root, device=args.device, max_pixels=args.max_pixels, threads=args.threads)
+        except WorkerError as exc:
+            print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
+            return 2
+        serve(None, args.socket, args.max_body, stem=stem)
+        return 0
 
     try:
         bundle = load_bundle(args.model or default_model_dir())

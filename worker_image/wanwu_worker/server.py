@@ -2,10 +2,19 @@
 
     GET  /healthz            {"status": "ready", "model", "device", "gpu_memory_mb", ...}
     POST /predict?top_k=K    body: image bytes -> {"predictions": [...], "timing_ms": {...}}
+    POST /load               (stem cells) body: {"model": "<bundle directory>"}
 
-Errors are ``{"error": {"code", "message"}}`` with 400/404/405/411/413/500. The socket
-appears only once the model is loaded and warmed up (it is bound under a temporary name
-and renamed), so a client that can connect is talking to a ready worker.
+Errors are ``{"error": {"code", "message"}}`` with 400/404/405/409/411/413/422/500. The
+socket appears only once the model is loaded and warmed up (it is bound under a
+temporary name and renamed), so a client that can connect is talking to a ready worker.
+
+A stem cell (``serve --stem``) binds its socket with the runtime ready and no model:
+/healthz says ``"status": "stem"``, /predict answers 409 ``not_loaded``, and one
+``POST /load`` loads a bundle from the models root (same checks and warm-up as a
+worker started for it) and answers its health and load timings; from then on it is an
+ordinary worker. A bundle that fails to load answers 422 and leaves the stem cell
+``broken``: it refuses every other load and the pool replaces it, never reusing a
+half-loaded process.
 """
 
 from __future__ import annotations
@@ -20,11 +29,14 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from .errors import InputError, LengthRequired, PayloadTooLarge, WorkerError
 from .predictor import Predictor, parse_top_k
+
+if TYPE_CHECKING:
+    from .stem import Stem
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +51,15 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: str, predictor: Predictor, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(
+        self, path: str, predictor: Predictor | None, max_body: int = DEFAULT_MAX_BODY, stem: Stem | None = None
+    ) -> None:
+        if predictor is None and stem is None:
+            raise ValueError("a worker server needs a predictor or a stem cell")
         self.predictor = predictor
+        self.stem = stem
+        self.broken: str | None = None  # why a load failed: a stem cell is never reused half-loaded
+        self.load_lock = threading.Lock()
         self.max_body = max_body
         self.final_path = path
         temp = f"{path}.{os.getpid()}.tmp"
@@ -93,24 +112,43 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/healthz":
-            self._send_json(200, self.server.predictor.health())
+            self._send_json(200, self._health())
         elif path == "/predict":
             self._send_error(405, "method_not_allowed", "use POST /predict with the image as the body")
         else:
             self._send_error(404, "not_found", f"no route {path}")
 
+    def _health(self) -> dict[str, Any]:
+        predictor, stem = self.server.predictor, self.server.stem
+        if predictor is not None:
+            return predictor.health()
+        assert stem is not None
+        health = stem.health()
+        if self.server.broken:
+            health.update(status="broken", error=self.server.broken)
+        return health
+
     def do_POST(self) -> None:
         received = time.perf_counter()
         url = urlsplit(self.path)
+        if url.path == "/load":
+            self._load()
+            return
         if url.path != "/predict":
             self._discard_body()
             self._send_error(404, "not_found", f"no route {url.path}")
+            return
+        if self.server.predictor is None:
+            self._discard_body()
+            self._send_error(409, "not_loaded", "this stem cell has no model yet: POST /load first")
             return
         try:
             query = parse_qs(url.query)
             top_k = parse_top_k(query.get("top_k", [None])[0])
             data = self._read_body()
-            result = self.server.predictor.predict(data, top_k)
+            predictor = self.server.predictor
+            assert predictor is not None  # checked above; a load never unsets it
+            result = predictor.predict(data, top_k)
         except WorkerError as exc:
             if not isinstance(exc, InputError):
                 log.error("predict failed: %s", exc)
@@ -123,6 +161,50 @@ class Handler(BaseHTTPRequestHandler):
         timing = dict(result.timing_ms)
         timing["server"] = round((time.perf_counter() - received) * 1000, 3)
         self._send_json(200, {"predictions": result.predictions, "timing_ms": timing})
+
+    def _load(self) -> None:
+        """Turn this stem cell into a worker of one model (module doc)."""
+        started = time.perf_counter()
+        try:
+            body = self._read_body()
+            request = json.loads(body or b"{}")
+            name = request.get("model") if isinstance(request, dict) else None
+            if not isinstance(name, str) or not name:
+                raise InputError('send {"model": "<bundle directory>"}', code="bad_request")
+        except WorkerError as exc:
+            self._send_error(exc.status, exc.code, exc.message)
+            return
+        except ValueError:
+            self._send_error(400, "bad_request", 'the body is not JSON; send {"model": "<bundle directory>"}')
+            return
+        server = self.server
+        with server.load_lock:
+            if server.stem is None or server.predictor is not None:
+                loaded = server.predictor.bundle.name if server.predictor is not None else "?"
+                self._send_error(409, "already_loaded", f"this worker already serves {loaded}")
+                return
+            if server.broken:
+                self._send_error(409, "broken", f"an earlier load failed: {server.broken}")
+                return
+            try:
+                server.predictor = server.stem.load(name)
+            except InputError as exc:
+                self._send_error(exc.status, exc.code, exc.message)
+                return
+            except WorkerError as exc:
+                server.broken = exc.message
+                log.error("loading %s failed; this stem cell is broken: %s", name, exc.message)
+                self._send_error(422, exc.code, exc.message)
+                return
+            except Exception as exc:  # torch raising anything: the process may be in any state
+                server.broken = f"{type(exc).__name__}: {exc}"
+                log.exception("loading %s failed", name)
+                self._send_error(500, "internal", server.broken)
+                return
+        predictor = server.predictor
+        log.info("stem cell loaded %s (load %.0f ms, warm-up %.0f ms)", name, predictor.load_ms, predictor.warmup_ms)
+        timing = {"load": predictor.load_ms, "warmup": predictor.warmup_ms, "total": _elapsed_ms(started)}
+        self._send_json(200, {**predictor.health(), "timing_ms": timing})
 
     def _content_length(self) -> int:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -162,10 +244,19 @@ class Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
 
 
-def serve(predictor: Predictor, socket_path: str = DEFAULT_SOCKET, max_body: int = DEFAULT_MAX_BODY) -> None:
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def serve(
+    predictor: Predictor | None,
+    socket_path: str = DEFAULT_SOCKET,
+    max_body: int = DEFAULT_MAX_BODY,
+    stem: Stem | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then remove the socket."""
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
-    server = WorkerServer(socket_path, predictor, max_body)
+    server = WorkerServer(socket_path, predictor, max_body, stem)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -173,14 +264,17 @@ def serve(predictor: Predictor, socket_path: str = DEFAULT_SOCKET, max_body: int
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info(
-        "serving model %s on %s (device %s, load %.0f ms, warm-up %.0f ms)",
-        predictor.bundle.name,
-        socket_path,
-        predictor.device,
-        predictor.load_ms,
-        predictor.warmup_ms,
-    )
+    if predictor is not None:
+        log.info(
+            "serving model %s on %s (device %s, load %.0f ms, warm-up %.0f ms)",
+            predictor.bundle.name,
+            socket_path,
+            predictor.device,
+            predictor.load_ms,
+            predictor.warmup_ms,
+        )
+    elif stem is not None:
+        log.info("stem cell on %s (device %s, models under %s)", socket_path, stem.device, stem.models_root)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:

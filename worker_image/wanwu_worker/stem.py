@@ -1,0 +1,65 @@
+"""A stem cell: a worker with the runtime imported (and, on a GPU, the CUDA context
+made) but no model yet. ``load`` turns it into a worker of any bundle under the models
+root, with the same loading, checks and warm-up as a worker started for that model."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bundle import load_bundle
+from .errors import InputError
+from .predictor import Predictor, choose_device
+from .preprocess import DEFAULT_MAX_PIXELS
+
+MODELS_ROOT = "/models"
+BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Stem:
+    def __init__(
+        self,
+        models_root: str | Path = MODELS_ROOT,
+        device: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        threads: int | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        self.models_root = Path(models_root)
+        self.device = choose_device(device)
+        if self.device.type == "cuda":  # pay for the CUDA context now, not on the first load
+            torch.zeros(1, device=self.device)
+            torch.cuda.synchronize(self.device)
+        self.max_pixels = max_pixels
+        self.threads = threads
+        self.ready_ms = round((time.perf_counter() - started) * 1000, 3)
+
+    def load(self, directory: str) -> Predictor:
+        """Load the bundle in ``models_root/directory``. Raises InputError for a name
+        that is not a plain directory name, BundleError for a bundle that fails to
+        load, check or warm up."""
+        if not BUNDLE_NAME.match(directory) or directory in (".", ".."):
+            raise InputError(f"model directory {directory!r} is not a plain directory name", code="bad_model")
+        bundle = load_bundle(self.models_root / directory)
+        return Predictor(bundle, device=str(self.device), max_pixels=self.max_pixels, threads=self.threads)
+
+    def health(self) -> dict[str, Any]:
+        gpu_mb = None
+        if self.device.type == "cuda":
+            gpu_mb = round(torch.cuda.memory_reserved(self.device) / 2**20, 1)
+        return {
+            "status": "stem",
+            "model": None,
+            "device": str(self.device),
+            "gpu_memory_mb": gpu_mb,
+            "ready_ms": self.ready_ms,
+            "threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+        }
