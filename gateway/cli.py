@@ -307,6 +307,28 @@ def _trace_options(func: F) -> F:
     "--keepalive", default="fixed,adaptive", show_default=True, callback=_policies, help="Keep-alive policies to try."
 )
 @click.option(
+    "--stem-cells",
+    "stems",
+    default="0,1",
+    show_default=True,
+    callback=_numbers(int, "integers"),
+    help="Stem cells kept ready, to try (WANWU_STEM_CELLS).",
+)
+@click.option(
+    "--load-ms",
+    default=150.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="A stem cell's model load and warm-up (a stem cell starts in --spawn-ms less this).",
+)
+@click.option(
+    "--stem-memory-mb",
+    default=500.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="GPU memory a waiting stem cell holds (the CUDA context).",
+)
+@click.option(
     "--spawn-ms",
     default=1700.0,
     show_default=True,
@@ -372,6 +394,9 @@ def tune(
     workers: list[int],
     ttl: list[float],
     keepalive: list[str],
+    stems: list[int],
+    load_ms: float,
+    stem_memory_mb: float,
     spawn_ms: float,
     stop_ms: float,
     infer_ms: float | None,
@@ -409,10 +434,10 @@ def tune(
     target = tuning.Target(max_cold_rate, max_p99_ms, max_reject_rate, max_idle_gb_h)
     if memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
         click.echo("wanwu tune: the trace has no memory figures, so idle GB-hours are 0; pass --memory-mb", err=True)
-    grid = Grid(workers, ttl, keepalive)
+    grid = Grid(workers, ttl, keepalive, stems)
     base = CoreConfig(capacity=1, default_ttl_s=30, queue_max=queue_max)
-    profile = Profile(spawn_ms=spawn_ms, stop_ms=stop_ms, infer_ms=infer_ms, memory_mb=memory_mb)
-    size = len(workers) * len(ttl) * len(keepalive)
+    profile = Profile(spawn_ms, stop_ms, infer_ms, memory_mb, load_ms=load_ms, stem_memory_mb=stem_memory_mb)
+    size = len(workers) * len(ttl) * len(keepalive) * len(stems)
     click.echo(
         f"wanwu tune: {len(loaded.arrivals)} requests to {len(loaded.models())} models over "
         f"{loaded.span_s / 3600:.1f} h, {size} points",
@@ -525,7 +550,7 @@ def replay(
     measured, predicted = report["measured"], report["predicted"] or {}
     rows = [
         (key, _show(measured[key]), _show(predicted[key]) if key in predicted else "-")
-        for key in ("requests", "cold_starts", "cold_rate", "reject_rate", "errors", "p50_ms", "p99_ms")
+        for key in ("requests", "cold_starts", "stem_starts", "cold_rate", "reject_rate", "errors", "p50_ms", "p99_ms")
     ]
     _table(("", "measured", "predicted"), rows)
     if "note" in report:

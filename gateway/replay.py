@@ -43,6 +43,7 @@ class Outcome:
     spawn_ms: float = 0.0
     worker_ms: float = 0.0
     queue_ms: float = 0.0
+    start: str = "warm"  # warm, container or stem
 
 
 def picture() -> bytes:
@@ -123,6 +124,7 @@ def send_all(
             _number(timing.get("spawn")),
             _number(timing.get("worker")),
             _number(timing.get("queue")),
+            str(answer.get("start", "warm")),
         )
         with lock:
             outcomes.append(outcome)
@@ -149,10 +151,12 @@ def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     served = sorted(o.latency_ms for o in outcomes if o.status == 200)
     total = len(outcomes)
     cold = sum(o.cold_start for o in outcomes)
+    stem = sum(o.start == "stem" for o in outcomes)
     rejected = sum(o.status == 503 for o in outcomes)
     return {
         "requests": total,
         "cold_starts": cold,
+        "stem_starts": stem,
         "cold_rate": cold / total if total else 0.0,
         "reject_rate": rejected / total if total else 0.0,
         "errors": sum(o.status not in (200, 503) for o in outcomes),
@@ -161,17 +165,39 @@ def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     }
 
 
-def profile_of(outcomes: Sequence[Outcome], stop_ms: float, spawn_ms: float | None = None) -> Profile | None:
-    """Start-up and service times as measured: the median spawn of cold answers (or
-    ``spawn_ms`` when none was cold), and the median of what each answer took beyond
-    queueing and start-up (HTTP, gateway and worker time). None without answers."""
-    spawns = [o.spawn_ms for o in outcomes if o.cold_start and o.spawn_ms > 0]
+def profile_of(
+    outcomes: Sequence[Outcome],
+    stop_ms: float,
+    spawn_ms: float | None = None,
+    pool_starts: dict[str, Any] | None = None,
+) -> Profile | None:
+    """Start-up and service times as measured: the median start of cold answers from a
+    new container (else the pool's last one, else ``spawn_ms``) and from a stem cell
+    (the load), the pool's own stem-cell start-up, and the median of what each answer
+    took beyond queueing and start-up (HTTP, gateway and worker time). None without
+    answers or any start-up time."""
+    starts = pool_starts or {}
+
+    def median(kind: str, known: float | None) -> float | None:
+        measured = [o.spawn_ms for o in outcomes if o.cold_start and o.start == kind and o.spawn_ms > 0]
+        return statistics.median(measured) if measured else known
+
+    container = median("container", _float(starts.get("container")) or spawn_ms)
+    load = median("stem", _float(starts.get("load")))
     service = [max(0.0, o.latency_ms - o.queue_ms - o.spawn_ms) for o in outcomes if o.status == 200]
-    if spawns:
-        spawn_ms = statistics.median(spawns)
-    if spawn_ms is None or not service:
+    if container is None or not service:
         return None
-    return Profile(spawn_ms=spawn_ms, stop_ms=stop_ms, infer_ms=statistics.median(service))
+    return Profile(
+        spawn_ms=container,
+        stop_ms=stop_ms,
+        infer_ms=statistics.median(service),
+        load_ms=150.0 if load is None else load,
+        stem_spawn_ms=_float(starts.get("stem")),
+    )
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:
@@ -183,12 +209,14 @@ def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str,
         model_ttl_s={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
         queue_max=int(live.get("queue_max", 64)),
         keepalive=str(live.get("keepalive", "fixed")),
+        stem_cells=int(live.get("stem_cells", 0)),
     )
     result = simulate(trace, config, profile, float(live["queue_timeout_s"]), float(live.get("reap_interval_s", 1.0)))
     m = result.metrics()
     return {
         "requests": result.requests,
         "cold_starts": result.cold_starts,
+        "stem_starts": result.stem_starts,
         "cold_rate": m["cold_rate"],
         "reject_rate": m["reject_rate"],
         "p50_ms": m["p50_ms"],
@@ -232,7 +260,8 @@ def replay_trace(
     if progress:
         progress(f"replay: {len(trace.arrivals)} requests over {trace.span_s:.0f} s to {', '.join(targets)}")
     outcomes = send_all(url, trace, concurrency, progress)
-    profile = profile_of(outcomes, stop_ms, spawn_ms)
+    after = _get(f"{url}/v1/pool")  # the start-up times the pool measured meanwhile
+    profile = profile_of(outcomes, stop_ms, spawn_ms, after.get("settings", {}).get("start_ms"))
     report: dict[str, Any] = {
         "measured": measured(outcomes),
         "predicted": None if profile is None else predicted(trace, pool, profile),
@@ -244,5 +273,11 @@ def replay_trace(
     if profile is None:
         report["note"] = "no answer was a cold start (or none succeeded): pass --spawn-ms to predict anyway"
     else:
-        report["profile"] = {"spawn_ms": profile.spawn_ms, "infer_ms": profile.infer_ms, "stop_ms": profile.stop_ms}
+        report["profile"] = {
+            "spawn_ms": profile.spawn_ms,
+            "load_ms": profile.load_ms,
+            "stem_spawn_ms": profile.stem_spawn_ms,
+            "infer_ms": profile.infer_ms,
+            "stop_ms": profile.stop_ms,
+        }
     return report

@@ -194,6 +194,7 @@ class PoolCore:
         self.keepalive: KeepAlive = make(config.keepalive)
         self._limits = config.limits
         self._start_s: dict[str, float] = {}  # model -> its last start-up time
+        self.start_ms: dict[str, float] = {}  # the last start of each kind: container, stem (cell), load (into one)
         self._last_arrival: dict[str, float] = {}  # model -> its last request (idle times count from there)
         self._windows: dict[str, Window] = {}  # model -> keep-alive window, until its inputs change
         self._expiry: list[tuple[float, str, float]] = []  # heap of (idle until, worker id, idle since)
@@ -254,6 +255,7 @@ class PoolCore:
         worker.spawn_ms = spawn_ms
         worker.spawn_breakdown = dict(breakdown or {})
         self._start_s[worker.model] = spawn_ms / 1000
+        self.start_ms["stem" if worker.stem else ("load" if worker.adopted else "container")] = spawn_ms
         self._windows.pop(worker.model, None)
         if gpu_mb is not None and gpu_mb > 0:
             worker.gpu_mb = float(gpu_mb)

@@ -606,6 +606,8 @@ class WarmPool:
             "queue_timeout_s": self.settings.queue_timeout_s,
             "queue_max": config.queue_max,
             "reap_interval_s": self.settings.reap_interval_s,
+            "stem_cells": config.stem_cells,
+            "start_ms": dict(self.core.start_ms),  # the last start of each kind, as measured
         }
 
 

@@ -51,10 +51,12 @@ class Profile:
     model_spawn_ms: Mapping[str, float] = field(default_factory=dict)
     load_ms: float = 150.0
     stem_memory_mb: float = 500.0
+    stem_spawn_ms: float | None = None  # a stem cell's own start; None: spawn_ms - load_ms
 
     def spawn_s(self, model: str) -> float:
         if model == STEM:
-            return max(0.0, self.spawn_ms - self.load_ms) / 1000
+            stem = self.spawn_ms - self.load_ms if self.stem_spawn_ms is None else self.stem_spawn_ms
+            return max(0.0, stem) / 1000
         return self.model_spawn_ms.get(model, self.spawn_ms) / 1000
 
 
@@ -263,12 +265,14 @@ class Grid:
     max_workers: Sequence[int] = (1, 2, 4, 8)
     ttl_s: Sequence[float] = (10, 30, 60, 120, 300, 600)
     keepalive: Sequence[str] = ("fixed", "adaptive")
+    stem_cells: Sequence[int] = (0,)
 
     def configs(self, base: CoreConfig) -> list[CoreConfig]:
         return [
-            replace(base, capacity=n, default_ttl_s=ttl, keepalive=policy)
+            replace(base, capacity=n, default_ttl_s=ttl, keepalive=policy, stem_cells=stems)
             for policy in self.keepalive
             for n in self.max_workers
+            for stems in self.stem_cells
             for ttl in self.ttl_s
         ]
 
@@ -286,6 +290,8 @@ def point(config: CoreConfig, result: SimResult) -> Point:
         p99_ms=m["p99_ms"],
         idle_worker_s=m["idle_worker_s"],
         idle_gb_h=m["idle_gb_h"],
+        stem_cells=config.stem_cells,
+        stem_rate=result.stem_starts / result.requests if result.requests else 0.0,
     )
 
 

@@ -44,6 +44,8 @@ class Point:
     p99_ms: float
     idle_worker_s: float  # worker-seconds spent idle
     idle_gb_h: float  # idle GPU-memory GB-hours
+    stem_cells: int = 0  # stem cells kept ready
+    stem_rate: float = 0.0  # cold starts a stem cell served (loading the model only) / requests
 
     def to_json(self) -> dict[str, Any]:
         """The point as JSON-ready values, rounded to what the simulation can resolve."""
@@ -58,6 +60,8 @@ class Point:
             "p99_ms": _finite(self.p99_ms, 3),
             "idle_worker_s": round(self.idle_worker_s, 1),
             "idle_gb_h": round(self.idle_gb_h, 6),
+            "stem_cells": self.stem_cells,
+            "stem_rate": round(self.stem_rate, 6),
         }
 
 
@@ -185,7 +189,8 @@ def _fewest_cold_key(p: Point) -> tuple[float, float, float, float, str]:
 def label(point: Point) -> str:
     """A point's settings in words, e.g. "adaptive N=4 TTL 60 s"."""
     workers = "inf" if point.max_workers == 0 else str(point.max_workers)
-    return f"{point.keepalive} N={workers} TTL {_trim(point.ttl_s, 1)} s"
+    stems = f" stems {point.stem_cells}" if point.stem_cells else ""
+    return f"{point.keepalive} N={workers}{stems} TTL {_trim(point.ttl_s, 1)} s"
 
 
 def recommend(points: Sequence[Point], target: Target) -> tuple[Point | None, str]:
@@ -213,11 +218,24 @@ def recommend(points: Sequence[Point], target: Target) -> tuple[Point | None, st
     return best, f"{label(best)} {how} of the {count} meeting {target.describe_limits()}: {facts}"
 
 
-_COLUMNS = ("keepalive", "N", "TTL s", "cold %", "503 %", "p50 ms", "p99 ms", "idle w-s", "idle GB-h", "")
+_COLUMNS = (
+    "keepalive",
+    "N",
+    "stems",
+    "TTL s",
+    "cold %",
+    "stem %",
+    "503 %",
+    "p50 ms",
+    "p99 ms",
+    "idle w-s",
+    "idle GB-h",
+    "",
+)
 
 
-def _table_key(p: Point) -> tuple[str, float, float]:
-    return (p.keepalive, _workers_key(p.max_workers), p.ttl_s)
+def _table_key(p: Point) -> tuple[str, float, int, float]:
+    return (p.keepalive, _workers_key(p.max_workers), p.stem_cells, p.ttl_s)
 
 
 def _row(p: Point, on_front: bool, recommended: bool) -> list[str]:
@@ -225,8 +243,10 @@ def _row(p: Point, on_front: bool, recommended: bool) -> list[str]:
     return [
         p.keepalive,
         "inf" if p.max_workers == 0 else str(p.max_workers),
+        str(p.stem_cells),
         f"{p.ttl_s:g}",
         f"{p.cold_rate * 100:.2f}",
+        f"{p.stem_rate * 100:.2f}",
         f"{p.reject_rate * 100:.2f}",
         f"{p.p50_ms:.1f}",
         f"{p.p99_ms:.1f}",
@@ -284,7 +304,11 @@ def report_json(
 def _best_adaptive_within(fixed: Point, adaptive: Sequence[Point]) -> Point | None:
     """The adaptive point with the same max_workers, no dearer than ``fixed``, with the
     fewest cold starts."""
-    cheap = [a for a in adaptive if a.max_workers == fixed.max_workers and a.idle_gb_h <= fixed.idle_gb_h]
+    cheap = [
+        a
+        for a in adaptive
+        if (a.max_workers, a.stem_cells) == (fixed.max_workers, fixed.stem_cells) and a.idle_gb_h <= fixed.idle_gb_h
+    ]
     return min(cheap, key=_fewest_cold_key, default=None)
 
 

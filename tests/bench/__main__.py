@@ -182,7 +182,9 @@ def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
     models = workdir / "cold-models"
     export_builtin_model(IMAGE, MODEL, models)
     sockets = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
-    settings = Settings(models_dir=models, socket_dir=sockets, pool_id="benchcold", worker_image=IMAGE, max_workers=1)
+    settings = Settings(
+        models_dir=models, socket_dir=sockets, pool_id="benchcold", worker_image=IMAGE, max_workers=1, stem_cells=0
+    )
     backend = DockerBackend(IMAGE, settings.pool_id, sockets, ContainerLimits(), settings.spawn_timeout_s)
     pool = WarmPool(backend, ModelCatalog(models), settings, clock=MonotonicClock())
     pool.start(background=False)
@@ -233,6 +235,68 @@ def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
         "ratio_cold_to_docker_run_true": round(p50_total / summary(run_true)["p50"], 2),
         "ratio_cold_to_docker_run_load_model": round(p50_total / summary(run_load)["p50"], 2),
     }
+
+
+def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[str, Any]:
+    """Cold starts served by a stem cell: each request finds one ready, has it load the
+    model, and is answered; then its worker is stopped and the replacement awaited.
+    Also what a waiting stem cell costs (memory, CPU)."""
+    models = workdir / "stem-models"
+    export_builtin_model(IMAGE, MODEL, models)
+    models.chmod(0o755)
+    sockets = Path(tempfile.mkdtemp(prefix="ws-", dir="/tmp"))
+    settings = Settings(
+        models_dir=models, socket_dir=sockets, pool_id="benchstem", worker_image=IMAGE, max_workers=2, stem_cells=1
+    )
+    backend = DockerBackend(IMAGE, settings.pool_id, sockets, ContainerLimits(), settings.spawn_timeout_s)
+    pool = WarmPool(backend, ModelCatalog(models), settings, clock=MonotonicClock())
+    pool.start(background=False)
+    image = bench_image()
+    rows = []
+
+    def stem_ready() -> bool:
+        return any(w.model == "(stem)" and w.state == "idle" for w in pool.snapshot().workers)
+
+    try:
+        for _ in range(count):
+            while not stem_ready():
+                time.sleep(0.01)
+            started = time.perf_counter()
+            answer = pool.predict(MODEL, image)
+            total = (time.perf_counter() - started) * 1000
+            assert answer.start == "stem", answer.start
+            t = answer.timing_ms
+            rows.append(
+                {
+                    "total": total,
+                    "assign": total - t["spawn"] - t["round_trip"],  # the scheduler's own part
+                    "load_request": t["spawn"],  # POST /load as the pool timed it
+                    "load": t["spawn_load"],
+                    "warmup": t["spawn_warmup"],
+                    "first_inference": t["round_trip"],
+                    "over_load_and_warmup": total - t["spawn_load"] - t["spawn_warmup"],
+                }
+            )
+            pool.reap(now=pool.clock.now() + 10**6)  # the loaded worker goes idle "forever": stop it
+            while any(w.model == MODEL for w in pool.snapshot().workers):
+                time.sleep(0.01)
+        while not stem_ready():
+            time.sleep(0.01)
+        (stem,) = [r for r in client.api.containers(filters={"label": "wanwu.pool=benchstem"})]
+        first = client.api.stats(stem["Id"], stream=False)
+        time.sleep(5)
+        second = client.api.stats(stem["Id"], stream=False)
+        cpu_s = (second["cpu_stats"]["cpu_usage"]["total_usage"] - first["cpu_stats"]["cpu_usage"]["total_usage"]) / 1e9
+        memory = second.get("memory_stats", {})
+        cache = memory.get("stats", {}).get("inactive_file", 0) or memory.get("stats", {}).get("cache", 0)
+        idle = {
+            "memory_mb": round((memory.get("usage", 0) - cache) / 2**20, 1),
+            "cpu_percent": round(cpu_s / 5 * 100, 2),
+        }
+    finally:
+        pool.shutdown(grace_s=1)
+    column = {key: summary([r[key] for r in rows]) for key in rows[0]}
+    return {"requests": count, "breakdown_ms": column, "idle_stem_cell": idle}
 
 
 # -- 3. throughput -------------------------------------------------------------------------
@@ -405,6 +469,14 @@ def table(results: dict[str, Any]) -> str:
     row("docker run: import torch + load model", pair(c["docker_run_import_torch_load_model_ms"]))
     row("ratio cold / docker run true", f"{c['ratio_cold_to_docker_run_true']}x")
     row("ratio cold / docker run load model", f"{c['ratio_cold_to_docker_run_load_model']}x")
+    st = results["stem_start"]
+    lines.append(f"stem-cell cold start ({st['requests']} requests, ms)")
+    for key, value in st["breakdown_ms"].items():
+        row(key, pair(value))
+    row("ratio stem / container cold start", f"{st['ratio_to_container_cold_start']}x")
+    row("ratio stem / docker run load model (target <= 0.15)", f"{st['ratio_to_docker_run_load_model']}x")
+    idle = st["idle_stem_cell"]
+    row("idle stem cell: memory (MB), CPU (%)", f"{idle['memory_mb']}, {idle['cpu_percent']}")
     lines.append("throughput (4N clients)")
     base = results["in_process"]["rps"]
     for t in results["throughput"]:
@@ -460,6 +532,15 @@ def main(argv: list[str] | None = None) -> int:
             results["footprint"] = footprint(gw, client, idle_seconds=3 if args.quick else 10)
         print("cold start ...", file=sys.stderr)
         results["cold_start"] = cold_start(workdir, cold_n, baseline_n)
+        print("stem-cell start ...", file=sys.stderr)
+        stem = results["stem_start"] = stem_start(workdir, cold_n, client)
+        cold = results["cold_start"]
+        stem["ratio_to_container_cold_start"] = round(
+            stem["breakdown_ms"]["total"]["p50"] / cold["breakdown_ms"]["total"]["p50"], 3
+        )
+        stem["ratio_to_docker_run_load_model"] = round(
+            stem["breakdown_ms"]["total"]["p50"] / cold["docker_run_import_torch_load_model_ms"]["p50"], 3
+        )
         results["throughput"] = []
         for n in (1, 2):
             print(f"throughput N={n} ...", file=sys.stderr)

@@ -106,7 +106,7 @@ from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 models, sockets, pool_id, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-settings = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image)
+settings = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image, stem_cells=0)
 pool = WarmPool(DockerBackend(image, pool_id, sockets), ModelCatalog(models), settings)
 pool.start()
 pool.predict("demo-shapes", Path(sys.argv[5]).read_bytes())
@@ -137,6 +137,8 @@ def test_orphans_of_a_killed_process_are_removed_by_the_next_pool(pools: PoolFac
     finally:
         if holder.poll() is None:
             holder.kill()
+        for container in pools.client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"}):
+            container.remove(force=True)  # when an assertion above failed before the new pool cleaned up
 
 
 def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory, docker_client: docker.DockerClient) -> None:

@@ -40,14 +40,19 @@ def test_tune_reports_every_point_as_json_and_draws_the_plot(azure: Path, tmp_pa
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     points = report["points"]
-    assert len(points) == 8 and report["requests"] == 56
-    assert {(p["keepalive"], p["max_workers"], p["ttl_s"]) for p in points} == {
-        (k, n, t) for k in ("fixed", "adaptive") for n in (1, 2) for t in (10.0, 60.0)
+    assert len(points) == 16 and report["requests"] == 56
+    assert {(p["keepalive"], p["max_workers"], p["ttl_s"], p["stem_cells"]) for p in points} == {
+        (k, n, t, s) for k in ("fixed", "adaptive") for n in (1, 2) for t in (10.0, 60.0) for s in (0, 1)
     }
     keys = {"keepalive", "max_workers", "ttl_s", "cold_rate", "reject_rate", "p50_ms", "p99_ms", "idle_worker_s"}
     assert keys | {"idle_gb_h"} <= set(points[0])
     assert any(p["pareto"] for p in points)
-    fixed = {(p["max_workers"], p["ttl_s"]): p for p in points if p["keepalive"] == "fixed"}
+    fixed = {(p["max_workers"], p["ttl_s"]): p for p in points if p["keepalive"] == "fixed" and not p["stem_cells"]}
+    stems = {(p["max_workers"], p["ttl_s"]): p for p in points if p["keepalive"] == "fixed" and p["stem_cells"]}
+    # A cold start from a stem cell costs the load (150 ms), not the whole start (1700 ms).
+    assert stems[(2, 10.0)]["stem_rate"] > 0 and fixed[(2, 10.0)]["stem_rate"] == 0
+    assert stems[(2, 10.0)]["p50_ms"] < fixed[(2, 10.0)]["p50_ms"]
+    assert stems[(2, 10.0)]["idle_gb_h"] > fixed[(2, 10.0)]["idle_gb_h"]  # and the stem cell waits, holding memory
     assert fixed[(2, 60.0)]["cold_rate"] < fixed[(2, 10.0)]["cold_rate"]  # a longer TTL keeps more warm...
     assert fixed[(2, 60.0)]["idle_gb_h"] > fixed[(2, 10.0)]["idle_gb_h"]  # ...and costs more idle memory
     assert report["recommended"] is not None and "reason" in report["recommended"]

@@ -10,8 +10,10 @@ from gateway.replay import Outcome, assign, measured, profile_of
 from scheduler.traces import ModelProfile, Trace
 
 
-def outcome(status: int = 200, cold: bool = False, latency: float = 10.0, spawn: float = 0.0) -> Outcome:
-    return Outcome("m", 0.0, status, latency, cold, spawn, 2.0, 0.0)
+def outcome(
+    status: int = 200, cold: bool = False, latency: float = 10.0, spawn: float = 0.0, start: str = ""
+) -> Outcome:
+    return Outcome("m", 0.0, status, latency, cold, spawn, 2.0, 0.0, start or ("container" if cold else "warm"))
 
 
 def test_models_the_gateway_serves_keep_their_names_and_the_rest_are_spread() -> None:
@@ -35,3 +37,12 @@ def test_the_profile_comes_from_the_answers_or_the_given_spawn_time() -> None:
     assert fallback is not None and fallback.spawn_ms == 1500 and fallback.infer_ms == 12
     assert profile_of([outcome(503)], stop_ms=300, spawn_ms=1500) is None  # nothing served
     assert math.isnan(measured([outcome(503)])["p50_ms"])
+
+
+def test_stem_starts_give_the_load_time_and_the_pool_its_own_start_times() -> None:
+    answers = [outcome(cold=True, latency=300, spawn=180, start="stem"), outcome(latency=12)]
+    assert profile_of(answers, stop_ms=300) is None  # no container start seen, none known
+    profile = profile_of(answers, stop_ms=300, pool_starts={"container": 1900.0, "stem": 1500.0, "load": 170.0})
+    assert profile is not None
+    assert (profile.spawn_ms, profile.load_ms, profile.stem_spawn_ms) == (1900.0, 180.0, 1500.0)  # measured load wins
+    assert measured(answers)["stem_starts"] == 1

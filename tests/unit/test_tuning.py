@@ -179,11 +179,11 @@ def test_table_sorts_by_policy_then_workers_unbounded_last_then_ttl_and_marks_fr
     assert set(front) == {R1, R2, R3}
     expected = "\n".join(
         [
-            "keepalive    N  TTL s  cold %  503 %  p50 ms  p99 ms  idle w-s  idle GB-h",
-            "adaptive     2     60   10.00   0.00     8.0   400.0    3600.0     0.5000  *",
-            "fixed        2     30   30.00   2.00    15.0  1200.0      20.0     0.0100  *",
-            "fixed        2     60   30.00   0.00    15.0  1000.0      40.0     0.0200",
-            "fixed      inf     30   25.00   0.00    12.5   950.0      10.0     0.0125  * <- recommended",
+            "keepalive    N  stems  TTL s  cold %  stem %  503 %  p50 ms  p99 ms  idle w-s  idle GB-h",
+            "adaptive     2      0     60   10.00    0.00   0.00     8.0   400.0    3600.0     0.5000  *",
+            "fixed        2      0     30   30.00    0.00   2.00    15.0  1200.0      20.0     0.0100  *",
+            "fixed        2      0     60   30.00    0.00   0.00    15.0  1000.0      40.0     0.0200",
+            "fixed      inf      0     30   25.00    0.00   0.00    12.5   950.0      10.0     0.0125  * <- recommended",  # noqa: E501
         ]
     )
     assert format_table([R1, R4, R2, R3], front, R1) == expected
@@ -193,7 +193,7 @@ def test_table_marks_a_recommended_point_off_the_front_and_shows_fractional_ttl(
     half = pt(n=1, ttl=2.5, cold=0.5, gbh=0.9)
     table = format_table([R2, half], [R2], half)
     rows = table.splitlines()
-    assert rows[1].split()[:3] == ["fixed", "1", "2.5"]
+    assert rows[1].split()[:4] == ["fixed", "1", "0", "2.5"]
     assert rows[1].endswith("0.9000  <- recommended")
     assert rows[2].endswith("0.0100  *")
     assert "recommended" not in format_table([R2], [R2], None)
@@ -201,7 +201,7 @@ def test_table_marks_a_recommended_point_off_the_front_and_shows_fractional_ttl(
 
 def test_table_of_nothing_is_the_header() -> None:
     assert format_table([], [], None).splitlines() == [
-        "keepalive  N  TTL s  cold %  503 %  p50 ms  p99 ms  idle w-s  idle GB-h"
+        "keepalive  N  stems  TTL s  cold %  stem %  503 %  p50 ms  p99 ms  idle w-s  idle GB-h"
     ]
 
 
@@ -218,6 +218,8 @@ POINT_KEYS = {
     "p99_ms",
     "idle_worker_s",
     "idle_gb_h",
+    "stem_cells",
+    "stem_rate",
 }
 
 
@@ -234,6 +236,8 @@ def test_point_json_has_exactly_its_keys_rounded() -> None:
         "p99_ms": 987.654,
         "idle_worker_s": 123.5,
         "idle_gb_h": 0.123457,
+        "stem_cells": 0,
+        "stem_rate": 0.0,
     }
 
 
