@@ -33,7 +33,25 @@ def run_checks(config: str | None = None) -> list[Check]:
     checks.append(_models(settings, image_ok=all(c.ok for c in docker_checks)))
     checks.append(_gpus(settings))
     checks.append(_socket_dir(settings.socket_dir))
+    if settings.stem_cells:
+        checks.append(_stem_cells(settings.models_dir))
     return checks
+
+
+def _stem_cells(models_dir: Path) -> Check:
+    """Stem cells read bundles through the models directory, as the worker user."""
+    try:
+        mode = models_dir.stat().st_mode
+    except OSError as exc:
+        return Check("stem cells", False, f"{models_dir}: {exc.strerror}", "create the models directory")
+    if mode & 0o005 != 0o005:
+        return Check(
+            "stem cells",
+            False,
+            f"{models_dir} is not readable by the worker user (uid 10001): misses start whole containers",
+            f"chmod o+rx {models_dir}, or set WANWU_STEM_CELLS=0",
+        )
+    return Check("stem cells", True, f"{models_dir} is readable by stem cells")
 
 
 def _docker(settings: Settings) -> list[Check]:

@@ -222,3 +222,13 @@ def test_a_failed_load_in_the_pool_is_the_error_a_failed_start_gives(tmp_path: P
         pool.predict("a", b"x")
     assert stem in backend.stops and pool.snapshot().reaps["load_failed"] == 1
     pool.shutdown(grace_s=0)
+
+
+def test_doctor_says_when_stem_cells_cannot_read_the_models_directory(tmp_path: Path) -> None:
+    from gateway.doctor import _stem_cells
+
+    tmp_path.chmod(0o700)
+    check = _stem_cells(tmp_path)
+    assert not check.ok and f"chmod o+rx {tmp_path}" in check.fix
+    tmp_path.chmod(0o755)
+    assert _stem_cells(tmp_path).ok
