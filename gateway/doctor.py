@@ -39,19 +39,13 @@ def run_checks(config: str | None = None) -> list[Check]:
 
 
 def _stem_cells(models_dir: Path) -> Check:
-    """Stem cells read bundles through the models directory, as the worker user."""
-    try:
-        mode = models_dir.stat().st_mode
-    except OSError as exc:
-        return Check("stem cells", False, f"{models_dir}: {exc.strerror}", "create the models directory")
-    if mode & 0o005 != 0o005:
-        return Check(
-            "stem cells",
-            False,
-            f"{models_dir} is not readable by the worker user (uid 10001): misses start whole containers",
-            f"chmod o+rx {models_dir}, or set WANWU_STEM_CELLS=0",
-        )
-    return Check("stem cells", True, f"{models_dir} is readable by stem cells")
+    """Stem cells reach bundles through the models directory, as the worker user."""
+    from scheduler.backends.docker import stem_mount_problem
+
+    problem = stem_mount_problem(models_dir)
+    if problem:
+        return Check("stem cells", False, f"{problem}: misses start whole containers", f"chmod o+x {models_dir}")
+    return Check("stem cells", True, f"{models_dir} is searchable by stem cells")
 
 
 def _docker(settings: Settings) -> list[Check]:

@@ -182,8 +182,13 @@ def profile_of(
         measured = [o.spawn_ms for o in outcomes if o.cold_start and o.start == kind and o.spawn_ms > 0]
         return statistics.median(measured) if measured else known
 
-    container = median("container", _float(starts.get("container")) or spawn_ms)
     load = median("stem", _float(starts.get("load")))
+    stem_start = _float(starts.get("stem"))
+    # A container start as measured, else as given, else the pool's last, else a stem cell's start and load.
+    known = spawn_ms if spawn_ms is not None else _float(starts.get("container"))
+    if known is None and stem_start is not None and load is not None:
+        known = stem_start + load
+    container = median("container", known)
     service = [max(0.0, o.latency_ms - o.queue_ms - o.spawn_ms) for o in outcomes if o.status == 200]
     if container is None or not service:
         return None
@@ -192,7 +197,7 @@ def profile_of(
         stop_ms=stop_ms,
         infer_ms=statistics.median(service),
         load_ms=150.0 if load is None else load,
-        stem_spawn_ms=_float(starts.get("stem")),
+        stem_spawn_ms=stem_start,
     )
 
 
@@ -271,7 +276,7 @@ def replay_trace(
         "settings": pool["settings"],
     }
     if profile is None:
-        report["note"] = "no answer was a cold start (or none succeeded): pass --spawn-ms to predict anyway"
+        report["note"] = "no start-up time was measured (or no answer succeeded): pass --spawn-ms to predict anyway"
     else:
         report["profile"] = {
             "spawn_ms": profile.spawn_ms,

@@ -12,7 +12,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from scheduler.backends.docker import ContainerLimits, DockerBackend
+from scheduler.backends.docker import ContainerLimits, DockerBackend, stem_mount_problem
 from scheduler.backends.docker_image import export_builtin_model
 from scheduler.errors import ImageBuildError, UnknownModel
 from scheduler.models import ModelCatalog
@@ -47,6 +47,11 @@ def build_pool(settings: Settings, start: bool = True) -> WarmPool:
             catalog.refresh()
         except ImageBuildError as exc:
             log.warning("default model %s is not available: %s", settings.default_model, exc)
+    if settings.stem_cells:
+        problem = stem_mount_problem(settings.models_dir.resolve())
+        if problem:  # say it once, and serve with containers only
+            log.warning("%s; serving without stem cells", problem)
+            settings = settings.replace(stem_cells=0)
     pool = WarmPool(backend, catalog, settings)
     if start:
         pool.start()

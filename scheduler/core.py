@@ -35,7 +35,7 @@ import heapq
 import itertools
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import policy
@@ -174,6 +174,7 @@ class PoolCore:
         self.workers: dict[str, Worker] = {}
         self.queue: collections.deque[Request] = collections.deque()
         self.backoff: dict[str, Backoff] = {}
+        self._stemless: dict[str, Backoff] = {}  # models whose load into a stem cell failed: containers for now
         self.readings: list[policy.GpuReading] = []
         self.counters = dict.fromkeys(
             (
@@ -182,6 +183,7 @@ class PoolCore:
                 "warm_hits",
                 "prewarms",
                 "spawn_failures",
+                "load_failures",
                 "retries",
                 "rejected",
                 "timeouts",
@@ -254,11 +256,13 @@ class PoolCore:
         self.backoff.pop(worker.model, None)
         worker.spawn_ms = spawn_ms
         worker.spawn_breakdown = dict(breakdown or {})
-        self._start_s[worker.model] = spawn_ms / 1000
+        if not worker.stem and not worker.adopted:  # the pre-warm lead: what a container takes, conservatively
+            self._start_s[worker.model] = spawn_ms / 1000
         self.start_ms["stem" if worker.stem else ("load" if worker.adopted else "container")] = spawn_ms
         self._windows.pop(worker.model, None)
         if gpu_mb is not None and gpu_mb > 0:
-            worker.gpu_mb = float(gpu_mb)
+            # A stem cell reports what its allocator holds, not the CUDA context: keep the estimate.
+            worker.gpu_mb = max(worker.gpu_mb, float(gpu_mb)) if worker.stem else float(gpu_mb)
         commands: list[Command] = []
         if worker.state is State.STOPPING or self.closing:
             commands.append(self._stop(worker, "shutdown", now))
@@ -282,19 +286,30 @@ class PoolCore:
         if worker is None:
             return []
         commands: list[Command] = []
-        if worker.adopted and worker.state is State.STARTING:  # a stem cell that failed to load: never reused
-            commands.append(self._stop(worker, "load_failed", now))
-        else:  # the backend has already removed a container that failed to start
-            del self.workers[worker_id]
-        self.counters["spawn_failures"] += 1
-        backoff = self.backoff.setdefault(worker.model, Backoff())
-        backoff.failures += 1
-        backoff.until = now + self.backoff_delay(backoff)
-        backoff.last_error = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         waiting = self._request(worker.reserved_for)
+        if worker.adopted and worker.state is State.STARTING:
+            # A stem cell that failed to load is never reused. The model gets its own
+            # container instead (for the same backoff as a failed start would give it):
+            # if the bundle is broken, that start fails too and says why, like any start.
+            commands.append(self._stop(worker, "load_failed", now))
+            self.counters["load_failures"] += 1
+            self._back_off(self._stemless, worker.model, now, error)
+            if waiting is not None:
+                waiting.spawning = None  # it waits on: dispatch starts a container for it
+            return commands + self._dispatch(now)
+        del self.workers[worker_id]  # the backend has already removed a container that failed to start
+        self.counters["spawn_failures"] += 1
+        self._back_off(self.backoff, worker.model, now, error)
         if waiting is not None:
             commands.append(self._fail(waiting, error))
         return commands + self._dispatch(now)
+
+    def _back_off(self, table: dict[str, Backoff], model: str, now: float, error: WanwuError | str) -> None:
+        backoff = table.setdefault(model, Backoff())
+        backoff.failures += 1
+        backoff.until = now + self.backoff_delay(backoff)
+        text = str(error)
+        backoff.last_error = text.splitlines()[0][:300] if text else type(error).__name__
 
     def backoff_delay(self, backoff: Backoff) -> float:
         return min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (backoff.failures - 1))
@@ -327,6 +342,9 @@ class PoolCore:
         if worker.state is State.BUSY:
             worker.dead = reason  # the request in flight fails and is retried
             return []
+        if worker.stem:  # a stem cell that dies waiting is a failed start: no restart loop at full speed
+            self.counters["spawn_failures"] += 1
+            self._back_off(self.backoff, STEM, now, f"stem cell {worker_id} died: {reason}")
         return [self._stop(worker, "crashed", now)]
 
     def stopped(self, worker_id: str, now: float) -> list[Command]:
@@ -363,10 +381,13 @@ class PoolCore:
         self.config, self._limits = config, config.limits
         self._windows.clear()
         self._expiry.clear()
-        for worker in self.workers.values():  # idle workers get the new keep-alive
-            if worker.state is State.IDLE:
+        for worker in self.workers.values():  # idle workers get the new keep-alive (stem cells have none)
+            if worker.state is State.IDLE and not worker.stem:
                 self._idle(worker, worker.last_used, self._window(worker.model).keep_s)
         commands: list[Command] = []
+        stems = [w for w in self.workers.values() if w.stem and w.state is State.IDLE]
+        for worker in stems[: max(0, len(stems) - config.stem_cells)]:  # fewer stem cells wanted
+            commands.append(self._stop(worker, "evicted", now))
         over = len(self.workers) - self._limits.capacity
         idle = sorted(
             (w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (not w.stem, w.last_used, w.id)
@@ -427,7 +448,7 @@ class PoolCore:
             if decision is None:
                 views = list(self.workers.values())
                 decision = decided[request.model] = policy.decide(
-                    request.model, views, limits, self.readings, estimates, self._stem_ok(request.model)
+                    request.model, views, limits, self.readings, estimates, self._stem_ok(request.model, now)
                 )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
@@ -444,15 +465,22 @@ class PoolCore:
                     commands.append(self._spawn(request.model, decision, now, request))
                 decided.clear()
             elif isinstance(decision, policy.Adopt) and request.spawning is None:
-                commands.append(self._adopt(request.model, decision.worker_id, now, request))
+                starting = self._unreserved_start(request.model)
+                if starting is not None:  # a load nobody waits for (a pre-warm, or its request gave up)
+                    starting.reserved_for, request.spawning = request.id, starting.id
+                else:
+                    commands.append(self._adopt(request.model, decision.worker_id, now, request))
                 decided.clear()
             elif isinstance(decision, policy.Reject):
                 commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
         return commands + self._refill_stems(now)
 
-    def _stem_ok(self, model: str) -> bool:
+    def _stem_ok(self, model: str, now: float) -> bool:
         allowed = self.config.stem_models
-        return self.config.stem_cells > 0 and (allowed is None or model in allowed)
+        if self.config.stem_cells <= 0 or (allowed is not None and model not in allowed):
+            return False
+        failed = self._stemless.get(model)  # its last load into a stem cell failed: a container for now
+        return failed is None or failed.until <= now
 
     def _adopt(self, model: str, stem_id: str, now: float, request: Request | None) -> LoadWorker:
         """A stem cell becomes ``model``'s worker: it loads while the request waits."""
@@ -479,7 +507,9 @@ class PoolCore:
         stems = sum(1 for w in self.workers.values() if w.stem and w.state in (State.STARTING, State.IDLE))
         while stems < self.config.stem_cells:
             views = list(self.workers.values())
-            decision = policy.room_for(STEM, views, self._limits, self.readings, self.config.estimates_mb)
+            # Below the low watermark only, so a stem cell never pushes a GPU into pressure reaping.
+            low = replace(self._limits, high_watermark=self._limits.low_watermark)
+            decision = policy.room_for(STEM, views, low, self.readings, self.config.estimates_mb)
             if decision is None:
                 break
             commands.append(self._spawn(STEM, decision, now, None))
@@ -600,7 +630,7 @@ class PoolCore:
                 continue
             views = list(self.workers.values())
             estimates = self.config.estimates_mb
-            decision = policy.decide(model, views, self._limits, self.readings, estimates, self._stem_ok(model))
+            decision = policy.decide(model, views, self._limits, self.readings, estimates, self._stem_ok(model, now))
             if isinstance(decision, policy.Adopt):
                 self.counters["prewarms"] += 1
                 commands.append(self._adopt(model, decision.worker_id, now, None))

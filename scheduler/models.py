@@ -18,6 +18,7 @@ from wanwu_worker.errors import BundleError
 
 from .clock import Clock, MonotonicClock
 from .errors import UnknownModel
+from .policy import STEM
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class ModelCatalog:
                     info = ModelInfo.from_bundle(load_bundle(entry))
                 except BundleError as exc:
                     problems[entry.name] = str(exc)
+                    continue
+                if info.name == STEM:
+                    problems[entry.name] = f"{entry}: the name {STEM!r} is reserved for stem cells"
                     continue
                 if info.name != entry.name:
                     problems[entry.name] = (

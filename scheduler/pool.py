@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import policy
-from .backends.base import Backend, Connection, SpawnRequest
+from .backends.base import Backend, Connection, SpawnRequest, Started
 from .clock import Clock, MonotonicClock
 from .core import REAP_REASONS, Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
 from .errors import WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
@@ -169,7 +169,7 @@ class WarmPool:
             capacity=s.max_workers,
             default_ttl_s=s.idle_ttl_s,
             model_ttl_s={m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None},
-            estimates_mb={m.name: float(m.gpu_memory_mb) for m in models},
+            estimates_mb={**{m.name: float(m.gpu_memory_mb) for m in models}, STEM: s.stem_gpu_mb if s.gpus else 0.0},
             high_watermark=s.gpu_high_watermark,
             low_watermark=s.gpu_low_watermark,
             queue_max=s.queue_max,
@@ -398,59 +398,56 @@ class WarmPool:
             "" if stem else f" for model {command.model}",
             f" on GPU {command.device}" if command.device else "",
         )
+
+        def start() -> tuple[Started, Connection | None]:
+            path = self.settings.models_dir.resolve() if stem else self.catalog.get(command.model).path
+            started = self.backend.spawn(SpawnRequest(command.worker_id, command.model, path, command.device))
+            return started, self.backend.connect(command.worker_id, self.settings.request_timeout_s)
+
+        self._start(command, start, "ready")
+
+    def _load_job(self, command: LoadWorker) -> None:
+        """A stem cell loads ``command.model``; a failed load stops it (the core says so)."""
+        log.info("stem cell %s loads model %s", command.worker_id, command.model)
+
+        def load() -> tuple[Started, Connection | None]:
+            path = self.catalog.get(command.model).path
+            return self.backend.load(command.worker_id, path, self.settings.spawn_timeout_s), None
+
+        self._start(command, load, "loaded into its stem cell")
+
+    def _start(
+        self,
+        command: SpawnWorker | LoadWorker,
+        run: Callable[[], tuple[Started, Connection | None]],
+        done: str,
+    ) -> None:
+        """Run a start (a container, or a load into a stem cell) and tell the core how
+        it went; a stem cell keeps the connection it was started with."""
         started_at = self.clock.now()
         try:
-            path = self.settings.models_dir if stem else self.catalog.get(command.model).path
-            started = self.backend.spawn(SpawnRequest(command.worker_id, command.model, path, command.device))
-            connection = self.backend.connect(command.worker_id, self.settings.request_timeout_s)
+            started, connection = run()
         except WanwuError as exc:
             self._spawn_failed(command, exc)
             return
         except Exception as exc:  # a backend bug must not leave a waiter hanging
-            log.exception("spawning worker %s failed unexpectedly", command.worker_id)
-            error = WorkerError(f"spawning worker {command.worker_id} failed: {exc}", command.worker_id)
-            self._spawn_failed(command, error)
+            log.exception("starting worker %s failed unexpectedly", command.worker_id)
+            self._spawn_failed(
+                command, WorkerError(f"starting worker {command.worker_id} failed: {exc}", command.worker_id)
+            )
             return
         now = self.clock.now()
         spawn_ms = round((now - started_at) * 1000, 3)
         gpu_mb = started.health.get("gpu_memory_mb")
         with self._lock:
-            self._connections[command.worker_id] = connection
-            log.info("worker %s (model %s) ready in %.0f ms", command.worker_id, command.model, spawn_ms)
+            if connection is not None:
+                self._connections[command.worker_id] = connection
+            log.info("worker %s (model %s) %s in %.0f ms", command.worker_id, command.model, done, spawn_ms)
             actions = self._event(
                 "ready",
                 command.worker_id,
                 now,
                 spawn_ms,
-                started.timing_ms,
-                float(gpu_mb) if isinstance(gpu_mb, (int, float)) else None,
-            )
-        self._run(actions)
-
-    def _load_job(self, command: LoadWorker) -> None:
-        """A stem cell loads ``command.model``; a failed load stops it (the core says so)."""
-        log.info("stem cell %s loads model %s", command.worker_id, command.model)
-        started_at = self.clock.now()
-        try:
-            info = self.catalog.get(command.model)
-            started = self.backend.load(command.worker_id, info.path, self.settings.spawn_timeout_s)
-        except WanwuError as exc:
-            self._spawn_failed(command, exc)
-            return
-        except Exception as exc:  # a backend bug must not leave a waiter hanging
-            log.exception("loading %s into stem cell %s failed unexpectedly", command.model, command.worker_id)
-            self._spawn_failed(command, WorkerError(f"loading {command.model} failed: {exc}", command.worker_id))
-            return
-        now = self.clock.now()
-        load_ms = round((now - started_at) * 1000, 3)
-        gpu_mb = started.health.get("gpu_memory_mb")
-        with self._lock:
-            log.info("worker %s (model %s) loaded in a stem cell in %.0f ms", command.worker_id, command.model, load_ms)
-            actions = self._event(
-                "ready",
-                command.worker_id,
-                now,
-                load_ms,
                 started.timing_ms,
                 float(gpu_mb) if isinstance(gpu_mb, (int, float)) else None,
             )

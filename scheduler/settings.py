@@ -39,6 +39,7 @@ class Settings:
     idle_ttl_s: float = 30.0
     keepalive: str = "adaptive"
     stem_cells: int = 1
+    stem_gpu_mb: float = 500.0  # GPU memory a waiting stem cell holds (its CUDA context), for placement
     gpu_high_watermark: float = 0.90
     gpu_low_watermark: float = 0.80
     request_timeout_s: float = 30.0
@@ -116,7 +117,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise fail(name, "must be > 0")
-        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads", "stem_cells"):
+        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads", "stem_cells", "stem_gpu_mb"):
             if getattr(self, name) < 0:
                 raise fail(name, "must be >= 0")
         for name in ("gpu_high_watermark", "gpu_low_watermark"):

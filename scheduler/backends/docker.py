@@ -24,7 +24,14 @@ import docker.errors
 import docker.types
 import requests
 
-from ..errors import BackendUnavailable, WanwuError, WorkerStartError, WorkerStartTimeout
+from ..errors import (
+    BackendUnavailable,
+    WanwuError,
+    WorkerCrashed,
+    WorkerStartError,
+    WorkerStartTimeout,
+    WorkerTimeout,
+)
 from ..worker_client import WorkerClient
 from .base import ExitCallback, ManagedWorker, SpawnRequest, Started
 
@@ -140,18 +147,26 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
     return options
 
 
-def _check_readable_by_workers(models_dir: Path) -> None:
-    """A stem cell (uid 10001) reads bundles through the models directory itself, so it
-    must be open to others; say how to fix it rather than fail every load."""
+def stem_mount_problem(models_dir: Path) -> str | None:
+    """Why stem cells (uid 10001) could not reach bundles through the models directory,
+    or None. They open ``/models/<name>``, so the directory must be searchable by them."""
     try:
-        mode = models_dir.stat().st_mode
+        info = models_dir.stat()
     except OSError as exc:
-        raise WorkerStartError(f"stem cells cannot use the models directory {models_dir}: {exc}") from exc
-    if os.geteuid() != WORKER_UID and (mode & 0o005) != 0o005:
-        raise WorkerStartError(
-            f"stem cells need the models directory {models_dir} readable by the worker user (uid {WORKER_UID}): "
-            f"chmod o+rx {models_dir}, or set WANWU_STEM_CELLS=0"
+        return f"stem cells cannot use the models directory {models_dir}: {exc.strerror or exc}"
+    searchable = info.st_mode & (0o100 if info.st_uid == WORKER_UID else 0o001)
+    if not searchable:
+        return (
+            f"stem cells need the models directory {models_dir} searchable by the worker user (uid {WORKER_UID}): "
+            f"chmod o+x {models_dir}, or set WANWU_STEM_CELLS=0"
         )
+    return None
+
+
+def _check_readable_by_workers(models_dir: Path, worker_id: str) -> None:
+    problem = stem_mount_problem(models_dir)
+    if problem:
+        raise WorkerStartError(problem, worker_id)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -237,7 +252,7 @@ class DockerBackend:
 
     def spawn(self, request: SpawnRequest) -> Started:
         if request.stem:
-            _check_readable_by_workers(request.model_dir)
+            _check_readable_by_workers(request.model_dir, request.worker_id)
         spec = self._spec(request)
         started = time.monotonic()
         prepare_socket_dir(spec.socket_dir)
@@ -331,6 +346,14 @@ class DockerBackend:
         client = self.connect(worker_id, timeout)
         try:
             health = client.load(model_dir.name, timeout)
+        except WorkerTimeout as exc:
+            raise WorkerStartTimeout(
+                f"stem cell {worker_id} did not load {model_dir.name} within {timeout:g} s", worker_id
+            ) from exc
+        except WorkerCrashed as exc:
+            raise WorkerStartError(
+                f"stem cell {worker_id} failed while loading {model_dir.name}: {exc}", worker_id
+            ) from exc
         finally:
             client.close()
         timing = health.pop("timing_ms", {})

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -257,10 +258,16 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
     def stem_ready() -> bool:
         return any(w.model == "(stem)" and w.state == "idle" for w in pool.snapshot().workers)
 
+    def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench: no {what} within {timeout:g} s; see `wanwu doctor`")
+            time.sleep(0.01)
+
     try:
         for _ in range(count):
-            while not stem_ready():
-                time.sleep(0.01)
+            until(stem_ready, "ready stem cell")
             started = time.perf_counter()
             answer = pool.predict(MODEL, image)
             total = (time.perf_counter() - started) * 1000
@@ -278,10 +285,8 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
                 }
             )
             pool.reap(now=pool.clock.now() + 10**6)  # the loaded worker goes idle "forever": stop it
-            while any(w.model == MODEL for w in pool.snapshot().workers):
-                time.sleep(0.01)
-        while not stem_ready():
-            time.sleep(0.01)
+            until(lambda: all(w.model != MODEL for w in pool.snapshot().workers), "stopped worker")
+        until(stem_ready, "ready stem cell")
         (stem,) = [r for r in client.api.containers(filters={"label": "wanwu.pool=benchstem"})]
         first = client.api.stats(stem["Id"], stream=False)
         time.sleep(5)

@@ -81,7 +81,7 @@ def test_concurrent_requests_never_exceed_n_containers(pools: PoolFactory) -> No
 
 
 def test_idle_workers_are_reaped_after_the_ttl(pools: PoolFactory) -> None:
-    pool = pools(idle_ttl_s=1.0)
+    pool = pools(idle_ttl_s=2.0)  # long enough to see the container before the reaper takes it, under load too
     pool.predict("demo-shapes", next(iter(demo_images().values())))
     assert len(pools.containers(pool)) == 1
     wait_for(lambda: not pools.containers(pool, all=True), 15, "the idle worker to be reaped")

@@ -104,14 +104,20 @@ def test_a_stem_cell_told_to_load_a_broken_bundle_is_removed(pools: PoolFactory,
         pool = pools(max_workers=2, stem_cells=1)
         wait_for(lambda: ready_stems(pool), 60, "a stem cell to be ready")
         (stem,) = ready_stems(pool)
-        with pytest.raises(WorkerStartError, match=r"could not load broken-stem: bad_bundle: .*TorchScript"):
+        # The load fails, the stem cell goes, a container is tried instead and fails the
+        # way any start of a broken bundle fails: the request gets that error.
+        with pytest.raises(
+            WorkerStartError, match=r"exited with status 2 while starting; last log lines:\n.*TorchScript"
+        ):
             pool.predict("broken-stem", b"x")
         wait_for(
             lambda: stem not in {c["Labels"]["wanwu.worker"] for c in pools.containers(pool, all=True)},
             10,
             "the broken stem cell to be removed",
         )
+        counters = pool.snapshot().counters
         assert pool.snapshot().reaps["load_failed"] == 1
+        assert (counters["load_failures"], counters["spawn_failures"]) == (1, 1)
         with pytest.raises(ModelUnavailable):  # backs off like a container that failed to start
             pool.predict("broken-stem", b"x")
         image = next(iter(demo_images().values()))

@@ -46,3 +46,11 @@ def test_stem_starts_give_the_load_time_and_the_pool_its_own_start_times() -> No
     assert profile is not None
     assert (profile.spawn_ms, profile.load_ms, profile.stem_spawn_ms) == (1900.0, 180.0, 1500.0)  # measured load wins
     assert measured(answers)["stem_starts"] == 1
+
+
+def test_with_only_stem_starts_a_container_start_is_a_stem_cell_start_and_a_load() -> None:
+    answers = [outcome(cold=True, latency=300, spawn=180, start="stem"), outcome(latency=12)]
+    profile = profile_of(answers, stop_ms=300, pool_starts={"stem": 1500.0, "load": 170.0})
+    assert profile is not None and profile.spawn_ms == 1500.0 + 180.0
+    given = profile_of(answers, stop_ms=300, spawn_ms=2000.0, pool_starts={"container": 1900.0})
+    assert given is not None and given.spawn_ms == 2000.0  # what the operator says beats the pool's last

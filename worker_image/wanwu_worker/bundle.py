@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 FORMATS = ("torchscript",)
 TASKS = ("classify",)
@@ -188,3 +188,10 @@ def load_bundle(directory: str | Path) -> Bundle:
     if not bundle.model_file.is_file():
         raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")
     return bundle
+
+
+def check_name(directory: str) -> None:
+    """A bundle directory directly under a models root (a stem cell's ``/load``): any
+    name the gateway's catalog accepts, nothing that leaves the root. Raises InputError."""
+    if not directory or "/" in directory or "\0" in directory or directory in (".", ".."):
+        raise InputError(f"model directory {directory!r} is not a plain directory name", code="bad_model")

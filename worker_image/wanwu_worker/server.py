@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from .bundle import check_name
 from .errors import InputError, LengthRequired, PayloadTooLarge, WorkerError
 from .predictor import Predictor, parse_top_k
 
@@ -178,6 +179,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send_error(400, "bad_request", 'the body is not JSON; send {"model": "<bundle directory>"}')
             return
         server = self.server
+        try:
+            check_name(name)
+        except InputError as exc:  # the request's fault: the stem cell stays sound
+            self._send_error(exc.status, exc.code, exc.message)
+            return
         with server.load_lock:
             if server.stem is None or server.predictor is not None:
                 loaded = server.predictor.bundle.name if server.predictor is not None else "?"
@@ -188,10 +194,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             try:
                 server.predictor = server.stem.load(name)
-            except InputError as exc:
-                self._send_error(exc.status, exc.code, exc.message)
-                return
-            except WorkerError as exc:
+            except WorkerError as exc:  # whatever failed, this process is not reused
                 server.broken = exc.message
                 log.error("loading %s failed; this stem cell is broken: %s", name, exc.message)
                 self._send_error(422, exc.code, exc.message)

@@ -5,20 +5,17 @@ root, with the same loading, checks and warm-up as a worker started for that mod
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .bundle import load_bundle
-from .errors import InputError
+from .bundle import check_name, load_bundle
 from .predictor import Predictor, choose_device
 from .preprocess import DEFAULT_MAX_PIXELS
 
 MODELS_ROOT = "/models"
-BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class Stem:
@@ -45,8 +42,7 @@ class Stem:
         """Load the bundle in ``models_root/directory``. Raises InputError for a name
         that is not a plain directory name, BundleError for a bundle that fails to
         load, check or warm up."""
-        if not BUNDLE_NAME.match(directory) or directory in (".", ".."):
-            raise InputError(f"model directory {directory!r} is not a plain directory name", code="bad_model")
+        check_name(directory)
         bundle = load_bundle(self.models_root / directory)
         return Predictor(bundle, device=str(self.device), max_pixels=self.max_pixels, threads=self.threads)
 
