@@ -53,6 +53,20 @@ def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
     return path
 
 
+def make_broken_bundle(models_dir: Path, name: str) -> Path:
+    """A copy of demo-shapes under ``name`` whose model file is not TorchScript: the
+    catalog accepts it (it checks files, not weights); loading it fails."""
+    import shutil
+
+    broken = models_dir / name
+    shutil.copytree(models_dir / "demo-shapes", broken)
+    config = json.loads((broken / "model.json").read_text(encoding="utf-8"))
+    config["name"] = name
+    (broken / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (broken / "model.pt").write_bytes(b"not torchscript")
+    return broken
+
+
 def white_png() -> bytes:
     from PIL import Image
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from scheduler.backends.docker import POOL_LABEL
 from scheduler.errors import WorkerStartError
 from tests.dockerutil import IMAGE, wait_for
 from tests.images import demo_images
-from tests.integration.pools import PoolFactory, white_png
+from tests.integration.pools import PoolFactory, make_broken_bundle, white_png
 
 pytestmark = pytest.mark.docker
 
@@ -181,12 +180,7 @@ def test_a_worker_stopped_from_outside_leaves_the_pool(pools: PoolFactory, docke
 
 
 def test_a_broken_bundle_reports_its_logs_and_backs_off(pools: PoolFactory, models_dir: Path) -> None:
-    broken = models_dir / "broken"
-    shutil.copytree(models_dir / "demo-shapes", broken)
-    config = json.loads((broken / "model.json").read_text(encoding="utf-8"))
-    config["name"] = "broken"
-    (broken / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    (broken / "model.pt").write_bytes(b"not torchscript")
+    broken = make_broken_bundle(models_dir, "broken")
     try:
         pool = pools()
         with pytest.raises(

@@ -3,7 +3,6 @@ container that already has the runtime up."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from scheduler.policy import STEM
 from scheduler.pool import WarmPool
 from tests.dockerutil import wait_for
 from tests.images import demo_images
-from tests.integration.pools import PoolFactory
+from tests.integration.pools import PoolFactory, make_broken_bundle
 
 pytestmark = pytest.mark.docker
 
@@ -94,12 +93,7 @@ def test_a_stem_cell_is_hardened_like_any_worker(pools: PoolFactory, docker_clie
 
 
 def test_a_stem_cell_told_to_load_a_broken_bundle_is_removed(pools: PoolFactory, models_dir: Path) -> None:
-    broken = models_dir / "broken-stem"
-    shutil.copytree(models_dir / "demo-shapes", broken)
-    config = json.loads((broken / "model.json").read_text(encoding="utf-8"))
-    config["name"] = "broken-stem"
-    (broken / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-    (broken / "model.pt").write_bytes(b"not torchscript")
+    broken = make_broken_bundle(models_dir, "broken-stem")
     try:
         pool = pools(max_workers=2, stem_cells=1)
         wait_for(lambda: ready_stems(pool), 60, "a stem cell to be ready")
