@@ -498,7 +498,8 @@ def tune(
     "--spawn-ms",
     default=None,
     type=click.FloatRange(min=0),
-    help="For the prediction, when no answer was a cold start: a worker's start-up time.",
+    help="For the prediction, when no answer came from a new container: its start-up time "
+    "[default: the pool's last, or a stem cell's start and load].",
 )
 @click.option(
     "--concurrency",

@@ -457,22 +457,19 @@ class PoolCore:
             elif request.spawning is None and backoff is not None and backoff.until > now:
                 # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
                 commands.append(self._fail(request, self._backoff_error(request.model, backoff, now)))
-            elif isinstance(decision, policy.Spawn) and request.spawning is None:
-                starting = self._unreserved_start(request.model)
-                if starting is not None:  # a pre-warm, or a start whose request gave up: wait for it
-                    starting.reserved_for, request.spawning = request.id, starting.id
-                else:
-                    commands.append(self._spawn(request.model, decision, now, request))
-                decided.clear()
-            elif isinstance(decision, policy.Adopt) and request.spawning is None:
-                starting = self._unreserved_start(request.model)
-                if starting is not None:  # a load nobody waits for (a pre-warm, or its request gave up)
-                    starting.reserved_for, request.spawning = request.id, starting.id
-                else:
-                    commands.append(self._adopt(request.model, decision.worker_id, now, request))
-                decided.clear()
             elif isinstance(decision, policy.Reject):
                 commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
+            elif request.spawning is not None:
+                continue  # its start is under way
+            elif (starting := self._unreserved_start(request.model)) is not None:
+                # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
+                starting.reserved_for, request.spawning = request.id, starting.id
+            elif isinstance(decision, policy.Spawn):
+                commands.append(self._spawn(request.model, decision, now, request))
+                decided.clear()
+            elif isinstance(decision, policy.Adopt):
+                commands.append(self._adopt(request.model, decision.worker_id, now, request))
+                decided.clear()
         return commands + self._refill_stems(now)
 
     def _stem_ok(self, model: str, now: float) -> bool:
