@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
                 time.sleep(0.01)
     finally:
         pool.shutdown(grace_s=1)
+        shutil.rmtree(sockets, ignore_errors=True)
     run_true = [
         _timed(["docker", "run", "--rm", "--network", "none", "--entrypoint", "true", IMAGE])
         for _ in range(baseline_runs)
@@ -300,6 +302,7 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
         }
     finally:
         pool.shutdown(grace_s=1)
+        shutil.rmtree(sockets, ignore_errors=True)
     column = {key: summary([r[key] for r in rows]) for key in rows[0]}
     return {"requests": count, "breakdown_ms": column, "idle_stem_cell": idle}
 

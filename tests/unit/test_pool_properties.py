@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -26,6 +28,7 @@ from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
 MODELS = ("a", "b", "c")
 _models_dir = Path(tempfile.mkdtemp(prefix="wanwu-prop-"))
+atexit.register(shutil.rmtree, _models_dir, True)  # made at import for the state machine; gone at exit
 for _name in MODELS:
     make_bundle(_models_dir, _name, gpu_memory_mb=2000, idle_ttl_s=10 if _name == "c" else None)
 
