@@ -121,9 +121,9 @@ def send_all(
             status,
             latency,
             answer.get("cold_start") is True,
-            _number(timing.get("spawn")),
-            _number(timing.get("worker")),
-            _number(timing.get("queue")),
+            _float(timing.get("spawn")) or 0.0,
+            _float(timing.get("worker")) or 0.0,
+            _float(timing.get("queue")) or 0.0,
             str(answer.get("start", "warm")),
         )
         with lock:
@@ -141,10 +141,6 @@ def send_all(
                 progress(f"replay: {index + 1}/{len(trace.arrivals)} sent, {time.monotonic() - start:.0f} s")
     session.close()
     return sorted(outcomes, key=lambda o: o.sent_at)
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:

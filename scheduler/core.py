@@ -273,7 +273,7 @@ class PoolCore:
         if worker.stem:
             worker.state, worker.last_used = State.IDLE, now  # a stem cell waits for a model: no keep-alive
         else:
-            self._idle(worker, now, self._window(worker.model).keep_s)
+            self._idle(worker, now, self.window(worker.model).keep_s)
         waiting = self._request(worker.reserved_for)
         if waiting is not None:
             commands.append(self._hand_over(waiting, worker, now))
@@ -322,7 +322,7 @@ class PoolCore:
             return []
         worker.served += 1
         commands: list[Command] = []
-        window = self._window(worker.model)
+        window = self.window(worker.model)
         if ok and worker.dead is None and not self.closing:
             self._idle(worker, now, window.keep_s)
         elif not ok or worker.dead is not None:
@@ -383,7 +383,7 @@ class PoolCore:
         self._expiry.clear()
         for worker in self.workers.values():  # idle workers get the new keep-alive (stem cells have none)
             if worker.state is State.IDLE and not worker.stem:
-                self._idle(worker, worker.last_used, self._window(worker.model).keep_s)
+                self._idle(worker, worker.last_used, self.window(worker.model).keep_s)
         commands: list[Command] = []
         stems = [w for w in self.workers.values() if w.stem and w.state is State.IDLE]
         for worker in stems[: max(0, len(stems) - config.stem_cells)]:  # fewer stem cells wanted
@@ -425,9 +425,6 @@ class PoolCore:
         times = [expiry[0][0]] if expiry else []
         times += self.prewarm_at.values()
         return min(times) if times else None
-
-    def window(self, model: str) -> Window:
-        return self._window(model)
 
     def describe_keepalive(self) -> dict[str, Any]:
         return {"policy": self.keepalive.name, "models": self.keepalive.describe()}
@@ -636,7 +633,8 @@ class PoolCore:
                 commands.append(self._spawn(model, decision, now, None))
         return commands
 
-    def _window(self, model: str) -> Window:
+    def window(self, model: str) -> Window:
+        """The keep-alive window of ``model`` now (cached until its inputs change)."""
         window = self._windows.get(model)
         if window is None:
             window = self.keepalive.window(model, self._limits.ttl(model), self._start_s.get(model, 0.0))

@@ -27,7 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,19 +181,28 @@ def _timed(command: list[str]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
-    models = workdir / "cold-models"
+@contextmanager
+def bench_pool(models: Path, pool_id: str, **settings: Any) -> Iterator[WarmPool]:
+    """A Docker-backed pool over the demo bundle (copied to ``models``), shut down and
+    its socket directory removed afterwards."""
     export_builtin_model(IMAGE, MODEL, models)
+    models.chmod(0o755)  # stem cells reach bundles through it
     sockets = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
-    settings = Settings(
-        models_dir=models, socket_dir=sockets, pool_id="benchcold", worker_image=IMAGE, max_workers=1, stem_cells=0
-    )
-    backend = DockerBackend(IMAGE, settings.pool_id, sockets, ContainerLimits(), settings.spawn_timeout_s)
-    pool = WarmPool(backend, ModelCatalog(models), settings, clock=MonotonicClock())
+    config = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=IMAGE, **settings)
+    backend = DockerBackend(IMAGE, pool_id, sockets, ContainerLimits(), config.spawn_timeout_s)
+    pool = WarmPool(backend, ModelCatalog(models), config, clock=MonotonicClock())
     pool.start(background=False)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(grace_s=1)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
     image = bench_image()
     rows = []
-    try:
+    with bench_pool(workdir / "cold-models", "benchcold", max_workers=1, stem_cells=0) as pool:
         for _ in range(count):
             started = time.perf_counter()
             answer = pool.predict(MODEL, image)
@@ -213,9 +223,6 @@ def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
             pool.reap(now=pool.clock.now() + 10**6)  # the worker goes idle "forever": stop it
             while pool.snapshot().workers:
                 time.sleep(0.01)
-    finally:
-        pool.shutdown(grace_s=1)
-        shutil.rmtree(sockets, ignore_errors=True)
     run_true = [
         _timed(["docker", "run", "--rm", "--network", "none", "--entrypoint", "true", IMAGE])
         for _ in range(baseline_runs)
@@ -244,16 +251,6 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
     """Cold starts served by a stem cell: each request finds one ready, has it load the
     model, and is answered; then its worker is stopped and the replacement awaited.
     Also what a waiting stem cell costs (memory, CPU)."""
-    models = workdir / "stem-models"
-    export_builtin_model(IMAGE, MODEL, models)
-    models.chmod(0o755)
-    sockets = Path(tempfile.mkdtemp(prefix="ws-", dir="/tmp"))
-    settings = Settings(
-        models_dir=models, socket_dir=sockets, pool_id="benchstem", worker_image=IMAGE, max_workers=2, stem_cells=1
-    )
-    backend = DockerBackend(IMAGE, settings.pool_id, sockets, ContainerLimits(), settings.spawn_timeout_s)
-    pool = WarmPool(backend, ModelCatalog(models), settings, clock=MonotonicClock())
-    pool.start(background=False)
     image = bench_image()
     rows = []
 
@@ -267,7 +264,7 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
                 raise RuntimeError(f"bench: no {what} within {timeout:g} s; see `wanwu doctor`")
             time.sleep(0.01)
 
-    try:
+    with bench_pool(workdir / "stem-models", "benchstem", max_workers=2, stem_cells=1) as pool:
         for _ in range(count):
             until(stem_ready, "ready stem cell")
             started = time.perf_counter()
@@ -300,9 +297,6 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
             "memory_mb": round((memory.get("usage", 0) - cache) / 2**20, 1),
             "cpu_percent": round(cpu_s / 5 * 100, 2),
         }
-    finally:
-        pool.shutdown(grace_s=1)
-        shutil.rmtree(sockets, ignore_errors=True)
     column = {key: summary([r[key] for r in rows]) for key in rows[0]}
     return {"requests": count, "breakdown_ms": column, "idle_stem_cell": idle}
 

@@ -6,6 +6,7 @@ import http.client
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,23 @@ def predictor(tiny_bundle: Path) -> Predictor:
     return Predictor(load_bundle(tiny_bundle), device="cpu")
 
 
-@pytest.fixture
-def server(predictor: Predictor, tmp_path: Path) -> Iterator[WorkerServer]:
-    srv = WorkerServer(str(tmp_path / "worker.sock"), predictor, max_body=200_000)
+@contextmanager
+def serving(srv: WorkerServer) -> Iterator[WorkerServer]:
+    """Serve ``srv`` on a thread; shut it down and remove its socket afterwards."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def server(predictor: Predictor, tmp_path: Path) -> Iterator[WorkerServer]:
+    with serving(WorkerServer(str(tmp_path / "worker.sock"), predictor, max_body=200_000)) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from scheduler.settings import Settings
 from scheduler.worker_client import WorkerClient
 from tests.images import demo_images
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
-from tests.unit.test_server import raw_request
+from tests.unit.test_server import raw_request, serving
 
 # -- the worker ------------------------------------------------------------------------
 
@@ -40,13 +39,9 @@ def models_root(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def stem_server(models_root: Path, tmp_path: Path) -> Iterator[WorkerServer]:
-    srv = WorkerServer(str(tmp_path / "worker.sock"), None, max_body=200_000, stem=Stem(models_root, device="cpu"))
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    stem = Stem(models_root, device="cpu")
+    with serving(WorkerServer(str(tmp_path / "worker.sock"), None, max_body=200_000, stem=stem)) as srv:
+        yield srv
 
 
 @pytest.fixture
