@@ -42,6 +42,7 @@ def test_replay_measures_what_the_simulator_predicts(docker_client: docker.Docke
         assert result.exit_code == 0, result.output
         assert len(gw.containers(docker_client)) <= 2  # N was never exceeded
     report = json.loads(result.stdout)
+    print(json.dumps({k: report[k] for k in ("measured", "predicted", "profile")}))  # shown by pytest on failure
     measured, predicted = report["measured"], report["predicted"]
     assert measured["requests"] == predicted["requests"] == 52
     assert measured["errors"] == 0 and measured["reject_rate"] == 0
