@@ -1,10 +1,12 @@
 """Talk to one worker over HTTP/1.1 on its Unix socket.
 
 One persistent connection per client; a client is used by one request at a time (the
-pool's lease guarantees it). This is on every request's path, so it is lean: the request
-goes out in one write and the answer is parsed with a buffered reader (http.client
-writes headers and body separately and parses headers with the email package; together
-that was about a quarter of the gateway's time per request).
+pool's lease guarantees it). This is on every request's path, so it is lean: a small
+request goes out in one write and the answer is parsed with a buffered reader
+(http.client writes headers and body separately and parses headers with the email
+package; together that was about a quarter of the gateway's time per request). A large
+body (a big image, a batch) goes out as the head and then each part, never copied into
+one buffer.
 
 Transport failures become the scheduler's errors here and nowhere else: a refused or
 dropped connection or a malformed answer is WorkerCrashed, a timeout is WorkerTimeout,
@@ -16,13 +18,15 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
 
 MAX_HEADER_LINES = 100
-ONE_WRITE_LIMIT = 256 * 1024  # above this, headers and body go in two writes, not one copy
+ONE_WRITE_LIMIT = 256 * 1024  # above this, the head and each body part go in their own writes, not one copy
+PARTS_HEADER = "X-Wanwu-Parts"  # /predict_batch: each image's length in bytes, comma-separated
 
 
 class _Dropped(Exception):
@@ -32,6 +36,16 @@ class _Dropped(Exception):
 @dataclass(frozen=True)
 class WorkerAnswer:
     predictions: list[dict[str, Any]]
+    timing_ms: dict[str, float]
+    round_trip_ms: float
+
+
+@dataclass(frozen=True)
+class WorkerBatchAnswer:
+    """One entry per image sent, in order: ``{"predictions": [...]}`` or, for an image
+    the worker could not decode, ``{"error": {"code", "message"}}``."""
+
+    results: list[dict[str, Any]]
     timing_ms: dict[str, float]
     round_trip_ms: float
 
@@ -74,13 +88,14 @@ class WorkerClient:
         self._sock.settimeout(timeout)
         return self._sock, self._reader
 
-    def _exchange(self, request: bytes, body: bytes, timeout: float) -> tuple[int, bytes, bool]:
+    def _exchange(self, head: bytes, body: Sequence[bytes], size: int, timeout: float) -> tuple[int, bytes, bool]:
         sock, reader = self._connect(timeout)
-        if len(body) <= ONE_WRITE_LIMIT:
-            sock.sendall(request + body)
+        if size <= ONE_WRITE_LIMIT:
+            sock.sendall(b"".join((head, *body)))
         else:
-            sock.sendall(request)
-            sock.sendall(body)
+            sock.sendall(head)
+            for part in body:
+                sock.sendall(part)
         status_line = reader.readline(65537)
         if not status_line:
             raise _Dropped
@@ -111,17 +126,22 @@ class WorkerClient:
             raise ConnectionResetError(f"answer ended after {len(payload)} of {length} bytes")
         return int(parts[1]), payload, close
 
-    def _request(self, method: str, path: str, body: bytes, timeout: float) -> tuple[int, dict[str, Any]]:
+    def _request(
+        self, method: str, path: str, body: Sequence[bytes], timeout: float, headers: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """Send ``body`` (its parts back to back) with ``headers`` (complete lines);
+        return the status and the JSON answer."""
+        size = sum(len(part) for part in body)
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: worker\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{headers}Content-Length: {size}\r\n\r\n"
         ).encode("ascii")
         # A kept-alive connection may have been closed by the worker since its last use:
         # retry once on a fresh connection.
         for attempt in (1, 2):
             reused = self._sock is not None
             try:
-                status, raw, close = self._exchange(head, body, timeout)
+                status, raw, close = self._exchange(head, body, size, timeout)
             except TimeoutError as exc:
                 self.close()
                 raise WorkerTimeout(
@@ -156,7 +176,7 @@ class WorkerClient:
         raise AssertionError("unreachable")
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
-        status, payload = self._request("GET", "/healthz", b"", timeout)
+        status, payload = self._request("GET", "/healthz", (), timeout)
         if status != 200:
             raise WorkerCrashed(f"worker {self.who} /healthz answered {status}: {payload}", self.worker_id)
         return payload
@@ -164,23 +184,53 @@ class WorkerClient:
     def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer:
         """Classify ``image``. Raises WorkerRejected (4xx: bad input), WorkerCrashed
         (5xx, dropped connection, garbage) or WorkerTimeout."""
+        payload, elapsed = self._infer(f"/predict?top_k={top_k}", [image], timeout)
+        predictions, timing = payload.get("predictions"), payload.get("timing_ms")
+        if not isinstance(predictions, list) or not isinstance(timing, dict):
+            raise WorkerCrashed(f"worker {self.who} answered without predictions: {payload}", self.worker_id)
+        return WorkerAnswer(predictions, timing, elapsed)
+
+    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer:
+        """Classify ``images`` in one call (one forward pass; at most the model's max
+        batch size). An image the worker cannot decode gets its own error entry. Raises
+        as ``predict`` does, and WorkerCrashed unless the answer has one entry per image."""
+        parts = ",".join(str(len(image)) for image in images)
+        payload, elapsed = self._infer(f"/predict_batch?top_k={top_k}", images, timeout, f"{PARTS_HEADER}: {parts}\r\n")
+        results, timing = payload.get("results"), payload.get("timing_ms")
+        if not isinstance(results, list) or not isinstance(timing, dict):
+            raise WorkerCrashed(f"worker {self.who} answered without results: {str(payload)[:200]}", self.worker_id)
+        if len(results) != len(images):
+            raise WorkerCrashed(
+                f"worker {self.who} answered {len(results)} results for {len(images)} images", self.worker_id
+            )
+        for index, entry in enumerate(results):
+            if not _is_result(entry):
+                raise WorkerCrashed(
+                    f"worker {self.who} answered result {index} with neither predictions nor an error: "
+                    f"{str(entry)[:200]}",
+                    self.worker_id,
+                )
+        return WorkerBatchAnswer(results, timing, elapsed)
+
+    def _infer(
+        self, path: str, body: Sequence[bytes], timeout: float | None, headers: str = ""
+    ) -> tuple[dict[str, Any], float]:
+        """POST an inference request; return a 200's answer and the round trip in ms.
+        A 4xx is WorkerRejected, any other status WorkerCrashed."""
         started = time.perf_counter()
-        status, payload = self._request("POST", f"/predict?top_k={top_k}", image, timeout or self.timeout)
-        elapsed = (time.perf_counter() - started) * 1000
+        status, payload = self._request("POST", path, body, timeout or self.timeout, headers)
+        elapsed = round((time.perf_counter() - started) * 1000, 3)
+        if status == 200:
+            return payload, elapsed
         raw_error = payload.get("error")
         error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
         if 400 <= status < 500:
             raise WorkerRejected(
                 str(error.get("message", payload)), status, str(error.get("code", "bad_input")), self.worker_id
             )
-        if status != 200:
-            raise WorkerCrashed(
-                f"worker {self.who} answered {status}: {error.get('code')}: {error.get('message')}", self.worker_id
-            )
-        predictions, timing = payload.get("predictions"), payload.get("timing_ms")
-        if not isinstance(predictions, list) or not isinstance(timing, dict):
-            raise WorkerCrashed(f"worker {self.who} answered without predictions: {payload}", self.worker_id)
-        return WorkerAnswer(predictions, timing, round(elapsed, 3))
+        raise WorkerCrashed(
+            f"worker {self.who} answered {status}: {error.get('code')}: {error.get('message')}", self.worker_id
+        )
 
     def load(self, model_dir: str, timeout: float) -> dict[str, Any]:
         """Turn a stem cell into a worker of the bundle in ``model_dir`` (a directory
@@ -188,7 +238,7 @@ class WorkerClient:
         warmup, total). Raises WorkerStartError (with the worker's reason) if the
         bundle does not load; the stem cell is then broken and must be replaced."""
         body = json.dumps({"model": model_dir}).encode("utf-8")
-        status, payload = self._request("POST", "/load", body, timeout)
+        status, payload = self._request("POST", "/load", [body], timeout)
         if status != 200:
             raw_error = payload.get("error")
             error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
@@ -197,3 +247,10 @@ class WorkerClient:
                 self.worker_id,
             )
         return payload
+
+
+def _is_result(entry: Any) -> bool:
+    """One image's entry in a batch answer: predictions or an error."""
+    return isinstance(entry, dict) and (
+        isinstance(entry.get("predictions"), list) or isinstance(entry.get("error"), dict)
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wanwu_worker.bundle import load_bundle
+from wanwu_worker.bundle import Batching, load_bundle
 from wanwu_worker.errors import BundleError
 
 
@@ -33,7 +33,8 @@ def test_valid_bundle_loads(bundle_dir: Path) -> None:
     assert bundle.input_size == (3, 64, 64)
     assert bundle.labels == ("红色圆形", "红色方形", "绿色圆形", "绿色方形", "蓝色圆形", "蓝色方形")
     assert bundle.precision == "fp32"
-    assert bundle.idle_ttl_s is None and bundle.batching is None
+    assert bundle.idle_ttl_s is None
+    assert bundle.batching == Batching(max_batch_size=16, max_wait_ms=2.0)  # the demo trainer writes it
 
 
 def test_missing_model_json(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ class ScriptedWorker:
 
     def __init__(self, path: Path, answers: list[Any]) -> None:
         self.answers = answers
+        self.received: list[bytes] = []  # each request as it arrived (one read each)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen()
@@ -35,6 +36,7 @@ class ScriptedWorker:
                 return  # closed
             with conn:
                 while request := conn.recv(65536):
+                    self.received.append(request)
                     answer = self.answers.pop(0) if self.answers and request else None
                     if answer is None:
                         break
@@ -60,11 +62,15 @@ def ok(body: bytes = b'{"predictions": [{"label": "a", "score": 1.0}], "timing_m
 
 
 @pytest.fixture
-def scripted(tmp_path: Path) -> Iterator[tuple[Path, list[Any]]]:
-    answers: list[Any] = []
-    worker = ScriptedWorker(tmp_path / "w.sock", answers)
-    yield tmp_path / "w.sock", answers
-    worker.close()
+def worker(tmp_path: Path) -> Iterator[ScriptedWorker]:
+    scripted = ScriptedWorker(tmp_path / "w.sock", [])
+    yield scripted
+    scripted.close()
+
+
+@pytest.fixture
+def scripted(worker: ScriptedWorker, tmp_path: Path) -> tuple[Path, list[Any]]:
+    return tmp_path / "w.sock", worker.answers
 
 
 @pytest.mark.parametrize(
@@ -129,3 +135,62 @@ def test_connection_close_is_honoured(scripted: tuple[Path, list[Any]]) -> None:
 def test_unreachable_socket_is_a_crash(tmp_path: Path) -> None:
     with pytest.raises(WorkerCrashed, match="FileNotFoundError"):
         WorkerClient(str(tmp_path / "missing.sock"), "w1", timeout=1).predict(b"img")
+
+
+# -- predict_batch -----------------------------------------------------------------------
+
+PREDICTIONS = b'{"predictions": [{"label": "a", "score": 1.0}]}'
+ERROR = b'{"error": {"code": "empty", "message": "no bytes"}}'
+
+
+def batch_answer(*results: bytes) -> bytes:
+    return ok(b'{"results": [%s], "timing_ms": {"total": 1.0}}' % b", ".join(results))
+
+
+def test_a_batch_goes_out_with_its_parts_header_and_answers_in_order(worker: ScriptedWorker, tmp_path: Path) -> None:
+    worker.answers.append(batch_answer(PREDICTIONS, ERROR, PREDICTIONS))
+    answer = WorkerClient(str(tmp_path / "w.sock"), "w1", timeout=5).predict_batch([b"ab", b"", b"cde"], top_k=2)
+    assert [sorted(r) for r in answer.results] == [["predictions"], ["error"], ["predictions"]]
+    assert answer.timing_ms == {"total": 1.0} and answer.round_trip_ms > 0
+    [request] = worker.received
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /predict_batch?top_k=2 HTTP/1.1\r\n")
+    assert b"\r\nX-Wanwu-Parts: 2,0,3\r\n" in head + b"\r\n" and b"\r\nContent-Length: 5" in head
+    assert body == b"abcde"
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (batch_answer(PREDICTIONS), "answered 1 results for 2 images"),
+        (batch_answer(PREDICTIONS, PREDICTIONS, PREDICTIONS), "answered 3 results for 2 images"),
+        (batch_answer(PREDICTIONS, b'{"label": "a"}'), "result 1 with neither predictions nor an error"),
+        (batch_answer(PREDICTIONS, b'{"error": "boom"}'), "result 1 with neither predictions nor an error"),
+        (batch_answer(PREDICTIONS, b"[]"), "result 1 with neither predictions nor an error"),
+        (ok(b'{"results": {}, "timing_ms": {}}'), "without results"),
+        (ok(b'{"predictions": [], "timing_ms": {}}'), "without results"),
+        (answer(500, b'{"error": {"code": "inference_failed", "message": "oom"}}'), "500: inference_failed: oom"),
+    ],
+)
+def test_a_batch_answer_that_does_not_fit_the_images_is_a_crash(
+    scripted: tuple[Path, list[Any]], reply: bytes, message: str
+) -> None:
+    path, answers = scripted
+    answers.append(reply)
+    with pytest.raises(WorkerCrashed, match=message):
+        WorkerClient(str(path), "w1", timeout=5).predict_batch([b"img", b"img"])
+
+
+def test_a_refused_batch_is_rejected_input(scripted: tuple[Path, list[Any]]) -> None:
+    path, answers = scripted
+    answers.append(answer(400, b'{"error": {"code": "batch_too_large", "message": "at most 2"}}'))
+    with pytest.raises(WorkerRejected) as caught:
+        WorkerClient(str(path), "w1", timeout=5).predict_batch([b"a", b"b", b"c"])
+    assert (caught.value.status, caught.value.code) == (400, "batch_too_large")
+
+
+def test_a_batch_that_is_not_answered_in_time_is_a_timeout(scripted: tuple[Path, list[Any]]) -> None:
+    path, answers = scripted
+    answers.append("hang")
+    with pytest.raises(WorkerTimeout, match="did not answer POST /predict_batch"):
+        WorkerClient(str(path), "w1", timeout=0.2).predict_batch([b"img"])

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .bundle import load_bundle
 from .errors import WorkerError
@@ -60,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("WANWU_TORCH_THREADS", 1),
         help="torch intra-op threads (default 1; 0 leaves torch's own choice)",
     )
+    parser.add_argument(
+        "--preprocess-threads",
+        type=int,
+        default=_env_int("WANWU_PREPROCESS_THREADS", 0),
+        help="threads decoding a batch's images (default 0: the CPUs this process may use, at most 4)",
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
-    serve = sub.add_parser("serve", help="answer /healthz and /predict on a Unix socket")
+    serve = sub.add_parser("serve", help="answer /healthz, /predict and /predict_batch on a Unix socket")
     serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
     serve.add_argument("--max-body", type=int, default=_env_int("WANWU_MAX_BODY_BYTES", 20 * 2**20))
     serve.add_argument(
@@ -78,20 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(predictor: Predictor, files: list[str], top_k: int) -> int:
-    """Print one JSON line per file; return 1 if any file failed, else 0."""
+    """Print one JSON line per file, running the files through the model a batch at a
+    time (the bundle's max batch size); return 1 if any file failed, else 0."""
     failed = 0
-    for name in files:
-        line: dict[str, object] = {"file": name}
-        try:
-            data = Path(name).read_bytes()
-            line["predictions"] = predictor.predict(data, top_k).predictions
-        except WorkerError as exc:
-            line["error"] = exc.to_json()
-        except OSError as exc:
-            line["error"] = {"code": "unreadable", "message": f"{name}: {exc.strerror or exc}"}
-        failed += "error" in line
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+    size = predictor.max_batch_size
+    for start in range(0, len(files), size):
+        names = files[start : start + size]
+        for name, answer in zip(names, _predict_files(predictor, names, top_k), strict=True):
+            failed += "error" in answer
+            print(json.dumps({"file": name, **answer}, ensure_ascii=False), flush=True)
     return 1 if failed else 0
+
+
+def _predict_files(predictor: Predictor, names: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Each file's answer, in order: ``{"predictions": [...]}`` or ``{"error": {...}}``."""
+    answers: list[dict[str, Any] | None] = []
+    images: list[bytes] = []
+    for name in names:
+        try:
+            images.append(Path(name).read_bytes())
+        except OSError as exc:
+            answers.append({"error": {"code": "unreadable", "message": f"{name}: {exc.strerror or exc}"}})
+        else:
+            answers.append(None)  # answered by the batch below
+    try:
+        results = predictor.predict_batch(images, top_k).results if images else []
+    except WorkerError:  # the model failed: file by file, so each line says why, as it always has
+        results = [_predict_one(predictor, data, top_k) for data in images]
+    from_batch = iter(results)
+    return [answer if answer is not None else next(from_batch) for answer in answers]
+
+
+def _predict_one(predictor: Predictor, data: bytes, top_k: int) -> dict[str, Any]:
+    try:
+        return {"predictions": predictor.predict(data, top_k).predictions}
+    except WorkerError as exc:
+        return {"error": exc.to_json()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "predict" and not 1 <= args.top_k <= 1000:
         print(f"wanwu-worker: --top-k is {args.top_k}; expected 1..1000", file=sys.stderr)
         return 2
+    if args.preprocess_threads < 0:
+        print(
+            f"wanwu-worker: --preprocess-threads is {args.preprocess_threads}; expected 0 (automatic) or more",
+            file=sys.stderr,
+        )
+        return 2
     # torch is imported only now, so --help and argument errors are instant.
     from .predictor import Predictor
 
@@ -112,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         from .stem import Stem
 
         try:
-            stem = Stem(args.models_root, device=args.device, max_pixels=args.max_pixels, threads=args.threads)
+            stem = Stem(
+                args.models_root,
+                device=args.device,
+                max_pixels=args.max_pixels,
+                threads=args.threads,
+                preprocess_threads=args.preprocess_threads,
+            )
         except WorkerError as exc:
             print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
             return 2
@@ -121,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = load_bundle(args.model or default_model_dir())
-        predictor = Predictor(bundle, device=args.device, max_pixels=args.max_pixels, threads=args.threads)
+        predictor = Predictor(
+            bundle,
+            device=args.device,
+            max_pixels=args.max_pixels,
+            threads=args.threads,
+            preprocess_threads=args.preprocess_threads,
+        )
     except WorkerError as exc:
         print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
         return 2

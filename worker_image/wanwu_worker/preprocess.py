@@ -130,16 +130,27 @@ def resize_and_crop(image: Image.Image, resize: int, crop: tuple[int, int]) -> I
     return image.crop((left, top, left + crop[1], top + crop[0]))
 
 
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 tensor of shape (H, W, 3)."""
+    import torch
+
+    width, height = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., H, W, 3) as a float tensor (..., 3, H, W), scaled to 0..1 and
+    normalised per channel by ``mean`` and ``std`` (3 values each). A whole batch is
+    normalised in one pass; one image gives the same numbers alone or in a batch."""
+    tensor = pixels.movedim(-1, -3).float().div_(255)
+    return tensor.sub_(mean.view(3, 1, 1)).div_(std.view(3, 1, 1))
+
+
 def to_tensor(image: Image.Image, mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
     """An RGB image as a normalised float tensor of shape (3, H, W)."""
     import torch
 
-    width, height = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    tensor = pixels.view(height, width, 3).permute(2, 0, 1).float().div_(255)
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    return tensor.sub_(mean_t).div_(std_t)
+    return normalise(to_pixels(image), torch.tensor(mean), torch.tensor(std))
 
 
 def preprocess(data: bytes, bundle: Bundle, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

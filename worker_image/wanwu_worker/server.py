@@ -1,24 +1,34 @@
 """The warm mode: HTTP/1.1 over a Unix socket.
 
-    GET  /healthz            {"status": "ready", "model", "device", "gpu_memory_mb", ...}
-    POST /predict?top_k=K    body: image bytes -> {"predictions": [...], "timing_ms": {...}}
-    POST /load               (stem cells) body: {"model": "<bundle directory>"}
+    GET  /healthz                  {"status": "ready", "model", "device", "max_batch_size", ...}
+    POST /predict?top_k=K          body: image bytes -> {"predictions": [...], "timing_ms": {...}}
+    POST /predict_batch?top_k=K    body: images back to back, X-Wanwu-Parts: n1,n2,... (each
+                                   image's length in bytes) -> {"results": [...], "timing_ms": {...}}
+    POST /load                     (stem cells) body: {"model": "<bundle directory>"}
+
+/predict_batch runs up to the bundle's ``batching.max_batch_size`` images (1 without
+batching; more is 400 ``batch_too_large``) in one forward pass. ``results`` has one
+entry per image, in order: ``{"predictions": [...]}``, or ``{"error": {"code",
+"message"}}`` for an image that cannot be decoded, which does not affect the others.
+A missing or malformed X-Wanwu-Parts, or one that does not add up to Content-Length, is
+400 ``bad_parts``; a part over the body limit is 413 ``too_large``.
 
 Errors are ``{"error": {"code", "message"}}`` with 400/404/405/409/411/413/422/500. The
 socket appears only once the model is loaded and warmed up (it is bound under a
 temporary name and renamed), so a client that can connect is talking to a ready worker.
 
 A stem cell (``serve --stem``) binds its socket with the runtime ready and no model:
-/healthz says ``"status": "stem"``, /predict answers 409 ``not_loaded``, and one
-``POST /load`` loads a bundle from the models root (same checks and warm-up as a
-worker started for it) and answers its health and load timings; from then on it is an
-ordinary worker. A bundle that fails to load answers 422 and leaves the stem cell
-``broken``: it refuses every other load and the pool replaces it, never reusing a
-half-loaded process.
+/healthz says ``"status": "stem"``, /predict and /predict_batch answer 409
+``not_loaded``, and one ``POST /load`` loads a bundle from the models root (same checks
+and warm-up as a worker started for it) and answers its health and load timings; from
+then on it is an ordinary worker. A bundle that fails to load answers 422 and leaves
+the stem cell ``broken``: it refuses every other load and the pool replaces it, never
+reusing a half-loaded process.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -43,6 +53,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/wanwu/worker.sock"
 DEFAULT_MAX_BODY = 20 * 2**20
+PARTS_HEADER = "X-Wanwu-Parts"
+MAX_PART_DIGITS = 18  # more is no length a worker would read, and int() of it is slow
+
+
+def parse_parts(raw: str | None, max_parts: int) -> list[int]:
+    """The byte length of each image in a /predict_batch body, from its X-Wanwu-Parts
+    header ("n1,n2,..."). Raises InputError: ``bad_parts`` for a missing or malformed
+    header, ``batch_too_large`` for more than ``max_parts`` parts."""
+    if raw is None or not raw.strip():
+        raise InputError(f"send {PARTS_HEADER}: each image's length in bytes, comma-separated", code="bad_parts")
+    items = [item.strip() for item in raw.split(",")]
+    if len(items) > max_parts:
+        raise InputError(
+            f"{len(items)} images in one batch; this worker takes at most {max_parts}", code="batch_too_large"
+        )
+    if not all(item.isascii() and item.isdigit() and len(item) <= MAX_PART_DIGITS for item in items):
+        raise InputError(
+            f"{PARTS_HEADER} is {raw[:100]!r}; expected byte lengths separated by commas, such as 1234,567",
+            code="bad_parts",
+        )
+    return [int(item) for item in items]
 
 
 class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -85,6 +116,7 @@ class Handler(BaseHTTPRequestHandler):
     server: WorkerServer
     server_version = "wanwu-worker"
     sys_version = ""
+    body_unread = False  # an inference request's body is still in the stream
 
     def address_string(self) -> str:  # Unix sockets have no peer address.
         return "unix"
@@ -116,6 +148,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, self._health())
         elif path == "/predict":
             self._send_error(405, "method_not_allowed", "use POST /predict with the image as the body")
+        elif path == "/predict_batch":
+            self._send_error(
+                405, "method_not_allowed", f"use POST /predict_batch with the images as the body and {PARTS_HEADER}"
+            )
         else:
             self._send_error(404, "not_found", f"no route {path}")
 
@@ -135,33 +171,42 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/load":
             self._load()
             return
-        if url.path != "/predict":
+        if url.path not in ("/predict", "/predict_batch"):
             self._discard_body()
             self._send_error(404, "not_found", f"no route {url.path}")
             return
-        if self.server.predictor is None:
+        predictor = self.server.predictor
+        if predictor is None:
             self._discard_body()
             self._send_error(409, "not_loaded", "this stem cell has no model yet: POST /load first")
             return
+        self.body_unread = True
         try:
-            query = parse_qs(url.query)
-            top_k = parse_top_k(query.get("top_k", [None])[0])
-            data = self._read_body()
-            predictor = self.server.predictor
-            assert predictor is not None  # checked above; a load never unsets it
-            result = predictor.predict(data, top_k)
-        except WorkerError as exc:
-            if not isinstance(exc, InputError):
-                log.error("predict failed: %s", exc)
-            self._send_error(exc.status, exc.code, exc.message)
+            top_k = parse_top_k(parse_qs(url.query).get("top_k", [None])[0])
+            if url.path == "/predict":
+                single = predictor.predict(self._read_body(), top_k)
+                answer: dict[str, Any] = {"predictions": single.predictions, "timing_ms": single.timing_ms}
+            else:
+                batch = predictor.predict_batch(self._read_parts(predictor.max_batch_size), top_k)
+                answer = {"results": batch.results, "timing_ms": batch.timing_ms}
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request; _fail logs it
+            self._fail(url.path, exc)
             return
-        except Exception as exc:  # the worker must outlive any one request
-            log.exception("unexpected error in /predict")
+        answer["timing_ms"] = {**answer["timing_ms"], "server": _elapsed_ms(received)}
+        self._send_json(200, answer)
+
+    def _fail(self, path: str, exc: Exception) -> None:
+        """Answer a failed inference request with its JSON error. A body not read yet is
+        read and dropped (or the connection closed) so the connection stays in step."""
+        if self.body_unread and not self.close_connection:
+            self._discard_body()
+        if not isinstance(exc, WorkerError):
+            log.error("unexpected error in %s", path, exc_info=exc)
             self._send_error(500, "internal", f"{type(exc).__name__}: {exc}")
             return
-        timing = dict(result.timing_ms)
-        timing["server"] = round((time.perf_counter() - received) * 1000, 3)
-        self._send_json(200, {"predictions": result.predictions, "timing_ms": timing})
+        if not isinstance(exc, InputError):
+            log.error("%s failed: %s", path, exc)
+        self._send_error(exc.status, exc.code, exc.message)
 
     def _load(self) -> None:
         """Turn this stem cell into a worker of one model (module doc)."""
@@ -227,14 +272,41 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         length = self._content_length()
         if length > self.server.max_body:
-            # Do not read a body we will not use; the connection cannot be reused.
-            self.close_connection = True
+            self._refuse_body()
             raise PayloadTooLarge(f"body is {length} bytes; the limit is {self.server.max_body}")
+        return self._read_exactly(length)
+
+    def _read_parts(self, max_parts: int) -> list[bytes]:
+        """The images of a /predict_batch body, cut where X-Wanwu-Parts says (module doc)."""
+        sizes = parse_parts(self.headers.get(PARTS_HEADER), max_parts)
+        length, limit, largest = self._content_length(), self.server.max_body, max(sizes)
+        if largest > limit or length > limit * len(sizes):
+            self._refuse_body()
+            raise PayloadTooLarge(
+                f"an image is {largest} bytes; the limit is {limit} per image"
+                if largest > limit
+                else f"body is {length} bytes; the limit is {limit} per image, {limit * len(sizes)} for {len(sizes)}"
+            )
+        if sum(sizes) != length:
+            raise InputError(
+                f"{PARTS_HEADER} adds up to {sum(sizes)} bytes but Content-Length is {length}", code="bad_parts"
+            )
+        data = self._read_exactly(length)
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        return [data[start:end] for start, end in itertools.pairwise(offsets)]
+
+    def _read_exactly(self, length: int) -> bytes:
+        self.body_unread = False
         data = self.rfile.read(length)
         if len(data) != length:
             self.close_connection = True
             raise InputError(f"body ended after {len(data)} of {length} bytes", code="incomplete_body")
         return data
+
+    def _refuse_body(self) -> None:
+        """Do not read a body we will not use; the connection cannot be reused."""
+        self.body_unread = False
+        self.close_connection = True
 
     def _discard_body(self) -> None:
         try:

@@ -25,6 +25,7 @@ class Stem:
         device: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
+        preprocess_threads: int | None = None,
     ) -> None:
         started = time.perf_counter()
         if threads:
@@ -36,6 +37,7 @@ class Stem:
             torch.cuda.synchronize(self.device)
         self.max_pixels = max_pixels
         self.threads = threads
+        self.preprocess_threads = preprocess_threads
         self.ready_ms = round((time.perf_counter() - started) * 1000, 3)
 
     def load(self, directory: str) -> Predictor:
@@ -44,7 +46,13 @@ class Stem:
         load, check or warm up."""
         check_name(directory)
         bundle = load_bundle(self.models_root / directory)
-        return Predictor(bundle, device=str(self.device), max_pixels=self.max_pixels, threads=self.threads)
+        return Predictor(
+            bundle,
+            device=str(self.device),
+            max_pixels=self.max_pixels,
+            threads=self.threads,
+            preprocess_threads=self.preprocess_threads,
+        )
 
     def health(self) -> dict[str, Any]:
         gpu_mb = None

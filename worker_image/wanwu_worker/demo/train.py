@@ -41,6 +41,7 @@ CONFIG: dict[str, Any] = {
     "precision": "fp32",
     "labels": "labels.txt",
     "gpu_memory_mb": 256,
+    "batching": {"max_batch_size": 16, "max_wait_ms": 2},
 }
 
 
