@@ -6,14 +6,16 @@ backend and real time) and ``scheduler.sim.Simulator`` (an event heap in virtual
 so what the tuner predicts is what the live pool does.
 
 Events (methods, each taking ``now``):
-    arrive        a request for a model came in, with a deadline (``retry``: a second attempt)
+    arrive        a request for a model came in, with a deadline (``retry``: a second attempt),
+                  a size (images) and a priority (interactive or batch)
     expire        a waiting request's deadline passed
     ready         a worker answered its health check
     start_failed  a worker did not become ready
     released      a request on a worker finished (``ok=False``: the worker failed it)
     died          the backend saw a worker exit
     stopped       a worker's container is gone
-    tick          time passed (TTL reaping, pre-warming), with fresh GPU readings
+    tick          time passed (TTL reaping, pre-warming, batches whose wait is over),
+                  with fresh GPU readings
     configure     settings changed
     close         shutting down: refuse new requests
     stop_all      stop every worker (the end of a shutdown)
@@ -21,11 +23,21 @@ Events (methods, each taking ``now``):
 Commands (what the shell must carry out):
     SpawnWorker   stop ``evict`` first (their slots pass to the new worker), then start it
     StopWorker    kill and remove a worker, then report ``stopped``
-    Grant         hand a request its lease on a worker
+    Grant         hand a request its lease on a worker (one per request; the requests of
+                  one dynamic batch share a worker and name each other in ``batch``)
     Fail          end a request with an error
 
 The rules the core applies are ``policy.py``'s (reuse, spawn, evict, wait, reject,
 expiry, GPU pressure) and ``keepalive.py``'s (how long to keep, when to pre-warm).
+
+Batching and priority: waiters are served interactive first, then batch, FIFO within
+each. For a model with batching, a free worker gets the waiting requests of one
+priority together, up to ``max_batch_size`` images, once the batch is full or its
+oldest member has waited ``max_wait`` (it only waits while another worker of the model
+is serving: a lone request on a quiet pool goes at once). Batch work never takes the last free slot (an
+empty slot or an idle worker) while an interactive request waits or, on a pool of two
+or more, while interactive requests arrived within ``interactive_reserve_s``: so an
+interactive request waits at most for one batch's inference.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +57,8 @@ from .keepalive import KeepAlive, Window, make
 from .policy import STEM, State
 
 REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "load_failed", "shutdown")
+INTERACTIVE, BATCH = "interactive", "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
 UNBOUNDED = sys.maxsize
 
 
@@ -65,6 +80,8 @@ class CoreConfig:
     tick_s: float = 0.0  # how late a tick may come (the live reaper's interval): pre-warms start that early
     stem_cells: int = 0  # stem cells to keep ready (capacity permitting)
     stem_models: frozenset[str] | None = None  # models a stem cell can load; None: all
+    batching: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # model -> (max images, max wait s)
+    interactive_reserve_s: float = 10.0  # batch work leaves a slot free this long after an interactive request
 
     @property
     def limits(self) -> policy.Limits:
@@ -114,6 +131,7 @@ class Grant:
     spawn_ms: float
     spawn_breakdown: Mapping[str, float]
     start: str = "warm"  # how its worker started: warm (reused), container, or stem (a stem cell loaded it)
+    batch: tuple[int, ...] = ()  # the requests sharing this worker call, in order; (): this one alone
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,9 @@ class Request:
     deadline: float
     enqueued: float
     spawning: str | None = None  # the worker started for it, if any
+    size: int = 1  # images it carries
+    priority: str = INTERACTIVE
+    done: bool = False  # granted or failed (a dispatch walk may still hold it)
 
 
 @dataclass
@@ -187,6 +208,9 @@ class PoolCore:
                 "retries",
                 "rejected",
                 "timeouts",
+                "batches",
+                "batched_requests",
+                "batch_priority_grants",
             ),
             0,
         )
@@ -202,11 +226,25 @@ class PoolCore:
         self._expiry: list[tuple[float, str, float]] = []  # heap of (idle until, worker id, idle since)
         self._ids = itertools.count(1)
         self._prefix = id_prefix
+        self._batch_due: dict[tuple[str, str], float] = {}  # (model, priority) -> when its held batch goes
+        self._last_interactive = -math.inf
 
     # -- events ------------------------------------------------------------------------
 
-    def arrive(self, request_id: int, model: str, now: float, deadline: float, retry: bool = False) -> list[Command]:
-        """A request for ``model`` that must be served (or failed) by ``deadline``."""
+    def arrive(
+        self,
+        request_id: int,
+        model: str,
+        now: float,
+        deadline: float,
+        retry: bool = False,
+        size: int = 1,
+        priority: str = INTERACTIVE,
+    ) -> list[Command]:
+        """A request for ``model`` (``size`` images, for one worker call) that must be
+        served (or failed) by ``deadline``."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority is {priority!r}; expected one of {', '.join(PRIORITIES)}")
         if self.closing:
             return [Fail(request_id, BackendUnavailable("the pool is shutting down"))]
         if len(self.queue) >= max(1, self.config.queue_max):
@@ -219,8 +257,10 @@ class PoolCore:
             self.keepalive.observe(model, now)
             self._windows.pop(model, None)
             self._last_arrival[model] = now
+        if priority == INTERACTIVE:
+            self._last_interactive = now
         self.prewarm_at.pop(model, None)  # the request itself is here
-        self.queue.append(Request(request_id, model, deadline, now))
+        self.queue.append(Request(request_id, model, deadline, now, size=size, priority=priority))
         return self._dispatch(now)
 
     def expire(self, request_id: int, now: float) -> list[Command]:
@@ -229,6 +269,7 @@ class PoolCore:
         if request is None:
             return []
         self.queue.remove(request)
+        request.done = True
         if request.spawning is not None and request.spawning in self.workers:
             self.workers[request.spawning].reserved_for = None
         self.counters["timeouts"] += 1
@@ -275,8 +316,11 @@ class PoolCore:
         else:
             self._idle(worker, now, self.window(worker.model).keep_s)
         waiting = self._request(worker.reserved_for)
-        if waiting is not None:
-            commands.append(self._hand_over(waiting, worker, now))
+        if waiting is not None and waiting.priority == BATCH and self._interactive_waits(worker.model):
+            # Interactive waiters go first, even for a worker started for batch work.
+            waiting.spawning = worker.reserved_for = None
+        elif waiting is not None:  # it waited for a start: take its companions without more waiting
+            commands += self._hand_over_batch(self._members(waiting, now, hold=False) or [waiting], worker, now)
         return commands + self._dispatch(now)
 
     def start_failed(self, worker_id: str, now: float, error: WanwuError) -> list[Command]:
@@ -320,7 +364,6 @@ class PoolCore:
         worker = self.workers.get(worker_id)
         if worker is None or worker.state is not State.BUSY:
             return []
-        worker.served += 1
         commands: list[Command] = []
         window = self.window(worker.model)
         if ok and worker.dead is None and not self.closing:
@@ -413,18 +456,31 @@ class PoolCore:
 
     # -- what the shell may read ---------------------------------------------------------
 
+    def waiting(self) -> dict[str, int]:
+        """Requests waiting, by priority."""
+        counts = dict.fromkeys(PRIORITIES, 0)
+        for request in self.queue:
+            counts[request.priority] += 1
+        return counts
+
     def in_flight(self) -> bool:
         return any(w.state in (State.BUSY, State.STARTING) for w in self.workers.values())
 
     def next_wakeup(self) -> float | None:
         """The earliest time a ``tick`` would change something (an idle worker's
-        keep-alive ending, a pre-warm falling due); None if nothing is timed."""
+        keep-alive ending, a pre-warm or a held batch falling due); None if nothing is timed."""
         expiry = self._expiry
         while expiry and not self._current(expiry[0]):
             heapq.heappop(expiry)
         times = [expiry[0][0]] if expiry else []
         times += self.prewarm_at.values()
+        times += self._batch_due.values()
         return min(times) if times else None
+
+    def next_batch_due(self) -> float | None:
+        """When the earliest held batch goes (its oldest member has waited long enough);
+        the live shell ticks then."""
+        return min(self._batch_due.values(), default=None)
 
     def describe_keepalive(self) -> dict[str, Any]:
         return {"policy": self.keepalive.name, "models": self.keepalive.describe()}
@@ -432,15 +488,23 @@ class PoolCore:
     # -- rules ---------------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> list[Command]:
-        """Serve waiters in FIFO order as far as the policy allows."""
+        """Serve waiters, interactive first and FIFO within a priority, as far as the
+        policy allows; batch work only where ``_batch_may_take`` says so."""
         commands: list[Command] = []
         limits, estimates = self._limits, self.config.estimates_mb
+        self._batch_due.clear()
         if self._full_and_busy(now):
             return commands + self._refill_stems(now)  # every waiter would wait: skip the walk
         # Decisions depend only on the model and the workers: reuse them along the queue
         # until a hand-over or a spawn changes the workers (a long queue stays cheap).
         decided: dict[str, policy.Decision] = {}
-        for request in list(self.queue):
+        held: set[tuple[str, str]] = set()  # (model, priority) batches waiting for more members
+        for request in self._in_order():
+            if request.done or (request.model, request.priority) in held:
+                continue
+            batch = request.priority == BATCH
+            if batch and (request.model, INTERACTIVE) in held:
+                continue  # that worker is being held for an interactive batch
             decision = decided.get(request.model)
             if decision is None:
                 views = list(self.workers.values())
@@ -449,7 +513,13 @@ class PoolCore:
                 )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
-                commands.append(self._hand_over(request, self.workers[decision.worker_id], now))
+                if batch and not self._batch_may_take(now):
+                    continue
+                members = self._members(request, now)
+                if members is None:  # a batch that may still grow: the worker waits with it
+                    held.add((request.model, request.priority))
+                    continue
+                commands += self._hand_over_batch(members, self.workers[decision.worker_id], now)
                 decided.clear()
             elif request.spawning is None and backoff is not None and backoff.until > now:
                 # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
@@ -461,6 +531,8 @@ class PoolCore:
             elif (starting := self._unreserved_start(request.model)) is not None:
                 # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
                 starting.reserved_for, request.spawning = request.id, starting.id
+            elif batch and not self._batch_may_take(now):
+                continue
             elif isinstance(decision, policy.Spawn):
                 commands.append(self._spawn(request.model, decision, now, request))
                 decided.clear()
@@ -468,6 +540,75 @@ class PoolCore:
                 commands.append(self._adopt(request.model, decision.worker_id, now, request))
                 decided.clear()
         return commands + self._refill_stems(now)
+
+    def _in_order(self) -> list[Request]:
+        """The queue as it is served: interactive requests first, FIFO within each priority."""
+        queue = self.queue
+        if all(r.priority == INTERACTIVE for r in queue):
+            return list(queue)
+        return [r for r in queue if r.priority == INTERACTIVE] + [r for r in queue if r.priority != INTERACTIVE]
+
+    def _interactive_waits(self, model: str | None = None) -> bool:
+        return any(r.priority == INTERACTIVE and (model is None or r.model == model) for r in self.queue)
+
+    def _batch_may_take(self, now: float) -> bool:
+        """Whether batch work may take a slot (an empty one or an idle worker): always
+        while two are free; the last one only if no interactive request waits and, on a
+        pool of two or more, none arrived within ``interactive_reserve_s``."""
+        capacity = self._limits.capacity
+        if capacity >= UNBOUNDED:
+            return True
+        taken = sum(1 for w in self.workers.values() if w.state is not State.IDLE)
+        if capacity - taken >= 2:
+            return True
+        if self._interactive_waits():
+            return False
+        return capacity < 2 or now - self._last_interactive >= self.config.interactive_reserve_s
+
+    def _members(self, head: Request, now: float, hold: bool = True) -> list[Request] | None:
+        """The requests one worker call serves with ``head``: for a model with batching,
+        waiters of the same model and priority in FIFO order up to ``max_batch_size``
+        images. None (``hold``) while the batch may still grow: not full, another worker
+        of the model is serving (traffic is not a lone request), and its oldest member
+        has waited less than ``max_wait`` (``_batch_due`` says when)."""
+        spec = self.config.batching.get(head.model)
+        if spec is None:
+            return [head]
+        max_size, max_wait = spec
+        members, total, left_out = [head], head.size, False
+        for request in self.queue:
+            if total >= max_size:
+                break
+            if request is head or request.done or request.model != head.model or request.priority != head.priority:
+                continue
+            if request.deadline <= now:
+                continue  # its expiry is on its way
+            if total + request.size > max_size:
+                left_out = True  # it goes in the next batch: waiting would not fill this one
+                continue
+            members.append(request)
+            total += request.size
+        due = min(r.enqueued for r in members) + max_wait
+        if not hold or total >= max_size or left_out or now >= due or not self._busy(head.model):
+            return members
+        key = (head.model, head.priority)
+        self._batch_due[key] = min(due, self._batch_due.get(key, due))
+        return None
+
+    def _busy(self, model: str) -> bool:
+        """Whether a worker of ``model`` is serving: the sign more requests are coming.
+        Without it a batch does not wait (a lone request on a quiet pool pays nothing)."""
+        return any(w.model == model and w.state is State.BUSY for w in self.workers.values())
+
+    def _hand_over_batch(self, members: list[Request], worker: Worker, now: float) -> list[Command]:
+        """Grant ``members`` one call on ``worker``; the one its start was for is the cold start."""
+        cold_for = worker.reserved_for
+        if len(members) == 1:
+            return [self._hand_over(members[0], worker, now, cold=cold_for == members[0].id)]
+        self.counters["batches"] += 1
+        self.counters["batched_requests"] += len(members)
+        ids = tuple(r.id for r in members)
+        return [self._hand_over(r, worker, now, cold=cold_for == r.id, batch=ids) for r in members]
 
     def _stem_ok(self, model: str, now: float) -> bool:
         allowed = self.config.stem_models
@@ -531,13 +672,18 @@ class PoolCore:
             return False
         return not any(w.state is State.IDLE for w in self.workers.values())
 
-    def _hand_over(self, request: Request, worker: Worker, now: float) -> Grant:
-        cold = worker.reserved_for == request.id
+    def _hand_over(
+        self, request: Request, worker: Worker, now: float, cold: bool, batch: tuple[int, ...] = ()
+    ) -> Grant:
         if request.spawning is not None and request.spawning != worker.id and request.spawning in self.workers:
             self.workers[request.spawning].reserved_for = None  # that start will serve someone else
         worker.reserved_for = None
         worker.state = State.BUSY
+        worker.served += 1
+        request.done = True
         self.counters["cold_starts" if cold else "warm_hits"] += 1
+        if request.priority == BATCH:
+            self.counters["batch_priority_grants"] += 1
         spawn_ms = worker.spawn_ms if cold else 0.0
         waited = max(0.0, (now - request.enqueued) * 1000 - spawn_ms)
         self.queue.remove(request)
@@ -545,11 +691,12 @@ class PoolCore:
         start = "warm" if not cold else ("stem" if worker.adopted else "container")
         if start == "stem":
             self.counters["stem_starts"] += 1
-        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown, start)
+        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown, start, batch)
 
     def _fail(self, request: Request, error: WanwuError) -> Fail:
         if request in self.queue:
             self.queue.remove(request)
+        request.done = True
         return Fail(request.id, error)
 
     def _spawn(self, model: str, decision: policy.Spawn, now: float, request: Request | None) -> SpawnWorker:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanwu_worker.bundle import Bundle, load_bundle
+from wanwu_worker.bundle import Batching, Bundle, load_bundle
 from wanwu_worker.errors import BundleError
 
 from .clock import Clock, MonotonicClock
@@ -32,6 +32,12 @@ class ModelInfo:
     labels: tuple[str, ...]
     input_size: tuple[int, int, int]
     precision: str
+    batching: Batching | None = None  # dynamic batching: max_batch_size, max_wait_ms
+
+    @property
+    def max_batch_size(self) -> int:
+        """Images one worker call may carry (1 without batching)."""
+        return self.batching.max_batch_size if self.batching is not None else 1
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ModelInfo:
@@ -43,6 +49,7 @@ class ModelInfo:
             bundle.labels,
             bundle.input_size,
             bundle.precision,
+            bundle.batching,
         )
 
 

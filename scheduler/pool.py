@@ -8,9 +8,16 @@ once and no Docker call ever holds up another request. Requests that cannot be s
 at once wait until a worker is released or started, or their deadline passes
 (CapacityExhausted: the gateway's 503 + Retry-After).
 
+Dynamic batching: when the core grants several requests one worker call (``Grant.batch``),
+the first member's thread sends every member's images in one ``/predict_batch`` call and
+hands each member its own results; the others wait for that. A held batch (waiting for
+more members) goes when the core says: a batcher thread ticks the core at
+``next_batch_due``.
+
     pool = WarmPool(backend, catalog, settings)
     pool.start()                      # remove this pool id's leftovers, start threads
     answer = pool.predict("demo-shapes", image_bytes, top_k=5)
+    answers = pool.predict_batch("demo-shapes", [a, b, c], priority="batch")
     pool.shutdown()                   # drain, then remove every container of this pool
 """
 
@@ -20,7 +27,7 @@ import itertools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,27 +35,84 @@ from typing import Any
 from . import policy
 from .backends.base import Backend, Connection, SpawnRequest, Started
 from .clock import Clock, MonotonicClock
-from .core import REAP_REASONS, Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
+from .core import (
+    BATCH,
+    INTERACTIVE,
+    REAP_REASONS,
+    Command,
+    CoreConfig,
+    Fail,
+    Grant,
+    LoadWorker,
+    PoolCore,
+    SpawnWorker,
+    StopWorker,
+)
 from .errors import WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
 from .gpu import GpuMonitor
-from .models import ModelCatalog
+from .models import ModelCatalog, ModelInfo
 from .policy import STEM, State
 from .settings import Settings
-from .worker_client import WorkerAnswer
+from .worker_client import WorkerAnswer, WorkerBatchAnswer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE", "REAP_REASONS", "Lease", "PoolAnswer", "PoolSnapshot", "WarmPool", "WorkerInfo"]
+__all__ = [
+    "BATCH",
+    "INLINE",
+    "INTERACTIVE",
+    "REAP_REASONS",
+    "BatchAnswer",
+    "Lease",
+    "PoolAnswer",
+    "PoolSnapshot",
+    "WarmPool",
+    "WorkerInfo",
+]
 Action = Callable[[], None]
 
 
 @dataclass(eq=False)
 class _Waiter:
-    """A thread waiting in ``acquire`` for the core's Grant or Fail."""
+    """A thread waiting in ``acquire`` for the core's Grant or Fail, with what it will send."""
 
     event: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
     error: WanwuError | None = None
+    images: Sequence[bytes] = ()
+    top_k: int = 5
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One worker call shared by several requests (a dynamic batch): the first member
+    sends it, every member takes its own slice of the answer."""
+
+    members: list[_Waiter]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: WorkerBatchAnswer | None = None
+    error: WanwuError | None = None
+
+    def images(self) -> list[bytes]:
+        return [image for member in self.members for image in member.images]
+
+    def finish(self, answer: WorkerBatchAnswer | None, error: WanwuError | None = None) -> None:
+        self.answer, self.error = answer, error
+        self.done.set()
+
+    def share(self, member: int) -> list[dict[str, Any]]:
+        """Member ``member``'s results, cut to its own top_k; the call's error if it failed."""
+        if self.error is not None:
+            raise self.error
+        assert self.answer is not None
+        start = sum(len(m.images) for m in self.members[:member])
+        waiter = self.members[member]
+        return [_top(entry, waiter.top_k) for entry in self.answer.results[start : start + len(waiter.images)]]
+
+
+def _top(entry: dict[str, Any], top_k: int) -> dict[str, Any]:
+    predictions = entry.get("predictions")
+    return {**entry, "predictions": predictions[:top_k]} if isinstance(predictions, list) else entry
 
 
 @dataclass(frozen=True)
@@ -63,6 +127,8 @@ class Lease:
     spawn_ms: float
     spawn_breakdown: dict[str, float]
     start: str = "warm"  # warm, container or stem
+    batch: _Batch | None = None  # the dynamic batch it is part of; None: a call of its own
+    member: int = 0  # its place in the batch (0 sends the call)
 
 
 @dataclass(frozen=True)
@@ -74,6 +140,33 @@ class PoolAnswer:
     attempts: int
     timing_ms: dict[str, float]
     start: str = "warm"  # how the worker that answered started: warm, container or stem
+    batch_size: int = 1  # images in the worker call that answered it
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one worker call (up to the model's max batch size) gave one request."""
+
+    results: list[dict[str, Any]]  # per image: {"predictions"} or {"error": {code, message}}
+    worker_id: str
+    cold_start: bool
+    attempts: int
+    timing_ms: dict[str, float]
+    start: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """``predict_batch``'s outcome, image by image in the order given: the worker's
+    entry (``{"predictions"}`` or ``{"error": {"code", "message"}}``), or the
+    WanwuError that failed the call carrying that image (no capacity, worker failed)."""
+
+    results: list[dict[str, Any] | WanwuError]
+    model: str
+    calls: int  # requests it was split into (each up to the model's max batch size)
+    cold_start: bool
+    timing_ms: dict[str, float]  # queue and spawn: the longest of its calls; worker: their sum
 
 
 @dataclass(frozen=True)
@@ -99,11 +192,13 @@ class PoolSnapshot:
     backoff: dict[str, float]
     settings: dict[str, Any] = field(default_factory=dict)
     keepalive: dict[str, Any] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)  # by priority
 
     def to_json(self) -> dict[str, Any]:
         return {
             "capacity": self.capacity,
             "queue_depth": self.queue_depth,
+            "waiting": self.waiting,
             "workers": [w.__dict__ for w in self.workers],
             "counters": self.counters,
             "reaps": self.reaps,
@@ -152,6 +247,13 @@ class WarmPool:
         self._backoff = (backoff_base_s, backoff_max_s)
         self._lock = threading.Lock()
         self._idle_or_gone = threading.Condition(self._lock)
+        self._batch_wake = threading.Condition(self._lock)  # a batch is held: the batcher's timer
+        # predict_batch's calls run side by side (an injected executor, as in tests: one after another).
+        self._calls: Executor | None = (
+            None
+            if executor is not None
+            else ThreadPoolExecutor(max(4, settings.max_workers * 2), thread_name_prefix="wanwu-batch")
+        )
         self._catalog_version = catalog.version
         self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4])
         self._waiters: dict[int, _Waiter] = {}
@@ -179,6 +281,8 @@ class WarmPool:
             keepalive=s.keepalive,
             tick_s=s.reap_interval_s,
             stem_cells=s.stem_cells,
+            batching={m.name: (m.batching.max_batch_size, m.batching.max_wait_ms / 1000) for m in models if m.batching},
+            interactive_reserve_s=s.interactive_reserve_s,
             # A stem cell sees the models directory: bundles linked in from elsewhere start their own containers.
             stem_models=frozenset(m.name for m in models if m.path.parent == root),
         )
@@ -205,6 +309,7 @@ class WarmPool:
         self.reap()  # the first tick starts the stem cells
         if background:
             self._spawn_thread("wanwu-reaper", self._reap_loop)
+            self._spawn_thread("wanwu-batcher", self._batch_loop)
             self._spawn_thread(
                 "wanwu-events", lambda: self.backend.watch(self.on_worker_exit, self.reconcile, self._stop)
             )
@@ -222,6 +327,23 @@ class WarmPool:
             except Exception:  # the reaper must outlive any one failure
                 log.exception("reaper pass failed")
 
+    def _batch_loop(self) -> None:
+        """Tick the core when a held batch is due (its oldest member has waited long enough)."""
+        with self._lock:
+            while not self._stop.is_set():
+                due, now = self.core.next_batch_due(), self.clock.now()
+                if due is None or due > now:
+                    self._batch_wake.wait(1.0 if due is None else due - now)
+                    continue
+                actions = self._event("tick", now)
+                self._lock.release()
+                try:
+                    self._run(actions)
+                except Exception:  # the batcher must outlive any one failure
+                    log.exception("batcher pass failed")
+                finally:
+                    self._lock.acquire()
+
     def shutdown(self, grace_s: float | None = None) -> None:
         """Refuse new requests, let in-flight ones finish within the grace period, then
         stop every worker of this pool."""
@@ -237,12 +359,16 @@ class WarmPool:
                 self._idle_or_gone.wait(min(left, 0.1))
             actions = self._event("stop_all", self.clock.now())
         self._stop.set()
+        with self._lock:
+            self._batch_wake.notify_all()
         self._run(actions)
         self.backend.close()  # ends the event stream the watcher blocks on
         for thread in self._threads:
             thread.join(timeout=5)
         if self._own_executor:
             self._executor.shutdown(wait=True)
+        if self._calls is not None:
+            self._calls.shutdown(wait=True)
         self.gpu.close()
 
     # -- the core, under the lock ------------------------------------------------------
@@ -264,8 +390,14 @@ class WarmPool:
 
     def _apply(self, commands: list[Command]) -> list[Action]:
         actions: list[Action] = []
+        batches: dict[tuple[int, ...], _Batch] = {}
         for command in commands:
             if isinstance(command, Grant):
+                batch = None
+                if command.batch:
+                    batch = batches.get(command.batch)
+                    if batch is None:  # its first member: every member is still waiting
+                        batch = batches[command.batch] = _Batch([self._waiters[i] for i in command.batch])
                 waiter = self._waiters.pop(command.request_id)
                 waiter.lease = Lease(
                     command.worker_id,
@@ -276,6 +408,8 @@ class WarmPool:
                     command.spawn_ms,
                     dict(command.spawn_breakdown),
                     command.start,
+                    batch,
+                    command.batch.index(command.request_id) if command.batch else 0,
                 )
                 waiter.event.set()
             elif isinstance(command, Fail):
@@ -290,6 +424,8 @@ class WarmPool:
                 self._log_stop(command)
                 actions.append(self._later(self._stop_job, command))
         self._idle_or_gone.notify_all()
+        if self.core.next_batch_due() is not None:
+            self._batch_wake.notify()
         return actions
 
     @staticmethod
@@ -309,17 +445,29 @@ class WarmPool:
 
     # -- leases --------------------------------------------------------------------
 
-    def acquire(self, model: str, deadline: float, retry: bool = False) -> Lease:
-        """A lease on a ready worker of ``model``, or an error by ``deadline``:
-        CapacityExhausted (no worker in time, or the queue is full), ModelUnavailable
-        (the model is backing off after failed starts), WorkerStartError, UnknownModel,
-        BackendUnavailable."""
+    def acquire(
+        self,
+        model: str,
+        deadline: float,
+        retry: bool = False,
+        *,
+        priority: str = INTERACTIVE,
+        images: Sequence[bytes] = (b"",),
+        top_k: int = 5,
+    ) -> Lease:
+        """A lease on a ready worker of ``model`` for one call carrying ``images``, or
+        an error by ``deadline``: CapacityExhausted (no worker in time, or the queue is
+        full), ModelUnavailable (the model is backing off after failed starts),
+        WorkerStartError, UnknownModel, BackendUnavailable. A lease in a dynamic batch
+        (``lease.batch``) shares its worker call with other requests."""
         info = self.catalog.get(model)
-        waiter = _Waiter()
+        waiter = _Waiter(images=images, top_k=top_k)
         with self._lock:
             request_id = next(self._request_ids)
             self._waiters[request_id] = waiter
-            actions = self._event("arrive", request_id, info.name, self.clock.now(), deadline, retry)
+            actions = self._event(
+                "arrive", request_id, info.name, self.clock.now(), deadline, retry, len(images), priority
+            )
         self._run(actions)
         self.clock.wait(waiter.event, deadline - self.clock.now())
         actions = []
@@ -334,7 +482,10 @@ class WarmPool:
 
     def release(self, lease: Lease, ok: bool = True, reason: str = "crashed") -> None:
         """Give a lease back. ``ok=False`` means the worker failed (``reason``:
-        crashed or timeout) and is replaced rather than reused."""
+        crashed or timeout) and is replaced rather than reused. In a dynamic batch only
+        the member that sent the call gives the worker back."""
+        if lease.member != 0:
+            return
         with self._lock:
             actions = self._event("released", lease.worker_id, self.clock.now(), ok, reason)
         self._run(actions)
@@ -346,42 +497,139 @@ class WarmPool:
         top_k: int = 5,
         queue_timeout_s: float | None = None,
         request_timeout_s: float | None = None,
+        priority: str = INTERACTIVE,
     ) -> PoolAnswer:
-        """Classify ``image`` on a worker of ``model``. A worker that crashes or times
-        out is removed and the request is retried once on another (inference is
-        idempotent); a second failure is raised (WorkerCrashed or WorkerTimeout)."""
+        """Classify ``image`` on a worker of ``model`` (batched with other requests if
+        the model has batching). A worker that crashes or times out is removed and the
+        request is retried once on another (inference is idempotent); a second failure
+        is raised (WorkerCrashed or WorkerTimeout); a bad image is WorkerRejected."""
+        info = self.catalog.get(model)
+        call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s)
+        entry = call.results[0]
+        if "error" in entry:
+            raise _rejected(entry, call.worker_id)
+        return PoolAnswer(
+            entry["predictions"],
+            info.name,
+            call.worker_id,
+            call.cold_start,
+            call.attempts,
+            call.timing_ms,
+            call.start,
+            call.batch_size,
+        )
+
+    def predict_batch(
+        self,
+        model: str,
+        images: Sequence[bytes],
+        top_k: int = 5,
+        priority: str = BATCH,
+        queue_timeout_s: float | None = None,
+        request_timeout_s: float | None = None,
+    ) -> BatchAnswer:
+        """Classify ``images``: split into calls of at most the model's max batch size
+        (one image each without batching), run side by side, each queued at
+        ``priority``. One failed call fails only its own images (``BatchAnswer``)."""
+        if not images:
+            raise ValueError("predict_batch needs at least one image")
+        info = self.catalog.get(model)
+        size = info.max_batch_size
+        chunks = [images[i : i + size] for i in range(0, len(images), size)]
+
+        def run(chunk: Sequence[bytes]) -> _Call | WanwuError:
+            try:
+                return self._call(info, chunk, top_k, priority, queue_timeout_s, request_timeout_s)
+            except WanwuError as exc:
+                return exc
+
+        executor = self._calls
+        later = [executor.submit(run, chunk) for chunk in chunks[1:]] if executor is not None else []
+        outcomes = [run(chunks[0])]
+        outcomes += [f.result() for f in later] if executor is not None else [run(c) for c in chunks[1:]]
+        results: list[dict[str, Any] | WanwuError] = []
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            results += [outcome] * len(chunk) if isinstance(outcome, WanwuError) else outcome.results
+        calls = [o for o in outcomes if isinstance(o, _Call)]
+        timing = {
+            "queue": max((c.timing_ms["queue"] for c in calls), default=0.0),
+            "spawn": max((c.timing_ms["spawn"] for c in calls), default=0.0),
+            "worker": round(sum(c.timing_ms["worker"] for c in calls), 3),
+        }
+        return BatchAnswer(results, info.name, len(chunks), any(c.cold_start for c in calls), timing)
+
+    def _call(
+        self,
+        info: ModelInfo,
+        images: Sequence[bytes],
+        top_k: int,
+        priority: str,
+        queue_timeout_s: float | None,
+        request_timeout_s: float | None,
+    ) -> _Call:
+        """One worker call's worth of images, retried once on another worker if the
+        first crashes or times out."""
         queue_timeout = self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
         request_timeout = self.settings.request_timeout_s if request_timeout_s is None else request_timeout_s
         queue_ms = spawn_ms = 0.0
         cold, start = False, "warm"
         for attempt in (1, 2):
-            lease = self.acquire(model, self.clock.now() + queue_timeout, retry=attempt > 1)
+            lease = self.acquire(
+                info.name,
+                self.clock.now() + queue_timeout,
+                retry=attempt > 1,
+                priority=priority,
+                images=images,
+                top_k=top_k,
+            )
             queue_ms += lease.queue_ms
             spawn_ms += lease.spawn_ms
             cold = cold or lease.cold_start
             start = lease.start if lease.cold_start else start
             try:
-                answer = lease.connection.predict(image, top_k, timeout=request_timeout)
-            except WorkerRejected:
-                self.release(lease, ok=True)
-                raise
+                results, answer = self._send(lease, images, top_k, request_timeout)
             except (WorkerCrashed, WorkerTimeout) as exc:
-                self.release(lease, ok=False, reason="timeout" if isinstance(exc, WorkerTimeout) else "crashed")
                 if attempt == 2:
                     raise
                 log.warning("retrying on another worker after: %s", exc)
                 continue
-            self.release(lease, ok=True)
-            return PoolAnswer(
-                answer.predictions,
-                lease.model,
-                lease.worker_id,
-                cold,
-                attempt,
-                _timing(answer, queue_ms, spawn_ms, lease.spawn_breakdown),
-                start,
-            )
+            timing = _timing(answer, queue_ms, spawn_ms, lease.spawn_breakdown)
+            size = len(answer.results) if isinstance(answer, WorkerBatchAnswer) else 1
+            return _Call(results, lease.worker_id, cold, attempt, timing, start, size)
         raise AssertionError("unreachable")
+
+    def _send(
+        self, lease: Lease, images: Sequence[bytes], top_k: int, timeout: float
+    ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer]:
+        """Make (or, in a batch, wait for) the worker call and give the lease back."""
+        batch = lease.batch
+        if batch is not None and lease.member != 0:  # another member sends the call
+            if not batch.done.wait(timeout + 5.0):
+                raise WorkerTimeout(f"the batch call on worker {lease.worker_id} did not finish", lease.worker_id)
+            results = batch.share(lease.member)
+            assert batch.answer is not None
+            return results, batch.answer
+        answer: WorkerAnswer | WorkerBatchAnswer
+        try:
+            if batch is not None:
+                answer = lease.connection.predict_batch(batch.images(), max(m.top_k for m in batch.members), timeout)
+            elif len(images) == 1:
+                answer = lease.connection.predict(images[0], top_k, timeout=timeout)
+            else:
+                answer = lease.connection.predict_batch(list(images), top_k, timeout)
+        except WanwuError as exc:
+            if batch is not None:
+                batch.finish(None, exc)
+            failed = isinstance(exc, (WorkerCrashed, WorkerTimeout))
+            self.release(lease, ok=not failed, reason="timeout" if isinstance(exc, WorkerTimeout) else "crashed")
+            raise
+        if isinstance(answer, WorkerAnswer):
+            self.release(lease, ok=True)
+            return [{"predictions": answer.predictions}], answer
+        if batch is not None:
+            batch.finish(answer)  # the other members go on before the worker is given back
+        self.release(lease, ok=True)
+        return (batch.share(0) if batch is not None else answer.results), answer
 
     # -- carrying out commands -------------------------------------------------------
 
@@ -590,6 +838,7 @@ class WarmPool:
                 backoff,
                 self._live_settings(),
                 core.describe_keepalive(),
+                core.waiting(),
             )
 
     def _live_settings(self) -> dict[str, Any]:
@@ -604,11 +853,29 @@ class WarmPool:
             "queue_max": config.queue_max,
             "reap_interval_s": self.settings.reap_interval_s,
             "stem_cells": config.stem_cells,
+            "batching": {
+                model: {"max_batch_size": n, "max_wait_ms": wait * 1000} for model, (n, wait) in config.batching.items()
+            },
+            "interactive_reserve_s": config.interactive_reserve_s,
             "start_ms": dict(self.core.start_ms),  # the last start of each kind, as measured
         }
 
 
-def _timing(answer: WorkerAnswer, queue_ms: float, spawn_ms: float, breakdown: dict[str, float]) -> dict[str, float]:
+def _rejected(entry: dict[str, Any], worker_id: str) -> WorkerRejected:
+    """A worker's per-image error entry as the error a single request raises."""
+    error = entry.get("error")
+    error = error if isinstance(error, dict) else {}
+    code = str(error.get("code", "bad_input"))
+    return WorkerRejected(str(error.get("message", entry)), _INPUT_STATUS.get(code, 400), code, worker_id)
+
+
+# Per-image error codes that are not plain 400s (the worker's own statuses for them).
+_INPUT_STATUS = {"not_an_image": 415, "unsupported_format": 415, "image_too_large": 413, "too_large": 413}
+
+
+def _timing(
+    answer: WorkerAnswer | WorkerBatchAnswer, queue_ms: float, spawn_ms: float, breakdown: dict[str, float]
+) -> dict[str, float]:
     worker = answer.timing_ms
     timing = {
         "queue": round(queue_ms, 3),

@@ -45,7 +45,10 @@ class Settings:
     request_timeout_s: float = 30.0
     queue_timeout_s: float = 10.0
     queue_max: int = 64
+    interactive_reserve_s: float = 10.0  # batch work leaves a slot free this long after an interactive request
     max_upload_mb: float = 20.0
+    max_batch_images: int = 64  # images in one predict:batch request
+    max_batch_upload_mb: float = 64.0  # bytes of one predict:batch request
     max_pixels: int = 40_000_000
     pool_id: str = "wanwu"
     worker_image: str = "wanwu-worker:cpu"
@@ -107,6 +110,8 @@ class Settings:
             "request_timeout_s",
             "queue_timeout_s",
             "max_upload_mb",
+            "max_batch_images",
+            "max_batch_upload_mb",
             "max_pixels",
             "spawn_timeout_s",
             "reap_interval_s",
@@ -117,7 +122,16 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise fail(name, "must be > 0")
-        for name in ("queue_max", "shutdown_grace_s", "worker_cpus", "worker_threads", "stem_cells", "stem_gpu_mb"):
+        at_least_zero = (
+            "queue_max",
+            "shutdown_grace_s",
+            "worker_cpus",
+            "worker_threads",
+            "stem_cells",
+            "stem_gpu_mb",
+            "interactive_reserve_s",
+        )
+        for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise fail(name, "must be >= 0")
         for name in ("gpu_high_watermark", "gpu_low_watermark"):
@@ -140,6 +154,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_batch_upload_bytes(self) -> int:
+        return int(self.max_batch_upload_mb * 2**20)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -120,6 +120,7 @@ class Simulator:
         self._seq = 0
         self._arrived: dict[int, float] = {}
         self._idle_since: dict[str, tuple[float, str]] = {}  # worker -> (idle since, model)
+        self._call_ms: dict[str, float] = {}  # worker -> how long its current call takes
         self._next_tick = math.inf
         self.result = SimResult()
         self.log: list[tuple[str, tuple[Any, ...], list[Any]]] | None = None  # (event, args, commands) if kept
@@ -182,16 +183,17 @@ class Simulator:
         result, profile = self.result, self.profile
         for command in commands:
             if isinstance(command, Grant):
-                self._busy(command.worker_id, now)
                 arrived = self._arrived.pop(command.request_id)
-                infer_ms = profile.infer_ms
-                if infer_ms is None:
-                    infer_ms = self.trace.profiles[command.model].sample_ms(self._rng.random())
+                if not command.batch or command.request_id == command.batch[0]:
+                    # One worker call per batch; it lasts as long as its slowest member would alone.
+                    self._busy(command.worker_id, now)
+                    infer_ms = max(self._infer_ms(command.model) for _ in command.batch or (None,))
+                    self._call_ms[command.worker_id] = infer_ms
+                    self._push(now + infer_ms / 1000, _DONE, command.worker_id)
                 result.served += 1
                 result.cold_starts += command.cold_start
                 result.stem_starts += command.start == "stem"
-                result.latencies_ms.append((now - arrived) * 1000 + infer_ms)
-                self._push(now + infer_ms / 1000, _DONE, command.worker_id)
+                result.latencies_ms.append((now - arrived) * 1000 + self._call_ms[command.worker_id])
             elif isinstance(command, Fail):
                 self._arrived.pop(command.request_id, None)
                 result.rejected += 1
@@ -214,6 +216,11 @@ class Simulator:
             elif isinstance(command, StopWorker):
                 self._busy(command.worker_id, now)
                 self._push(now + profile.stop_ms / 1000, _STOPPED, command.worker_id)
+
+    def _infer_ms(self, model: str) -> float:
+        if self.profile.infer_ms is not None:
+            return self.profile.infer_ms
+        return self.trace.profiles[model].sample_ms(self._rng.random())
 
     def _busy(self, worker_id: str, now: float) -> None:
         """``worker_id`` stops being idle (taken, stopped or evicted)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..policy import STEM
-from ..worker_client import WorkerAnswer
+from ..worker_client import WorkerAnswer, WorkerBatchAnswer
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Connection(Protocol):
     """How the pool talks to a worker (``WorkerClient`` over a Unix socket)."""
 
     def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer: ...
+
+    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer: ...
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]: ...
 

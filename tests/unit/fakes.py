@@ -11,7 +11,7 @@ from typing import Any
 
 from scheduler.backends.base import ManagedWorker, SpawnRequest, Started
 from scheduler.errors import WanwuError, WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
-from scheduler.worker_client import WorkerAnswer
+from scheduler.worker_client import WorkerAnswer, WorkerBatchAnswer
 
 
 class FakeClock:
@@ -36,10 +36,13 @@ class FakeConnection:
     def __init__(self, backend: FakeBackend, worker_id: str, model: str) -> None:
         self.backend, self.worker_id, self.model = backend, worker_id, model
         self.calls = 0
+        self.batches: list[int] = []  # images in each predict_batch call
+        self.seen: list[bytes] = []  # every image sent, in order
         self.closed = False
 
     def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer:
         self.calls += 1
+        self.seen.append(image)
         outcome = self.backend.next_outcome(self.worker_id, self.model)
         if outcome == "crash":
             raise WorkerCrashed(f"worker {self.worker_id} dropped the connection", self.worker_id)
@@ -52,6 +55,31 @@ class FakeConnection:
             {"inference": 1.0, "total": 2.0},
             2.5,
         )
+
+    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer:
+        """One call for several images: an image ``bad`` gets its own error entry."""
+        self.calls += 1
+        self.batches.append(len(images))
+        self.seen.extend(images)
+        if self.backend.on_batch is not None:
+            self.backend.on_batch(self.worker_id, images)
+        outcome = self.backend.next_outcome(self.worker_id, self.model)
+        if outcome == "crash":
+            raise WorkerCrashed(f"worker {self.worker_id} dropped the connection", self.worker_id)
+        if outcome == "timeout":
+            raise WorkerTimeout(f"worker {self.worker_id} did not answer", self.worker_id)
+        results: list[dict[str, Any]] = [
+            {"error": {"code": "not_an_image", "message": "not an image"}}
+            if image == b"bad"
+            else {
+                "predictions": [
+                    {"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0},
+                    {"label": "other", "score": 0.0},
+                ][:top_k]
+            }
+            for image in images
+        ]
+        return WorkerBatchAnswer(results, {"inference": 1.0, "total": 2.0, "batch": len(images)}, 2.5)
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
         return {"status": "ready", "model": self.model}
@@ -76,6 +104,7 @@ class FakeBackend:
         self.orphans: list[str] = []
         self.on_stop: Callable[[str], None] | None = None
         self.on_spawn: Callable[[SpawnRequest], None] | None = None
+        self.on_batch: Callable[[str, list[bytes]], None] | None = None  # called as a batch call starts
         self.connections: dict[str, FakeConnection] = {}
         self.loads: list[tuple[str, str]] = []  # (stem cell, model) loads asked for
 
@@ -152,7 +181,13 @@ class FakeBackend:
         pass
 
 
-def make_bundle(models_dir: Path, name: str, gpu_memory_mb: int = 0, idle_ttl_s: float | None = None) -> Path:
+def make_bundle(
+    models_dir: Path,
+    name: str,
+    gpu_memory_mb: int = 0,
+    idle_ttl_s: float | None = None,
+    batching: dict[str, float] | None = None,
+) -> Path:
     """A bundle directory the catalog accepts (the model file is never loaded here)."""
     path = models_dir / name
     path.mkdir(parents=True)
@@ -168,6 +203,8 @@ def make_bundle(models_dir: Path, name: str, gpu_memory_mb: int = 0, idle_ttl_s:
     }
     if idle_ttl_s is not None:
         config["idle_ttl_s"] = idle_ttl_s
+    if batching is not None:
+        config["batching"] = batching
     (path / "model.json").write_text(json.dumps(config))
     (path / "labels.txt").write_text("a\nb\n")
     (path / "model.pt").write_bytes(b"")
