@@ -2,7 +2,12 @@
 
     POST /predict                       multipart field "image"; the default model
     POST /v1/models/<name>/predict      multipart "image" or a raw image/* body; ?top_k=
+    POST /v1/models/<name>/predict:batch  many multipart "image" parts; per-image results
     GET  /v1/models  /v1/pool  /healthz  /readyz  /metrics
+
+A prediction's priority is ``interactive`` (the default) or ``batch``: the
+``X-Wanwu-Priority`` header or the ``priority`` query parameter. Batch work waits behind
+interactive work and never takes the pool's last free worker while interactive work waits.
 
 Uploads are validated here, before any worker is touched: size (413), content sniffed
 from the bytes (415 for non-images, 400 for corrupt ones, 413 past the pixel cap),
@@ -25,6 +30,7 @@ from wanwu_worker.errors import InputError
 from wanwu_worker.preprocess import sniff
 from werkzeug.exceptions import HTTPException
 
+from scheduler.core import INTERACTIVE, PRIORITIES
 from scheduler.errors import (
     BackendUnavailable,
     CapacityExhausted,
@@ -65,6 +71,7 @@ STATUS: tuple[tuple[type[WanwuError], int, str], ...] = (
 # Sniffing codes that are not plain 400s.
 INPUT_STATUS = {"not_an_image": 415, "unsupported_format": 415, "image_too_large": 413, "too_large": 413}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PRIORITY_HEADER = "X-Wanwu-Priority"
 MULTIPART_SLACK = 64 * 1024
 
 
@@ -220,6 +227,10 @@ def _register(app: Flask) -> None:
     def predict_model(name: str) -> Response:
         return _predict(name, raw_allowed=True)
 
+    @app.post("/v1/models/<name>/predict:batch")
+    def predict_batch(name: str) -> Response:
+        return _predict_batch(name)
+
     @app.get("/v1/models")
     def models() -> Response:
         svc = services()
@@ -231,11 +242,20 @@ def _register(app: Flask) -> None:
                 "precision": m.precision,
                 "gpu_memory_mb": m.gpu_memory_mb,
                 "idle_ttl_s": m.idle_ttl_s or svc.settings.idle_ttl_s,
+                "batching": None
+                if m.batching is None
+                else {"max_batch_size": m.batching.max_batch_size, "max_wait_ms": m.batching.max_wait_ms},
                 "default": m.name == svc.settings.default_model,
             }
             for m in svc.catalog.all()
         ]
-        return jsonify({"models": listed, "invalid": svc.catalog.problems})
+        s = svc.settings
+        limits = {
+            "max_upload_mb": s.max_upload_mb,
+            "max_batch_images": s.max_batch_images,
+            "max_batch_upload_mb": s.max_batch_upload_mb,
+        }
+        return jsonify({"models": listed, "limits": limits, "invalid": svc.catalog.problems})
 
     @app.get("/v1/pool")
     def pool_status() -> Response:
@@ -276,6 +296,26 @@ def _read_upload(raw_allowed: bool) -> bytes:
     )
 
 
+def _priority() -> str:
+    raw = request.args.get("priority") or request.headers.get(PRIORITY_HEADER) or INTERACTIVE
+    if raw not in PRIORITIES:
+        expected = " or ".join(PRIORITIES)
+        raise ApiError(400, "bad_parameter", f"priority is {raw!r}; expected {expected} (query or {PRIORITY_HEADER})")
+    return raw
+
+
+def _check_image(image: bytes, max_pixels: int) -> None:
+    """Sniff an upload before any worker sees it; ApiError (400/413/415) if it is no image we take."""
+    try:
+        checked = sniff(image, max_pixels)
+        if checked.format == "PNG":
+            checked.verify()  # chunk CRCs: catches truncated and damaged PNGs without decoding
+    except InputError as exc:
+        raise ApiError(INPUT_STATUS.get(exc.code, 400), exc.code, exc.message) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's verify raises many kinds
+        raise ApiError(400, "corrupt_image", f"the image is damaged: {exc}") from None
+
+
 def _top_k(labels: int) -> int:
     raw = request.args.get("top_k")
     if raw is None:
@@ -293,19 +333,13 @@ def _predict(model: str, raw_allowed: bool) -> Response:
         info = svc.catalog.get(model)
         label = info.name
         top_k = _top_k(len(info.labels))
+        priority = _priority()
         image = _read_upload(raw_allowed)
         if len(image) > svc.settings.max_upload_bytes:
             raise ApiError(
                 413, "too_large", f"the image is {len(image)} bytes; the limit is {svc.settings.max_upload_mb:g} MB"
             )
-        try:
-            checked = sniff(image, svc.settings.max_pixels)
-            if checked.format == "PNG":
-                checked.verify()  # chunk CRCs: catches truncated and damaged PNGs without decoding
-        except InputError as exc:
-            raise ApiError(INPUT_STATUS.get(exc.code, 400), exc.code, exc.message) from None
-        except Exception as exc:  # noqa: BLE001 - Pillow's verify raises many kinds
-            raise ApiError(400, "corrupt_image", f"the image is damaged: {exc}") from None
+        _check_image(image, svc.settings.max_pixels)
         # Cache-Control: no-cache asks for a fresh answer from a worker (wanwu replay sends it).
         key = svc.cache.key(image, info.name, top_k)
         cached = None if request.cache_control.no_cache else svc.cache.get(key)
@@ -314,7 +348,7 @@ def _predict(model: str, raw_allowed: bool) -> Response:
             svc.metrics.requests.labels(info.name, "ok").inc()
             g.cached = True
             return _answer(dict(cached, cached=True, cold_start=False, start="cached"))
-        result = svc.pool.predict(info.name, image, top_k)
+        result = svc.pool.predict(info.name, image, top_k, priority=priority)
     except ApiError as exc:
         svc.metrics.requests.labels(label, exc.code).inc()
         raise
@@ -355,3 +389,105 @@ def _answer(body: dict[str, Any], timing: dict[str, float] | None = None) -> Res
     model = body.get("model") or "-"
     services().metrics.total.labels(model).observe(total / 1000)
     return jsonify(body)
+
+
+def _predict_batch(model: str) -> Response:
+    """Many images in one request: each is checked on its own, the good ones go to the
+    pool in calls of the model's max batch size, and the answer has one entry per image,
+    in order. A bad image gets its own error; if no image could be answered because the
+    pool could not serve any, the request fails as a single one would (503 + Retry-After)."""
+    svc = services()
+    s = svc.settings
+    g.model = model
+    label = "-"
+    try:
+        info = svc.catalog.get(model)
+        label = info.name
+        top_k = _top_k(len(info.labels))
+        priority = _priority()
+        # A batch may be larger than one upload; the per-image limit still holds below.
+        request.max_content_length = s.max_batch_upload_bytes + MULTIPART_SLACK
+        if request.mimetype != "multipart/form-data":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {request.mimetype or 'none'} is not accepted; send multipart/form-data "
+                "with one 'image' part per image",
+            )
+        uploads = request.files.getlist("image")
+        if not uploads:
+            sent = ", ".join(sorted(request.files)) or "none"
+            raise ApiError(400, "missing_field", f"send the images in multipart fields 'image' (fields sent: {sent})")
+        if len(uploads) > s.max_batch_images:
+            raise ApiError(
+                413, "too_many_images", f"{len(uploads)} images in one request; the limit is {s.max_batch_images}"
+            )
+        entries: list[dict[str, Any]] = []
+        good: list[bytes] = []
+        for index, upload in enumerate(uploads):
+            entry: dict[str, Any] = {"index": index, "file": upload.filename or ""}
+            data = upload.read()
+            try:
+                if len(data) > s.max_upload_bytes:
+                    raise ApiError(
+                        413, "too_large", f"the image is {len(data)} bytes; the limit is {s.max_upload_mb:g} MB"
+                    )
+                _check_image(data, s.max_pixels)
+            except ApiError as exc:
+                entry.update(error={"code": exc.code, "message": exc.message}, retryable=False)
+            else:
+                good.append(data)
+            entries.append(entry)
+        answer = svc.pool.predict_batch(info.name, good, top_k, priority=priority) if good else None
+    except ApiError as exc:
+        svc.metrics.requests.labels(label, exc.code).inc()
+        raise
+    except WanwuError as exc:
+        error = translate(exc)
+        svc.metrics.requests.labels(label, error.code).inc()
+        raise error from None
+    failures: list[ApiError] = []
+    outcomes = iter(answer.results if answer is not None else ())
+    for entry in entries:
+        if "error" not in entry:
+            _fill(entry, next(outcomes), failures)
+        svc.metrics.batch_images.labels(info.name, entry["error"]["code"] if "error" in entry else "ok").inc()
+    answered = sum(1 for e in entries if "predictions" in e)
+    if failures and answered == 0 and len(failures) == len(good):
+        # Nothing could be served: the whole request fails like a single one, so a
+        # client backs off on Retry-After instead of reading per-image errors.
+        worst = failures[0]
+        svc.metrics.requests.labels(info.name, worst.code).inc()
+        log.warning("%s %s: batch of %d failed: %s", g.get("request_id"), model, len(entries), worst.message)
+        raise worst
+    svc.metrics.requests.labels(info.name, "ok").inc()
+    g.cold_start = answer.cold_start if answer is not None else False
+    g.cached = False
+    g.timing = dict(answer.timing_ms) if answer is not None else None
+    body = {
+        "model": info.name,
+        "results": entries,
+        "count": len(entries),
+        "failed": len(entries) - answered,
+        "cold_start": g.cold_start,
+        "calls": answer.calls if answer is not None else 0,
+    }
+    return _answer(body, timing=g.timing)
+
+
+def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures: list[ApiError]) -> None:
+    """One image's entry from what the pool gave it: predictions, its own error, or the
+    error of the call that carried it (``retryable``: send the image again later)."""
+    if isinstance(outcome, WanwuError):
+        error = translate(outcome)
+        failures.append(error)
+        entry.update(error={"code": error.code, "message": error.message}, retryable=error.status >= 500)
+        return
+    if "error" in outcome:
+        raw = outcome["error"] if isinstance(outcome["error"], dict) else {}
+        entry.update(
+            error={"code": str(raw.get("code", "bad_input")), "message": str(raw.get("message", ""))}, retryable=False
+        )
+        return
+    predictions = outcome.get("predictions") or []
+    entry.update(result=predictions[0]["label"] if predictions else None, predictions=predictions)

@@ -34,6 +34,12 @@ class PoolCollector(Collector):
         for reason, count in sorted(snap.reaps.items()):
             reaps.add_metric([reason], count)
         yield reaps
+        batches = CounterMetricFamily("wanwu_batches", "Worker calls that carried several requests (dynamic batching)")
+        batches.add_metric([], snap.counters.get("batches", 0))
+        yield batches
+        batched = CounterMetricFamily("wanwu_batched_requests", "Requests served in those calls")
+        batched.add_metric([], snap.counters.get("batched_requests", 0))
+        yield batched
         failures = CounterMetricFamily("wanwu_spawn_failures", "Workers that failed to start")
         failures.add_metric([], snap.counters.get("spawn_failures", 0))
         yield failures
@@ -60,6 +66,9 @@ class Metrics:
             "wanwu_stem_starts", "Cold starts served by a stem cell that loaded the model", ["model"], registry=r
         )
         self.warm_hits = Counter("wanwu_warm_hits", "Requests served by a warm worker", ["model"], registry=r)
+        self.batch_images = Counter(
+            "wanwu_batch_images", "Images sent to predict:batch by model and outcome", ["model", "outcome"], registry=r
+        )
         self.cache_hits = Counter("wanwu_cache_hits", "Requests answered from the result cache", ["model"], registry=r)
         self.queue = Histogram(
             "wanwu_queue_seconds", "Time waiting for a worker", ["model"], buckets=BUCKETS, registry=r

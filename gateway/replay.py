@@ -211,6 +211,11 @@ def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str,
         queue_max=int(live.get("queue_max", 64)),
         keepalive=str(live.get("keepalive", "fixed")),
         stem_cells=int(live.get("stem_cells", 0)),
+        batching={
+            str(model): (int(b["max_batch_size"]), float(b["max_wait_ms"]) / 1000)
+            for model, b in live.get("batching", {}).items()
+        },
+        interactive_reserve_s=float(live.get("interactive_reserve_s", 10.0)),
     )
     result = simulate(trace, config, profile, float(live["queue_timeout_s"]), float(live.get("reap_interval_s", 1.0)))
     m = result.metrics()
