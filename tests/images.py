@@ -6,6 +6,7 @@ import io
 import random
 import struct
 import zlib
+from pathlib import Path
 
 from PIL import Image
 from wanwu_worker.demo.shapes import COLOURS, LABELS, SHAPES, label_index, render
@@ -25,6 +26,22 @@ def demo_images(seed: int = 20261121, fmt: str = "PNG") -> dict[str, bytes]:
         for shape in SHAPES:
             out[LABELS[label_index(colour, shape)]] = encode(render(rng, colour, shape), fmt)
     return out
+
+
+def demo_tree(root: Path, count: int, seed: int) -> dict[str, str]:
+    """``count`` demo pictures under ``root`` in nested folders, PNG and JPEG (what a
+    backfill walks); returns the expected label of each, keyed by its path relative to ``root``."""
+    rng = random.Random(seed)
+    expected: dict[str, str] = {}
+    for i in range(count):
+        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+        fmt = "PNG" if i % 3 else "JPEG"
+        relative = f"part-{i % 4}/{i // 50:02d}/img-{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(render(rng, colour, shape), fmt))
+        expected[relative] = LABELS[label_index(colour, shape)]
+    return expected
 
 
 def png_header_only(width: int, height: int) -> bytes:
