@@ -227,6 +227,7 @@ class PoolCore:
         self._ids = itertools.count(1)
         self._prefix = id_prefix
         self._batch_due: dict[tuple[str, str], float] = {}  # (model, priority) -> when its held batch goes
+        self._reserve_until: float | None = None  # when batch work held back by the reserve may go
         self._last_interactive = -math.inf
 
     # -- events ------------------------------------------------------------------------
@@ -247,9 +248,11 @@ class PoolCore:
             raise ValueError(f"priority is {priority!r}; expected one of {', '.join(PRIORITIES)}")
         if self.closing:
             return [Fail(request_id, BackendUnavailable("the pool is shutting down"))]
-        if len(self.queue) >= max(1, self.config.queue_max):
+        # Each priority has its own room: waiting batch work never turns interactive requests away.
+        waiting = sum(1 for r in self.queue if r.priority == priority)
+        if waiting >= max(1, self.config.queue_max):
             self.counters["rejected"] += 1
-            error = CapacityExhausted(f"the wait queue is full ({len(self.queue)} requests)", self.config.retry_after_s)
+            error = CapacityExhausted(f"the wait queue is full ({waiting} requests)", self.config.retry_after_s)
             return [Fail(request_id, error)]
         if retry:
             self.counters["retries"] += 1
@@ -474,13 +477,17 @@ class PoolCore:
             heapq.heappop(expiry)
         times = [expiry[0][0]] if expiry else []
         times += self.prewarm_at.values()
-        times += self._batch_due.values()
-        return min(times) if times else None
+        due = self.next_batch_due()
+        return min([*times, due] if due is not None else times, default=None)
 
     def next_batch_due(self) -> float | None:
-        """When the earliest held batch goes (its oldest member has waited long enough);
-        the live shell ticks then."""
-        return min(self._batch_due.values(), default=None)
+        """When the earliest held batch goes (its oldest member has waited long enough),
+        or batch work held back by the interactive reserve may start; the live shell
+        ticks then, to the millisecond (keep-alive can wait for the reaper)."""
+        times = list(self._batch_due.values())
+        if self._reserve_until is not None:
+            times.append(self._reserve_until)
+        return min(times, default=None)
 
     def describe_keepalive(self) -> dict[str, Any]:
         return {"policy": self.keepalive.name, "models": self.keepalive.describe()}
@@ -493,12 +500,14 @@ class PoolCore:
         commands: list[Command] = []
         limits, estimates = self._limits, self.config.estimates_mb
         self._batch_due.clear()
+        self._reserve_until = None
         if self._full_and_busy(now):
             return commands + self._refill_stems(now)  # every waiter would wait: skip the walk
         # Decisions depend only on the model and the workers: reuse them along the queue
         # until a hand-over or a spawn changes the workers (a long queue stays cheap).
         decided: dict[str, policy.Decision] = {}
         held: set[tuple[str, str]] = set()  # (model, priority) batches waiting for more members
+        kept: set[str] = set()  # their idle workers: to any other request they look busy
         for request in self._in_order():
             if request.done or (request.model, request.priority) in held:
                 continue
@@ -507,17 +516,19 @@ class PoolCore:
                 continue  # that worker is being held for an interactive batch
             decision = decided.get(request.model)
             if decision is None:
-                views = list(self.workers.values())
+                views = [replace(w, state=State.BUSY) if w.id in kept else w for w in self.workers.values()]
                 decision = decided[request.model] = policy.decide(
                     request.model, views, limits, self.readings, estimates, self._stem_ok(request.model, now)
                 )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
-                if batch and not self._batch_may_take(now):
+                if batch and not self._batch_may_take(now, len(kept)):
                     continue
                 members = self._members(request, now)
                 if members is None:  # a batch that may still grow: the worker waits with it
                     held.add((request.model, request.priority))
+                    kept.add(decision.worker_id)
+                    decided.clear()
                     continue
                 commands += self._hand_over_batch(members, self.workers[decision.worker_id], now)
                 decided.clear()
@@ -531,7 +542,7 @@ class PoolCore:
             elif (starting := self._unreserved_start(request.model)) is not None:
                 # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
                 starting.reserved_for, request.spawning = request.id, starting.id
-            elif batch and not self._batch_may_take(now):
+            elif batch and not self._batch_may_take(now, len(kept)):
                 continue
             elif isinstance(decision, policy.Spawn):
                 commands.append(self._spawn(request.model, decision, now, request))
@@ -551,19 +562,24 @@ class PoolCore:
     def _interactive_waits(self, model: str | None = None) -> bool:
         return any(r.priority == INTERACTIVE and (model is None or r.model == model) for r in self.queue)
 
-    def _batch_may_take(self, now: float) -> bool:
-        """Whether batch work may take a slot (an empty one or an idle worker): always
-        while two are free; the last one only if no interactive request waits and, on a
-        pool of two or more, none arrived within ``interactive_reserve_s``."""
+    def _batch_may_take(self, now: float, kept: int = 0) -> bool:
+        """Whether batch work may take a slot (an empty one or an idle worker not kept
+        for a held batch): always while two are free; the last one only if no
+        interactive request waits and, on a pool of two or more, none arrived within
+        ``interactive_reserve_s`` (``_reserve_until`` says when it may)."""
         capacity = self._limits.capacity
         if capacity >= UNBOUNDED:
             return True
-        taken = sum(1 for w in self.workers.values() if w.state is not State.IDLE)
+        taken = kept + sum(1 for w in self.workers.values() if w.state is not State.IDLE)
         if capacity - taken >= 2:
             return True
         if self._interactive_waits():
             return False
-        return capacity < 2 or now - self._last_interactive >= self.config.interactive_reserve_s
+        until = self._last_interactive + self.config.interactive_reserve_s
+        if capacity < 2 or now >= until:
+            return True
+        self._reserve_until = until
+        return False
 
     def _members(self, head: Request, now: float, hold: bool = True) -> list[Request] | None:
         """The requests one worker call serves with ``head``: for a model with batching,

@@ -38,6 +38,7 @@ from .clock import Clock, MonotonicClock
 from .core import (
     BATCH,
     INTERACTIVE,
+    PRIORITIES,
     REAP_REASONS,
     Command,
     CoreConfig,
@@ -48,7 +49,7 @@ from .core import (
     SpawnWorker,
     StopWorker,
 )
-from .errors import WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
+from .errors import BackendUnavailable, WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
 from .gpu import GpuMonitor
 from .models import ModelCatalog, ModelInfo
 from .policy import STEM, State
@@ -335,14 +336,16 @@ class WarmPool:
                 if due is None or due > now:
                     self._batch_wake.wait(1.0 if due is None else due - now)
                     continue
-                actions = self._event("tick", now)
-                self._lock.release()
                 try:
-                    self._run(actions)
+                    actions = self._event("tick", now)
+                    self._lock.release()
+                    try:
+                        self._run(actions)
+                    finally:
+                        self._lock.acquire()
                 except Exception:  # the batcher must outlive any one failure
                     log.exception("batcher pass failed")
-                finally:
-                    self._lock.acquire()
+                    self._batch_wake.wait(0.1)
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Refuse new requests, let in-flight ones finish within the grace period, then
@@ -460,6 +463,8 @@ class WarmPool:
         full), ModelUnavailable (the model is backing off after failed starts),
         WorkerStartError, UnknownModel, BackendUnavailable. A lease in a dynamic batch
         (``lease.batch``) shares its worker call with other requests."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority is {priority!r}; expected one of {', '.join(PRIORITIES)}")
         info = self.catalog.get(model)
         waiter = _Waiter(images=images, top_k=top_k)
         with self._lock:
@@ -544,7 +549,10 @@ class WarmPool:
                 return exc
 
         executor = self._calls
-        later = [executor.submit(run, chunk) for chunk in chunks[1:]] if executor is not None else []
+        try:
+            later = [executor.submit(run, chunk) for chunk in chunks[1:]] if executor is not None else []
+        except RuntimeError:  # shut down under us
+            raise BackendUnavailable("the pool is shutting down") from None
         outcomes = [run(chunks[0])]
         outcomes += [f.result() for f in later] if executor is not None else [run(c) for c in chunks[1:]]
         results: list[dict[str, Any] | WanwuError] = []

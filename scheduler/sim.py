@@ -244,6 +244,9 @@ class Simulator:
         wake = max(wake, now) + 1e-6  # keep-alive ends are strict: idle longer than the window
         if self.tick_s:
             wake = math.ceil(wake / self.tick_s) * self.tick_s
+            batch = self.core.next_batch_due()  # the live batcher ticks to the millisecond, not with the reaper
+            if batch is not None:
+                wake = min(wake, max(batch, now))
         if wake < self._next_tick:
             self._next_tick = wake
             self._push(wake, _TICK, None)

@@ -189,3 +189,34 @@ def test_a_worker_started_for_batch_work_serves_a_waiting_interactive_request_fi
 def test_an_unknown_priority_is_refused() -> None:
     with pytest.raises(ValueError, match="priority"):
         core().arrive(1, "s", 0.0, 1.0, priority="urgent")
+
+
+def test_a_worker_kept_for_a_held_batch_is_not_evicted_for_another_model() -> None:
+    pool = core()
+    _, idle = busy_and_idle(pool, "b", 0.0)
+    assert pool.arrive(1, "b", 1.0, 11.0) == []  # held on the idle worker
+    assert pool.arrive(2, "s", 1.001, 11.0) == []  # it waits: the idle worker is spoken for
+    assert idle in pool.workers and pool.reaps["evicted"] == 0
+    (grant,) = grants(pool.tick(1.011))
+    assert grant.request_id == 1 and grant.worker_id == idle
+
+
+def test_batch_work_held_back_by_the_reserve_is_woken_when_the_reserve_ends() -> None:
+    pool = core(capacity=2, batching={}, interactive_reserve_s=5.0)
+    warm(pool, "s", 0.0)  # interactive traffic at t=0; one idle worker, one empty slot
+    assert grants(pool.arrive(1, "s", 1.0, 60.0, priority=BATCH))  # two slots free: one may go to batch work
+    assert pool.arrive(2, "s", 1.0, 60.0, priority=BATCH) == []  # the last one is kept
+    assert pool.next_batch_due() == 5.0 and pool.next_wakeup() == 5.0  # the live batcher ticks then
+    (started,) = pool.tick(5.0)
+    assert isinstance(started, SpawnWorker) and started.request_id == 2
+
+
+def test_waiting_batch_work_never_fills_the_queue_for_interactive_requests() -> None:
+    pool = core(capacity=1, queue_max=2, batching={})
+    warm(pool, "s", 0.0)
+    pool.arrive(1, "s", 0.1, 60.0)  # busy now
+    assert pool.arrive(2, "s", 0.2, 60.0, priority=BATCH) == []
+    assert pool.arrive(3, "s", 0.3, 60.0, priority=BATCH) == []
+    (full,) = pool.arrive(4, "s", 0.4, 60.0, priority=BATCH)
+    assert isinstance(full, Fail) and "queue is full (2 requests)" in str(full.error)
+    assert pool.arrive(5, "s", 0.5, 60.0) == []  # interactive has its own room
