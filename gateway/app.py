@@ -211,7 +211,10 @@ def _register(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             code = "too_large"
-            message = f"the upload is larger than {services().settings.max_upload_mb:g} MB"
+            s = services().settings
+            batch = request.path.endswith(":batch")
+            limit = s.max_batch_upload_mb if batch else s.max_upload_mb
+            message = f"the {'batch' if batch else 'upload'} is larger than {limit:g} MB"
         return _error_response(status, code, message)
 
     @app.errorhandler(Exception)
