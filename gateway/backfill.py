@@ -922,8 +922,8 @@ def _part_name(key: str) -> str:
 
 @contextmanager
 def interrupts(job: Backfill, stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C stops the job gently (``stop``); the second leaves at once, but
-    never in the middle of a write."""
+    """The first Ctrl-C (or SIGTERM, as from a job scheduler) stops the job gently
+    (``stop``); the second leaves at once, but never in the middle of a write."""
     presses = 0
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -938,8 +938,9 @@ def interrupts(job: Backfill, stop: threading.Event) -> Iterator[None]:
         job.say(f"interrupted: {RESUME_HINT}")
         os._exit(130)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

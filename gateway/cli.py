@@ -619,6 +619,13 @@ def replay(
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option(
+    "--nice",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 19),
+    help="Lower this process's CPU priority, so live traffic on the same host comes first (0: leave it).",
+)
+@click.option(
     "--summary-json", type=click.Path(dir_okay=False), default=None, help="Write the summary as JSON to this file."
 )
 @_reports_errors
@@ -636,6 +643,7 @@ def backfill(
     fsync_interval_s: float,
     progress_interval_s: float,
     quiet: bool,
+    nice: int,
     summary_json: str | None,
 ) -> None:
     """Classify every image under SOURCE (a directory, or a file listing paths) through a
@@ -646,8 +654,11 @@ def backfill(
     1 some files got error lines, 3 the gateway is unreachable, 130 interrupted.
     """
     import json
+    import os
     import threading
 
+    if nice:
+        os.nice(nice)
     from .backfill import RESUME_HINT, Backfill, Options, Reporter, ResultsFile, Source, interrupts
     from .client import GatewayUnreachable
 

@@ -509,12 +509,15 @@ def test_a_killed_job_reruns_to_every_file_exactly_once(tmp_path: Path, stub: St
     assert summary.skipped + summary.done == 120
 
 
-def test_ctrl_c_finishes_what_is_in_flight_exits_130_and_resumes(tmp_path: Path, stub: Stub) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_finishes_what_is_in_flight_exits_130_and_resumes(
+    tmp_path: Path, stub: Stub, signum: signal.Signals
+) -> None:
     src, out = labelled(tmp_path / "src", 120), tmp_path / "out.jsonl"
     stub.delay_s = 0.05
     proc = start(src, out, stub)
     wait_for(lambda: lines_in(out) >= 12)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 130, stderr.decode()
     assert "interrupted: rerun the same command to resume" in stderr.decode()
