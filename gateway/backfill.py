@@ -10,7 +10,8 @@ command resumes it. Every file ends up in the results exactly once:
   last line without its newline is the remains of a write cut short: it is truncated
   away, so its file is redone and appears once.
 - In a run each file is in one batch, and a line is written only once a file has its
-  final answer (a result, or an error that retrying cannot fix). What is retried, or
+  final answer (a result, an error that retrying cannot fix, or a transient error that
+  outlasted ``--max-retries``). What is being retried, or
   still in flight when the job stops, is not written, so a rerun redoes it.
 - The lines of one answer are written whole with one ``write`` to a file opened with
   ``O_APPEND``; a second Ctrl-C waits for a write in progress before leaving. Only a

@@ -9,6 +9,9 @@
    `docker run --rm IMAGE true` and a `docker run` that imports torch and loads the model.
 3. Throughput at N = 1 and 2 with 4N concurrent clients, against in-process inference.
 4. Footprint: gateway RSS idle and under load, idle CPU, image size, worker memory.
+5. Backfill: `wanwu backfill` over 2,000 demo images at N = 1 and 2, against sequential
+   `wanwu predict` and in-process batched inference; interactive latency alone and while
+   a backfill runs; 8 concurrent single-image clients with dynamic batching on and off.
 
 Timings are reported, never asserted.
 """
@@ -20,6 +23,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -43,7 +47,7 @@ from scheduler.settings import Settings
 from scheduler.worker_client import WorkerClient
 from tests.dockerutil import IMAGE, engine
 from tests.gatewayproc import Gateway, running_gateway
-from tests.images import demo_images
+from tests.images import demo_images, demo_tree
 
 MODEL = "demo-shapes"
 BOUNDARY = "wanwu-bench-boundary"
@@ -304,9 +308,9 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
 # -- 3. throughput -------------------------------------------------------------------------
 
 
-def throughput(gw: Gateway, workers: int, seconds: float) -> dict[str, Any]:
+def throughput(gw: Gateway, workers: int, seconds: float, clients_n: int | None = None) -> dict[str, Any]:
     image = bench_image()
-    clients = [Client(gw.port, image) for _ in range(4 * workers)]
+    clients = [Client(gw.port, image) for _ in range(clients_n or 4 * workers)]
     barrier = threading.Barrier(len(clients))
     while len(json.loads(_get(gw.port, "/v1/pool"))["workers"]) < workers:  # N warm workers before timing
         warmers = [threading.Thread(target=c.predict) for c in clients]
@@ -366,6 +370,179 @@ def in_process_throughput(models_dir: Path, seconds: float) -> dict[str, Any]:
         count += 1
     elapsed = time.perf_counter() - started
     return {"seconds": round(elapsed, 2), "requests": count, "rps": round(count / elapsed, 1)}
+
+
+# -- 5. backfill and batching -------------------------------------------------------------
+
+
+def run_backfill(gw: Gateway, source: Path, out: Path, *options: str) -> dict[str, Any]:
+    """One ``wanwu backfill`` run (a subprocess, as a user runs it): wall time and its summary."""
+    summary_file = out.with_suffix(".summary.json")
+    command = [sys.executable, "-m", "gateway.cli", "backfill", str(source), "--out", str(out), "--url", gw.url]
+    busy, gateway, client = _machine_busy_s(), _cpu_ticks(gw), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([*command, "--quiet", "--summary-json", str(summary_file), *options], check=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = {
+        "machine": round(_machine_busy_s() - busy, 2),
+        "gateway": round((_cpu_ticks(gw) - gateway) / tick, 2),
+        "backfill_client": round(after.ru_utime + after.ru_stime - client.ru_utime - client.ru_stime, 2),
+    }
+    cpu["workers_and_engine"] = round(cpu["machine"] - cpu["gateway"] - cpu["backfill_client"], 2)
+    report = json.loads(summary_file.read_text())
+    done = sum(1 for _ in out.open(encoding="utf-8"))
+    return {
+        "images": done,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(done / wall, 1),
+        "cpu_s": cpu,  # where the cores went: what bounds the rate
+        "cpu_capacity_s": round(wall * (os.cpu_count() or 1), 2),
+        "summary": report,
+    }
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def sequential_predict(gw: Gateway, files: list[Path]) -> dict[str, Any]:
+    """`wanwu predict FILE...`: one request per file, one after another."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "predict", "--url", gw.url, "--json", *map(str, files)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - started
+    return {"images": len(files), "wall_s": round(wall, 2), "images_per_s": round(len(files) / wall, 1)}
+
+
+def in_process_batched(models_dir: Path, files: list[Path], batch: int) -> dict[str, Any]:
+    """The model in this process on the same cores, batches of ``batch``: the ceiling."""
+    predictor = in_process_predictor(models_dir)
+    blobs = [f.read_bytes() for f in files]
+    predictor.predict_batch(blobs[:batch], 1)
+    started = time.perf_counter()
+    for i in range(0, len(blobs), batch):
+        predictor.predict_batch(blobs[i : i + batch], 5)
+    wall = time.perf_counter() - started
+    return {
+        "images": len(blobs),
+        "batch": batch,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(blobs) / wall, 1),
+    }
+
+
+def interactive_stream(gw: Gateway, images: list[bytes], rate_hz: float, until: Callable[[], bool]) -> list[float]:
+    """Single-image requests at ``rate_hz`` (fresh answers, not the cache) until ``until()``;
+    their latencies as the client saw them."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Cache-Control": "no-cache"}
+    latencies: list[float] = []
+    i = 0
+    while not until():
+        started = time.perf_counter()
+        conn.request("POST", f"/v1/models/{MODEL}/predict", body=multipart(images[i % len(images)]), headers=headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status == 200:
+            latencies.append((time.perf_counter() - started) * 1000)
+        i += 1
+        time.sleep(max(0.0, 1 / rate_hz - (time.perf_counter() - started)))
+    return latencies
+
+
+def interactive_during_backfill(gw: Gateway, source: Path, out: Path, images: list[bytes], n: int) -> dict[str, Any]:
+    for image in images[:20]:  # both workers warm
+        interactive_stream(gw, [image], 1000, lambda: True)
+    sent = [0]
+
+    def enough() -> bool:
+        sent[0] += 1
+        return sent[0] > n
+
+    alone = interactive_stream(gw, images, 20, enough)
+    during: list[float] = []
+    runs = 0
+    while len(during) < n:  # as many backfills, one after another, as it takes to get n samples
+        runs += 1
+        target = out.with_name(f"{out.stem}-{runs}.jsonl")
+        command = [sys.executable, "-m", "gateway.cli", "backfill", str(source), "--out", str(target), "--url", gw.url]
+        job = subprocess.Popen([*command, "--quiet"], stdout=subprocess.DEVNULL)
+        while job.poll() is None and (not target.exists() or target.stat().st_size == 0):  # once it is under way
+            time.sleep(0.01)
+        during += interactive_stream(gw, images, 20, lambda job=job: job.poll() is not None)
+        job.wait()
+    return {
+        "backfills": runs,
+        "alone_ms": summary(alone),
+        "during_backfill_ms": summary(during),
+        "ratio_p99": round(pct(during, 99) / pct(alone, 99), 2),
+        "ratio_p50": round(pct(during, 50) / pct(alone, 50), 2),
+    }
+
+
+def models_without_batching(workdir: Path) -> Path:
+    """A models directory whose demo bundle has batching switched off."""
+    models = workdir / "models"
+    path = export_builtin_model(IMAGE, MODEL, models)
+    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    meta.pop("batching", None)
+    (path / "model.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    return models
+
+
+def backfill_section(workdir: Path, client: docker.DockerClient, quick: bool, seconds: float) -> dict[str, Any]:
+    count = 400 if quick else 2000
+    source = workdir / "backfill-images"
+    demo_tree(source, count, seed=2026)
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    quiet = {"idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
+    results: dict[str, Any] = {"images": count, "runs": []}
+    for n in (1, 2):
+        print(f"backfill N={n} ...", file=sys.stderr)
+        with running_gateway(workdir / f"b{n}", client, max_workers=str(n), **quiet) as gw:
+            interactive_stream(gw, [bench_image()], 1000, lambda: True)  # a warm worker
+            run = run_backfill(gw, source, workdir / f"b{n}.jsonl")
+            run["workers"] = n
+            if n == 1:
+                results["sequential_predict"] = sequential_predict(gw, files[: min(300, count)])
+                results["in_process_batched"] = in_process_batched(gw.models_dir, files, 32)
+            else:
+                print("interactive latency during a backfill ...", file=sys.stderr)
+                images = [f.read_bytes() for f in files[:200]]
+                results["interactive"] = interactive_during_backfill(
+                    gw, source, workdir / "during.jsonl", images, 60 if quick else 200
+                )
+        results["runs"].append(run)
+    base = results["sequential_predict"]["images_per_s"]
+    for run in results["runs"]:
+        run["ratio_to_sequential_predict"] = round(run["images_per_s"] / base, 2)
+        run["ratio_to_in_process_batched"] = round(
+            run["images_per_s"] / results["in_process_batched"]["images_per_s"], 2
+        )
+    results["dynamic_batching"] = []
+    for batching in (True, False):
+        print(f"8 single-image clients, batching {'on' if batching else 'off'} ...", file=sys.stderr)
+        name = "dyn-on" if batching else "dyn-off"
+        if not batching:
+            models_without_batching(workdir / name)
+        with running_gateway(workdir / name, client, max_workers="2", cache_enabled="false", **quiet) as gw:
+            t = throughput(gw, 2, seconds, clients_n=8)
+            pool = json.loads(_get(gw.port, "/v1/pool"))
+            t.update(
+                batching=batching, batches=pool["counters"]["batches"], batched=pool["counters"]["batched_requests"]
+            )
+            results["dynamic_batching"].append(t)
+    on, off = results["dynamic_batching"]
+    results["dynamic_batching_ratio"] = round(on["rps"] / off["rps"], 2)
+    return results
 
 
 # -- 4. footprint ----------------------------------------------------------------------------
@@ -451,52 +628,82 @@ def table(results: dict[str, Any]) -> str:
     def pair(s: dict[str, float]) -> str:
         return f"p50 {s['p50']:>8.2f}  p99 {s['p99']:>8.2f}"
 
-    w = results["warm_path"]
-    lines.append(f"warm path ({w['requests']} sequential requests, ms)")
-    for key in (
-        "e2e_http_ms",
-        "worker_own_ms",
-        "e2e_minus_worker_ms",
-        "direct_socket_round_trip_ms",
-        "direct_socket_minus_worker_ms",
-        "in_process_ms",
-    ):
-        row(key, pair(w[key]))
-    row("gateway + scheduler added (target p50 <= 1, p99 <= 5)", pair(w["gateway_and_scheduler_added_ms"]))
-    c = results["cold_start"]
-    lines.append(f"cold start ({c['requests']} requests, ms)")
-    for key, value in c["breakdown_ms"].items():
-        row(key, pair(value))
-    row("docker run --rm IMAGE true", pair(c["docker_run_true_ms"]))
-    row("docker run: import torch + load model", pair(c["docker_run_import_torch_load_model_ms"]))
-    row("ratio cold / docker run true", f"{c['ratio_cold_to_docker_run_true']}x")
-    row("ratio cold / docker run load model", f"{c['ratio_cold_to_docker_run_load_model']}x")
-    st = results["stem_start"]
-    lines.append(f"stem-cell cold start ({st['requests']} requests, ms)")
-    for key, value in st["breakdown_ms"].items():
-        row(key, pair(value))
-    row("ratio stem / container cold start", f"{st['ratio_to_container_cold_start']}x")
-    row("ratio stem / docker run load model (target <= 0.15)", f"{st['ratio_to_docker_run_load_model']}x")
-    idle = st["idle_stem_cell"]
-    row("idle stem cell: memory (MB), CPU (%)", f"{idle['memory_mb']}, {idle['cpu_percent']}")
-    lines.append("throughput (4N clients)")
-    base = results["in_process"]["rps"]
-    for t in results["throughput"]:
+    if "warm_path" in results:  # the sections before backfill run together
+        w = results["warm_path"]
+        lines.append(f"warm path ({w['requests']} sequential requests, ms)")
+        for key in (
+            "e2e_http_ms",
+            "worker_own_ms",
+            "e2e_minus_worker_ms",
+            "direct_socket_round_trip_ms",
+            "direct_socket_minus_worker_ms",
+            "in_process_ms",
+        ):
+            row(key, pair(w[key]))
+        row("gateway + scheduler added (target p50 <= 1, p99 <= 5)", pair(w["gateway_and_scheduler_added_ms"]))
+        c = results["cold_start"]
+        lines.append(f"cold start ({c['requests']} requests, ms)")
+        for key, value in c["breakdown_ms"].items():
+            row(key, pair(value))
+        row("docker run --rm IMAGE true", pair(c["docker_run_true_ms"]))
+        row("docker run: import torch + load model", pair(c["docker_run_import_torch_load_model_ms"]))
+        row("ratio cold / docker run true", f"{c['ratio_cold_to_docker_run_true']}x")
+        row("ratio cold / docker run load model", f"{c['ratio_cold_to_docker_run_load_model']}x")
+        st = results["stem_start"]
+        lines.append(f"stem-cell cold start ({st['requests']} requests, ms)")
+        for key, value in st["breakdown_ms"].items():
+            row(key, pair(value))
+        row("ratio stem / container cold start", f"{st['ratio_to_container_cold_start']}x")
+        row("ratio stem / docker run load model (target <= 0.15)", f"{st['ratio_to_docker_run_load_model']}x")
+        idle = st["idle_stem_cell"]
+        row("idle stem cell: memory (MB), CPU (%)", f"{idle['memory_mb']}, {idle['cpu_percent']}")
+        lines.append("throughput (4N clients)")
+        base = results["in_process"]["rps"]
+        for t in results["throughput"]:
+            row(
+                f"N={t['workers']}: {t['clients']} clients",
+                f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  "
+                f"errors {t['errors']}  ratio to in-process {t['rps'] / base:.2f}",
+            )
+        row("in-process inference (one process, torch threads = cores)", f"{base:>7.1f} req/s")
+        f = results["footprint"]
+        lines.append("footprint")
         row(
-            f"N={t['workers']}: {t['clients']} clients",
-            f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  "
-            f"errors {t['errors']}  ratio to in-process {t['rps'] / base:.2f}",
+            "gateway RSS idle / peak under load (MB)",
+            f"{f['gateway_rss_idle_mb']} / {max(t['gateway_rss_peak_mb'] for t in results['throughput'])}",
         )
-    row("in-process inference (one process, torch threads = cores)", f"{base:>7.1f} req/s")
-    f = results["footprint"]
-    lines.append("footprint")
-    row(
-        "gateway RSS idle / peak under load (MB)",
-        f"{f['gateway_rss_idle_mb']} / {max(t['gateway_rss_peak_mb'] for t in results['throughput'])}",
-    )
-    row("gateway idle CPU (%)", str(f["gateway_idle_cpu_percent"]))
-    row("image size (GB)", str(f["image_size_gb"]))
-    row("worker container memory (MB)", ", ".join(map(str, f["worker_container_memory_mb"])))
+        row("gateway idle CPU (%)", str(f["gateway_idle_cpu_percent"]))
+        row("image size (GB)", str(f["image_size_gb"]))
+        row("worker container memory (MB)", ", ".join(map(str, f["worker_container_memory_mb"])))
+    b = results.get("backfill")
+    if b:
+        lines.append(f"backfill ({b['images']} demo images, images/s)")
+        for run in b["runs"]:
+            row(
+                f"wanwu backfill, N={run['workers']}",
+                f"{run['images_per_s']:>7.1f}  x{run['ratio_to_sequential_predict']} sequential  "
+                f"x{run['ratio_to_in_process_batched']} in-process batched",
+            )
+            cpu = run["cpu_s"]
+            row(
+                "  CPU s: machine / gateway / client / workers+engine",
+                f"{cpu['machine']} of {run['cpu_capacity_s']} / {cpu['gateway']} / {cpu['backfill_client']} / "
+                f"{cpu['workers_and_engine']}",
+            )
+        row("sequential wanwu predict", f"{b['sequential_predict']['images_per_s']:>7.1f}")
+        row("in-process batched inference (batch 32)", f"{b['in_process_batched']['images_per_s']:>7.1f}")
+        i = b["interactive"]
+        row("interactive alone (ms)", pair(i["alone_ms"]))
+        row(
+            "interactive during a backfill (ms) (target p99 <= 2x)",
+            f"{pair(i['during_backfill_ms'])}  x{i['ratio_p99']}",
+        )
+        for t in b["dynamic_batching"]:
+            row(
+                f"8 clients, N=2, batching {'on' if t['batching'] else 'off'}",
+                f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  batches {t['batches']}",
+            )
+        row("ratio batching on / off", f"{b['dynamic_batching_ratio']}x")
     sim = results.get("simulator")
     if sim:
         lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
@@ -509,7 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--only",
+        default="simulator,core,backfill",
+        help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill",
+    )
     args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
     warm_n, cold_n, baseline_n, seconds = (50, 3, 2, 2.0) if args.quick else (500, 20, 5, 10.0)
     client = engine()
     results: dict[str, Any] = {
@@ -521,33 +734,36 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "make bench" + (" BENCH_ARGS=--quick" if args.quick else ""),
     }
-    if TRACE.is_dir():
+    if TRACE.is_dir() and "simulator" in sections:
         print("simulator ...", file=sys.stderr)
         results["simulator"] = simulator_speed(args.quick)
     with tempfile.TemporaryDirectory(prefix="wanwu-bench-") as tmp:
         workdir = Path(tmp)
-        quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
-        with running_gateway(workdir / "w", client, max_workers="1", **quiet) as gw:
-            print("warm path ...", file=sys.stderr)
-            results["warm_path"] = warm_path(gw, warm_n)
-            results["in_process"] = in_process_throughput(gw.models_dir, seconds)
-            results["footprint"] = footprint(gw, client, idle_seconds=3 if args.quick else 10)
-        print("cold start ...", file=sys.stderr)
-        results["cold_start"] = cold_start(workdir, cold_n, baseline_n)
-        print("stem-cell start ...", file=sys.stderr)
-        stem = results["stem_start"] = stem_start(workdir, cold_n, client)
-        cold = results["cold_start"]
-        stem["ratio_to_container_cold_start"] = round(
-            stem["breakdown_ms"]["total"]["p50"] / cold["breakdown_ms"]["total"]["p50"], 3
-        )
-        stem["ratio_to_docker_run_load_model"] = round(
-            stem["breakdown_ms"]["total"]["p50"] / cold["docker_run_import_torch_load_model_ms"]["p50"], 3
-        )
-        results["throughput"] = []
-        for n in (1, 2):
-            print(f"throughput N={n} ...", file=sys.stderr)
-            with running_gateway(workdir / f"t{n}", client, max_workers=str(n), **quiet) as gw:
-                results["throughput"].append(throughput(gw, n, seconds))
+        if "core" in sections:
+            quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
+            with running_gateway(workdir / "w", client, max_workers="1", **quiet) as gw:
+                print("warm path ...", file=sys.stderr)
+                results["warm_path"] = warm_path(gw, warm_n)
+                results["in_process"] = in_process_throughput(gw.models_dir, seconds)
+                results["footprint"] = footprint(gw, client, idle_seconds=3 if args.quick else 10)
+            print("cold start ...", file=sys.stderr)
+            results["cold_start"] = cold_start(workdir, cold_n, baseline_n)
+            print("stem-cell start ...", file=sys.stderr)
+            stem = results["stem_start"] = stem_start(workdir, cold_n, client)
+            cold = results["cold_start"]
+            stem["ratio_to_container_cold_start"] = round(
+                stem["breakdown_ms"]["total"]["p50"] / cold["breakdown_ms"]["total"]["p50"], 3
+            )
+            stem["ratio_to_docker_run_load_model"] = round(
+                stem["breakdown_ms"]["total"]["p50"] / cold["docker_run_import_torch_load_model_ms"]["p50"], 3
+            )
+            results["throughput"] = []
+            for n in (1, 2):
+                print(f"throughput N={n} ...", file=sys.stderr)
+                with running_gateway(workdir / f"t{n}", client, max_workers=str(n), **quiet) as gw:
+                    results["throughput"].append(throughput(gw, n, seconds))
+        if "backfill" in sections:
+            results["backfill"] = backfill_section(workdir, client, args.quick, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"bench-{stamp}.json", "latest.json"):
