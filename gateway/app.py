@@ -37,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from scheduler.core import BATCH, INTERACTIVE, PRIORITIES
 from scheduler.errors import (
+    INPUT_STATUS,
     BackendUnavailable,
     CapacityExhausted,
     ModelUnavailable,
@@ -73,8 +74,6 @@ STATUS: tuple[tuple[type[WanwuError], int, str], ...] = (
     (WorkerError, 502, "worker_failed"),
     (WanwuError, 500, "internal"),
 )
-# Sniffing codes that are not plain 400s.
-INPUT_STATUS = {"not_an_image": 415, "unsupported_format": 415, "image_too_large": 413, "too_large": 413}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PRIORITY_HEADER = "X-Wanwu-Priority"
 MULTIPART_SLACK = 64 * 1024

@@ -87,3 +87,7 @@ class ModelUnavailable(WanwuError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+# Image error codes that are not plain 400s (a worker's per-image errors and the gateway's checks).
+INPUT_STATUS = {"not_an_image": 415, "unsupported_format": 415, "image_too_large": 413, "too_large": 413}

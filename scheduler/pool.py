@@ -49,7 +49,15 @@ from .core import (
     SpawnWorker,
     StopWorker,
 )
-from .errors import BackendUnavailable, WanwuError, WorkerCrashed, WorkerError, WorkerRejected, WorkerTimeout
+from .errors import (
+    INPUT_STATUS,
+    BackendUnavailable,
+    WanwuError,
+    WorkerCrashed,
+    WorkerError,
+    WorkerRejected,
+    WorkerTimeout,
+)
 from .gpu import GpuMonitor
 from .models import ModelCatalog, ModelInfo
 from .policy import STEM, State
@@ -874,11 +882,7 @@ def _rejected(entry: dict[str, Any], worker_id: str) -> WorkerRejected:
     error = entry.get("error")
     error = error if isinstance(error, dict) else {}
     code = str(error.get("code", "bad_input"))
-    return WorkerRejected(str(error.get("message", entry)), _INPUT_STATUS.get(code, 400), code, worker_id)
-
-
-# Per-image error codes that are not plain 400s (the worker's own statuses for them).
-_INPUT_STATUS = {"not_an_image": 415, "unsupported_format": 415, "image_too_large": 413, "too_large": 413}
+    return WorkerRejected(str(error.get("message", entry)), INPUT_STATUS.get(code, 400), code, worker_id)
 
 
 def _timing(

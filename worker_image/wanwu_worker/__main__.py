@@ -141,18 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     # torch is imported only now, so --help and argument errors are instant.
     from .predictor import Predictor
 
+    # What a stem cell and a worker started for its model both run with.
+    runtime = {
+        "device": args.device,
+        "max_pixels": args.max_pixels,
+        "threads": args.threads,
+        "preprocess_threads": args.preprocess_threads,
+    }
     if args.mode == "serve" and args.stem:
         from .server import serve
         from .stem import Stem
 
         try:
-            stem = Stem(
-                args.models_root,
-                device=args.device,
-                max_pixels=args.max_pixels,
-                threads=args.threads,
-                preprocess_threads=args.preprocess_threads,
-            )
+            stem = Stem(args.models_root, **runtime)
         except WorkerError as exc:
             print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
             return 2
@@ -161,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = load_bundle(args.model or default_model_dir())
-        predictor = Predictor(
-            bundle,
-            device=args.device,
-            max_pixels=args.max_pixels,
-            threads=args.threads,
-            preprocess_threads=args.preprocess_threads,
-        )
+        predictor = Predictor(bundle, **runtime)
     except WorkerError as exc:
         print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
         return 2
