@@ -35,6 +35,7 @@ from wanwu_worker.errors import InputError
 from wanwu_worker.preprocess import sniff
 from werkzeug.exceptions import HTTPException
 
+from scheduler.backends.factory import build_pool
 from scheduler.core import BATCH, INTERACTIVE, PRIORITIES
 from scheduler.errors import (
     INPUT_STATUS,
@@ -119,11 +120,9 @@ def create_app(
     settings: Settings | None = None, pool: WarmPool | None = None, test_config: dict[str, Any] | None = None
 ) -> Flask:
     """Build the app around ``pool`` (tests inject one with a fake backend); without
-    one, a Docker-backed pool is made from ``settings`` and started."""
+    one, a pool over the configured backend is made from ``settings`` and started."""
     settings = settings or Settings.load()
     if pool is None:
-        from .server import build_pool
-
         pool = build_pool(settings)
     app = Flask("wanwu")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_SLACK

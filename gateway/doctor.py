@@ -1,5 +1,6 @@
-"""``wanwu doctor``: check the engine, the image, the models, NVML and the socket
-directory, and say how to fix each problem."""
+"""``wanwu doctor``: check what the configured backend needs (the engine and the image,
+or the worker interpreter and the limits), the models, NVML and the socket directory,
+and say how to fix each problem."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from scheduler.backends.base import Backend
+from scheduler.backends.factory import build_backend
 from scheduler.errors import WanwuError
 from scheduler.settings import Settings
 
@@ -28,40 +31,55 @@ def run_checks(config: str | None = None) -> list[Check]:
     checks = [
         Check("settings", True, f"N={settings.max_workers}, TTL={settings.idle_ttl_s:g} s, pool {settings.pool_id}")
     ]
-    docker_checks = _docker(settings)
-    checks += docker_checks
-    checks.append(_models(settings, image_ok=all(c.ok for c in docker_checks)))
-    checks.append(_gpus(settings))
-    checks.append(_socket_dir(settings.socket_dir))
-    if settings.stem_cells:
-        checks.append(_stem_cells(settings.models_dir))
+    try:
+        backend = build_backend(settings)
+    except WanwuError as exc:
+        return [*checks, Check("backend", False, str(exc), "set WANWU_BACKEND to docker or process")]
+    try:
+        backend_checks = _backend(settings, backend)
+        checks += backend_checks
+        checks.append(_models(settings, provider_ok=all(c.ok for c in backend_checks)))
+        checks.append(_gpus(settings))
+        checks.append(_socket_dir(settings))
+        if settings.stem_cells:
+            checks.append(_stem_cells(backend, settings.models_dir))
+    finally:
+        backend.close()
     return checks
 
 
-def _stem_cells(models_dir: Path) -> Check:
+def _stem_cells(backend: Backend, models_dir: Path) -> Check:
     """Stem cells reach bundles through the models directory, as the worker user."""
-    from scheduler.backends.docker import stem_mount_problem
-
-    problem = stem_mount_problem(models_dir)
+    problem = backend.stem_problem(models_dir)
     if problem:
-        return Check("stem cells", False, f"{problem}: misses start whole containers", f"chmod o+x {models_dir}")
-    return Check("stem cells", True, f"{models_dir} is searchable by stem cells")
+        return Check("stem cells", False, f"{problem}: misses start whole workers", f"chmod o+x {models_dir}")
+    return Check("stem cells", True, f"{models_dir} is readable by stem cells")
 
 
-def _docker(settings: Settings) -> list[Check]:
-    from scheduler.backends.docker import DockerBackend
+NAMES = {
+    "docker": "docker engine",
+    "image": "worker image",
+    "worker_python": "worker python",
+    "limits": "worker limits",
+}
+FIXES = {
+    "docker": "run deploy/ensure-docker.sh (or start Docker), and check you may use /var/run/docker.sock",
+    "image": "run `make image` or `wanwu image build`",
+    "worker_python": "set WANWU_WORKER_PYTHON to an interpreter with torch and pillow (pip install torch pillow)",
+    "limits": "",
+}
 
-    found = DockerBackend(settings.worker_image, settings.pool_id, settings.socket_dir).readiness()
-    found.setdefault("image", (False, f"{settings.worker_image}: cannot check without an engine"))
-    names = {"docker": "docker engine", "image": "worker image"}
-    fixes = {
-        "docker": "run deploy/ensure-docker.sh (or start Docker), and check you may use /var/run/docker.sock",
-        "image": "run `make image` or `wanwu image build`",
-    }
-    return [Check(names[name], ok, detail, fixes[name]) for name, (ok, detail) in found.items()]
+
+def _backend(settings: Settings, backend: Backend) -> list[Check]:
+    """What the configured backend needs, as its readiness reports it."""
+    found = backend.readiness()
+    if settings.backend == "docker":
+        found.setdefault("image", (False, f"{settings.worker_image}: cannot check without an engine"))
+    head = Check("backend", True, settings.backend)
+    return [head, *(Check(NAMES.get(key, key), ok, detail, FIXES.get(key, "")) for key, (ok, detail) in found.items())]
 
 
-def _models(settings: Settings, image_ok: bool) -> Check:
+def _models(settings: Settings, provider_ok: bool) -> Check:
     from scheduler.models import ModelCatalog
 
     catalog = ModelCatalog(settings.models_dir)
@@ -70,14 +88,15 @@ def _models(settings: Settings, image_ok: bool) -> Check:
         bad = f"; invalid: {', '.join(catalog.problems)}" if catalog.problems else ""
         return Check("models", True, f"{settings.models_dir}: {', '.join(names)}{bad}")
     problem = catalog.problems.get(settings.default_model)
-    if problem is None and image_ok:
-        detail = f"{settings.default_model} is not in {settings.models_dir} yet; `wanwu serve` copies it from the image"
+    how = "copies it from the image" if settings.backend == "docker" else "trains it (about a minute)"
+    if problem is None and provider_ok:
+        detail = f"{settings.default_model} is not in {settings.models_dir} yet; `wanwu serve` {how}"
         return Check("models", True, detail)
     return Check(
         "models",
         False,
         problem or f"no bundle {settings.default_model!r} in {settings.models_dir}",
-        "put the bundle there, or build the worker image so `wanwu serve` can copy the demo model out of it",
+        "put the bundle there, or fix the checks above so `wanwu serve` can provide the demo model",
     )
 
 
@@ -97,16 +116,18 @@ def _gpus(settings: Settings) -> Check:
     return Check("gpus", True, ", ".join(f"GPU {r.device}: {r.used_mb:.0f}/{r.total_mb:.0f} MB" for r in readings))
 
 
-def _socket_dir(path: Path) -> Check:
+def _socket_dir(settings: Settings) -> Check:
+    path = settings.socket_dir
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as exc:
         return Check("socket dir", False, f"{path}: {exc.strerror}", "set WANWU_SOCKET_DIR to a writable, short path")
-    mode = (
-        "root: worker directories are handed to uid 10001"
-        if os.geteuid() == 0
-        else "not root: worker directories are mode 0777"
-    )
+    if settings.backend == "process":
+        mode = "worker directories are mode 0700, owned by the gateway's user"
+    elif os.geteuid() == 0:
+        mode = "root: worker directories are handed to uid 10001"
+    else:
+        mode = "not root: worker directories are mode 0777"
     return Check("socket dir", True, f"{path} ({mode})")

@@ -72,8 +72,8 @@ class ModelCatalog:
         problems: dict[str, str] = {}
         if self.models_dir.is_dir():
             for entry in sorted(self.models_dir.iterdir()):
-                if not (entry / "model.json").is_file():
-                    continue
+                if entry.name.startswith(".") or not (entry / "model.json").is_file():
+                    continue  # hidden: a bundle still being written
                 try:
                     info = ModelInfo.from_bundle(load_bundle(entry))
                 except BundleError as exc:

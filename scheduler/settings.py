@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends import BACKENDS
 from .errors import ConfigError
 from .keepalive import POLICIES as KEEPALIVE_POLICIES
 
@@ -35,6 +36,8 @@ class Settings:
     """Every knob of a wanwu server. Field names are the TOML keys; the environment
     variable is ``WANWU_`` + the upper-cased name."""
 
+    backend: str = "docker"  # docker | process: what runs the workers (scheduler/backends/factory.py)
+    worker_python: str = ""  # the process backend's worker interpreter; empty: the gateway's own
     max_workers: int = 2
     idle_ttl_s: float = 30.0
     keepalive: str = "adaptive"
@@ -143,6 +146,8 @@ class Settings:
             raise fail("pool_id", "must be 1-32 letters, digits, '-', '_' or '.'")
         if len(str(self.socket_dir)) + len(self.pool_id) + 30 > 107:
             raise fail("socket_dir", "is too long for Unix socket paths (108 bytes)")
+        if self.backend not in BACKENDS:
+            raise fail("backend", f"must be one of {', '.join(BACKENDS)}")
         if self.keepalive not in KEEPALIVE_POLICIES:
             raise fail("keepalive", f"must be one of {', '.join(KEEPALIVE_POLICIES)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -21,6 +21,7 @@ import requests
 
 from scheduler.backends.docker import POOL_LABEL
 from tests.dockerutil import IMAGE
+from tests.workerprocs import kill_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,21 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
     raise AssertionError(f"the gateway was not ready in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def kill_hard(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the gateway's gunicorn arbiter and its worker process at once, as the
+    OOM killer or a power cut would: nothing runs its shutdown. (Killing only the
+    arbiter is not enough: the gunicorn worker sees its parent go and shuts down
+    cleanly.)"""
+    children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    process.kill()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(10)
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -73,12 +89,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str) -> Iterator[Gateway]:
+def running_gateway(
+    workdir: Path, client: docker.DockerClient, sockets: Path | None = None, **settings: str
+) -> Iterator[Gateway]:
     """A gateway on a free port with its own pool id, models and socket directories.
-    On exit it is stopped with SIGTERM and must have removed all its containers."""
+    On exit it is stopped with SIGTERM and must have removed all its workers
+    (containers, or processes with ``backend="process"``)."""
     pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
     port = free_port()
-    sockets = Path(tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
+    sockets = sockets or Path(tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     models = workdir / "models"
     log = workdir / f"gateway-{pool_id}.log"
@@ -116,7 +135,8 @@ def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str)
     finally:
         stop(process)
         shutil.rmtree(sockets, ignore_errors=True)
-        left = client.api.containers(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
+        left: list[object] = list(client.api.containers(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"}))
         for row in left:
-            client.api.remove_container(row["Id"], force=True)
-    assert not left, f"the gateway left {len(left)} containers behind"
+            client.api.remove_container(row["Id"], force=True)  # type: ignore[index]
+        left += kill_all(pool_id)
+    assert not left, f"the gateway left {len(left)} workers behind: {left}"

@@ -1,19 +1,22 @@
 """The backend seam, in the pool's words: spawn a worker, stop it, list what is managed,
-remove leftovers, watch for workers that die, and connect to a worker. Docker implements
-it (``docker.py``); a Kubernetes backend would implement the same without touching the
-pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
+remove leftovers, watch for workers that die, and connect to a worker. Docker
+(``docker.py``) and local processes (``process.py``) implement it; ``factory.py`` picks
+one from ``WANWU_BACKEND``; a Kubernetes backend would implement the same without
+touching the pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import WanwuError, WorkerCrashed, WorkerStartError, WorkerStartTimeout, WorkerTimeout
 from ..policy import STEM
-from ..worker_client import WorkerAnswer, WorkerBatchAnswer
+from ..worker_client import WorkerAnswer, WorkerBatchAnswer, WorkerClient
 
 
 @dataclass(frozen=True)
@@ -105,4 +108,51 @@ class Backend(Protocol):
         """Checks a readiness probe reports, e.g. engine reachable and image present."""
         ...
 
+    def provide_model(self, name: str, models_dir: Path) -> Path:
+        """Put the built-in bundle ``name`` into ``models_dir`` when it is missing there
+        (the Docker backend copies it out of the worker image; the process backend
+        trains it). Raises ImageBuildError or WorkerStartError with the reason."""
+        ...
+
+    def stem_problem(self, models_dir: Path) -> str | None:
+        """Why stem cells could not read bundles through ``models_dir``, or None."""
+        ...
+
     def close(self) -> None: ...
+
+
+def wait_ready(socket: Path, worker_id: str, deadline: float, check: Callable[[float], None]) -> dict[str, Any]:
+    """Poll for the worker's socket (it appears only once the model is warm), then
+    /healthz. ``check(now)`` runs every 5 ms and raises when the worker died or the
+    deadline passed."""
+    while True:
+        now = time.monotonic()
+        if socket.exists():
+            client = WorkerClient(str(socket), worker_id)
+            try:
+                return client.health(timeout=max(0.5, deadline - now))
+            except WanwuError:
+                pass
+            finally:
+                client.close()
+        check(now)
+        time.sleep(0.005)
+
+
+def load_model(client: WorkerClient, worker_id: str, model_dir: Path, timeout: float) -> Started:
+    """Ask the stem cell behind ``client`` to load the bundle named like ``model_dir``
+    from the models directory it was started with."""
+    try:
+        health = client.load(model_dir.name, timeout)
+    except WorkerTimeout as exc:
+        raise WorkerStartTimeout(
+            f"stem cell {worker_id} did not load {model_dir.name} within {timeout:g} s", worker_id
+        ) from exc
+    except WorkerCrashed as exc:
+        raise WorkerStartError(
+            f"stem cell {worker_id} failed while loading {model_dir.name}: {exc}", worker_id
+        ) from exc
+    finally:
+        client.close()
+    timing = health.pop("timing_ms", {})
+    return Started(worker_id, health, {k: float(v) for k, v in timing.items() if isinstance(v, (int, float))})

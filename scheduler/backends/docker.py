@@ -27,13 +27,11 @@ import requests
 from ..errors import (
     BackendUnavailable,
     WanwuError,
-    WorkerCrashed,
     WorkerStartError,
     WorkerStartTimeout,
-    WorkerTimeout,
 )
 from ..worker_client import WorkerClient
-from .base import ExitCallback, ManagedWorker, SpawnRequest, Started
+from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, load_model, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -284,22 +282,13 @@ class DockerBackend:
         )
 
     def _wait_ready(self, spec: WorkerSpec, container: Any, deadline: float) -> dict[str, Any]:
-        """Poll for the socket (it appears only once the model is warm), then /healthz.
-        The container's state is checked every 0.25 s, so a crash is reported at once."""
-        socket = spec.socket_dir / "worker.sock"
-        next_check = time.monotonic() + 0.25
-        while True:
-            now = time.monotonic()
-            if socket.exists():
-                client = WorkerClient(str(socket), spec.worker_id)
-                try:
-                    return client.health(timeout=max(0.5, deadline - now))
-                except WanwuError:
-                    pass
-                finally:
-                    client.close()
-            if now >= next_check:
-                next_check = now + 0.25
+        """Wait for the worker to answer; its container's state is checked every
+        0.25 s, so a crash is reported at once."""
+        next_check = [time.monotonic() + 0.25]
+
+        def check(now: float) -> None:
+            if now >= next_check[0]:
+                next_check[0] = now + 0.25
                 state = self._state(container)
                 if state is not None and state.get("Status") in ("exited", "dead"):
                     logs = self._logs(container)
@@ -318,7 +307,8 @@ class DockerBackend:
                     f"{self.spawn_timeout_s:g} s; last log lines:\n{logs}",
                     spec.worker_id,
                 )
-            time.sleep(0.005)
+
+        return wait_ready(spec.socket_dir / "worker.sock", spec.worker_id, deadline, check)
 
     def _state(self, container: Any) -> dict[str, Any] | None:
         try:
@@ -343,21 +333,16 @@ class DockerBackend:
     def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
         """Ask a stem cell to load ``model_dir``, which must lie in the models directory
         the stem cell sees as /models (the pool only asks for such bundles)."""
-        client = self.connect(worker_id, timeout)
-        try:
-            health = client.load(model_dir.name, timeout)
-        except WorkerTimeout as exc:
-            raise WorkerStartTimeout(
-                f"stem cell {worker_id} did not load {model_dir.name} within {timeout:g} s", worker_id
-            ) from exc
-        except WorkerCrashed as exc:
-            raise WorkerStartError(
-                f"stem cell {worker_id} failed while loading {model_dir.name}: {exc}", worker_id
-            ) from exc
-        finally:
-            client.close()
-        timing = health.pop("timing_ms", {})
-        return Started(worker_id, health, {k: float(v) for k, v in timing.items() if isinstance(v, (int, float))})
+        return load_model(self.connect(worker_id, timeout), worker_id, model_dir, timeout)
+
+    def provide_model(self, name: str, models_dir: Path) -> Path:
+        """Copy the built-in bundle out of the worker image."""
+        from .docker_image import export_builtin_model
+
+        return export_builtin_model(self.image, name, models_dir)
+
+    def stem_problem(self, models_dir: Path) -> str | None:
+        return stem_mount_problem(models_dir)
 
     def stop(self, worker_id: str) -> None:
         """Kill and remove (one API call), then delete the socket directory."""

@@ -13,7 +13,7 @@ import pytest
 
 from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL
 from tests.dockerutil import Containers, demo_bundle_dir, engine
-from tests.integration.pools import PoolFactory, make_slow_bundle
+from tests.integration.pools import BACKENDS, PoolFactory, make_slow_bundle
 
 
 @pytest.fixture(scope="session")
@@ -63,14 +63,16 @@ def socket_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def pools(docker_client: docker.DockerClient, models_dir: Path, socket_root: Path) -> Iterator[PoolFactory]:
-    factory = PoolFactory(docker_client, models_dir, socket_root)
+@pytest.fixture(params=BACKENDS)
+def pools(
+    request: pytest.FixtureRequest, docker_client: docker.DockerClient, models_dir: Path, socket_root: Path
+) -> Iterator[PoolFactory]:
+    """Pools over each backend in turn; a test for one backend only parametrises
+    ``pools`` indirectly with its name."""
+    factory = PoolFactory(request.param, docker_client, models_dir, socket_root)
     yield factory
     for pool in factory.pools:
         pool.shutdown(grace_s=1)
     for pool_id in factory.pool_ids:
-        left = docker_client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
-        for container in left:
-            container.remove(force=True)
-        assert not left, f"pool {pool_id} left containers behind: {[c.name for c in left]}"
+        left = factory.remove_leftovers(pool_id)
+        assert not left, f"pool {pool_id} ({factory.backend}) left workers behind: {left}"

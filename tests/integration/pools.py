@@ -1,19 +1,25 @@
-"""Helpers for pool integration tests: pools over real Docker, and test bundles."""
+"""Helpers for pool integration tests: pools over a real backend (Docker containers or
+local processes), what each really runs, and test bundles."""
 
 from __future__ import annotations
 
 import json
+import signal
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import docker
 
-from scheduler.backends.docker import POOL_LABEL, ContainerLimits, DockerBackend
+from scheduler.backends.docker import MODEL_LABEL, POOL_LABEL, WORKER_LABEL
+from scheduler.backends.factory import build_backend
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 from tests.dockerutil import IMAGE
+from tests.workerprocs import kill_all, signal_worker, worker_processes
+
+BACKENDS = ("docker", "process")
 
 
 def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
@@ -75,14 +81,24 @@ def white_png() -> bytes:
     return encode(Image.new("RGB", (48, 48), (255, 255, 255)))
 
 
+@dataclass(frozen=True)
+class Running:
+    """A worker as the backend's ground truth shows it (`docker ps`, or /proc)."""
+
+    worker_id: str
+    model: str
+
+
 class PoolFactory:
-    def __init__(self, client: docker.DockerClient, models: Path, sockets: Path) -> None:
-        self.client, self.models, self.sockets = client, models, sockets
+    """Builds pools over ``backend`` and answers, from outside the pool, what really
+    runs: containers of the pool (Docker) or worker processes (process backend)."""
+
+    def __init__(self, backend: str, client: docker.DockerClient, models: Path, sockets: Path) -> None:
+        self.backend, self.client, self.models, self.sockets = backend, client, models, sockets
         self.pools: list[WarmPool] = []
         self.pool_ids: list[str] = []
 
-    def __call__(self, pool_id: str | None = None, **overrides: object) -> WarmPool:
-        pool_id = pool_id or "it" + uuid.uuid4().hex[:6]
+    def settings(self, pool_id: str | None = None, **overrides: object) -> Settings:
         values: dict[str, object] = {
             "max_workers": 2,
             "idle_ttl_s": 60.0,
@@ -90,22 +106,59 @@ class PoolFactory:
             "request_timeout_s": 30.0,
             "reap_interval_s": 0.2,
             "spawn_timeout_s": 60.0,
-            "stem_cells": 0,  # the container path; stem cells: test_stem_docker.py
+            "stem_cells": 0,  # the whole-worker path; stem cells: test_stem.py
+            "worker_memory": "1g",
         }
         values.update(overrides)
-        settings = Settings(
-            models_dir=self.models, pool_id=pool_id, socket_dir=self.sockets, worker_image=IMAGE, **values
-        )  # type: ignore[arg-type]
-        backend = DockerBackend(IMAGE, pool_id, self.sockets, ContainerLimits(memory="1g"), settings.spawn_timeout_s)
-        pool = WarmPool(backend, ModelCatalog(self.models), settings)
-        pool.start()
+        return Settings(
+            backend=self.backend,
+            models_dir=self.models,
+            pool_id=pool_id or "it" + uuid.uuid4().hex[:6],
+            socket_dir=self.sockets,
+            worker_image=IMAGE,
+            **values,  # type: ignore[arg-type]
+        )
+
+    def __call__(self, pool_id: str | None = None, **overrides: object) -> WarmPool:
+        settings = self.settings(pool_id, **overrides)
+        pool = WarmPool(build_backend(settings), ModelCatalog(self.models), settings)
         self.pools.append(pool)
-        self.pool_ids.append(pool_id)
+        self.pool_ids.append(settings.pool_id)
+        pool.start()
         return pool
 
-    def containers(self, pool: WarmPool, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 - docker's word
-        """Rows of `docker ps` for the pool (one API call, safe while containers go)."""
-        rows: list[dict[str, Any]] = self.client.api.containers(
-            all=all, filters={"label": f"{POOL_LABEL}={pool.settings.pool_id}"}
-        )
-        return rows
+    def running(self, pool: WarmPool | str, all: bool = False) -> list[Running]:  # noqa: A002 - docker's word
+        """The pool's workers: running ones, or with ``all`` also exited containers and
+        worker directories a process left behind."""
+        pool_id = pool if isinstance(pool, str) else pool.settings.pool_id
+        if self.backend == "docker":
+            rows = self.client.api.containers(all=all, filters={"label": f"{POOL_LABEL}={pool_id}"})
+            return [Running(r["Labels"][WORKER_LABEL], r["Labels"][MODEL_LABEL]) for r in rows]
+        found = [Running(w.worker_id, w.model) for w in worker_processes(pool_id)]
+        if all and (self.sockets / pool_id).is_dir():
+            alive = {w.worker_id for w in found}
+            found += [Running(d.name, "?") for d in (self.sockets / pool_id).iterdir() if d.name not in alive]
+        return found
+
+    def kill(self, pool: WarmPool, worker_id: str) -> None:
+        """Kill a worker from outside the pool (`docker kill`, or SIGKILL)."""
+        if self.backend == "docker":
+            self.client.containers.get(f"wanwu-{pool.settings.pool_id}-{worker_id}").kill()
+        else:
+            signal_worker(pool.settings.pool_id, worker_id, signal.SIGKILL)
+
+    def freeze(self, pool: WarmPool, worker_id: str) -> None:
+        """Make a worker hang (`docker pause`, or SIGSTOP)."""
+        if self.backend == "docker":
+            self.client.containers.get(f"wanwu-{pool.settings.pool_id}-{worker_id}").pause()
+        else:
+            signal_worker(pool.settings.pool_id, worker_id, signal.SIGSTOP)
+
+    def remove_leftovers(self, pool_id: str) -> list[str]:
+        """Force-remove whatever the pool left (after a failed test); returns what was."""
+        if self.backend == "docker":
+            rows = self.client.api.containers(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"})
+            for row in rows:
+                self.client.api.remove_container(row["Id"], force=True)
+            return [row["Names"][0] for row in rows]
+        return [w.worker_id for w in kill_all(pool_id)]

@@ -38,6 +38,7 @@ def restart_engine() -> None:
     subprocess.run(["bash", str(ROOT / "deploy" / "ensure-docker.sh")], check=True, timeout=180)
 
 
+@pytest.mark.parametrize("pools", ["docker"], indirect=True)
 def test_pool_survives_an_engine_restart(pools: PoolFactory) -> None:
     pool = pools()
     label, image = next(iter(demo_images(seed=77).items()))
@@ -47,5 +48,4 @@ def test_pool_survives_an_engine_restart(pools: PoolFactory) -> None:
     answer = pool.predict("demo-shapes", image)
     assert answer.cold_start and answer.worker_id != first.worker_id
     assert answer.predictions[0]["label"] == label
-    names = [row["Names"][0] for row in pools.containers(pool, all=True)]
-    assert names == [f"/wanwu-{pool.settings.pool_id}-{answer.worker_id}"]
+    assert [w.worker_id for w in pools.running(pool, all=True)] == [answer.worker_id]

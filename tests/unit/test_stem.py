@@ -227,12 +227,14 @@ def test_a_failed_load_in_the_pool_is_the_error_a_failed_start_gives(tmp_path: P
 
 def test_doctor_says_when_stem_cells_cannot_read_the_models_directory(tmp_path: Path) -> None:
     from gateway.doctor import _stem_cells
+    from scheduler.backends.docker import DockerBackend
 
+    backend = DockerBackend("wanwu-worker:cpu", "p", tmp_path)  # contacts no engine
     tmp_path.chmod(0o700)
-    check = _stem_cells(tmp_path)
+    check = _stem_cells(backend, tmp_path)
     assert not check.ok and f"chmod o+x {tmp_path}" in check.fix
     tmp_path.chmod(0o755)
-    assert _stem_cells(tmp_path).ok
+    assert _stem_cells(backend, tmp_path).ok
 
 
 def test_a_stem_cell_still_starting_keeps_its_slot_until_it_is_up_then_goes_first() -> None:

@@ -1,7 +1,9 @@
-"""The warm pool driving real containers through the Docker backend."""
+"""The warm pool driving real workers through each backend: Docker containers and
+local processes (the ``pools`` fixture runs every test once per backend)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,10 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-import docker
 import pytest
 
-from scheduler.backends.docker import POOL_LABEL
 from scheduler.errors import WorkerStartError
 from tests.dockerutil import IMAGE, wait_for
 from tests.images import demo_images
@@ -31,7 +31,7 @@ def test_two_sequential_requests_create_one_container(pools: PoolFactory) -> Non
     second = pool.predict("demo-shapes", image)
     assert first.predictions[0]["label"] == second.predictions[0]["label"] == label
     assert first.cold_start and not second.cold_start
-    assert len(pools.containers(pool, all=True)) == 1
+    assert len(pools.running(pool, all=True)) == 1
     assert first.timing_ms["spawn"] > 0 and second.timing_ms["spawn"] == 0
 
 
@@ -41,8 +41,7 @@ def test_a_miss_spawns_a_second_container(pools: PoolFactory) -> None:
     pool.predict("demo-shapes", image)
     answer = pool.predict("demo-other", image)
     assert answer.cold_start
-    models = sorted(c["Labels"]["wanwu.model"] for c in pools.containers(pool))
-    assert models == ["demo-other", "demo-shapes"]
+    assert sorted(w.model for w in pools.running(pool)) == ["demo-other", "demo-shapes"]
 
 
 def test_concurrent_requests_never_exceed_n_containers(pools: PoolFactory) -> None:
@@ -53,7 +52,7 @@ def test_concurrent_requests_never_exceed_n_containers(pools: PoolFactory) -> No
 
     def watch() -> None:
         while not stop.is_set():
-            seen.append(len(pools.containers(pool, all=True)))
+            seen.append(len(pools.running(pool, all=True)))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -80,11 +79,12 @@ def test_concurrent_requests_never_exceed_n_containers(pools: PoolFactory) -> No
 
 
 def test_idle_workers_are_reaped_after_the_ttl(pools: PoolFactory) -> None:
-    pool = pools(idle_ttl_s=2.0)  # long enough to see the container before the reaper takes it, under load too
+    pool = pools(idle_ttl_s=2.0)  # long enough to see the worker before the reaper takes it, under load too
     pool.predict("demo-shapes", next(iter(demo_images().values())))
-    assert len(pools.containers(pool)) == 1
-    wait_for(lambda: not pools.containers(pool, all=True), 15, "the idle worker to be reaped")
-    assert pool.snapshot().reaps["ttl"] == 1 and pool.snapshot().workers == []
+    assert len(pools.running(pool)) == 1
+    # The worker is gone from the backend a moment before the pool hears its stop returned.
+    wait_for(lambda: not pools.running(pool, all=True) and not pool.snapshot().workers, 15, "the idle worker to go")
+    assert pool.snapshot().reaps["ttl"] == 1
 
 
 def test_a_full_pool_evicts_an_idle_worker_of_another_model(pools: PoolFactory) -> None:
@@ -92,21 +92,22 @@ def test_a_full_pool_evicts_an_idle_worker_of_another_model(pools: PoolFactory) 
     image = next(iter(demo_images().values()))
     pool.predict("demo-shapes", image)
     pool.predict("demo-other", image)
-    models = [c["Labels"]["wanwu.model"] for c in pools.containers(pool, all=True)]
-    assert models == ["demo-other"]
+    assert [w.model for w in pools.running(pool, all=True)] == ["demo-other"]
     assert pool.snapshot().reaps["evicted"] == 1
 
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from scheduler.backends.docker import DockerBackend
+from scheduler.backends.factory import build_backend
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
-models, sockets, pool_id, image = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-settings = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image, stem_cells=0)
-pool = WarmPool(DockerBackend(image, pool_id, sockets), ModelCatalog(models), settings)
+models, sockets, pool_id, image, backend = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[6]
+settings = Settings(
+    backend=backend, models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image, stem_cells=0
+)
+pool = WarmPool(build_backend(settings), ModelCatalog(models), settings)
 pool.start()
 pool.predict("demo-shapes", Path(sys.argv[5]).read_bytes())
 print("ready", flush=True)
@@ -118,8 +119,9 @@ def test_orphans_of_a_killed_process_are_removed_by_the_next_pool(pools: PoolFac
     pool_id = "orph" + uuid.uuid4().hex[:6]
     picture = tmp_path / "a.png"
     picture.write_bytes(next(iter(demo_images().values())))
+    arguments = [str(pools.models), str(pools.sockets), pool_id, IMAGE, str(picture), pools.backend]
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(pools.models), str(pools.sockets), pool_id, IMAGE, str(picture)],
+        [sys.executable, "-c", HOLDER, *arguments],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
@@ -128,19 +130,38 @@ def test_orphans_of_a_killed_process_are_removed_by_the_next_pool(pools: PoolFac
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(10)
-        labelled = {"label": f"{POOL_LABEL}={pool_id}"}
-        assert len(pools.client.containers.list(all=True, filters=labelled)) == 1  # orphaned
+        assert len(pools.running(pool_id)) == 1  # orphaned, still running
         pool = pools(pool_id=pool_id)
-        assert pools.client.containers.list(all=True, filters=labelled) == []
+        assert pools.running(pool_id, all=True) == []
         assert pool.snapshot().workers == []
     finally:
         if holder.poll() is None:
             holder.kill()
-        for container in pools.client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={pool_id}"}):
-            container.remove(force=True)  # when an assertion above failed before the new pool cleaned up
+        pools.remove_leftovers(pool_id)  # when an assertion above failed before the new pool cleaned up
 
 
-def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+@pytest.mark.parametrize("pools", ["process"], indirect=True)  # pid records are the process backend's
+def test_an_orphan_record_whose_pid_was_reused_kills_nothing(pools: PoolFactory) -> None:
+    """A worker record left by an earlier run names a pid that now belongs to another
+    process: the next pool must not kill that process."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pool_id = "reuse" + uuid.uuid4().hex[:6]
+        record_dir = pools.sockets / pool_id / "deadbeef"
+        record_dir.mkdir(parents=True)
+        start_time = int(Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        record = {"worker_id": "deadbeef", "model": "demo-shapes", "pid": bystander.pid, "boot_id": boot}
+        (record_dir / "worker.json").write_text(json.dumps({**record, "start_time": start_time - 1}))
+        pools(pool_id=pool_id)
+        assert bystander.poll() is None, "a process with the recorded pid but another start time was killed"
+        assert not record_dir.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory) -> None:
     pool = pools(max_workers=2)
     pool.predict("slow", demo_images()["红色圆形"])  # warm a worker (a dark picture: fast)
     answers: list[object] = []
@@ -149,7 +170,7 @@ def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory, docker_c
     wait_for(lambda: any(w.state == "busy" for w in pool.snapshot().workers), 10, "the request to reach the worker")
     time.sleep(0.5)  # let the worker start computing
     (busy,) = [w for w in pool.snapshot().workers if w.state == "busy"]
-    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{busy.id}").kill()
+    pools.kill(pool, busy.id)
     thread.join(120)
     assert answers, "the request was not answered"
     answer = answers[0]
@@ -158,25 +179,35 @@ def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory, docker_c
     assert pool.snapshot().reaps["crashed"] == 1
 
 
-def test_a_paused_worker_times_out_and_is_replaced(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+def test_a_hung_worker_times_out_and_is_replaced(pools: PoolFactory) -> None:
     pool = pools(request_timeout_s=2.0)
     image = next(iter(demo_images().values()))
     first = pool.predict("demo-shapes", image).worker_id
-    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{first}").pause()
+    pools.freeze(pool, first)
     answer = pool.predict("demo-shapes", image)
     assert answer.attempts == 2 and answer.worker_id != first
     assert pool.snapshot().reaps["timeout"] == 1
-    names = [c["Names"][0] for c in pools.containers(pool, all=True)]
-    assert f"/wanwu-{pool.settings.pool_id}-{first}" not in names
+    wait_for(lambda: first not in {w.worker_id for w in pools.running(pool, all=True)}, 15, "the hung worker to go")
 
 
-def test_a_worker_stopped_from_outside_leaves_the_pool(pools: PoolFactory, docker_client: docker.DockerClient) -> None:
+def test_a_worker_stopped_from_outside_leaves_the_pool(pools: PoolFactory) -> None:
     pool = pools()
     worker = pool.predict("demo-shapes", next(iter(demo_images().values()))).worker_id
-    docker_client.containers.get(f"wanwu-{pool.settings.pool_id}-{worker}").kill()
+    pools.kill(pool, worker)
     wait_for(lambda: pool.snapshot().workers == [], 10, "the pool to notice the dead worker")
     assert pool.snapshot().reaps["crashed"] == 1
-    wait_for(lambda: not pools.containers(pool, all=True), 10, "the dead container to be removed")
+    wait_for(lambda: not pools.running(pool, all=True), 10, "the dead worker to be removed")
+
+
+def test_shutdown_stops_every_worker(pools: PoolFactory) -> None:
+    pool = pools(max_workers=2)
+    image = next(iter(demo_images().values()))
+    pool.predict("demo-shapes", image)
+    pool.predict("demo-other", image)
+    assert len(pools.running(pool)) == 2
+    pool.shutdown(grace_s=1)
+    assert pools.running(pool, all=True) == []
+    assert pool.snapshot().workers == []
 
 
 def test_a_broken_bundle_reports_its_logs_and_backs_off(pools: PoolFactory, models_dir: Path) -> None:
@@ -185,7 +216,7 @@ def test_a_broken_bundle_reports_its_logs_and_backs_off(pools: PoolFactory, mode
         pool = pools()
         with pytest.raises(
             WorkerStartError,
-            match=r"exited with status 2 while starting; last log lines:\n.*not a loadable TorchScript",
+            match=r"exited with status 2 while starting; last log lines:\n(.|\n)*not a loadable TorchScript",
         ):
             pool.predict("broken", b"x")
         from scheduler.errors import ModelUnavailable

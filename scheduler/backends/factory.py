@@ -1,0 +1,92 @@
+"""The one place a backend is chosen (``WANWU_BACKEND``) and a pool is built over it.
+The gateway, the CLI and ``wanwu doctor`` receive what this builds and never name a
+backend themselves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError, UnknownModel, WanwuError
+from ..models import ModelCatalog
+from ..pool import WarmPool
+from ..settings import Settings
+from .base import Backend
+from .limits import ProcessLimits, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """What every worker is told, whichever backend runs it."""
+    return {
+        "WANWU_MAX_PIXELS": str(settings.max_pixels),
+        "WANWU_MAX_BODY_BYTES": str(settings.max_upload_bytes),
+        "WANWU_TORCH_THREADS": str(settings.worker_threads),
+    }
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The backend ``settings.backend`` names, configured from ``settings``; nothing is
+    started and no engine is contacted."""
+    if settings.backend == "docker":
+        from .docker import ContainerLimits, DockerBackend
+
+        limits = ContainerLimits(settings.worker_memory, settings.worker_pids, cpus=settings.worker_cpus or None)
+        return DockerBackend(
+            settings.worker_image,
+            settings.pool_id,
+            settings.socket_dir,
+            limits,
+            settings.spawn_timeout_s,
+            environment=worker_environment(settings),
+        )
+    if settings.backend == "process":
+        from .process import ProcessBackend
+
+        try:
+            memory = parse_size(settings.worker_memory)
+        except ValueError as exc:
+            raise ConfigError(f"WANWU_WORKER_MEMORY={settings.worker_memory!r}: {exc}") from None
+        return ProcessBackend(
+            settings.pool_id,
+            settings.socket_dir,
+            settings.worker_python,
+            ProcessLimits(memory, settings.worker_pids, settings.worker_cpus or None),
+            settings.spawn_timeout_s,
+            environment=worker_environment(settings),
+        )
+    raise ConfigError(f"WANWU_BACKEND={settings.backend!r}: expected docker or process")
+
+
+def build_pool(settings: Settings, start: bool = True, backend: Backend | None = None) -> WarmPool:
+    """A WarmPool over the configured backend. The default model's bundle is provided by
+    the backend (copied out of the worker image, or trained) on first use if the models
+    directory lacks it; stem cells are turned off, with a warning, where they could not
+    read the models directory."""
+    backend = backend or build_backend(settings)
+    backend.ping()
+    catalog = ModelCatalog(settings.models_dir)
+    try:
+        catalog.get(settings.default_model)
+    except UnknownModel:
+        _provide_default_model(backend, settings.default_model, settings.models_dir)
+        catalog.refresh()
+    if settings.stem_cells:
+        problem = backend.stem_problem(settings.models_dir.resolve())
+        if problem:  # say it once, and serve without them
+            log.warning("%s; serving without stem cells", problem)
+            settings = settings.replace(stem_cells=0)
+    pool = WarmPool(backend, catalog, settings)
+    if start:
+        pool.start()
+    return pool
+
+
+def _provide_default_model(backend: Backend, name: str, models_dir: Path) -> None:
+    try:
+        path = backend.provide_model(name, models_dir)
+    except WanwuError as exc:
+        log.warning("default model %s is not available: %s", name, exc)
+    else:
+        log.info("provided the built-in model %s at %s", name, path)

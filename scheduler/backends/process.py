@@ -1,0 +1,419 @@
+"""Run workers as local child processes: for machines without a Docker engine, such as a
+GPU box where containers are not allowed, or a laptop.
+
+Each worker is ``python -m wanwu_worker serve`` from ``WANWU_WORKER_PYTHON`` (default:
+the gateway's own interpreter) in its own session and process group, with its own
+directory ``socket_root/<pool id>/<worker id>`` holding its Unix socket, its log and a
+record (``worker.json``: pid, the process's start time and the boot id). Stopping sends
+SIGTERM to the group, then SIGKILL after a grace period. A watcher reports exits as the
+Docker backend reports container deaths. At start, workers an earlier run of the same
+pool id left behind are found through their records and killed; a pid is killed only if
+the process still has the recorded start time, so a reused pid is never hit.
+
+This is NOT isolation. Workers run as the gateway's user, see its files and network, and
+share its kernel namespaces. Limits come from a cgroup where the host allows one, else
+RLIMIT_AS for CPU workers (``limits.py``). GPUs are given with CUDA_VISIBLE_DEVICES; a
+worker without a device sees none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailable, ImageBuildError, WorkerStartError, WorkerStartTimeout
+from ..worker_client import WorkerClient
+from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, load_model, wait_ready
+from .limits import Cgroups, ProcessLimits, boot_id, is_same_process, process_start_time, wrapper
+
+log = logging.getLogger(__name__)
+
+RECORD = "worker.json"
+LOG = "worker.log"
+SOCKET = "worker.sock"
+
+
+@dataclass
+class _Child:
+    worker_id: str
+    model: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+    cgroups: list[Path]
+    stopping: bool = False
+    reported: bool = False
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What ``worker.json`` says about a worker, for finding it again after a restart."""
+
+    worker_id: str
+    model: str
+    pid: int
+    start_time: int
+    boot_id: str
+    cgroups: list[Path] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return is_same_process(self.pid, self.start_time, self.boot_id)
+
+
+def worker_package_root() -> Path:
+    """The directory that holds the ``wanwu_worker`` package (put on the worker's
+    PYTHONPATH, so an interpreter without wanwu installed can run it)."""
+    spec = importlib.util.find_spec("wanwu_worker")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailable("the wanwu_worker package is not importable by the gateway")
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+class ProcessBackend:
+    """Workers as child processes of the gateway. See the module docstring for what it
+    does and what it does not isolate."""
+
+    def __init__(
+        self,
+        pool_id: str,
+        socket_root: Path,
+        python: str = "",
+        limits: ProcessLimits | None = None,
+        spawn_timeout_s: float = 60.0,
+        environment: dict[str, str] | None = None,
+        stop_grace_s: float = 2.0,
+        cgroups: Cgroups | None = None,
+    ) -> None:
+        self.pool_id = pool_id
+        self.root = socket_root / pool_id
+        self.python = python or sys.executable
+        self.limits = limits or ProcessLimits()
+        self.spawn_timeout_s = spawn_timeout_s
+        self.environment = environment or {}
+        self.stop_grace_s = stop_grace_s
+        self.cgroups = cgroups if cgroups is not None else Cgroups(pool_id)
+        self._children: dict[str, _Child] = {}
+        self._lock = threading.Lock()
+        self._probe: tuple[bool, str] | None = None
+        self._closed = False
+        log.info("process workers: %s", self.cgroups.describe(self.limits))
+
+    # -- starting --------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless the worker interpreter can be run."""
+        python = shutil.which(self.python)
+        if python is None or not os.access(python, os.X_OK):
+            raise BackendUnavailable(f"the worker interpreter {self.python} (WANWU_WORKER_PYTHON) is not executable")
+
+    def _environment(self, request: SpawnRequest, directory: Path) -> dict[str, str]:
+        # The gateway's own WANWU_* settings (an admin token among them) stay with it.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("WANWU_")}
+        path = [str(worker_package_root()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env.update(self.environment)
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
+                "PYTHONUNBUFFERED": "1",
+                "WANWU_SOCKET": str(directory / SOCKET),
+                "WANWU_POOL_ID": self.pool_id,
+                "WANWU_WORKER_ID": request.worker_id,
+                # Like a container without a device request: no GPU unless one is given.
+                "CUDA_VISIBLE_DEVICES": request.device or "",
+            }
+        )
+        if request.stem:
+            env.update({"WANWU_STEM": "1", "WANWU_MODELS_ROOT": str(request.model_dir)})
+        else:
+            env["WANWU_MODEL_DIR"] = str(request.model_dir)
+        return env
+
+    def spawn(self, request: SpawnRequest) -> Started:
+        directory = self.root / request.worker_id
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, mode=0o700)
+        started = time.monotonic()
+        try:
+            groups = self.cgroups.create(request.worker_id, self.limits)
+        except OSError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            message = f"cannot make the cgroup of worker {request.worker_id}: {exc}"
+            raise WorkerStartError(message, request.worker_id) from exc
+        # RLIMIT_AS only where no cgroup bounds memory, and never under CUDA (see limits.py).
+        address_space = self.limits.memory_bytes if not groups and not request.device else None
+        command = [*wrapper(groups, address_space), self.python, "-m", "wanwu_worker", "serve"]
+        try:
+            with open(directory / LOG, "ab") as output:
+                process = subprocess.Popen(
+                    command,
+                    env=self._environment(request, directory),
+                    cwd=directory,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: stop and orphan cleanup kill the group
+                )
+        except OSError as exc:
+            self.cgroups.remove(groups)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise WorkerStartError(
+                f"cannot start worker {request.worker_id} with {self.python}: {exc}", request.worker_id
+            ) from exc
+        child = _Child(request.worker_id, request.model, process, directory, groups)
+        self._write_record(child)
+        with self._lock:
+            self._children[request.worker_id] = child
+        created = time.monotonic()
+        health = self._wait_ready(child, started + self.spawn_timeout_s)
+        return Started(
+            request.worker_id,
+            health,
+            {"create": round((created - started) * 1000, 3), "ready": round((time.monotonic() - created) * 1000, 3)},
+        )
+
+    def _write_record(self, child: _Child) -> None:
+        start_time = process_start_time(child.process.pid)
+        record = {
+            "worker_id": child.worker_id,
+            "model": child.model,
+            "pool_id": self.pool_id,
+            "pid": child.process.pid,
+            "start_time": start_time if start_time is not None else -1,
+            "boot_id": boot_id(),
+            "cgroups": [str(path) for path in child.cgroups],
+            "python": self.python,
+        }
+        partial = child.directory / (RECORD + ".new")
+        partial.write_text(json.dumps(record) + "\n")
+        partial.replace(child.directory / RECORD)
+
+    def _wait_ready(self, child: _Child, deadline: float) -> dict[str, Any]:
+        def check(now: float) -> None:
+            status = child.process.poll()
+            if status is not None:
+                logs = self._logs(child.directory)
+                why = self._exit_reason(child, status)
+                self.stop(child.worker_id)
+                raise WorkerStartError(
+                    f"worker {child.worker_id} (model {child.model}, {self.python}) {why} while starting; "
+                    f"last log lines:\n{logs}",
+                    child.worker_id,
+                )
+            if now >= deadline:
+                logs = self._logs(child.directory)
+                self.stop(child.worker_id)
+                raise WorkerStartTimeout(
+                    f"worker {child.worker_id} (model {child.model}, {self.python}) was not ready within "
+                    f"{self.spawn_timeout_s:g} s; last log lines:\n{logs}",
+                    child.worker_id,
+                )
+
+        return wait_ready(child.directory / SOCKET, child.worker_id, deadline, check)
+
+    def _exit_reason(self, child: _Child, status: int) -> str:
+        if status >= 0:
+            return f"exited with status {status}"
+        name = signal.Signals(-status).name if -status in signal.valid_signals() else str(-status)
+        if -status == signal.SIGKILL and self.cgroups.oom_killed(child.cgroups):
+            return f"was killed by {name} (out of memory)"
+        return f"was killed by {name}"
+
+    @staticmethod
+    def _logs(directory: Path, lines: int = 20) -> str:
+        try:
+            with open(directory / LOG, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 64 * 1024))
+                tail = handle.read().decode("utf-8", "replace").rstrip().splitlines()[-lines:]
+        except OSError as exc:
+            return f"(logs unavailable: {exc.strerror or exc})"
+        return "\n".join(tail) or "(no output)"
+
+    def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
+        return load_model(self.connect(worker_id, timeout), worker_id, model_dir, timeout)
+
+    # -- stopping and finding --------------------------------------------------------
+
+    def stop(self, worker_id: str) -> None:
+        """SIGTERM to the worker's process group, SIGKILL after the grace period; then
+        its cgroups and directory go. Idempotent."""
+        with self._lock:
+            child = self._children.pop(worker_id, None)
+            if child is not None:
+                child.stopping = True
+        directory = self.root / worker_id
+        if child is not None:
+            self._terminate(child.process)
+            self.cgroups.remove(child.cgroups)
+            with self._lock:
+                last = self._closed and not self._children
+            if last:
+                self.cgroups.close()
+        else:
+            record = self._read_record(directory)
+            if record is not None:
+                self._kill_record(record)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
+        # Signals go to the group only while its leader is unreaped, so its pid (the
+        # group id) cannot have been reused by then.
+        group = process.pid  # start_new_session: the group has the worker's pid
+        if process.poll() is not None:
+            return
+        _signal_group(group, signal.SIGTERM)
+        _signal_group(group, signal.SIGCONT)  # a stopped worker must run to see SIGTERM
+        try:
+            process.wait(self.stop_grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("worker pid %d ignored SIGTERM for %g s; killing it", group, self.stop_grace_s)
+            _signal_group(group, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+
+    def _kill_record(self, record: _Record) -> None:
+        """Kill a worker this backend did not start (an earlier run's), if the recorded
+        process is still the same one, and wait until it is gone."""
+        if record.alive():
+            _signal_group(record.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while process_start_time(record.pid) == record.start_time and time.monotonic() < deadline:
+                time.sleep(0.01)  # init reaps it: it is not our child
+        self.cgroups.remove(record.cgroups)
+
+    @staticmethod
+    def _read_record(directory: Path) -> _Record | None:
+        try:
+            data = json.loads((directory / RECORD).read_text())
+            return _Record(
+                str(data["worker_id"]),
+                str(data["model"]),
+                int(data["pid"]),
+                int(data["start_time"]),
+                str(data["boot_id"]),
+                [Path(p) for p in data.get("cgroups", [])],
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def list_workers(self) -> list[ManagedWorker]:
+        with self._lock:
+            children = list(self._children.values())
+        workers = [ManagedWorker(c.worker_id, c.model, c.process.poll() is None) for c in children]
+        known = {c.worker_id for c in children}
+        for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if directory.name not in known:
+                record = self._read_record(directory)
+                if record is not None:
+                    workers.append(ManagedWorker(record.worker_id, record.model, record.alive()))
+        return workers
+
+    def remove_orphans(self) -> list[str]:
+        """Kill every worker an earlier run of this pool id left, and clear its files."""
+        removed = []
+        with self._lock:
+            known = set(self._children)
+        for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if directory.name in known:
+                continue
+            record = self._read_record(directory)
+            if record is not None:
+                self._kill_record(record)
+                removed.append(record.worker_id)
+            shutil.rmtree(directory, ignore_errors=True)
+        self.cgroups.remove_leftovers()
+        return removed
+
+    def connect(self, worker_id: str, timeout: float) -> WorkerClient:
+        return WorkerClient(str(self.root / worker_id / SOCKET), worker_id, timeout)
+
+    def watch(self, on_exit: ExitCallback, on_reconnect: Callable[[], None], stop: threading.Event) -> None:
+        """Report workers that exit on their own (not those being stopped), every 20 ms.
+        There is no engine to lose, so ``on_reconnect`` is never called."""
+        while not stop.wait(0.02):
+            with self._lock:
+                children = [c for c in self._children.values() if not c.stopping and not c.reported]
+            for child in children:
+                status = child.process.poll()
+                if status is not None and not child.stopping:
+                    child.reported = True
+                    why = self._exit_reason(child, status)
+                    on_exit(child.worker_id, "killed: out of memory" if "out of memory" in why else why)
+
+    # -- checks ----------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        """Whether the worker interpreter runs the worker package with torch (checked
+        once: it imports torch), and which limits apply."""
+        if self._probe is None:
+            self._probe = self._run_probe()
+        return {"worker_python": self._probe, "limits": (True, self.cgroups.describe(self.limits))}
+
+    def _run_probe(self) -> tuple[bool, str]:
+        script = (
+            "import json, torch, wanwu_worker; "
+            "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.device_count()]))"
+        )
+        env = {key: value for key, value in os.environ.items() if not key.startswith("WANWU_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(worker_package_root()), env.get("PYTHONPATH")]))
+        try:
+            result = subprocess.run(
+                [self.python, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return False, f"cannot run {self.python}: {exc}"
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            return False, f"{self.python} cannot run the worker: {last}"
+        version, cuda, gpus = json.loads(result.stdout.strip().splitlines()[-1])
+        build = f"CUDA {cuda}, {gpus} GPU(s) visible" if cuda else "CPU build"
+        return True, f"{self.python}: torch {version} ({build})"
+
+    def provide_model(self, name: str, models_dir: Path) -> Path:
+        """Train the built-in demo bundle into ``models_dir`` with the worker
+        interpreter (about a minute on two cores; once per models directory)."""
+        if name != "demo-shapes":
+            raise ImageBuildError(f"model {name!r} is not built in; put its bundle in {models_dir}")
+        target = models_dir / name
+        partial = models_dir / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        log.info("training the demo model into %s with %s (about a minute)", target, self.python)
+        env = {**os.environ, "PYTHONPATH": str(worker_package_root())}
+        train = ["-m", "wanwu_worker.demo.train", "--out", str(partial), "--seed", "0", "--eval-seed", "1"]
+        result = subprocess.run([self.python, *train], env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            raise ImageBuildError(f"training the demo model with {self.python} failed:\n{tail}")
+        partial.replace(target)
+        return target
+
+    def stem_problem(self, models_dir: Path) -> str | None:
+        return None  # workers run as the gateway's user: they read what it reads
+
+    def close(self) -> None:
+        """Remove the pool's cgroup directories once no worker is left in them: now, or
+        when the pool's shutdown has stopped the last one."""
+        with self._lock:
+            self._closed = True
+            left = bool(self._children)
+        if not left:
+            self.cgroups.close()
+
+
+def _signal_group(group: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
