@@ -9,12 +9,14 @@ TORCH_PIP_ARGS ?= torch==2.13.0
 FLAVOR ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: help venv engine base-image image test unit lint run bench clean
+.PHONY: help venv engine base-image image image-cuda test test-cuda unit lint run bench clean
 
 help:
 	@echo "make run     set up what is missing, build the worker image, serve the demo model on 127.0.0.1:8080"
 	@echo "make test    unit, integration and e2e tests against a real Docker engine"
 	@echo "make image   build wanwu-worker:$(FLAVOR)"
+	@echo "make image-cuda  build wanwu-worker:cuda (several GB of wheels; the demo model still trains on the CPU)"
+	@echo "make test-cuda   build wanwu-worker:cuda and run its tests (a GPU is not needed)"
 	@echo "make bench   benchmarks: a table on stdout and JSON in bench-results/"
 	@echo "make lint    ruff and mypy"
 
@@ -31,6 +33,14 @@ engine:
 
 image: venv engine
 	$(BIN)/wanwu image build --flavor $(FLAVOR)
+
+# The CUDA image: `make image FLAVOR=cuda` under its own name. `make test` builds and
+# tests only the cpu image.
+image-cuda:
+	$(MAKE) image FLAVOR=cuda
+
+test-cuda: image-cuda
+	$(BIN)/pytest tests/integration/test_cuda_image.py $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -50,3 +60,24 @@ bench: image
 
 clean:
 	rm -rf $(VENV) worker_image/wheelhouse bench-results .pytest_cache .mypy_cache .ruff_cache
+
+# Wheels of the gateway's own runtime dependencies ([project] dependencies less torch,
+# pillow and nvidia-ml-py, which the GPU machine has) for an offline install there:
+# `python -m pip install --no-index --find-links gpu-wheels -r gpu-wheels/requirements.txt`,
+# then `python -m tests.gpu_check` (tests/gpu_check/__init__.py). setuptools comes along
+# for an offline `pip install -e .`. GPU_PYTHONS and GPU_PLATFORM describe that machine
+# (binary wheels, MarkupSafe and charset-normalizer, for each Python version listed).
+GPU_WHEELS   ?= gpu-wheels
+GPU_PYTHONS  ?= 3.11 3.12
+GPU_PLATFORM ?= manylinux_2_28_x86_64
+
+.PHONY: gpu-wheels
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/python -m tests.gpu_check.requirements > $(GPU_WHEELS)/requirements.txt
+	for version in $(GPU_PYTHONS); do \
+		$(BIN)/pip download --quiet --dest $(GPU_WHEELS) --only-binary=:all: --implementation cp \
+			--python-version $$version --platform $(GPU_PLATFORM) \
+			-r $(GPU_WHEELS)/requirements.txt 'setuptools>=68' || exit 1; \
+	done
+	@du -sh $(GPU_WHEELS)

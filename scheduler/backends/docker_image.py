@@ -3,8 +3,9 @@
 1. Base image: the one asked for; else ``python:3.11-slim`` if present; else the
    debootstrapped ``wanwu-base:bookworm`` if present; else pull ``python:3.11-slim``;
    else build ``wanwu-base:bookworm`` with ``deploy/build-base-image.sh``.
-2. Wheelhouse: ``pip download`` on the host (its pip configuration and proxies apply)
-   into ``worker_image/wheelhouse/<flavor>``, skipped while the requirements are unchanged.
+2. Wheelhouse: ``pip download`` on the host (its pip configuration and proxies apply,
+   but for ``cuda`` without its find-links: see ``pip_environment``) into
+   ``worker_image/wheelhouse/<flavor>``, skipped while the requirements are unchanged.
 3. ``docker build`` of ``worker_image/Dockerfile`` with BASE_IMAGE and FLAVOR; the layer
    cache makes a second run take seconds.
 """
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,44 @@ def choose_base_image(client: docker.DockerClient, requested: str | None, progre
     return DEBOOTSTRAPPED
 
 
+def pip_environment(flavor: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the flavour's ``pip download``: the host's, so its pip
+    configuration and proxies apply, with one exception for ``cuda``.
+
+    A host's find-links may hold a local CPU build of torch (``torch-2.13.0+cpu``, so
+    that ``make venv`` and the cpu image take it). For ``cuda`` pip must not see it: a
+    local version satisfies ``torch==2.13.0`` and ranks above the registry's plain
+    2.13.0, so pip would take it and the cuda image would have no CUDA. Hence find-links
+    is cleared for ``cuda``: ``PIP_FIND_LINKS`` overrides every pip configuration file,
+    and pip ignores an empty value but reads a blank one as an empty list.
+    ``check_wheelhouse`` makes sure that it worked."""
+    env = dict(os.environ if environ is None else environ)
+    if flavor == "cuda":
+        env["PIP_FIND_LINKS"] = " "
+    return env
+
+
+def check_wheelhouse(flavor: str, wheels: Iterable[str]) -> None:
+    """Raise ImageBuildError unless the wheel file names fit the flavour: ``cuda``
+    needs a torch without a ``+cpu`` local version and the nvidia-* wheels of the CUDA
+    runtime. (The image installs with --no-index from the whole folder, where a
+    ``+cpu`` torch would win over the CUDA one.)"""
+    if flavor != "cuda":
+        return
+    names = list(wheels)
+    cpu = [name for name in names if name.startswith("torch-") and "+cpu" in name]
+    if cpu:
+        raise ImageBuildError(
+            f"the cuda wheelhouse holds a CPU build of torch ({', '.join(cpu)}); "
+            f"remove {(CONTEXT / 'wheelhouse' / flavor).relative_to(ROOT)} and build again"
+        )
+    if not any(name.startswith("torch-") for name in names) or not any(name.startswith("nvidia_") for name in names):
+        raise ImageBuildError(
+            "the cuda wheelhouse lacks torch or the nvidia-* CUDA runtime wheels: "
+            "does the host's pip index serve the registry's CUDA build of torch?"
+        )
+
+
 def fill_wheelhouse(flavor: str, progress: Progress, extra_args: list[str] | None = None) -> Path:
     """Download the flavour's wheels (and pip's own) for CPython 3.11 on Linux x86-64
     into the wheelhouse. A hash of the requirements marks a complete download."""
@@ -102,6 +141,7 @@ def fill_wheelhouse(flavor: str, progress: Progress, extra_args: list[str] | Non
     extra = extra_args if extra_args is not None else shlex.split(os.environ.get("WANWU_PIP_DOWNLOAD_ARGS", ""))
     digest = hashlib.sha256(requirements.read_bytes() + " ".join(extra).encode()).hexdigest()
     if stamp.is_file() and stamp.read_text().strip() == digest:
+        check_wheelhouse(flavor, (path.name for path in target.glob("*.whl")))
         return target
     target.mkdir(parents=True, exist_ok=True)
     progress(f"downloading wheels for {flavor} into {target.relative_to(ROOT)}")
@@ -124,14 +164,15 @@ def fill_wheelhouse(flavor: str, progress: Progress, extra_args: list[str] | Non
         "pip",
         *extra,
     ]
-    _pip(command, f"pip download for the {flavor} wheelhouse")
+    _pip(command, f"pip download for the {flavor} wheelhouse", env=pip_environment(flavor))
+    check_wheelhouse(flavor, (path.name for path in target.glob("*.whl")))
     stamp.write_text(digest + "\n")
     return target
 
 
-def _pip(command: list[str], what: str) -> None:
+def _pip(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
     """Run a pip command on the host; on failure raise with the end of its stderr."""
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-10:])
         raise ImageBuildError(f"{what} failed:\n{tail}")
