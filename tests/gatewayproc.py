@@ -89,15 +89,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_gateway(
-    workdir: Path, client: docker.DockerClient, sockets: Path | None = None, **settings: str
-) -> Iterator[Gateway]:
-    """A gateway on a free port with its own pool id, models and socket directories.
-    On exit it is stopped with SIGTERM and must have removed all its workers
-    (containers, or processes with ``backend="process"``)."""
+def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str) -> Iterator[Gateway]:
+    """A gateway on a free port with its own pool id, models and socket directories
+    (``socket_dir`` and ``pool_id`` may be given). On exit it is stopped with SIGTERM
+    and must have removed all its workers (containers, or processes with
+    ``backend="process"``)."""
     pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
     port = free_port()
-    sockets = sockets or Path(tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
+    sockets = Path(settings.pop("socket_dir", "") or tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     models = workdir / "models"
     log = workdir / f"gateway-{pool_id}.log"

@@ -38,8 +38,8 @@ from typing import Any
 
 import docker
 
-from scheduler.backends.docker import ContainerLimits, DockerBackend
 from scheduler.backends.docker_image import export_builtin_model
+from scheduler.backends.factory import build_backend
 from scheduler.clock import MonotonicClock
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
@@ -167,6 +167,44 @@ def warm_path(gw: Gateway, requests: int) -> dict[str, Any]:
     }
 
 
+def backends_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_n: int) -> dict[str, Any]:
+    """The same cold starts and warm path on the Docker backend and the process backend,
+    one after the other in one run."""
+    quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
+    out: dict[str, Any] = {"cold_requests": cold_n, "warm_requests": warm_n}
+    for kind in ("docker", "process"):
+        print(f"backend {kind}: cold starts ...", file=sys.stderr)
+        with bench_pool(workdir / f"bk-{kind}", f"bk{kind}", backend=kind, max_workers=1, stem_cells=0) as pool:
+            rows = cold_rows(pool, cold_n)
+        with bench_pool(workdir / f"bs-{kind}", f"bs{kind}", backend=kind, max_workers=1, stem_cells=1) as pool:
+            stems = [total for total, _ in stem_starts(pool, cold_n)]
+        print(f"backend {kind}: warm path ...", file=sys.stderr)
+        export_builtin_model(IMAGE, MODEL, workdir / f"bw-{kind}" / "models")
+        with running_gateway(workdir / f"bw-{kind}", client, backend=kind, max_workers="1", **quiet) as gw:
+            warm = warm_path(gw, warm_n)
+        out[kind] = {
+            "cold_start_ms": {key: summary([r[key] for r in rows]) for key in rows[0]},
+            "stem_start_ms": summary(stems),
+            "warm_e2e_http_ms": warm["e2e_http_ms"],
+            "warm_direct_socket_round_trip_ms": warm["direct_socket_round_trip_ms"],
+            "warm_worker_own_ms": warm["worker_own_ms"],
+        }
+    for key, path in (
+        ("cold", ("cold_start_ms", "total")),
+        ("stem", ("stem_start_ms",)),
+        ("warm_e2e", ("warm_e2e_http_ms",)),
+    ):
+        docker_p50, process_p50 = (_dig(out[kind], path)["p50"] for kind in ("docker", "process"))
+        out[f"ratio_process_to_docker_{key}_p50"] = round(process_p50 / docker_p50, 3)
+    return out
+
+
+def _dig(values: dict[str, Any], path: tuple[str, ...]) -> dict[str, float]:
+    for key in path:
+        values = values[key]
+    return values
+
+
 def _get(port: int, path: str) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -187,14 +225,13 @@ def _timed(command: list[str]) -> float:
 
 @contextmanager
 def bench_pool(models: Path, pool_id: str, **settings: Any) -> Iterator[WarmPool]:
-    """A Docker-backed pool over the demo bundle (copied to ``models``), shut down and
-    its socket directory removed afterwards."""
+    """A pool (Docker-backed unless ``backend`` says otherwise) over the demo bundle
+    (copied to ``models``), shut down and its socket directory removed afterwards."""
     export_builtin_model(IMAGE, MODEL, models)
     models.chmod(0o755)  # stem cells reach bundles through it
     sockets = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
     config = Settings(models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=IMAGE, **settings)
-    backend = DockerBackend(IMAGE, pool_id, sockets, ContainerLimits(), config.spawn_timeout_s)
-    pool = WarmPool(backend, ModelCatalog(models), config, clock=MonotonicClock())
+    pool = WarmPool(build_backend(config), ModelCatalog(models), config, clock=MonotonicClock())
     pool.start(background=False)
     try:
         yield pool
@@ -203,30 +240,36 @@ def bench_pool(models: Path, pool_id: str, **settings: Any) -> Iterator[WarmPool
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
+def cold_rows(pool: WarmPool, count: int) -> list[dict[str, float]]:
+    """``count`` requests that each start a whole worker (the previous one is reaped)."""
     image = bench_image()
     rows = []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = pool.predict(MODEL, image)
+        total = (time.perf_counter() - started) * 1000
+        assert answer.cold_start
+        t = answer.timing_ms
+        backend_and_worker = t["spawn_create"] + t["spawn_ready"] + t["round_trip"]
+        rows.append(
+            {
+                "total": total,
+                "create_start": t["spawn_create"],
+                "ready": t["spawn_ready"],
+                "first_inference": t["round_trip"],
+                "worker_own": t["worker"],
+                "scheduler_added": total - backend_and_worker,
+            }
+        )
+        pool.reap(now=pool.clock.now() + 10**6)  # the worker goes idle "forever": stop it
+        while pool.snapshot().workers:
+            time.sleep(0.01)
+    return rows
+
+
+def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
     with bench_pool(workdir / "cold-models", "benchcold", max_workers=1, stem_cells=0) as pool:
-        for _ in range(count):
-            started = time.perf_counter()
-            answer = pool.predict(MODEL, image)
-            total = (time.perf_counter() - started) * 1000
-            assert answer.cold_start
-            t = answer.timing_ms
-            docker_and_worker = t["spawn_create"] + t["spawn_ready"] + t["round_trip"]
-            rows.append(
-                {
-                    "total": total,
-                    "create_start": t["spawn_create"],
-                    "ready": t["spawn_ready"],
-                    "first_inference": t["round_trip"],
-                    "worker_own": t["worker"],
-                    "scheduler_added": total - docker_and_worker,
-                }
-            )
-            pool.reap(now=pool.clock.now() + 10**6)  # the worker goes idle "forever": stop it
-            while pool.snapshot().workers:
-                time.sleep(0.01)
+        rows = cold_rows(pool, count)
     run_true = [
         _timed(["docker", "run", "--rm", "--network", "none", "--entrypoint", "true", IMAGE])
         for _ in range(baseline_runs)
@@ -251,31 +294,40 @@ def cold_start(workdir: Path, count: int, baseline_runs: int) -> dict[str, Any]:
     }
 
 
+def stem_ready(pool: WarmPool) -> bool:
+    return any(w.model == "(stem)" and w.state == "idle" for w in pool.snapshot().workers)
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: no {what} within {timeout:g} s; see `wanwu doctor`")
+        time.sleep(0.01)
+
+
+def stem_starts(pool: WarmPool, count: int) -> Iterator[tuple[float, dict[str, float]]]:
+    """``count`` requests each served by a ready stem cell: (total ms, the answer's
+    timings); after each, the loaded worker is stopped and a fresh stem cell awaited."""
+    image = bench_image()
+    for _ in range(count):
+        until(lambda: stem_ready(pool), "ready stem cell")
+        started = time.perf_counter()
+        answer = pool.predict(MODEL, image)
+        total = (time.perf_counter() - started) * 1000
+        assert answer.start == "stem", answer.start
+        yield total, answer.timing_ms
+        pool.reap(now=pool.clock.now() + 10**6)  # the loaded worker goes idle "forever": stop it
+        until(lambda: all(w.model != MODEL for w in pool.snapshot().workers), "stopped worker")
+
+
 def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[str, Any]:
     """Cold starts served by a stem cell: each request finds one ready, has it load the
     model, and is answered; then its worker is stopped and the replacement awaited.
     Also what a waiting stem cell costs (memory, CPU)."""
-    image = bench_image()
     rows = []
-
-    def stem_ready() -> bool:
-        return any(w.model == "(stem)" and w.state == "idle" for w in pool.snapshot().workers)
-
-    def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bench: no {what} within {timeout:g} s; see `wanwu doctor`")
-            time.sleep(0.01)
-
     with bench_pool(workdir / "stem-models", "benchstem", max_workers=2, stem_cells=1) as pool:
-        for _ in range(count):
-            until(stem_ready, "ready stem cell")
-            started = time.perf_counter()
-            answer = pool.predict(MODEL, image)
-            total = (time.perf_counter() - started) * 1000
-            assert answer.start == "stem", answer.start
-            t = answer.timing_ms
+        for total, t in stem_starts(pool, count):
             rows.append(
                 {
                     "total": total,
@@ -287,9 +339,7 @@ def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[s
                     "over_load_and_warmup": total - t["spawn_load"] - t["spawn_warmup"],
                 }
             )
-            pool.reap(now=pool.clock.now() + 10**6)  # the loaded worker goes idle "forever": stop it
-            until(lambda: all(w.model != MODEL for w in pool.snapshot().workers), "stopped worker")
-        until(stem_ready, "ready stem cell")
+        until(lambda: stem_ready(pool), "ready stem cell")
         (stem,) = [r for r in client.api.containers(filters={"label": "wanwu.pool=benchstem"})]
         first = client.api.stats(stem["Id"], stream=False)
         time.sleep(5)
@@ -704,6 +754,24 @@ def table(results: dict[str, Any]) -> str:
                 f"{t['rps']:>7.1f} req/s  p99 {t['latency_ms']['p99']:.1f} ms  batches {t['batches']}",
             )
         row("ratio batching on / off", f"{b['dynamic_batching_ratio']}x")
+    bk = results.get("backends")
+    if bk:
+        lines.append(f"backends: docker | process ({bk['cold_requests']} cold starts, {bk['warm_requests']} warm, ms)")
+        for name, path in (
+            ("cold start, whole worker", ("cold_start_ms", "total")),
+            ("  of which create/start", ("cold_start_ms", "create_start")),
+            ("  of which ready (import torch, load, warm up)", ("cold_start_ms", "ready")),
+            ("cold start from a stem cell", ("stem_start_ms",)),
+            ("warm, HTTP end to end", ("warm_e2e_http_ms",)),
+            ("warm, worker socket round trip", ("warm_direct_socket_round_trip_ms",)),
+        ):
+            d, p = _dig(bk["docker"], path), _dig(bk["process"], path)
+            row(name, f"{pair(d)} | {pair(p)}")
+        row(
+            "ratio process / docker p50: cold, stem, warm",
+            f"{bk['ratio_process_to_docker_cold_p50']}x, {bk['ratio_process_to_docker_stem_p50']}x, "
+            f"{bk['ratio_process_to_docker_warm_e2e_p50']}x",
+        )
     sim = results.get("simulator")
     if sim:
         lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
@@ -718,8 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,backfill",
-        help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill",
+        default="simulator,core,backfill,backends",
+        help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill, "
+        "backends (cold starts and warm path, Docker against local processes)",
     )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -764,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["throughput"].append(throughput(gw, n, seconds))
         if "backfill" in sections:
             results["backfill"] = backfill_section(workdir, client, args.quick, seconds)
+        if "backends" in sections:
+            results["backends"] = backends_section(workdir, client, warm_n, cold_n)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"bench-{stamp}.json", "latest.json"):

@@ -57,16 +57,16 @@ def test_a_process_worker_serves_and_survives_a_bad_upload(workdir: Path, docker
 
 
 def test_workers_of_a_sigkilled_gateway_die_with_the_next(workdir: Path, docker_client: docker.DockerClient) -> None:
-    sockets = Path(tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
-    settings = {"backend": "process", "stem_cells": "0", "pool_id": "pk" + os.urandom(3).hex()}
+    sockets = tempfile.mkdtemp(prefix="wg-", dir="/tmp")
+    settings = {"backend": "process", "stem_cells": "0", "pool_id": "pk" + os.urandom(3).hex(), "socket_dir": sockets}
     image = next(iter(demo_images().values()))
-    with running_gateway(workdir / "first", docker_client, sockets=sockets, **settings) as first:
+    with running_gateway(workdir / "first", docker_client, **settings) as first:
         assert predict(first.url, image).status_code == 200
         (orphan,) = worker_processes(first.pool_id)
         kill_hard(first.process)
         time.sleep(1.5)  # what a gateway that was still alive would do by now
         assert worker_processes(first.pool_id) == [orphan]  # it outlived its gateway
-        with running_gateway(workdir / "second", docker_client, sockets=sockets, **settings) as second:
+        with running_gateway(workdir / "second", docker_client, **settings) as second:
             # Ready means the orphans are gone: the pool removes them before it serves.
             assert worker_processes(second.pool_id) == []
             answer = predict(second.url, image)
