@@ -200,3 +200,18 @@ def test_doctor_checks_what_the_process_backend_needs(monkeypatch: pytest.Monkey
     assert checks["worker limits"].ok
     assert checks["models"].ok and "trains it" in checks["models"].detail
     assert os.listdir(tmp_path / "s") == [] or not (tmp_path / "s" / "wanwu").exists()
+
+
+def test_a_worker_given_a_gpu_it_cannot_use_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+    from wanwu_worker.predictor import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as a CPU build of torch says
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert choose_device().type == "cpu"
+    assert "GPU 0 was given to this worker but torch" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert choose_device().type == "cpu" and caplog.text == ""

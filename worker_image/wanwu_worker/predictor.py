@@ -41,7 +41,18 @@ def choose_device(requested: str | None = None) -> torch.device:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BundleError(f"device {requested!r} was asked for but CUDA is not available")
         return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    # A GPU was handed to this worker (CUDA_VISIBLE_DEVICES) but torch cannot use it: a
+    # CPU build of torch, or no driver. Serving on the CPU works but is not what was meant.
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        log.warning(
+            "GPU %s was given to this worker but torch %s cannot use it (CUDA build: %s): serving on the CPU",
+            os.environ["CUDA_VISIBLE_DEVICES"],
+            torch.__version__,
+            torch.version.cuda or "no",
+        )
+    return torch.device("cpu")
 
 
 def default_preprocess_threads() -> int:
