@@ -14,10 +14,12 @@ threaded gateway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +49,25 @@ class ProcessLimits:
 class Cgroups:
     """Per-worker cgroups under ``<hierarchy>/<our cgroup>/wanwu.<pool id>/<worker id>``:
     memory, pids and cpu where this host allows them. ``mode`` is ``v2``, ``v1`` or
-    None (no writable hierarchy: RLIMIT_AS only)."""
+    None (no writable hierarchy: RLIMIT_AS only). Detecting changes nothing; the
+    directories are made by the first ``create``.
+
+    On v2 a cgroup with processes cannot hand controllers to children ("no internal
+    processes"), so before the first worker the gateway's own processes move into a
+    leaf ``wanwu.gateway`` of their cgroup, which then delegates memory, pids and cpu:
+    workers stay inside the gateway's cgroup (its systemd unit, its container), as
+    systemd's ``Delegate=yes`` intends."""
 
     def __init__(self, pool_id: str, root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> None:
         self.pool_id = pool_id
         self.root = root
         self.mode: str | None = None
         self.bases: dict[str, Path] = {}  # controller -> the pool's directory in that hierarchy
+        self._own: Path | None = None  # v2: the gateway's cgroup
+        self._used = False  # this process ran workers of the pool (or cleaned up after them)
         try:
             self._detect(self_cgroup)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.info("no cgroup limits for process workers: %s", exc)
             self.mode, self.bases = None, {}
 
@@ -72,60 +83,86 @@ class Cgroups:
             self._detect_v1(ours)
 
     def _detect_v2(self, own: str) -> None:
-        # A v2 cgroup with processes cannot hand controllers to children ("no internal
-        # processes"), so the pool's cgroup is a sibling of ours: under our parent.
-        parent = self.root / own.strip("/")
-        parent = parent.parent if own.strip("/") else parent
-        available = set((parent / "cgroup.subtree_control").read_text().split())
+        own_dir = self.root / own.strip("/")
+        available = set((own_dir / "cgroup.controllers").read_text().split())
         wanted = [c for c in ("memory", "pids", "cpu") if c in available]
         if not wanted:
-            raise OSError(f"{parent} delegates none of memory, pids, cpu to its children")
-        self.mode = "v2"
-        self.bases = dict.fromkeys(wanted, parent / f"wanwu.{self.pool_id}")
-        self._ensure_bases()
+            raise OSError(f"{own_dir} has none of memory, pids, cpu")
+        if not os.access(own_dir, os.W_OK):
+            raise OSError(f"{own_dir} is not writable (run as root, or delegate it: systemd Delegate=yes)")
+        self.mode, self._own = "v2", own_dir
+        self.bases = dict.fromkeys(wanted, own_dir / f"wanwu.{self.pool_id}")
 
     def _detect_v1(self, ours: dict[str, str]) -> None:
         for controller in ("memory", "pids", "cpu"):
-            hierarchy = self.root / controller
-            if not hierarchy.is_dir() or controller not in ours:
-                continue
-            self.bases[controller] = hierarchy / ours[controller].strip("/") / f"wanwu.{self.pool_id}"
+            own_dir = self.root / controller / ours.get(controller, "").strip("/")
+            if controller in ours and own_dir.is_dir() and os.access(own_dir, os.W_OK):
+                self.bases[controller] = own_dir / f"wanwu.{self.pool_id}"
         if "memory" not in self.bases:
-            raise OSError("there is no v1 memory controller")
+            raise OSError("no writable v1 memory controller")
         self.mode = "v1"
-        self._ensure_bases()
 
     def _ensure_bases(self) -> None:
-        """Make the pool's cgroup directories (again: a pool of the same id that shut
-        down elsewhere removes them when it finds them empty)."""
+        """Make the pool's cgroup directories (again, if a pool of the same id that
+        shut down elsewhere removed them)."""
         for base in set(self.bases.values()):
-            if not base.is_dir():
-                base.mkdir(exist_ok=True)
-                if self.mode == "v2":
-                    (base / "cgroup.subtree_control").write_text(" ".join("+" + c for c in self.bases))
+            if base.is_dir():
+                continue
+            if self._own is not None:
+                self._delegate(self._own)
+            base.mkdir(exist_ok=True)
+            if self.mode == "v2":
+                (base / "cgroup.subtree_control").write_text(" ".join("+" + c for c in self.bases))
+
+    def _delegate(self, own: Path) -> None:
+        """v2: enable the controllers for children of the gateway's cgroup, moving its
+        processes into a leaf first (the kernel refuses while they sit in it)."""
+        enabled = set((own / "cgroup.subtree_control").read_text().split())
+        if set(self.bases) <= enabled:
+            return
+        leaf = own / "wanwu.gateway"
+        leaf.mkdir(exist_ok=True)
+        for pid in (own / "cgroup.procs").read_text().split():
+            try:
+                (leaf / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass  # it exited meanwhile
+        (own / "cgroup.subtree_control").write_text(" ".join("+" + c for c in self.bases))
 
     def create(self, worker_id: str, limits: ProcessLimits) -> list[Path]:
         """Make the worker's cgroups with ``limits``; returns their directories (the
-        wrapper writes the worker's pid into each ``cgroup.procs``)."""
+        wrapper writes the worker's pid into each ``cgroup.procs``). On failure nothing
+        is left behind."""
         if self.mode is None:
             return []
-        self._ensure_bases()
         made: list[Path] = []
-        for controller, base in self.bases.items():
-            path = base / worker_id
-            if path not in made:
-                path.mkdir(exist_ok=True)
-                made.append(path)
-            for name, value in self._values(controller, limits):
-                (path / name).write_text(value)
+        self._used = True
+        try:
+            self._ensure_bases()
+            for controller, base in self.bases.items():
+                path = base / worker_id
+                if path not in made:
+                    path.mkdir(exist_ok=True)
+                    made.append(path)
+                for name, value in self._values(controller, limits):
+                    (path / name).write_text(value)
+        except OSError:
+            self.remove(made, wait_s=0)
+            raise
         return made
 
     def _values(self, controller: str, limits: ProcessLimits) -> list[tuple[str, str]]:
+        """The files to write for ``controller``; the swap files only where the kernel
+        accounts swap (they are missing otherwise)."""
         v2 = self.mode == "v2"
+        base = next(iter(self.bases.values()))
         if controller == "memory" and limits.memory_bytes:
+            memory = str(limits.memory_bytes)
             if v2:
-                return [("memory.max", str(limits.memory_bytes)), ("memory.swap.max", "0")]
-            return [("memory.limit_in_bytes", str(limits.memory_bytes))]
+                swap = [("memory.swap.max", "0")] if (base / "memory.swap.max").exists() else []
+                return [("memory.max", memory), *swap]
+            memsw = (self.bases["memory"] / "memory.memsw.limit_in_bytes").exists()
+            return [("memory.limit_in_bytes", memory)] + ([("memory.memsw.limit_in_bytes", memory)] if memsw else [])
         if controller == "pids" and limits.pids:
             return [("pids.max", str(limits.pids))]
         if controller == "cpu" and limits.cpus:
@@ -135,6 +172,24 @@ class Cgroups:
                 return [("cpu.max", f"{quota} {period}")]
             return [("cpu.cfs_period_us", str(period)), ("cpu.cfs_quota_us", quota)]
         return []
+
+    @staticmethod
+    def kill_members(paths: list[Path]) -> None:
+        """SIGKILL whatever is still in the worker's cgroups (what its process group
+        signal cannot reach once the leader is reaped: a child that left the group)."""
+        for path in paths:
+            kill = path / "cgroup.kill"  # v2, Linux 5.14+
+            if kill.exists():
+                with contextlib.suppress(OSError):
+                    kill.write_text("1")
+                    continue
+            try:
+                pids = (path / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
 
     def oom_killed(self, paths: list[Path]) -> bool:
         """Whether the kernel's OOM killer acted inside the worker's memory cgroup."""
@@ -168,16 +223,19 @@ class Cgroups:
                     time.sleep(0.02)
 
     def remove_leftovers(self) -> None:
-        """Remove empty worker cgroups an earlier run of this pool left."""
+        """Kill what is left in, and remove, worker cgroups an earlier run of this pool
+        left (its workers are already gone: the pool removes orphans first)."""
+        self._used = True
         for base in set(self.bases.values()):
-            for child in base.iterdir() if base.is_dir() else []:
-                if child.is_dir():
-                    self.remove([child], wait_s=0)
+            children = [child for child in base.iterdir() if child.is_dir()] if base.is_dir() else []
+            self.kill_members(children)
+            self.remove(children, wait_s=0.5)
 
     def close(self) -> None:
-        """Remove the pool's own cgroup directories (after its workers')."""
-        self.remove_leftovers()
-        self.remove(sorted(set(self.bases.values())), wait_s=0)
+        """Remove the pool's own cgroup directories once empty, if this process ran the
+        pool (``wanwu doctor``, which only looks, leaves a live pool's alone)."""
+        if self._used:
+            self.remove(sorted(set(self.bases.values())), wait_s=0)
 
     def describe(self, limits: ProcessLimits) -> str:
         if self.mode is None:
@@ -189,7 +247,10 @@ class Cgroups:
             what.append(f"pids {limits.pids}")
         if limits.cpus and "cpu" in self.bases:
             what.append(f"cpus {limits.cpus:g}")
-        return f"cgroup {self.mode}: " + (", ".join(what) or "no limits set")
+        text = f"cgroup {self.mode}: " + (", ".join(what) or "no limits set")
+        if "memory" not in self.bases:
+            text += "; memory by RLIMIT_AS for CPU workers only"
+        return text
 
 
 def wrapper(cgroups: list[Path], address_space_bytes: int | None) -> list[str]:
@@ -203,14 +264,15 @@ def wrapper(cgroups: list[Path], address_space_bytes: int | None) -> list[str]:
 
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat),
-    or None if there is no such process. With the boot id it names a process uniquely:
-    a pid reused later has another start time."""
+    or None if there is no such live process (a zombie has exited). With the boot id it
+    names a process uniquely: a pid reused later has another start time."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def boot_id() -> str:

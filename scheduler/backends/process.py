@@ -98,7 +98,9 @@ class ProcessBackend:
     ) -> None:
         self.pool_id = pool_id
         self.root = socket_root / pool_id
-        self.python = python or sys.executable
+        # Absolute: workers start in their own directory, where a relative path fails.
+        found = shutil.which(python or sys.executable)
+        self.python = os.path.abspath(found) if found else (python or sys.executable)
         self.limits = limits or ProcessLimits()
         self.spawn_timeout_s = spawn_timeout_s
         self.environment = environment or {}
@@ -107,6 +109,7 @@ class ProcessBackend:
         self._children: dict[str, _Child] = {}
         self._lock = threading.Lock()
         self._probe: tuple[bool, str] | None = None
+        self._probe_lock = threading.Lock()
         self._closed = False
         log.info("process workers: %s", self.cgroups.describe(self.limits))
 
@@ -118,19 +121,28 @@ class ProcessBackend:
         if python is None or not os.access(python, os.X_OK):
             raise BackendUnavailable(f"the worker interpreter {self.python} (WANWU_WORKER_PYTHON) is not executable")
 
-    def _environment(self, request: SpawnRequest, directory: Path) -> dict[str, str]:
-        # The gateway's own WANWU_* settings (an admin token among them) stay with it.
+    @staticmethod
+    def _base_environment() -> dict[str, str]:
+        """The gateway's environment without its own WANWU_* settings (an admin token
+        among them), with the worker package first on PYTHONPATH, and no GPU unless one
+        is given (like a container without a device request)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("WANWU_")}
         path = [str(worker_package_root()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        # CUDA's default order is fastest first; NVML's, Docker's and WANWU_GPUS' is the bus.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        return env
+
+    def _environment(self, request: SpawnRequest, directory: Path) -> dict[str, str]:
+        env = self._base_environment()
         env.update(self.environment)
         env.update(
             {
-                "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
                 "PYTHONUNBUFFERED": "1",
                 "WANWU_SOCKET": str(directory / SOCKET),
                 "WANWU_POOL_ID": self.pool_id,
                 "WANWU_WORKER_ID": request.worker_id,
-                # Like a container without a device request: no GPU unless one is given.
                 "CUDA_VISIBLE_DEVICES": request.device or "",
             }
         )
@@ -152,10 +164,13 @@ class ProcessBackend:
             message = f"cannot make the cgroup of worker {request.worker_id}: {exc}"
             raise WorkerStartError(message, request.worker_id) from exc
         # RLIMIT_AS only where no cgroup bounds memory, and never under CUDA (see limits.py).
-        address_space = self.limits.memory_bytes if not groups and not request.device else None
+        bounded = "memory" in self.cgroups.bases
+        address_space = self.limits.memory_bytes if not bounded and not request.device else None
         command = [*wrapper(groups, address_space), self.python, "-m", "wanwu_worker", "serve"]
         try:
-            with open(directory / LOG, "ab") as output:
+            with open(directory / LOG, "ab") as output, self._lock:
+                # Started and registered in one step: a stop() from the pool (a shutdown
+                # while this worker starts) finds it and kills it.
                 process = subprocess.Popen(
                     command,
                     env=self._environment(request, directory),
@@ -165,16 +180,19 @@ class ProcessBackend:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group: stop and orphan cleanup kill the group
                 )
+                child = _Child(request.worker_id, request.model, process, directory, groups)
+                self._children[request.worker_id] = child
         except OSError as exc:
             self.cgroups.remove(groups)
             shutil.rmtree(directory, ignore_errors=True)
             raise WorkerStartError(
                 f"cannot start worker {request.worker_id} with {self.python}: {exc}", request.worker_id
             ) from exc
-        child = _Child(request.worker_id, request.model, process, directory, groups)
-        self._write_record(child)
-        with self._lock:
-            self._children[request.worker_id] = child
+        try:
+            self._write_record(child)
+        except OSError as exc:
+            self.stop(request.worker_id)
+            raise WorkerStartError(f"cannot record worker {request.worker_id}: {exc}", request.worker_id) from exc
         created = time.monotonic()
         health = self._wait_ready(child, started + self.spawn_timeout_s)
         return Started(
@@ -225,7 +243,10 @@ class ProcessBackend:
     def _exit_reason(self, child: _Child, status: int) -> str:
         if status >= 0:
             return f"exited with status {status}"
-        name = signal.Signals(-status).name if -status in signal.valid_signals() else str(-status)
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-status}"
         if -status == signal.SIGKILL and self.cgroups.oom_killed(child.cgroups):
             return f"was killed by {name} (out of memory)"
         return f"was killed by {name}"
@@ -256,6 +277,7 @@ class ProcessBackend:
         directory = self.root / worker_id
         if child is not None:
             self._terminate(child.process)
+            self.cgroups.kill_members(child.cgroups)
             self.cgroups.remove(child.cgroups)
             with self._lock:
                 last = self._closed and not self._children
@@ -290,7 +312,8 @@ class ProcessBackend:
             _signal_group(record.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
             while process_start_time(record.pid) == record.start_time and time.monotonic() < deadline:
-                time.sleep(0.01)  # init reaps it: it is not our child
+                time.sleep(0.01)  # its parent (init) reaps it; a zombie counts as gone
+        self.cgroups.kill_members(record.cgroups)
         self.cgroups.remove(record.cgroups)
 
     @staticmethod
@@ -346,31 +369,46 @@ class ProcessBackend:
             with self._lock:
                 children = [c for c in self._children.values() if not c.stopping and not c.reported]
             for child in children:
-                status = child.process.poll()
-                if status is not None and not child.stopping:
-                    child.reported = True
-                    why = self._exit_reason(child, status)
-                    on_exit(child.worker_id, "killed: out of memory" if "out of memory" in why else why)
+                try:
+                    self._check_exit(child, on_exit)
+                except Exception:  # the watcher must outlive any one failure
+                    log.exception("watching worker %s failed", child.worker_id)
+
+    def _check_exit(self, child: _Child, on_exit: ExitCallback) -> None:
+        status = child.process.poll()
+        if status is None or child.stopping:
+            return
+        child.reported = True
+        why = self._exit_reason(child, status)
+        # The directory (and the log) goes when the pool stops the dead worker: say it now.
+        tail = self._logs(child.directory, 5)
+        log.warning("worker %s (model %s) %s; last log lines:\n%s", child.worker_id, child.model, why, tail)
+        on_exit(child.worker_id, "killed: out of memory" if "out of memory" in why else why)
 
     # -- checks ----------------------------------------------------------------------
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
         """Whether the worker interpreter runs the worker package with torch (checked
         once: it imports torch), and which limits apply."""
-        if self._probe is None:
-            self._probe = self._run_probe()
-        return {"worker_python": self._probe, "limits": (True, self.cgroups.describe(self.limits))}
+        with self._probe_lock:  # one probe at a time; a failure is tried again next time
+            probe = self._probe or self._run_probe()
+            if probe[0]:
+                self._probe = probe
+        return {"worker_python": probe, "limits": (True, self.cgroups.describe(self.limits))}
 
     def _run_probe(self) -> tuple[bool, str]:
         script = (
             "import json, torch, wanwu_worker; "
             "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.device_count()]))"
         )
-        env = {key: value for key, value in os.environ.items() if not key.startswith("WANWU_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(worker_package_root()), env.get("PYTHONPATH")]))
         try:
             result = subprocess.run(
-                [self.python, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+                [self.python, "-c", script],
+                env={**self._base_environment(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return False, f"cannot run {self.python}: {exc}"
@@ -391,9 +429,19 @@ class ProcessBackend:
         shutil.rmtree(partial, ignore_errors=True)
         models_dir.mkdir(parents=True, exist_ok=True)
         log.info("training the demo model into %s with %s (about a minute)", target, self.python)
-        env = {**os.environ, "PYTHONPATH": str(worker_package_root())}
         train = ["-m", "wanwu_worker.demo.train", "--out", str(partial), "--seed", "0", "--eval-seed", "1"]
-        result = subprocess.run([self.python, *train], env=env, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(
+                [self.python, *train],
+                env=self._base_environment(),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ImageBuildError(f"training the demo model with {self.python} failed: {exc}") from exc
         if result.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])

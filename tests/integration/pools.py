@@ -161,4 +161,9 @@ class PoolFactory:
             for row in rows:
                 self.client.api.remove_container(row["Id"], force=True)
             return [row["Names"][0] for row in rows]
-        return [w.worker_id for w in kill_all(pool_id)]
+        left = [w.worker_id for w in kill_all(pool_id)]
+        for pool in self.pools:  # the pool's cgroups go with its last worker
+            bases = getattr(pool.backend, "cgroups", None)
+            if pool.settings.pool_id == pool_id and bases is not None:
+                left += [str(base) for base in set(bases.bases.values()) if base.exists()]
+        return left

@@ -54,6 +54,7 @@ def fake_v1(root: Path) -> Path:
 def test_v1_cgroups_are_made_under_our_own_with_every_limit(tmp_path: Path) -> None:
     cgroups = Cgroups("p1", root=tmp_path, self_cgroup=fake_v1(tmp_path))
     assert cgroups.mode == "v1"
+    assert not (tmp_path / "memory/svc/wanwu.p1").exists()  # detecting (doctor) changes nothing
     paths = cgroups.create("w1", LIMITS)
     memory, pids, cpu = tmp_path / "memory/svc/wanwu.p1/w1", tmp_path / "pids/wanwu.p1/w1", tmp_path / "cpu/wanwu.p1/w1"
     assert sorted(paths) == sorted([memory, pids, cpu])
@@ -66,23 +67,37 @@ def test_v1_cgroups_are_made_under_our_own_with_every_limit(tmp_path: Path) -> N
     assert cgroups.oom_killed(paths)
 
 
-def test_v2_cgroups_are_siblings_of_ours_with_the_controllers_handed_down(tmp_path: Path) -> None:
+def test_v2_cgroups_are_delegated_below_our_own_with_the_gateway_moved_to_a_leaf(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
-    service = tmp_path / "system.slice"
-    (service / "wanwu.service").mkdir(parents=True)
-    (service / "cgroup.subtree_control").write_text("cpu io memory pids\n")
+    service = tmp_path / "system.slice" / "wanwu.service"
+    service.mkdir(parents=True)
+    (service / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (service / "cgroup.subtree_control").write_text("\n")
+    (service / "cgroup.procs").write_text("4242\n")
     own = tmp_path / "self_cgroup"
     own.write_text("0::/system.slice/wanwu.service\n")
     cgroups = Cgroups("p2", root=tmp_path, self_cgroup=own)
-    assert cgroups.mode == "v2"
-    base = service / "wanwu.p2"
-    assert (base / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert cgroups.mode == "v2" and not (service / "wanwu.gateway").exists()
     (path,) = cgroups.create("w1", LIMITS)
+    base = service / "wanwu.p2"
+    assert (service / "wanwu.gateway" / "cgroup.procs").read_text() == "4242"  # out of the way first
+    assert (service / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     assert path == base / "w1"
-    assert (path / "memory.max").read_text() == str(3 * 2**30) and (path / "memory.swap.max").read_text() == "0"
+    assert (path / "memory.max").read_text() == str(3 * 2**30)
+    assert not (path / "memory.swap.max").exists()  # no swap accounting on this "kernel": not written
     assert (path / "pids.max").read_text() == "64" and (path / "cpu.max").read_text() == "150000 100000"
     (path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     assert cgroups.oom_killed([path])
+
+
+def test_what_is_left_in_a_workers_cgroup_is_killed(tmp_path: Path) -> None:
+    straggler = subprocess.Popen(["sleep", "60"])
+    group = tmp_path / "w1"
+    group.mkdir()
+    (group / "cgroup.procs").write_text(f"{straggler.pid}\n")
+    Cgroups.kill_members([group])
+    assert straggler.wait(5) == -9
 
 
 def test_without_a_writable_hierarchy_only_rlimit_as_is_left(tmp_path: Path) -> None:
@@ -215,3 +230,18 @@ def test_a_worker_given_a_gpu_it_cannot_use_says_so(
     caplog.clear()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert choose_device().type == "cpu" and caplog.text == ""
+
+
+def test_a_worker_killed_by_a_nameless_signal_is_reported_not_a_crash_of_the_backend(tmp_path: Path) -> None:
+    python = fake_python(tmp_path, "kill -40 $$")  # a real-time signal: no name in signal.Signals
+    with pytest.raises(WorkerStartError, match="was killed by signal 40 while starting"):
+        backend(tmp_path, python).spawn(SpawnRequest("w1", "m", tmp_path))
+
+
+def test_a_relative_interpreter_path_still_starts_workers_in_their_own_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_python(tmp_path, 'echo "started as $0" >&2; exit 4')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkerStartError, match=r"exited with status 4 (.|\n)*started as /"):
+        backend(tmp_path, "./python").spawn(SpawnRequest("w1", "m", tmp_path))
