@@ -14,7 +14,8 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from scheduler.backends.docker import POOL_LABEL, WorkerSpec, prepare_socket_dir, run_options
+from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL, WorkerSpec, prepare_socket_dir, run_options
+from scheduler.worker_client import WorkerClient
 
 IMAGE = os.environ.get("WANWU_WORKER_IMAGE", "wanwu-worker:cpu")
 
@@ -72,9 +73,30 @@ class Containers:
         self.made.append(container)
         return container
 
+    def serve(self, spec: WorkerSpec, timeout: float = 60) -> tuple[WorkerClient, Container]:
+        """Start a worker server from ``spec`` and wait for its socket; a client for it."""
+        container = self.start(spec)
+        socket = spec.socket_dir / "worker.sock"
+
+        def ready() -> bool:
+            container.reload()
+            assert container.status in ("created", "running"), container.logs().decode()[-2000:]
+            return socket.exists()
+
+        wait_for(ready, timeout, "the worker socket")
+        return WorkerClient(str(socket), worker_id=spec.worker_id, timeout=timeout), container
+
     def remove_all(self) -> None:
         for container in self.client.containers.list(all=True, filters={"label": f"{POOL_LABEL}={self.pool_id}"}):
             container.remove(force=True)
+
+    def close(self) -> None:
+        """Remove every container of this session; fail if one would not go."""
+        self.remove_all()
+        left = self.client.containers.list(
+            all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{POOL_LABEL}={self.pool_id}"]}
+        )
+        assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -16,8 +16,7 @@ import pytest
 
 from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL
 from scheduler.backends.docker_image import export_builtin_model
-from scheduler.worker_client import WorkerClient
-from tests.dockerutil import Containers, wait_for
+from tests.dockerutil import Containers
 from tests.images import demo_images
 
 pytestmark = pytest.mark.docker
@@ -59,11 +58,7 @@ def cuda_containers(cuda_engine: docker.DockerClient) -> Iterator[Containers]:
         model_dir = export_builtin_model(CUDA_IMAGE, "demo-shapes", Path(root) / "models")
         made = Containers(cuda_engine, Path(root), model_dir)
         yield made
-        made.remove_all()
-        left = cuda_engine.containers.list(
-            all=True, filters={"label": [f"{MANAGED_LABEL}=true", f"{POOL_LABEL}={made.pool_id}"]}
-        )
-        assert not left, f"containers left behind: {[c.name for c in left]}"
+        made.close()
 
 
 def test_image_is_labelled_cuda_and_ships_a_cuda_build_of_torch(
@@ -93,17 +88,7 @@ def test_image_is_labelled_cuda_and_ships_a_cuda_build_of_torch(
 
 
 def test_worker_falls_back_to_the_cpu_and_classifies_the_demo_classes(cuda_containers: Containers) -> None:
-    spec = cuda_containers.spec(image=CUDA_IMAGE)
-    container = cuda_containers.start(spec)
-    socket = spec.socket_dir / "worker.sock"
-
-    def ready() -> bool:
-        container.reload()
-        assert container.status in ("created", "running"), container.logs().decode()[-2000:]
-        return socket.exists()
-
-    wait_for(ready, 120, "the cuda worker's socket")
-    client = WorkerClient(str(socket), worker_id=spec.worker_id, timeout=60)
+    client, container = cuda_containers.serve(cuda_containers.spec(image=CUDA_IMAGE), timeout=120)
     try:
         health = client.health()
         assert health["status"] == "ready" and health["model"] == "demo-shapes"

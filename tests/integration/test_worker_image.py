@@ -10,7 +10,7 @@ import pytest
 
 from scheduler.errors import WorkerRejected
 from scheduler.worker_client import WorkerClient
-from tests.dockerutil import IMAGE, Containers, wait_for
+from tests.dockerutil import IMAGE, Containers
 from tests.images import demo_images, png_header_only, truncated_png
 
 pytestmark = pytest.mark.docker
@@ -86,17 +86,7 @@ def test_predict_without_mounted_model_uses_the_built_in_demo(
 
 
 def start_server(containers: Containers) -> tuple[WorkerClient, object]:
-    spec = containers.spec()
-    container = containers.start(spec)
-    socket = spec.socket_dir / "worker.sock"
-
-    def ready() -> bool:
-        container.reload()
-        assert container.status in ("created", "running"), container.logs().decode()[-2000:]
-        return socket.exists()
-
-    wait_for(ready, 60, "the worker socket")
-    return WorkerClient(str(socket), worker_id=spec.worker_id, timeout=30), container
+    return containers.serve(containers.spec())
 
 
 def test_serve_answers_over_the_socket_and_survives_bad_uploads(containers: Containers) -> None:
