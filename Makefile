@@ -46,6 +46,7 @@ unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 test: image
+	@bash deploy/ensure-browser.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -56,8 +56,12 @@ from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 
 from .accesslog import JsonAccessLog
+from .admin import Admin
+from .admin import bp as admin_bp
 from .cache import ResultCache
+from .dashboard import bp as dashboard_bp
 from .metrics import Metrics
+from .openapi import bp as openapi_bp
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("wanwu.access")
@@ -124,21 +128,28 @@ def create_app(
     settings = settings or Settings.load()
     if pool is None:
         pool = build_pool(settings)
-    app = Flask("wanwu")
+    app = Flask("wanwu", static_folder=None)  # the dashboard serves its own assets
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_SLACK
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if test_config:
         app.config.update(test_config)
+    metrics = Metrics(pool.snapshot)
     app.extensions["wanwu"] = Services(
         settings,
         pool,
         pool.catalog,
-        Metrics(pool.snapshot),
+        metrics,
         ResultCache(settings.cache_size, settings.cache_ttl_s, settings.cache_enabled),
         JsonAccessLog(Path(settings.access_log).expanduser()) if settings.access_log else None,
     )
     _register(app)
+    keeper = Admin(settings, pool, on_change=lambda key: metrics.settings_changes.labels(key).inc())
+    app.extensions["wanwu_admin"] = keeper
+    app.register_blueprint(admin_bp)
+    app.register_blueprint(dashboard_bp)
+    app.register_blueprint(openapi_bp)
+    keeper.restore()
     return app
 
 
@@ -218,7 +229,11 @@ def _register(app: Flask) -> None:
             batch = request.path.endswith(":batch")
             limit = s.max_batch_upload_mb if batch else s.max_upload_mb
             message = f"the {'batch' if batch else 'upload'} is larger than {limit:g} MB"
-        return _error_response(status, code, message)
+        response = _error_response(status, code, message)
+        for name, value in exc.get_headers():  # Allow on 405, Content-Range on 416
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
@@ -304,11 +319,15 @@ def _read_upload(raw_allowed: bool) -> bytes:
 
 
 def _priority() -> str:
-    raw = request.args.get("priority") or request.headers.get(PRIORITY_HEADER) or INTERACTIVE
-    if raw not in PRIORITIES:
-        expected = " or ".join(PRIORITIES)
-        raise ApiError(400, "bad_parameter", f"priority is {raw!r}; expected {expected} (query or {PRIORITY_HEADER})")
-    return raw
+    """The query's priority, else the header's, else interactive; a bad value in either
+    is a 400 (even where the other one is fine)."""
+    given = [raw for raw in (request.args.get("priority"), request.headers.get(PRIORITY_HEADER)) if raw is not None]
+    for raw in given:
+        if raw not in PRIORITIES:
+            expected = " or ".join(PRIORITIES)
+            where = f"query or {PRIORITY_HEADER}"
+            raise ApiError(400, "bad_parameter", f"priority is {raw!r}; expected {expected} ({where})")
+    return given[0] if given else INTERACTIVE
 
 
 @functools.cache
@@ -364,7 +383,7 @@ def _top_k(labels: int) -> int:
     raw = request.args.get("top_k")
     if raw is None:
         return min(5, labels)
-    if not raw.isdigit() or not 1 <= int(raw) <= labels:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= labels:
         raise ApiError(400, "bad_parameter", f"top_k is {raw!r}; expected an integer from 1 to {labels} for this model")
     return int(raw)
 

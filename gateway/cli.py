@@ -219,6 +219,106 @@ def pool_status(url: str, as_json: bool) -> None:
     click.echo(counters)
 
 
+@pool.command("settings")
+@_url_option
+@click.option("--json", "as_json", is_flag=True)
+@_reports_errors
+def pool_settings(url: str, as_json: bool) -> None:
+    """The settings that change at run time, and the recent changes."""
+    import json
+
+    _, body = _request("GET", f"{url.rstrip('/')}/v1/pool/settings", timeout=10)
+    if as_json:
+        click.echo(json.dumps(body, ensure_ascii=False, indent=2))
+        return
+    _print_settings(body)
+
+
+def _print_settings(body: dict[str, Any]) -> None:
+    s = body["settings"]
+    ttls = ", ".join(f"{m}={t:g} s" for m, t in s["model_ttl_s"].items()) or "none"
+    click.echo(
+        f"max_workers {s['max_workers']}, idle_ttl_s {s['idle_ttl_s']:g}, keepalive {s['keepalive']}, "
+        f"stem_cells {s['stem_cells']}, model TTLs: {ttls}"
+    )
+    click.echo(f"admin: {body['admin']}; persisted in: {body['state_file'] or '-'}")
+    for change in body["changes"][-5:]:
+        what = ", ".join(f"{k} {v['old']!r} -> {v['new']!r}" for k, v in change["changed"].items()) or "no change"
+        click.echo(f"  {change['at']} {change['who']}: {what}{' (persisted)' if change['persisted'] else ''}")
+
+
+def _model_ttl(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float | None]:
+    ttls: dict[str, float | None] = {}
+    for value in values:
+        model, _, seconds = value.partition("=")
+        try:
+            ttls[model] = None if seconds == "default" else float(seconds)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected MODEL=SECONDS or MODEL=default") from None
+        if not model or (ttls[model] is not None and not ttls[model] > 0):  # type: ignore[operator]
+            raise click.BadParameter(f"{value!r}: expected MODEL=SECONDS (> 0) or MODEL=default")
+    return ttls
+
+
+@pool.command("set")
+@_url_option
+@click.option("--max-workers", type=click.IntRange(1), default=None, help="Pool capacity N.")
+@click.option("--idle-ttl-s", type=click.FloatRange(min=0, min_open=True), default=None, help="Default idle TTL.")
+@click.option("--keepalive", type=click.Choice(["fixed", "adaptive", "hybrid"]), default=None)
+@click.option("--stem-cells", type=click.IntRange(0), default=None, help="Stem cells to keep ready.")
+@click.option(
+    "--model-ttl",
+    multiple=True,
+    callback=_model_ttl,
+    metavar="MODEL=SECONDS",
+    help="A model's TTL (repeatable); MODEL=default drops the override.",
+)
+@click.option("--persist", is_flag=True, help="Also keep the change across restarts (the gateway's state file).")
+@click.option(
+    "--token", envvar="WANWU_ADMIN_TOKEN", required=True, help="The gateway's admin token [WANWU_ADMIN_TOKEN]."
+)
+@_reports_errors
+def pool_set(
+    url: str,
+    max_workers: int | None,
+    idle_ttl_s: float | None,
+    keepalive: str | None,
+    stem_cells: int | None,
+    model_ttl: dict[str, float | None],
+    persist: bool,
+    token: str,
+) -> None:
+    """Change the pool's settings without a restart, e.g. `wanwu pool set --max-workers 3`."""
+    import getpass
+    import socket
+
+    body: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("max_workers", max_workers),
+            ("idle_ttl_s", idle_ttl_s),
+            ("keepalive", keepalive),
+            ("stem_cells", stem_cells),
+        )
+        if value is not None
+    }
+    if model_ttl:
+        body["model_ttl_s"] = model_ttl
+    if not body:
+        raise click.UsageError("nothing to change: give at least one setting")
+    if persist:
+        body["persist"] = True
+    headers = {"Authorization": f"Bearer {token}", "X-Wanwu-Operator": f"{getpass.getuser()}@{socket.gethostname()}"}
+    status, answer = _request("PATCH", f"{url.rstrip('/')}/v1/pool/settings", json=body, headers=headers, timeout=30)
+    if status != 200:
+        error = answer.get("error", {}) if isinstance(answer, dict) else {}
+        click.echo(f"{status} {error.get('code', '?')}: {error.get('message', answer)}", err=True)
+        sys.exit(1)
+    if not answer["changed"]:
+        click.echo("no change: the pool already runs with these settings")
+    _print_settings(answer)
+
+
 @cli.command()
 @click.option("--config", type=click.Path(dir_okay=False), envvar="WANWU_CONFIG")
 def doctor(config: str | None) -> None:

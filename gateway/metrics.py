@@ -29,6 +29,10 @@ class PoolCollector(Collector):
             workers.add_metric([model, state], count)
         yield workers
         yield GaugeMetricFamily("wanwu_pool_capacity", "Most worker containers at once", value=snap.capacity)
+        live = snap.settings
+        if "idle_ttl_s" in live:
+            yield GaugeMetricFamily("wanwu_idle_ttl_seconds", "Default idle TTL now", value=live["idle_ttl_s"])
+            yield GaugeMetricFamily("wanwu_stem_cells_target", "Stem cells to keep ready now", value=live["stem_cells"])
         yield GaugeMetricFamily("wanwu_queue_depth", "Requests waiting for a worker", value=snap.queue_depth)
         reaps = CounterMetricFamily("wanwu_reaps", "Workers stopped, by reason", labels=["reason"])
         for reason, count in sorted(snap.reaps.items()):
@@ -85,6 +89,10 @@ class Metrics:
         )
         self.total = Histogram(
             "wanwu_request_seconds", "Whole request as the gateway saw it", ["model"], buckets=BUCKETS, registry=r
+        )
+        self.settings_changes = Counter(
+            "wanwu_settings_changes", "Settings changed at run time (PATCH /v1/pool/settings), by setting", ["setting"],
+            registry=r,
         )
         r.register(PoolCollector(snapshot))
 

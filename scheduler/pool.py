@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,6 +264,7 @@ class WarmPool:
             else ThreadPoolExecutor(max(4, settings.max_workers * 2), thread_name_prefix="wanwu-batch")
         )
         self._catalog_version = catalog.version
+        self._ttl_overrides: dict[str, float] = {}  # per-model TTLs set at run time (reconfigure)
         self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4])
         self._waiters: dict[int, _Waiter] = {}
         self._connections: dict[str, Connection] = {}
@@ -279,7 +280,10 @@ class WarmPool:
         return CoreConfig(
             capacity=s.max_workers,
             default_ttl_s=s.idle_ttl_s,
-            model_ttl_s={m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None},
+            model_ttl_s={
+                **{m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None},
+                **self._ttl_overrides,
+            },
             estimates_mb={**{m.name: float(m.gpu_memory_mb) for m in models}, STEM: s.stem_gpu_mb if s.gpus else 0.0},
             high_watermark=s.gpu_high_watermark,
             low_watermark=s.gpu_low_watermark,
@@ -381,6 +385,50 @@ class WarmPool:
         if self._calls is not None:
             self._calls.shutdown(wait=True)
         self.gpu.close()
+
+    # -- settings at run time -----------------------------------------------------------
+
+    def runtime_settings(self) -> dict[str, Any]:
+        """What ``reconfigure`` can change, as it is now."""
+        with self._lock:
+            return self._runtime_settings()
+
+    def reconfigure(
+        self, settings: Settings, model_ttl_s: Mapping[str, float | None] | None = None
+    ) -> dict[str, tuple[Any, Any]]:
+        """Run with ``settings`` from now on (validated by the caller) and per-model TTL
+        overrides (None removes one), without a restart: a settings-changed event of the
+        core. A smaller N stops idle workers first and never a busy one (the pool is
+        over N until they finish); a larger N serves waiting requests at once. Returns
+        what changed as {key: (old, new)}."""
+        with self._lock:
+            before = self._runtime_settings()
+            ttl = dict(self._ttl_overrides)
+            for model, value in (model_ttl_s or {}).items():
+                if value is None:
+                    ttl.pop(model, None)
+                else:
+                    ttl[model] = float(value)
+            self.settings, self._ttl_overrides = settings, ttl
+            after = self._runtime_settings()
+            actions = self._event("configure", self._core_config(), self.clock.now())
+        self._run(actions)
+        changed = {key: (before[key], after[key]) for key in after if before[key] != after[key]}
+        if changed:
+            log.info(
+                "settings changed: %s", ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            )
+        return changed
+
+    def _runtime_settings(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "max_workers": s.max_workers,
+            "idle_ttl_s": s.idle_ttl_s,
+            "keepalive": s.keepalive,
+            "stem_cells": s.stem_cells,
+            "model_ttl_s": dict(sorted(self._ttl_overrides.items())),
+        }
 
     # -- the core, under the lock ------------------------------------------------------
 
@@ -873,6 +921,8 @@ class WarmPool:
                 model: {"max_batch_size": n, "max_wait_ms": wait * 1000} for model, (n, wait) in config.batching.items()
             },
             "interactive_reserve_s": config.interactive_reserve_s,
+            "gpu_high_watermark": config.high_watermark,
+            "gpu_low_watermark": config.low_watermark,
             "start_ms": dict(self.core.start_ms),  # the last start of each kind, as measured
         }
 

@@ -71,6 +71,8 @@ class Settings:
     cache_ttl_s: float = 300.0
     log_level: str = "INFO"
     access_log: str = ""  # a path: one JSON line per request (wanwu tune reads it); empty: off
+    admin_token: str = ""  # bearer token of PATCH /v1/pool/settings; empty: the admin endpoints answer 403
+    state_file: str = ""  # where persisted runtime settings live; empty: $XDG_STATE_HOME/wanwu/<pool id>.json
 
     @classmethod
     def load(
@@ -155,6 +157,26 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def changed(self, source: str, **changes: Any) -> Settings:
+        """These settings with ``changes`` (raw values, parsed as from the environment),
+        checked as at start; a ConfigError names ``source``, the key and the value."""
+        origin = {name: f"{source}: {name}" for name in changes}
+        for name in changes:
+            if name not in _FIELDS:
+                raise ConfigError(f"{source}: unknown setting {name!r}")
+        parsed = {name: _parse(name, raw, origin[name]) for name, raw in changes.items()}
+        settings = self.replace(**parsed)
+        settings._check(origin, changes)
+        return settings
+
+    @property
+    def state_path(self) -> Path:
+        """The file runtime settings changes persist to (``state_file``, or a default)."""
+        if self.state_file:
+            return Path(self.state_file).expanduser()
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "wanwu" / f"{self.pool_id}.json"
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,0 +1,241 @@
+"""Runtime settings: ``GET /v1/pool/settings`` (anyone) and ``PATCH /v1/pool/settings``
+(a bearer token, ``WANWU_ADMIN_TOKEN``) change N, the TTL, keep-alive, stem cells and
+per-model TTLs without a restart, as a settings-changed event of the pool's core.
+
+Without a token configured the PATCH answers 403 and says how to enable it; a missing or
+wrong token is 401 (compared in constant time). Every change is logged (who, old, new),
+kept in the last 20 changes shown by GET, and counted in metrics. With ``"persist":
+true`` the settings after the change are written to the state file (``state_path``:
+``WANWU_STATE_FILE``, default ``$XDG_STATE_HOME/wanwu/<pool id>.json``); at start the
+gateway applies that file over its configuration and logs that it did.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from scheduler.errors import ConfigError, UnknownModel
+from scheduler.keepalive import POLICIES
+from scheduler.pool import WarmPool
+from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__)
+
+SCALARS = ("max_workers", "idle_ttl_s", "keepalive", "stem_cells")
+MAX_WORKERS_LIMIT = 1024
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Admin:
+    """Changes the pool's settings at run time and keeps their history."""
+
+    def __init__(self, settings: Settings, pool: WarmPool, on_change: Callable[[str], None] | None = None) -> None:
+        self.token = settings.admin_token
+        self.state_path = settings.state_path
+        self.pool = pool
+        self.on_change = on_change  # called with each changed key (metrics)
+        self.changes: deque[dict[str, Any]] = deque(maxlen=20)
+        self._lock = threading.Lock()  # one change (and state-file write) at a time
+
+    # -- the API's view -------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "settings": self.pool.runtime_settings(),
+            "admin": "enabled" if self.token else "disabled",
+            "state_file": str(self.state_path) if self.state_path.is_file() else None,
+            "changes": list(self.changes),
+        }
+
+    def authorize(self, header: str | None) -> None:
+        if not self.token:
+            raise AdminError(
+                403,
+                "admin_disabled",
+                "changing settings at run time is off: start the gateway with WANWU_ADMIN_TOKEN set "
+                "(a long random string) and send it as 'Authorization: Bearer <token>'",
+            )
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise AdminError(401, "unauthorized", "send the admin token as 'Authorization: Bearer <token>'")
+
+    # -- changing ---------------------------------------------------------------------
+
+    def change(self, body: Any, who: str) -> dict[str, Any]:
+        """Validate ``body`` (the PATCH's JSON), apply it, persist it if asked; returns
+        the record of the change."""
+        scalars, ttls, persist = self._parse(body)
+        with self._lock:
+            settings = self._validated(scalars)
+            if persist:
+                self._save(settings, ttls)
+            changed = self.pool.reconfigure(settings, ttls)
+            record = {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "who": who,
+                "changed": {key: {"old": old, "new": new} for key, (old, new) in changed.items()},
+                "persisted": persist,
+            }
+            self.changes.append(record)
+        for key, (old, new) in changed.items():
+            saved = " (persisted)" if persist else ""
+            log.warning("settings: %s changed %s from %r to %r%s", who, key, old, new, saved)
+            if self.on_change is not None:
+                self.on_change(key)
+        return record
+
+    def _parse(self, body: Any) -> tuple[dict[str, Any], dict[str, float | None], bool]:
+        if not isinstance(body, dict):
+            raise AdminError(400, "invalid_settings", "send a JSON object, e.g. {\"max_workers\": 3}")
+        unknown = sorted(set(body) - {*SCALARS, "model_ttl_s", "persist"})
+        if unknown:
+            raise AdminError(
+                400,
+                "invalid_settings",
+                f"unknown settings {', '.join(unknown)}; these change at run time: "
+                f"{', '.join(SCALARS)}, model_ttl_s (and persist)",
+            )
+        scalars = {key: body[key] for key in SCALARS if key in body}
+        for key, value in scalars.items():
+            _check_type(key, value)
+        ttls = self._parse_ttls(body.get("model_ttl_s", {}))
+        persist = body.get("persist", False)
+        if not isinstance(persist, bool):
+            raise AdminError(400, "invalid_settings", f"persist={persist!r}: expected true or false")
+        if not scalars and "model_ttl_s" not in body:
+            raise AdminError(400, "invalid_settings", "nothing to change: give at least one setting")
+        return scalars, ttls, persist
+
+    def _parse_ttls(self, raw: Any) -> dict[str, float | None]:
+        if not isinstance(raw, dict):
+            raise AdminError(400, "invalid_settings", f"model_ttl_s={raw!r}: expected an object of model: seconds")
+        ttls: dict[str, float | None] = {}
+        for model, value in raw.items():
+            try:
+                self.pool.catalog.get(model)
+            except UnknownModel as exc:
+                raise AdminError(400, "invalid_settings", f"model_ttl_s: {exc}") from None
+            if value is not None and not _positive_number(value):
+                raise AdminError(
+                    400, "invalid_settings", f"model_ttl_s.{model}={value!r}: expected seconds > 0, or null"
+                )
+            ttls[model] = None if value is None else float(value)
+        return ttls
+
+    def _validated(self, scalars: Mapping[str, Any]) -> Settings:
+        try:
+            return self.pool.settings.changed("PATCH /v1/pool/settings", **scalars)
+        except ConfigError as exc:
+            raise AdminError(400, "invalid_settings", str(exc)) from None
+
+    def _save(self, settings: Settings, ttls: Mapping[str, float | None]) -> None:
+        """Write the settings as they will be after this change, atomically."""
+        merged = {**self.pool.runtime_settings()["model_ttl_s"], **ttls}
+        state = {
+            "pool_id": settings.pool_id,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {
+                **{key: getattr(settings, key) for key in SCALARS},
+                "model_ttl_s": {model: ttl for model, ttl in sorted(merged.items()) if ttl is not None},
+            },
+        }
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.state_path.with_suffix(".partial")
+            partial.write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(partial, self.state_path)
+        except OSError as exc:
+            raise AdminError(
+                500, "state_file_unwritable", f"cannot persist to {self.state_path}: {exc.strerror or exc}; "
+                "nothing was changed (set WANWU_STATE_FILE to a writable path, or leave out persist)"
+            ) from None
+
+    def restore(self) -> None:
+        """Apply the persisted settings at start, over the configuration. A state file
+        that cannot be read or applied is reported and left alone."""
+        path = self.state_path
+        if not path.is_file():
+            return
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            record = self.change(state["settings"], f"the state file {path}")
+        except (OSError, ValueError, KeyError, TypeError, AdminError) as exc:
+            log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
+            return
+        log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
+
+
+def _check_type(key: str, value: Any) -> None:
+    if key in ("max_workers", "stem_cells"):
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:  # 3.0 is an integer in JSON
+            raise AdminError(400, "invalid_settings", f"{key}={value!r}: expected an integer")
+        if value > MAX_WORKERS_LIMIT:
+            raise AdminError(400, "invalid_settings", f"{key}={value!r}: at most {MAX_WORKERS_LIMIT}")
+    elif key == "idle_ttl_s":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdminError(400, "invalid_settings", f"idle_ttl_s={value!r}: expected a number of seconds")
+    elif key == "keepalive" and value not in POLICIES:
+        raise AdminError(400, "invalid_settings", f"keepalive={value!r}: expected one of {', '.join(POLICIES)}")
+
+
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def admin() -> Admin:
+    found: Admin = current_app.extensions["wanwu_admin"]
+    return found
+
+
+def _error(exc: AdminError) -> Response:
+    response = jsonify({"error": {"code": exc.code, "message": exc.message, "request_id": g.get("request_id")}})
+    response.status_code = exc.status
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="wanwu"'
+    return response
+
+
+@bp.get("/v1/pool/settings")
+def get_settings() -> Response:
+    return jsonify(admin().view())
+
+
+@bp.patch("/v1/pool/settings")
+def patch_settings() -> Response:
+    keeper = admin()
+    try:
+        keeper.authorize(request.headers.get("Authorization"))
+        if not request.is_json:
+            raise AdminError(415, "unsupported_media_type", "send the settings as application/json")
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # nested too deep for the parser
+            body = None
+        if body is None:
+            raise AdminError(400, "invalid_settings", "the body is not valid JSON")
+        operator = request.headers.get("X-Wanwu-Operator", "").strip()[:100]
+        who = f"{operator or 'an operator'} from {request.remote_addr or 'unknown'}"
+        record = keeper.change(body, who)
+    except AdminError as exc:
+        return _error(exc)
+    return jsonify({**keeper.view(), "changed": record["changed"], "persisted": record["persisted"]})
+
