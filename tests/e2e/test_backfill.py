@@ -84,7 +84,7 @@ def test_a_killed_backfill_resumes_to_every_file_once_with_one_by_one_labels(gat
 
 def test_interactive_requests_are_answered_ahead_of_the_batch_queue(gateway: Gateway, tmp_path: Path) -> None:
     source = tmp_path / "images"
-    demo_tree(source, 1200, seed=11)
+    demo_tree(source, 1600, seed=11)  # long enough for five probes on a loaded machine
     out = tmp_path / "results.jsonl"
     job = backfill(gateway, source, out, "--batch-size", "8", "--concurrency", "8")
     probe = (source / "part-1" / "00" / "img-00001.png").read_bytes()
@@ -94,7 +94,7 @@ def test_interactive_requests_are_answered_ahead_of_the_batch_queue(gateway: Gat
         while checked < 5 and job.poll() is None and time.monotonic() < deadline:
             pool = requests.get(f"{gateway.url}/v1/pool", timeout=10).json()
             waiting = pool["waiting"]["batch"]
-            if waiting < 5:
+            if waiting < 3:  # FIFO would make the probe wait for all of them
                 time.sleep(0.002)
                 continue
             granted = pool["counters"]["batch_priority_grants"]
@@ -115,4 +115,4 @@ def test_interactive_requests_are_answered_ahead_of_the_batch_queue(gateway: Gat
         _, err = job.communicate(timeout=300)
     assert job.returncode == 0, err.decode()
     files = [line["file"] for line in lines_of(out)]
-    assert len(files) == len(set(files)) == 1200
+    assert len(files) == len(set(files)) == 1600

@@ -245,7 +245,7 @@ def test_every_file_is_classified_once_in_batches_at_batch_priority(tmp_path: Pa
     got = assert_each_once(tmp_path / "out.jsonl", {f"img{i:03d}.png" for i in range(10)})
     predictions = [{"label": "红色方形", "score": 0.9}, {"label": "x", "score": 0.1}]
     assert got["img007.png"] == {"file": "img007.png", "predictions": predictions}
-    assert [len(b["files"]) for b in stub.batches] == [4, 4, 2]
+    assert sorted(len(b["files"]) for b in stub.batches) == [2, 4, 4]  # concurrent: any order
     assert {(b["model"], b["priority"], b["top_k"]) for b in stub.batches} == {("demo-shapes", "batch", "3")}
     assert sorted(f for b in stub.batches for f in b["files"]) == sorted(got)  # the part's filename is the key
     assert (summary.total, summary.done, summary.failed, summary.exit_status) == (10, 10, 0, 0)
