@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ bp = Blueprint("admin", __name__)
 
 SCALARS = ("max_workers", "idle_ttl_s", "keepalive", "stem_cells")
 MAX_WORKERS_LIMIT = 1024
+MAX_TTL_S = 7 * 86400.0  # a week: longer is "never", and an idle GPU for that long is a mistake
 
 
 class AdminError(Exception):
@@ -120,8 +120,10 @@ class Admin:
         persist = body.get("persist", False)
         if not isinstance(persist, bool):
             raise AdminError(400, "invalid_settings", f"persist={persist!r}: expected true or false")
-        if not scalars and "model_ttl_s" not in body:
-            raise AdminError(400, "invalid_settings", "nothing to change: give at least one setting")
+        if not scalars and "model_ttl_s" not in body and not persist:
+            raise AdminError(400, "invalid_settings", "nothing to change: give at least one setting (or persist)")
+        if scalars.get("stem_cells") and self.pool.stem_problem:
+            raise AdminError(400, "invalid_settings", f"stem_cells: {self.pool.stem_problem}")
         return scalars, ttls, persist
 
     def _parse_ttls(self, raw: Any) -> dict[str, float | None]:
@@ -133,7 +135,7 @@ class Admin:
                 self.pool.catalog.get(model)
             except UnknownModel as exc:
                 raise AdminError(400, "invalid_settings", f"model_ttl_s: {exc}") from None
-            if value is not None and not _positive_number(value):
+            if value is not None and not _positive_number(value, MAX_TTL_S):
                 raise AdminError(
                     400, "invalid_settings", f"model_ttl_s.{model}={value!r}: expected seconds > 0, or null"
                 )
@@ -176,8 +178,18 @@ class Admin:
             return
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
-            record = self.change(state["settings"], f"the state file {path}")
-        except (OSError, ValueError, KeyError, TypeError, AdminError) as exc:
+            saved = dict(state["settings"])
+            ttls = dict(saved.get("model_ttl_s") or {})
+            for model in list(ttls):
+                if model not in {m.name for m in self.pool.catalog.all()}:
+                    log.warning("the state file %s sets a TTL for %s, which is not served: left out", path, model)
+                    del ttls[model]
+            saved["model_ttl_s"] = ttls
+            if saved.get("stem_cells") and self.pool.stem_problem:
+                log.warning("the state file %s asks for stem cells, but %s: left out", path, self.pool.stem_problem)
+                del saved["stem_cells"]
+            record = self.change(saved, f"the state file {path}")
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, AdminError) as exc:
             log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
             return
         log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
@@ -190,15 +202,20 @@ def _check_type(key: str, value: Any) -> None:
             raise AdminError(400, "invalid_settings", f"{key}={value!r}: expected an integer")
         if value > MAX_WORKERS_LIMIT:
             raise AdminError(400, "invalid_settings", f"{key}={value!r}: at most {MAX_WORKERS_LIMIT}")
-    elif key == "idle_ttl_s":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise AdminError(400, "invalid_settings", f"idle_ttl_s={value!r}: expected a number of seconds")
+    elif key == "idle_ttl_s" and not _positive_number(value, MAX_TTL_S):
+        raise AdminError(400, "invalid_settings", f"idle_ttl_s={value!r}: expected seconds > 0, at most {MAX_TTL_S:g}")
     elif key == "keepalive" and value not in POLICIES:
         raise AdminError(400, "invalid_settings", f"keepalive={value!r}: expected one of {', '.join(POLICIES)}")
 
 
-def _positive_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+def _positive_number(value: Any, most: float) -> bool:
+    """A JSON number in (0, most]; an int too large for a float is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) <= most
+    except OverflowError:
+        return False
 
 
 def admin() -> Admin:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from scheduler.errors import WanwuError
+from scheduler.keepalive import POLICIES as KEEPALIVE_POLICIES
 from scheduler.settings import Settings
 
 from .client import request_json as _request
@@ -227,11 +228,20 @@ def pool_settings(url: str, as_json: bool) -> None:
     """The settings that change at run time, and the recent changes."""
     import json
 
-    _, body = _request("GET", f"{url.rstrip('/')}/v1/pool/settings", timeout=10)
+    status, body = _request("GET", f"{url.rstrip('/')}/v1/pool/settings", timeout=10)
+    if status != 200:
+        _fail(status, body)
     if as_json:
         click.echo(json.dumps(body, ensure_ascii=False, indent=2))
         return
     _print_settings(body)
+
+
+def _fail(status: int, body: Any) -> None:
+    """Say what the gateway refused, and exit 1."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    click.echo(f"{status} {error.get('code', '?')}: {error.get('message', body)}", err=True)
+    sys.exit(1)
 
 
 def _print_settings(body: dict[str, Any]) -> None:
@@ -264,7 +274,7 @@ def _model_ttl(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @_url_option
 @click.option("--max-workers", type=click.IntRange(1), default=None, help="Pool capacity N.")
 @click.option("--idle-ttl-s", type=click.FloatRange(min=0, min_open=True), default=None, help="Default idle TTL.")
-@click.option("--keepalive", type=click.Choice(["fixed", "adaptive", "hybrid"]), default=None)
+@click.option("--keepalive", type=click.Choice(KEEPALIVE_POLICIES), default=None)
 @click.option("--stem-cells", type=click.IntRange(0), default=None, help="Stem cells to keep ready.")
 @click.option(
     "--model-ttl",
@@ -304,16 +314,14 @@ def pool_set(
     }
     if model_ttl:
         body["model_ttl_s"] = model_ttl
-    if not body:
-        raise click.UsageError("nothing to change: give at least one setting")
+    if not body and not persist:
+        raise click.UsageError("nothing to change: give at least one setting (or --persist to save the current ones)")
     if persist:
         body["persist"] = True
     headers = {"Authorization": f"Bearer {token}", "X-Wanwu-Operator": f"{getpass.getuser()}@{socket.gethostname()}"}
     status, answer = _request("PATCH", f"{url.rstrip('/')}/v1/pool/settings", json=body, headers=headers, timeout=30)
     if status != 200:
-        error = answer.get("error", {}) if isinstance(answer, dict) else {}
-        click.echo(f"{status} {error.get('code', '?')}: {error.get('message', answer)}", err=True)
-        sys.exit(1)
+        _fail(status, answer)
     if not answer["changed"]:
         click.echo("no change: the pool already runs with these settings")
     _print_settings(answer)

@@ -434,7 +434,9 @@ class PoolCore:
         stems = [w for w in self.workers.values() if w.stem and w.state is State.IDLE]
         for worker in stems[: max(0, len(stems) - config.stem_cells)]:  # fewer stem cells wanted
             commands.append(self._stop(worker, "evicted", now))
-        over = len(self.workers) - self._limits.capacity
+        # Workers already stopping are on their way out: count them again and a second
+        # change (or a catalog reload) would stop one more each time.
+        over = sum(w.state is not State.STOPPING for w in self.workers.values()) - self._limits.capacity
         idle = sorted(
             (w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (not w.stem, w.last_used, w.id)
         )

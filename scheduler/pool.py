@@ -253,6 +253,7 @@ class WarmPool:
         self.gpu = gpu or GpuMonitor(settings.gpus)
         self._executor = executor or ThreadPoolExecutor(settings.max_workers * 2 + 4, thread_name_prefix="wanwu-pool")
         self._own_executor = executor is None
+        self._sized_for = settings.max_workers  # the executors' size follows N up (reconfigure)
         self._backoff = (backoff_base_s, backoff_max_s)
         self._lock = threading.Lock()
         self._idle_or_gone = threading.Condition(self._lock)
@@ -265,6 +266,7 @@ class WarmPool:
         )
         self._catalog_version = catalog.version
         self._ttl_overrides: dict[str, float] = {}  # per-model TTLs set at run time (reconfigure)
+        self.stem_problem: str | None = None  # why stem cells cannot work here (set by the factory)
         self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4])
         self._waiters: dict[int, _Waiter] = {}
         self._connections: dict[str, Connection] = {}
@@ -410,6 +412,7 @@ class WarmPool:
                 else:
                     ttl[model] = float(value)
             self.settings, self._ttl_overrides = settings, ttl
+            self._grow_executors(settings.max_workers)
             after = self._runtime_settings()
             actions = self._event("configure", self._core_config(), self.clock.now())
         self._run(actions)
@@ -419,6 +422,18 @@ class WarmPool:
                 "settings changed: %s", ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
             )
         return changed
+
+    def _grow_executors(self, workers: int) -> None:
+        """Give a larger N threads enough to start and stop that many workers at once
+        (lock held). The old executors finish what they were given."""
+        if workers <= self._sized_for or not self._own_executor:
+            return
+        old, self._executor = self._executor, ThreadPoolExecutor(workers * 2 + 4, thread_name_prefix="wanwu-pool")
+        old.shutdown(wait=False)
+        if self._calls is not None:
+            calls, self._calls = self._calls, ThreadPoolExecutor(max(4, workers * 2), thread_name_prefix="wanwu-batch")
+            calls.shutdown(wait=False)
+        self._sized_for = workers
 
     def _runtime_settings(self) -> dict[str, Any]:
         s = self.settings

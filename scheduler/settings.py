@@ -71,7 +71,8 @@ class Settings:
     cache_ttl_s: float = 300.0
     log_level: str = "INFO"
     access_log: str = ""  # a path: one JSON line per request (wanwu tune reads it); empty: off
-    admin_token: str = ""  # bearer token of PATCH /v1/pool/settings; empty: the admin endpoints answer 403
+    # The bearer token of PATCH /v1/pool/settings; empty: the admin endpoints answer 403.
+    admin_token: str = field(default="", repr=False)
     state_file: str = ""  # where persisted runtime settings live; empty: $XDG_STATE_HOME/wanwu/<pool id>.json
 
     @classmethod

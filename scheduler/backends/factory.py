@@ -72,12 +72,12 @@ def build_pool(settings: Settings, start: bool = True, backend: Backend | None =
     except UnknownModel:
         _provide_default_model(backend, settings.default_model, settings.models_dir)
         catalog.refresh()
-    if settings.stem_cells:
-        problem = backend.stem_problem(settings.models_dir.resolve())
-        if problem:  # say it once, and serve without them
-            log.warning("%s; serving without stem cells", problem)
-            settings = settings.replace(stem_cells=0)
+    problem = backend.stem_problem(settings.models_dir.resolve())
+    if problem and settings.stem_cells:  # say it once, and serve without them
+        log.warning("%s; serving without stem cells", problem)
+        settings = settings.replace(stem_cells=0)
     pool = WarmPool(backend, catalog, settings)
+    pool.stem_problem = problem
     if start:
         pool.start()
     return pool

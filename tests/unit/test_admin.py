@@ -113,15 +113,18 @@ def test_a_missing_or_wrong_token_is_401(served: tuple[FlaskClient, WarmPool], h
         ({"max_workers": 2.5}, "expected an integer"),
         ({"max_workers": True}, "expected an integer"),
         ({"max_workers": 5000}, "at most 1024"),
-        ({"idle_ttl_s": -5}, "idle_ttl_s=-5: must be > 0"),
-        ({"idle_ttl_s": "soon"}, "expected a number"),
+        ({"idle_ttl_s": -5}, "idle_ttl_s=-5: expected seconds > 0"),
+        ({"idle_ttl_s": "soon"}, "expected seconds > 0"),
         ({"keepalive": "forever"}, "expected one of fixed, adaptive, hybrid"),
         ({"stem_cells": -1}, "must be >= 0"),
         ({"model_ttl_s": {"nope": 10}}, "no model named 'nope'"),
         ({"model_ttl_s": {"a": 0}}, "expected seconds > 0"),
         ({"model_ttl_s": [1]}, "expected an object"),
         ({"queue_max": 3}, "unknown settings queue_max"),
-        ({"persist": True}, "nothing to change"),
+        ({"persist": False}, "nothing to change"),
+        ({"idle_ttl_s": 10**400}, "expected seconds > 0"),
+        ({"model_ttl_s": {"a": 10**400}}, "expected seconds > 0"),
+        ({"stem_cells": 4096.0}, "at most 1024"),
         ({}, "nothing to change"),
         ([1, 2], "send a JSON object"),
         ({"max_workers": 2, "persist": "yes"}, "expected true or false"),
@@ -271,3 +274,42 @@ def test_the_cli_changes_settings_with_the_token_and_reports_refusals(
     assert refused.exit_code == 1 and "401 unauthorized" in refused.output
     shown = runner.invoke(cli.cli, ["pool", "settings", "--url", "http://gw"])
     assert shown.exit_code == 0 and "max_workers 2 -> " not in shown.output and "max_workers 3 -> 2" in shown.output
+
+
+def test_lowering_n_twice_stops_only_what_is_over_the_new_n(served: tuple[FlaskClient, WarmPool]) -> None:
+    client, pool = served
+    for model in ("a", "b", "c"):
+        pool.release(pool.acquire(model, pool.clock.now() + 5))
+    assert patch(client, {"max_workers": 2}).status_code == 200
+    assert patch(client, {"idle_ttl_s": 40}).status_code == 200  # a second change must not stop another
+    assert patch(client, {"idle_ttl_s": 50}).status_code == 200
+    assert len(pool.snapshot().workers) == 2
+
+
+def test_persist_alone_saves_the_current_settings(tmp_path: Path, backend: FakeBackend) -> None:
+    app, pool = build(tmp_path, backend)
+    answer = patch(app.test_client(), {"persist": True})
+    assert answer.status_code == 200 and answer.get_json()["changed"] == {} and answer.get_json()["persisted"]
+    assert json.loads((tmp_path / "state" / "pool.json").read_text())["settings"]["max_workers"] == 3
+    pool.shutdown(grace_s=0)
+
+
+def test_stem_cells_cannot_be_turned_on_where_they_cannot_work(served: tuple[FlaskClient, WarmPool]) -> None:
+    client, pool = served
+    pool.stem_problem = "stem cells need the models directory searchable by uid 10001"
+    response = patch(client, {"stem_cells": 1})
+    assert response.status_code == 400 and "searchable by uid 10001" in response.get_json()["error"]["message"]
+    assert patch(client, {"stem_cells": 0}).status_code == 200
+
+
+def test_a_state_file_naming_a_model_no_longer_served_keeps_the_rest(tmp_path: Path, backend: FakeBackend) -> None:
+    (tmp_path / "state").mkdir()
+    saved = {"max_workers": 2, "idle_ttl_s": 45, "keepalive": "fixed", "stem_cells": 0, "model_ttl_s": {"gone": 9}}
+    (tmp_path / "state" / "pool.json").write_text(json.dumps({"settings": saved}))
+    _, pool = build(tmp_path, backend)
+    assert pool.runtime_settings() == {**saved, "idle_ttl_s": 45.0, "model_ttl_s": {}}
+    pool.shutdown(grace_s=0)
+
+
+def test_the_token_is_not_in_the_settings_repr() -> None:
+    assert TOKEN not in repr(Settings(admin_token=TOKEN))
