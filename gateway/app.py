@@ -367,6 +367,23 @@ def _lowered(priority: str) -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
+def _failed(exc: ApiError | WanwuError, label: str, model: str) -> ApiError:
+    """A predict request's failure as the HTTP error to raise, counted under ``label``
+    (the model, once known to exist); a server-side one is logged."""
+    error = exc if isinstance(exc, ApiError) else translate(exc)
+    services().metrics.requests.labels(label, error.code).inc()
+    if error.status >= 500 and not isinstance(exc, ApiError):
+        log.warning("%s %s: %s", g.get("request_id"), model, exc)
+    return error
+
+
+def _check_upload(image: bytes, settings: Settings) -> None:
+    """One image as uploaded: within the size limit (413), then ``_check_image``."""
+    if len(image) > settings.max_upload_bytes:
+        raise ApiError(413, "too_large", f"the image is {len(image)} bytes; the limit is {settings.max_upload_mb:g} MB")
+    _check_image(image, settings.max_pixels)
+
+
 def _check_image(image: bytes, max_pixels: int) -> None:
     """Sniff an upload before any worker sees it; ApiError (400/413/415) if it is no image we take."""
     try:
@@ -398,11 +415,7 @@ def _predict(model: str, raw_allowed: bool) -> Response:
         top_k = _top_k(len(info.labels))
         priority = _priority()
         image = _read_upload(raw_allowed)
-        if len(image) > svc.settings.max_upload_bytes:
-            raise ApiError(
-                413, "too_large", f"the image is {len(image)} bytes; the limit is {svc.settings.max_upload_mb:g} MB"
-            )
-        _check_image(image, svc.settings.max_pixels)
+        _check_upload(image, svc.settings)
         # Cache-Control: no-cache asks for a fresh answer from a worker (wanwu replay sends it).
         key = svc.cache.key(image, info.name, top_k)
         cached = None if request.cache_control.no_cache else svc.cache.get(key)
@@ -412,15 +425,8 @@ def _predict(model: str, raw_allowed: bool) -> Response:
             g.cached = True
             return _answer(dict(cached, cached=True, cold_start=False, start="cached"))
         result = svc.pool.predict(info.name, image, top_k, priority=priority)
-    except ApiError as exc:
-        svc.metrics.requests.labels(label, exc.code).inc()
-        raise
-    except WanwuError as exc:
-        error = translate(exc)
-        svc.metrics.requests.labels(label, error.code).inc()
-        if error.status >= 500:
-            log.warning("%s %s: %s", g.get("request_id"), model, exc)
-        raise error from None
+    except (ApiError, WanwuError) as exc:
+        raise _failed(exc, label, model) from None
     g.cold_start, g.cached, g.timing = result.cold_start, False, result.timing_ms
     m = svc.metrics
     m.requests.labels(info.name, "ok").inc()
@@ -491,24 +497,15 @@ def _predict_batch(model: str) -> Response:
             entry: dict[str, Any] = {"index": index, "file": upload.filename or ""}
             data = upload.read()
             try:
-                if len(data) > s.max_upload_bytes:
-                    raise ApiError(
-                        413, "too_large", f"the image is {len(data)} bytes; the limit is {s.max_upload_mb:g} MB"
-                    )
-                _check_image(data, s.max_pixels)
+                _check_upload(data, s)
             except ApiError as exc:
                 entry.update(error={"code": exc.code, "message": exc.message}, retryable=False)
             else:
                 good.append(data)
             entries.append(entry)
         answer = svc.pool.predict_batch(info.name, good, top_k, priority=priority) if good else None
-    except ApiError as exc:
-        svc.metrics.requests.labels(label, exc.code).inc()
-        raise
-    except WanwuError as exc:
-        error = translate(exc)
-        svc.metrics.requests.labels(label, error.code).inc()
-        raise error from None
+    except (ApiError, WanwuError) as exc:
+        raise _failed(exc, label, model) from None
     failures: list[ApiError] = []
     outcomes = iter(answer.results if answer is not None else ())
     for entry in entries:

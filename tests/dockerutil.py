@@ -73,6 +73,23 @@ class Containers:
         self.made.append(container)
         return container
 
+    def run_once(self, image: str, command: list[str], **extra: Any) -> bytes:
+        """Run a one-off container from ``image`` as locked down as a worker (no network,
+        read-only, no capabilities), labelled for cleanup; its output."""
+        out: bytes = self.client.containers.run(
+            image,
+            command,
+            remove=True,
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": "size=64m"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            labels={MANAGED_LABEL: "true", POOL_LABEL: self.pool_id},
+            **extra,
+        )
+        return out
+
     def serve(self, spec: WorkerSpec, timeout: float = 60) -> tuple[WorkerClient, Container]:
         """Start a worker server from ``spec`` and wait for its socket; a client for it."""
         container = self.start(spec)

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from scheduler.backends.limits import process_start_time
+
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDARY = "wanwu-gpu-check-7d1f"
 _PR_SET_PDEATHSIG = 1
@@ -133,16 +135,6 @@ def worker_health(path: Path, timeout: float = 5) -> dict[str, Any]:
 # -- processes -----------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), to tell a
-    pid we saw from a new process that reuses it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -231,10 +223,10 @@ class Gateway:
         """Remember the gateway's current descendants (its workers)."""
         if self.process is not None and self.process.poll() is None:
             for pid in descendants(self.process.pid):
-                self.seen.setdefault(pid, _start_time(pid))
+                self.seen.setdefault(pid, process_start_time(pid))
 
     def alive_descendants(self) -> list[int]:
-        return [pid for pid, started in self.seen.items() if started is not None and _start_time(pid) == started]
+        return [pid for pid, started in self.seen.items() if started is not None and process_start_time(pid) == started]
 
     def stop(self, grace: float = 60) -> dict[str, Any]:
         """SIGTERM, wait ``grace`` s, then SIGKILL; then kill any remembered descendant

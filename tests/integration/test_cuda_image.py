@@ -14,7 +14,6 @@ import docker
 import docker.errors
 import pytest
 
-from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL
 from scheduler.backends.docker_image import export_builtin_model
 from tests.dockerutil import Containers
 from tests.images import demo_images
@@ -66,18 +65,7 @@ def test_image_is_labelled_cuda_and_ships_a_cuda_build_of_torch(
 ) -> None:
     image = cuda_engine.images.get(CUDA_IMAGE)
     assert image.labels["wanwu.flavor"] == "cuda"
-    out = cuda_engine.containers.run(
-        CUDA_IMAGE,
-        ["-c", TORCH_PROBE],
-        entrypoint=["python"],
-        remove=True,
-        network_mode="none",
-        read_only=True,
-        tmpfs={"/tmp": "size=64m"},
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        labels={MANAGED_LABEL: "true", POOL_LABEL: cuda_containers.pool_id},
-    )
+    out = cuda_containers.run_once(CUDA_IMAGE, ["-c", TORCH_PROBE], entrypoint=["python"])
     probe = json.loads(out.decode().strip().splitlines()[-1])
     assert probe["cuda"] is not None, probe  # not a CPU build
     assert probe["torch"].split("+")[0] == "2.13.0" and "+cpu" not in probe["torch"], probe  # e.g. 2.13.0+cu130

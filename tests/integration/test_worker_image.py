@@ -63,25 +63,12 @@ def test_predict_classifies_each_demo_class(containers: Containers, tmp_path: Pa
     assert lines[-1]["error"]["code"] == "unreadable"
 
 
-def test_predict_without_mounted_model_uses_the_built_in_demo(
-    docker_client: docker.DockerClient, containers: Containers
-) -> None:
+def test_predict_without_mounted_model_uses_the_built_in_demo(containers: Containers) -> None:
     inbox = containers.root / "in-builtin"
     inbox.mkdir()
     label, data = next(iter(demo_images(seed=5).items()))
     (inbox / "a.png").write_bytes(data)
-    out = docker_client.containers.run(
-        IMAGE,
-        ["predict", "/in/a.png"],
-        remove=True,
-        network_mode="none",
-        read_only=True,
-        tmpfs={"/tmp": "size=64m"},
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        volumes={str(inbox): {"bind": "/in", "mode": "ro"}},
-        labels={"wanwu.managed": "true", "wanwu.pool": containers.pool_id},
-    )
+    out = containers.run_once(IMAGE, ["predict", "/in/a.png"], volumes={str(inbox): {"bind": "/in", "mode": "ro"}})
     assert json.loads(out)["predictions"][0]["label"] == label
 
 

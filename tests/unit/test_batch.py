@@ -28,7 +28,8 @@ from wanwu_worker.stem import Stem
 from scheduler.errors import WorkerCrashed, WorkerRejected
 from scheduler.worker_client import ONE_WRITE_LIMIT, WorkerClient
 from tests.images import demo_images, encode, png_header_only, truncated_png
-from tests.unit.test_server import UnixHTTPConnection, raw_request, serving
+from tests.unit.conftest import serving
+from tests.unit.test_server import UnixHTTPConnection, raw_request
 
 # One image runs through other convolution kernels than a batch (PyTorch picks them by
 # batch size), so a score may differ from predict's in its last rounded digit.
@@ -191,19 +192,6 @@ def test_preprocess_threads_default_to_the_usable_cpus_up_to_four(tiny_bundle: P
 
 
 # -- POST /predict_batch ----------------------------------------------------------------
-
-
-@pytest.fixture
-def server(predictor: Predictor, tmp_path: Path) -> Iterator[WorkerServer]:
-    with serving(WorkerServer(str(tmp_path / "worker.sock"), predictor, max_body=200_000)) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: WorkerServer) -> Iterator[WorkerClient]:
-    c = WorkerClient(server.final_path, worker_id="test", timeout=30)
-    yield c
-    c.close()
 
 
 def post_batch(path: str, parts: str | None, body: bytes, query: str = "") -> tuple[int, dict[str, str], Any]:

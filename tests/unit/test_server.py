@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,32 +19,6 @@ from tests.images import demo_images, png_header_only, truncated_png
 @pytest.fixture(scope="module")
 def predictor(tiny_bundle: Path) -> Predictor:
     return Predictor(load_bundle(tiny_bundle), device="cpu")
-
-
-@contextmanager
-def serving(srv: WorkerServer) -> Iterator[WorkerServer]:
-    """Serve ``srv`` on a thread; shut it down and remove its socket afterwards."""
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
-
-
-@pytest.fixture
-def server(predictor: Predictor, tmp_path: Path) -> Iterator[WorkerServer]:
-    with serving(WorkerServer(str(tmp_path / "worker.sock"), predictor, max_body=200_000)) as srv:
-        yield srv
-
-
-@pytest.fixture
-def client(server: WorkerServer) -> Iterator[WorkerClient]:
-    c = WorkerClient(server.final_path, worker_id="test", timeout=10)
-    yield c
-    c.close()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

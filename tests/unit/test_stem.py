@@ -21,8 +21,9 @@ from scheduler.pool import INLINE, WarmPool
 from scheduler.settings import Settings
 from scheduler.worker_client import WorkerClient
 from tests.images import demo_images
+from tests.unit.conftest import serving
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
-from tests.unit.test_server import raw_request, serving
+from tests.unit.test_server import raw_request
 
 # -- the worker ------------------------------------------------------------------------
 
