@@ -211,6 +211,7 @@ class PoolCore:
                 "batches",
                 "batched_requests",
                 "batch_priority_grants",
+                "queue_jumps",  # interactive grants made while older batch work still waited
             ),
             0,
         )
@@ -702,6 +703,8 @@ class PoolCore:
         self.counters["cold_starts" if cold else "warm_hits"] += 1
         if request.priority == BATCH:
             self.counters["batch_priority_grants"] += 1
+        elif any(r.priority == BATCH and r.enqueued < request.enqueued and not r.done for r in self.queue):
+            self.counters["queue_jumps"] += 1
         spawn_ms = worker.spawn_ms if cold else 0.0
         waited = max(0.0, (now - request.enqueued) * 1000 - spawn_ms)
         self.queue.remove(request)

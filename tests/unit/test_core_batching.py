@@ -132,8 +132,12 @@ def test_interactive_waiters_go_before_batch_waiters_and_are_not_mixed_with_them
     pool.arrive(5, "b", 1.4, 60.0, priority=INTERACTIVE)
     first = grants(pool.released(worker, 2.0))
     assert [g.request_id for g in first] == [3, 5]  # both interactive, ahead of older batch work
+    assert pool.counters["queue_jumps"] == 2  # each went ahead of batch request 2, which came first
     second = grants(pool.released(worker, 2.1))
     assert [g.request_id for g in second] == [2, 4]
+    grants(pool.released(worker, 2.2))
+    grants(pool.arrive(6, "b", 2.3, 60.0, priority=INTERACTIVE))  # nothing older waits: no jump
+    assert pool.counters["queue_jumps"] == 2
 
 
 def test_batch_work_never_takes_the_last_free_slot_while_interactive_work_waits() -> None:
