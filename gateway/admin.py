@@ -104,7 +104,7 @@ class Admin:
 
     def _parse(self, body: Any) -> tuple[dict[str, Any], dict[str, float | None], bool]:
         if not isinstance(body, dict):
-            raise AdminError(400, "invalid_settings", "send a JSON object, e.g. {\"max_workers\": 3}")
+            raise AdminError(400, "invalid_settings", 'send a JSON object, e.g. {"max_workers": 3}')
         unknown = sorted(set(body) - {*SCALARS, "model_ttl_s", "persist"})
         if unknown:
             raise AdminError(
@@ -166,8 +166,10 @@ class Admin:
             os.replace(partial, self.state_path)
         except OSError as exc:
             raise AdminError(
-                500, "state_file_unwritable", f"cannot persist to {self.state_path}: {exc.strerror or exc}; "
-                "nothing was changed (set WANWU_STATE_FILE to a writable path, or leave out persist)"
+                500,
+                "state_file_unwritable",
+                f"cannot persist to {self.state_path}: {exc.strerror or exc}; "
+                "nothing was changed (set WANWU_STATE_FILE to a writable path, or leave out persist)",
             ) from None
 
     def restore(self) -> None:
@@ -255,4 +257,3 @@ def patch_settings() -> Response:
     except AdminError as exc:
         return _error(exc)
     return jsonify({**keeper.view(), "changed": record["changed"], "persisted": record["persisted"]})
-

@@ -1,8 +1,11 @@
 """The HTTP API (Flask application factory).
 
     POST /predict                       multipart field "image"; the default model
-    POST /v1/models/<name>/predict      multipart "image" or a raw image/* body; ?top_k=
+    POST /v1/models/<name>/predict      multipart "image" or a raw image/* body;
+                                        ?top_k=, ?labels=a,b (or repeated label=), ?subset=
     POST /v1/models/<name>/predict:batch  many multipart "image" parts; per-image results
+    POST /v1/models/<name>/embed        an embedding model's L2-normalised vector; ?encoding=base64
+    POST /v1/models/<name>/embed:batch  many images, one vector each
     GET  /v1/models  /v1/pool  /healthz  /readyz  /metrics
 
 A prediction's priority is ``interactive`` (the default) or ``batch``: the
@@ -11,20 +14,24 @@ interactive work and never takes the pool's last free worker while interactive w
 
 Uploads are validated here, before any worker is touched: size (413), content sniffed
 from the bytes (415 for non-images, 400 for corrupt ones, 413 past the pixel cap),
-top_k, and the model (404). Every error is ``{"error": {"code", "message",
+top_k, the label subset (400 naming an unknown label), the model (404) and its task (400
+``wrong_task``: predict on an embedding model or embed on a classifier). Every error is ``{"error": {"code", "message",
 "request_id"}}``; scheduler errors map to one status each (``STATUS``).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +58,7 @@ from scheduler.errors import (
     WorkerStartTimeout,
     WorkerTimeout,
 )
-from scheduler.models import ModelCatalog
+from scheduler.models import CLASSIFY, EMBED, ModelCatalog, ModelInfo
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 
@@ -253,13 +260,27 @@ def _register(app: Flask) -> None:
         with _lowered(_priority()):
             return _predict_batch(name)
 
+    @app.post("/v1/models/<name>/embed")
+    def embed_model(name: str) -> Response:
+        return _predict(name, raw_allowed=True, task=EMBED)
+
+    @app.post("/v1/models/<name>/embed:batch")
+    def embed_batch(name: str) -> Response:
+        with _lowered(_priority()):
+            return _predict_batch(name, task=EMBED)
+
     @app.get("/v1/models")
     def models() -> Response:
         svc = services()
         listed = [
             {
                 "name": m.name,
+                "task": m.task,
+                "format": m.format,
                 "labels": list(m.labels),
+                "subsets": {name: list(labels) for name, labels in m.subsets.items()},
+                "embedding_dim": m.embedding_dim,
+                "cpu_fallback": m.cpu_fallback,
                 "input_size": list(m.input_size),
                 "precision": m.precision,
                 "gpu_memory_mb": m.gpu_memory_mb,
@@ -405,26 +426,90 @@ def _top_k(labels: int) -> int:
     return int(raw)
 
 
-def _predict(model: str, raw_allowed: bool) -> Response:
+@dataclass(frozen=True)
+class _Asked:
+    """What a request asks of its model: top_k over all labels or over a subset, or
+    (an embedding model) its vector in an encoding."""
+
+    top_k: int = 1
+    labels: tuple[str, ...] | None = None
+    encoding: str = "json"
+
+    def cache_key(self) -> tuple[Any, ...]:
+        return (self.top_k, self.labels)  # the encoding is applied to the cached vector
+
+
+ENCODINGS = ("json", "base64")
+
+
+def _asked(info: ModelInfo, task: str) -> _Asked:
+    """The request's parameters for ``info``, checked against its task and labels."""
+    if info.task != task:
+        route = "embed" if info.task == EMBED else "predict"
+        raise ApiError(
+            400,
+            "wrong_task",
+            f"model {info.name!r} is {'an embedding' if info.task == EMBED else 'a classification'} model: "
+            f"POST /v1/models/{info.name}/{route}",
+        )
+    if task == EMBED:
+        encoding = request.args.get("encoding", "json")
+        if encoding not in ENCODINGS:
+            raise ApiError(400, "bad_parameter", f"encoding is {encoding!r}; expected json or base64")
+        return _Asked(encoding=encoding)
+    subset = _subset(info)
+    return _Asked(_top_k(len(subset) if subset is not None else len(info.labels)), subset)
+
+
+def _subset(info: ModelInfo) -> tuple[str, ...] | None:
+    """The labels to score over: ``labels=a,b`` and ``label=`` (each may repeat), or a
+    named ``subset`` the bundle declares; None for all of them."""
+    named = request.args.getlist("subset")
+    given = [part for raw in request.args.getlist("labels") for part in raw.split(",")]
+    given += request.args.getlist("label")
+    if named and given:
+        raise ApiError(400, "bad_parameter", "give labels or a subset, not both")
+    if len(named) > 1:
+        raise ApiError(400, "bad_parameter", f"one subset at a time; {len(named)} were given")
+    if named:
+        subset = info.subsets.get(named[0])
+        if subset is None:
+            known = ", ".join(sorted(info.subsets)) or "none"
+            raise ApiError(400, "unknown_subset", f"model {info.name!r} has no subset {named[0]!r} (subsets: {known})")
+        return subset
+    if not given:
+        return None
+    wanted = tuple(dict.fromkeys(label.strip() for label in given if label.strip()))
+    if not wanted:
+        raise ApiError(400, "bad_parameter", "labels is empty; name at least one label")
+    known_labels = set(info.labels)
+    unknown = [label for label in wanted if label not in known_labels]
+    if unknown:
+        shown = ", ".join(repr(label) for label in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ApiError(400, "unknown_label", f"model {info.name!r} has no label {shown}")
+    return wanted
+
+
+def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
     svc = services()
     g.model = model
     label = "-"  # the metrics label: a model name only once it is known to exist
     try:
         info = svc.catalog.get(model)
         label = info.name
-        top_k = _top_k(len(info.labels))
+        asked = _asked(info, task)
         priority = _priority()
         image = _read_upload(raw_allowed)
         _check_upload(image, svc.settings)
         # Cache-Control: no-cache asks for a fresh answer from a worker (wanwu replay sends it).
-        key = svc.cache.key(image, info.name, top_k)
+        key = svc.cache.key(image, info.name, *asked.cache_key())
         cached = None if request.cache_control.no_cache else svc.cache.get(key)
         if cached is not None:
             svc.metrics.cache_hits.labels(info.name).inc()
             svc.metrics.requests.labels(info.name, "ok").inc()
             g.cached = True
-            return _answer(dict(cached, cached=True, cold_start=False, start="cached"))
-        result = svc.pool.predict(info.name, image, top_k, priority=priority)
+            return _answer(_encoded(dict(cached, cached=True, cold_start=False, start="cached"), asked))
+        result = svc.pool.predict(info.name, image, asked.top_k, priority=priority, labels=asked.labels)
     except (ApiError, WanwuError) as exc:
         raise _failed(exc, label, model) from None
     g.cold_start, g.cached, g.timing = result.cold_start, False, result.timing_ms
@@ -437,16 +522,40 @@ def _predict(model: str, raw_allowed: bool) -> Response:
     if result.cold_start:
         m.spawn.labels(info.name).observe(result.timing_ms["spawn"] / 1000)
     m.inference.labels(info.name).observe(result.timing_ms["worker"] / 1000)
-    body = {
-        "result": result.predictions[0]["label"] if result.predictions else None,
-        "predictions": result.predictions,
-        "model": info.name,
-        "cold_start": result.cold_start,
-        "start": result.start,
-        "cached": False,
-    }
-    svc.cache.put(key, {k: v for k, v in body.items() if k not in ("cold_start", "start", "cached")})
-    return _answer(body, timing=result.timing_ms)
+    body: dict[str, Any]
+    if task == EMBED:
+        body = {"model": info.name, "embedding": result.embedding, "dim": result.dim}
+    else:
+        body = {
+            "result": result.predictions[0]["label"] if result.predictions else None,
+            "predictions": result.predictions,
+            "model": info.name,
+        }
+    if asked.labels is not None:
+        body["labels"] = list(asked.labels)
+    svc.cache.put(key, dict(body))
+    body.update(cold_start=result.cold_start, start=result.start, cached=False)
+    if result.cpu_fallback:
+        body["cpu_fallback"] = True  # no GPU had room: a CPU worker answered
+    return _answer(_encoded(body, asked), timing=result.timing_ms)
+
+
+def _encoded(body: dict[str, Any], asked: _Asked) -> dict[str, Any]:
+    """An embedding answer in the encoding asked for: a JSON list, or base64 of the
+    float32 values, little-endian (``numpy.frombuffer(base64.b64decode(s), "<f4")``)."""
+    if "embedding" not in body:
+        return body
+    body["encoding"] = asked.encoding
+    if asked.encoding == "base64":
+        body["embedding"] = _base64_floats(body["embedding"])
+    return body
+
+
+def _base64_floats(values: list[float]) -> str:
+    packed = array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
 def _answer(body: dict[str, Any], timing: dict[str, float] | None = None) -> Response:
@@ -460,7 +569,7 @@ def _answer(body: dict[str, Any], timing: dict[str, float] | None = None) -> Res
     return jsonify(body)
 
 
-def _predict_batch(model: str) -> Response:
+def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
     """Many images in one request: each is checked on its own, the good ones go to the
     pool in calls of the model's max batch size, and the answer has one entry per image,
     in order. A bad image gets its own error; if no image could be answered because the
@@ -472,7 +581,7 @@ def _predict_batch(model: str) -> Response:
     try:
         info = svc.catalog.get(model)
         label = info.name
-        top_k = _top_k(len(info.labels))
+        asked = _asked(info, task)
         priority = _priority()
         # A batch may be larger than one upload; the per-image limit still holds below.
         request.max_content_length = s.max_batch_upload_bytes + MULTIPART_SLACK
@@ -503,16 +612,20 @@ def _predict_batch(model: str) -> Response:
             else:
                 good.append(data)
             entries.append(entry)
-        answer = svc.pool.predict_batch(info.name, good, top_k, priority=priority) if good else None
+        answer = (
+            svc.pool.predict_batch(info.name, good, asked.top_k, priority=priority, labels=asked.labels)
+            if good
+            else None
+        )
     except (ApiError, WanwuError) as exc:
         raise _failed(exc, label, model) from None
     failures: list[ApiError] = []
     outcomes = iter(answer.results if answer is not None else ())
     for entry in entries:
         if "error" not in entry:
-            _fill(entry, next(outcomes), failures)
+            _fill(entry, next(outcomes), failures, asked)
         svc.metrics.batch_images.labels(info.name, entry["error"]["code"] if "error" in entry else "ok").inc()
-    answered = sum(1 for e in entries if "predictions" in e)
+    answered = sum(1 for e in entries if "error" not in e)
     if failures and answered == 0 and len(failures) == len(good):
         # Nothing could be served: the whole request fails like a single one, so a
         # client backs off on Retry-After instead of reading per-image errors.
@@ -532,10 +645,16 @@ def _predict_batch(model: str) -> Response:
         "cold_start": g.cold_start,
         "calls": answer.calls if answer is not None else 0,
     }
+    if asked.labels is not None:
+        body["labels"] = list(asked.labels)
+    if task == EMBED:
+        body["encoding"] = asked.encoding
+    if answer is not None and answer.cpu_fallback:
+        body["cpu_fallback"] = True
     return _answer(body, timing=g.timing)
 
 
-def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures: list[ApiError]) -> None:
+def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures: list[ApiError], asked: _Asked) -> None:
     """One image's entry from what the pool gave it: predictions, its own error, or the
     error of the call that carried it (``retryable``: send the image again later)."""
     if isinstance(outcome, WanwuError):
@@ -548,6 +667,10 @@ def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures:
         entry.update(
             error={"code": str(raw.get("code", "bad_input")), "message": str(raw.get("message", ""))}, retryable=False
         )
+        return
+    if "embedding" in outcome:
+        encoded = outcome["embedding"] if asked.encoding == "json" else _base64_floats(outcome["embedding"])
+        entry.update(embedding=encoded, dim=outcome.get("dim"))
         return
     predictions = outcome.get("predictions") or []
     entry.update(result=predictions[0]["label"] if predictions else None, predictions=predictions)

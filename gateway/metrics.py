@@ -91,7 +91,9 @@ class Metrics:
             "wanwu_request_seconds", "Whole request as the gateway saw it", ["model"], buckets=BUCKETS, registry=r
         )
         self.settings_changes = Counter(
-            "wanwu_settings_changes", "Settings changed at run time (PATCH /v1/pool/settings), by setting", ["setting"],
+            "wanwu_settings_changes",
+            "Settings changed at run time (PATCH /v1/pool/settings), by setting",
+            ["setting"],
             registry=r,
         )
         r.register(PoolCollector(snapshot))

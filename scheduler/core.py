@@ -38,6 +38,12 @@ is serving: a lone request on a quiet pool goes at once). Batch work never takes
 empty slot or an idle worker) while an interactive request waits or, on a pool of two
 or more, while interactive requests arrived within ``interactive_reserve_s``: so an
 interactive request waits at most for one batch's inference.
+
+CPU fallback: a model in ``cpu_fallback`` (set only on a pool with GPUs) that no GPU
+has room for, now or ever, gets a CPU worker (no device, no GPU memory) in a free slot
+instead of waiting or being rejected. Such a worker counts in N, is reused and reaped
+like any other (an idle GPU worker of its model goes first), and its grants say
+``cpu_fallback``. Never for a pre-warm, never in a stem cell.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class CoreConfig:
     stem_models: frozenset[str] | None = None  # models a stem cell can load; None: all
     batching: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # model -> (max images, max wait s)
     interactive_reserve_s: float = 10.0  # batch work leaves a slot free this long after an interactive request
+    cpu_fallback: frozenset[str] = frozenset()  # models a CPU worker serves when no GPU has room (GPU pools only)
 
     @property
     def limits(self) -> policy.Limits:
@@ -101,6 +108,7 @@ class SpawnWorker:
     device: str | None = None
     evict: tuple[str, ...] = ()
     request_id: int | None = None  # the request it is started for; None: a pre-warm or a stem cell
+    cpu_fallback: bool = False  # on the CPU (``device`` None) because no GPU has room for the model
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class Grant:
     spawn_breakdown: Mapping[str, float]
     start: str = "warm"  # how its worker started: warm (reused), container, or stem (a stem cell loaded it)
     batch: tuple[int, ...] = ()  # the requests sharing this worker call, in order; (): this one alone
+    cpu_fallback: bool = False  # its worker runs on the CPU because no GPU had room for the model
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class Worker:
     spawn_breakdown: Mapping[str, float] = field(default_factory=dict)
     keep_s: float = 0.0  # how long it may stay idle, decided when it went idle
     adopted: bool = False  # a stem cell that loads or serves a model
+    cpu_fallback: bool = False  # a CPU worker started because no GPU had room (holds no GPU memory)
 
     @property
     def stem(self) -> bool:
@@ -212,6 +222,7 @@ class PoolCore:
                 "batched_requests",
                 "batch_priority_grants",
                 "queue_jumps",  # interactive grants made while older batch work still waited
+                "cpu_fallbacks",  # CPU workers started because no GPU had room for their model
             ),
             0,
         )
@@ -305,7 +316,7 @@ class PoolCore:
             self._start_s[worker.model] = spawn_ms / 1000
         self.start_ms["stem" if worker.stem else ("load" if worker.adopted else "container")] = spawn_ms
         self._windows.pop(worker.model, None)
-        if gpu_mb is not None and gpu_mb > 0:
+        if gpu_mb is not None and gpu_mb > 0 and not worker.cpu_fallback:
             # A stem cell reports what its allocator holds, not the CUDA context: keep the estimate.
             worker.gpu_mb = max(worker.gpu_mb, float(gpu_mb)) if worker.stem else float(gpu_mb)
         commands: list[Command] = []
@@ -521,7 +532,13 @@ class PoolCore:
             if decision is None:
                 views = [replace(w, state=State.BUSY) if w.id in kept else w for w in self.workers.values()]
                 decision = decided[request.model] = policy.decide(
-                    request.model, views, limits, self.readings, estimates, self._stem_ok(request.model, now)
+                    request.model,
+                    views,
+                    limits,
+                    self.readings,
+                    estimates,
+                    self._stem_ok(request.model, now),
+                    request.model in self.config.cpu_fallback,
                 )
             backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
@@ -712,7 +729,18 @@ class PoolCore:
         start = "warm" if not cold else ("stem" if worker.adopted else "container")
         if start == "stem":
             self.counters["stem_starts"] += 1
-        return Grant(request.id, worker.id, worker.model, cold, round(waited, 3), spawn_ms, breakdown, start, batch)
+        return Grant(
+            request.id,
+            worker.id,
+            worker.model,
+            cold,
+            round(waited, 3),
+            spawn_ms,
+            breakdown,
+            start,
+            batch,
+            worker.cpu_fallback,
+        )
 
     def _fail(self, request: Request, error: WanwuError) -> Fail:
         if request in self.queue:
@@ -731,13 +759,17 @@ class PoolCore:
             now,
             now,
             decision.device,
-            gpu_mb=self.config.estimates_mb.get(model, 0.0),
+            gpu_mb=0.0 if decision.cpu_fallback else self.config.estimates_mb.get(model, 0.0),
             reserved_for=None if request is None else request.id,
+            cpu_fallback=decision.cpu_fallback,
         )
         self.workers[worker.id] = worker
         if request is not None:
             request.spawning = worker.id
-        return SpawnWorker(worker.id, model, decision.device, decision.evict, None if request is None else request.id)
+        if decision.cpu_fallback:
+            self.counters["cpu_fallbacks"] += 1
+        request_id = None if request is None else request.id
+        return SpawnWorker(worker.id, model, decision.device, decision.evict, request_id, decision.cpu_fallback)
 
     def _stop(self, worker: Worker, reason: str, now: float) -> StopWorker:
         idle = now - worker.last_used if worker.state is State.IDLE else None

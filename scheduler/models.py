@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanwu_worker.bundle import Batching, Bundle, load_bundle
@@ -21,6 +22,8 @@ from .errors import UnknownModel
 from .policy import STEM
 
 log = logging.getLogger(__name__)
+
+CLASSIFY, EMBED = "classify", "embed"  # a bundle's task
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class ModelInfo:
     input_size: tuple[int, int, int]
     precision: str
     batching: Batching | None = None  # dynamic batching: max_batch_size, max_wait_ms
+    task: str = CLASSIFY  # classify (labels and scores) or embed (a feature vector)
+    format: str = "torchscript"
+    subsets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # named label subsets
+    cpu_fallback: bool = False  # served by a CPU worker when no GPU has room for it
+    embedding_dim: int | None = None
 
     @property
     def max_batch_size(self) -> int:
@@ -50,6 +58,11 @@ class ModelInfo:
             bundle.input_size,
             bundle.precision,
             bundle.batching,
+            bundle.task,
+            bundle.format,
+            dict(bundle.subsets),
+            bundle.cpu_fallback,
+            bundle.embedding_dim,
         )
 
 

@@ -14,6 +14,9 @@ Rules (DESIGN.md, "The pool"):
   its place. If the estimate does not fit, idle workers are evicted (least recently used
   first) until it does.
 - No idle worker to take: wait. A model that could never fit is rejected.
+- A model with CPU fallback that does not fit on any GPU (now or ever) starts a CPU
+  worker in a free slot (or an idle stem cell's) instead of waiting or being rejected;
+  without a slot it waits. Idle GPU workers of the model are reused before idle CPU ones.
 - Idle longer than the model's TTL (or the default): stop.
 - GPU memory used above the high watermark: stop idle workers, least recently used
   first, until the projection is below the low watermark.
@@ -52,6 +55,8 @@ class Worker(Protocol):
     def gpu_mb(self) -> float: ...
     @property
     def device(self) -> str | None: ...
+    @property
+    def cpu_fallback(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class WorkerView:
     last_used: float
     gpu_mb: float = 0.0
     device: str | None = None
+    cpu_fallback: bool = False  # a CPU worker of a model that did not fit on a GPU
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,12 @@ class Adopt:
 
 @dataclass(frozen=True)
 class Spawn:
-    """Start a worker, after stopping ``evict`` (whose slots and memory it takes)."""
+    """Start a worker, after stopping ``evict`` (whose slots and memory it takes);
+    ``cpu_fallback``: on the CPU (no device) because no GPU has room for the model."""
 
     device: str | None = None
     evict: tuple[str, ...] = ()
+    cpu_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,14 +189,16 @@ def decide(
     gpus: Sequence[GpuReading] = (),
     estimates: Mapping[str, float] | None = None,
     stem_ok: bool = False,
+    cpu_fallback: bool = False,
 ) -> Decision:
     """What to do for one request for ``model`` given the pool as it is now;
-    ``stem_ok``: an idle stem cell may load it."""
+    ``stem_ok``: an idle stem cell may load it; ``cpu_fallback``: a CPU worker may
+    serve it when no GPU has room (only with GPUs: without, every worker is a CPU one)."""
     estimates = estimates or {}
     idle = State.IDLE
     own_idle = [w for w in workers if w.state is idle and w.model == model]
-    if own_idle:
-        return Reuse(max(own_idle, key=lambda w: (w.last_used, w.id)).id)
+    if own_idle:  # a GPU worker before a CPU fallback, then the most recently used
+        return Reuse(max(own_idle, key=lambda w: (not w.cpu_fallback, w.last_used, w.id)).id)
     if stem_ok:
         stem = _stem_for(model, workers, limits, gpus, estimates)
         if stem is not None:
@@ -198,7 +208,8 @@ def decide(
         return Spawn()  # the common case on CPU: nothing to place, nobody to evict
 
     estimate = estimates.get(model, 0.0)
-    if gpus and all(estimate > limits.high_watermark * g.total_mb for g in gpus):
+    never_fits = bool(gpus) and all(estimate > limits.high_watermark * g.total_mb for g in gpus)
+    if never_fits and not cpu_fallback:
         return Reject(
             f"model {model} needs {estimate:g} MB of GPU memory; no GPU has that much under the high watermark"
         )
@@ -210,14 +221,20 @@ def decide(
         first, rest = others_idle[0], others_idle[1:]
         # The evicted worker's memory is free for the new one.
         freed = [w for w in workers if w.id != first.id]
-        placed = _place(freed, estimate, _credit(gpus, first), estimates, limits, rest)
+        placed = None if never_fits else _place(freed, estimate, _credit(gpus, first), estimates, limits, rest)
         if placed is None:
-            return Wait(f"model {model} does not fit in GPU memory yet")
+            if not cpu_fallback:
+                return Wait(f"model {model} does not fit in GPU memory yet")
+            if first.model == STEM:  # a stem cell's slot is a spare one; a warm worker's is not
+                return Spawn(None, (first.id,), cpu_fallback=True)
+            return Wait(f"no GPU has room for model {model} and no slot is free for a CPU worker")
         device, more = placed
         return Spawn(device, (first.id, *more))
 
-    placed = _place(workers, estimate, gpus, estimates, limits, others_idle)
+    placed = None if never_fits else _place(workers, estimate, gpus, estimates, limits, others_idle)
     if placed is None:
+        if cpu_fallback:
+            return Spawn(cpu_fallback=True)
         return Wait(f"model {model} does not fit in GPU memory until busy workers finish")
     device, evict = placed
     return Spawn(device, evict)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -90,6 +91,7 @@ class _Waiter:
     error: WanwuError | None = None
     images: Sequence[bytes] = ()
     top_k: int = 5
+    labels: tuple[str, ...] | None = None  # a label subset to score over; None: all labels
 
 
 @dataclass(eq=False)
@@ -105,23 +107,57 @@ class _Batch:
     def images(self) -> list[bytes]:
         return [image for member in self.members for image in member.images]
 
+    def labels(self) -> tuple[str, ...]:
+        """The labels whose raw scores the call asks for: every member's subset, in order."""
+        return tuple(dict.fromkeys(label for member in self.members for label in member.labels or ()))
+
     def finish(self, answer: WorkerBatchAnswer | None, error: WanwuError | None = None) -> None:
         self.answer, self.error = answer, error
         self.done.set()
 
     def share(self, member: int) -> list[dict[str, Any]]:
-        """Member ``member``'s results, cut to its own top_k; the call's error if it failed."""
+        """Member ``member``'s results, scored over its own labels and cut to its own
+        top_k; the call's error if it failed."""
         if self.error is not None:
             raise self.error
         assert self.answer is not None
         start = sum(len(m.images) for m in self.members[:member])
         waiter = self.members[member]
-        return [_top(entry, waiter.top_k) for entry in self.answer.results[start : start + len(waiter.images)]]
+        asked = self.labels()
+        return [
+            _shape(entry, waiter.top_k, waiter.labels, asked)
+            for entry in self.answer.results[start : start + len(waiter.images)]
+        ]
 
 
-def _top(entry: dict[str, Any], top_k: int) -> dict[str, Any]:
-    predictions = entry.get("predictions")
-    return {**entry, "predictions": predictions[:top_k]} if isinstance(predictions, list) else entry
+def _shape(entry: dict[str, Any], top_k: int, subset: tuple[str, ...] | None, asked: Sequence[str]) -> dict[str, Any]:
+    """One image's entry as its request asked: the top ``top_k`` predictions over all
+    labels, or over ``subset`` (scored from the raw scores the worker gave for the
+    labels ``asked``); never the raw scores themselves."""
+    shaped = {key: value for key, value in entry.items() if key != "logits"}
+    if "error" in entry:
+        return shaped
+    if subset is not None:
+        shaped["predictions"] = subset_predictions(entry.get("logits"), asked, subset, top_k)
+    elif isinstance(entry.get("predictions"), list):
+        shaped["predictions"] = entry["predictions"][:top_k]
+    return shaped
+
+
+def subset_predictions(logits: Any, asked: Sequence[str], subset: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    """The top ``top_k`` of ``subset`` with scores renormalised over it: a softmax over
+    those labels' raw scores (``logits``, one per label ``asked``), which equals the
+    model's probabilities divided by their sum over the subset, without their underflow
+    for a model with tens of thousands of labels. Ties keep the subset's order."""
+    if not isinstance(logits, list) or len(logits) != len(asked):
+        raise WorkerCrashed(f"the worker answered {str(logits)[:80]} for the raw scores of {len(asked)} labels")
+    where = {label: index for index, label in enumerate(asked)}
+    raw = [float(logits[where[label]]) for label in subset]
+    top = max(raw)
+    weights = [math.exp(value - top) for value in raw]
+    total = sum(weights)
+    ranked = sorted(range(len(subset)), key=lambda i: -weights[i])[:top_k]
+    return [{"label": subset[i], "score": round(weights[i] / total, 6)} for i in ranked]
 
 
 @dataclass(frozen=True)
@@ -138,6 +174,7 @@ class Lease:
     start: str = "warm"  # warm, container or stem
     batch: _Batch | None = None  # the dynamic batch it is part of; None: a call of its own
     member: int = 0  # its place in the batch (0 sends the call)
+    cpu_fallback: bool = False  # the worker runs on the CPU because no GPU had room for the model
 
 
 @dataclass(frozen=True)
@@ -150,6 +187,9 @@ class PoolAnswer:
     timing_ms: dict[str, float]
     start: str = "warm"  # how the worker that answered started: warm, container or stem
     batch_size: int = 1  # images in the worker call that answered it
+    cpu_fallback: bool = False  # a CPU worker answered because no GPU had room for the model
+    embedding: list[float] | None = None  # an embedding model's L2-normalised vector (no predictions)
+    dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +203,7 @@ class _Call:
     timing_ms: dict[str, float]
     start: str
     batch_size: int
+    cpu_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +217,7 @@ class BatchAnswer:
     calls: int  # requests it was split into (each up to the model's max batch size)
     cold_start: bool
     timing_ms: dict[str, float]  # queue and spawn: the longest of its calls; worker: their sum
+    cpu_fallback: bool = False  # at least one of its calls ran on a CPU fallback worker
 
 
 @dataclass(frozen=True)
@@ -298,6 +340,8 @@ class WarmPool:
             stem_cells=s.stem_cells,
             batching={m.name: (m.batching.max_batch_size, m.batching.max_wait_ms / 1000) for m in models if m.batching},
             interactive_reserve_s=s.interactive_reserve_s,
+            # Without GPUs every worker is a CPU one: there is nothing to fall back from.
+            cpu_fallback=frozenset(m.name for m in models if m.cpu_fallback) if s.gpus else frozenset(),
             # A stem cell sees the models directory: bundles linked in from elsewhere start their own containers.
             stem_models=frozenset(m.name for m in models if m.path.parent == root),
         )
@@ -484,6 +528,7 @@ class WarmPool:
                     command.start,
                     batch,
                     command.batch.index(command.request_id) if command.batch else 0,
+                    cpu_fallback=command.cpu_fallback,
                 )
                 waiter.event.set()
             elif isinstance(command, Fail):
@@ -528,6 +573,7 @@ class WarmPool:
         priority: str = INTERACTIVE,
         images: Sequence[bytes] = (b"",),
         top_k: int = 5,
+        labels: tuple[str, ...] | None = None,
     ) -> Lease:
         """A lease on a ready worker of ``model`` for one call carrying ``images``, or
         an error by ``deadline``: CapacityExhausted (no worker in time, or the queue is
@@ -537,7 +583,7 @@ class WarmPool:
         if priority not in PRIORITIES:
             raise ValueError(f"priority is {priority!r}; expected one of {', '.join(PRIORITIES)}")
         info = self.catalog.get(model)
-        waiter = _Waiter(images=images, top_k=top_k)
+        waiter = _Waiter(images=images, top_k=top_k, labels=labels)
         with self._lock:
             request_id = next(self._request_ids)
             self._waiters[request_id] = waiter
@@ -574,18 +620,21 @@ class WarmPool:
         queue_timeout_s: float | None = None,
         request_timeout_s: float | None = None,
         priority: str = INTERACTIVE,
+        labels: tuple[str, ...] | None = None,
     ) -> PoolAnswer:
         """Classify ``image`` on a worker of ``model`` (batched with other requests if
         the model has batching). A worker that crashes or times out is removed and the
         request is retried once on another (inference is idempotent); a second failure
-        is raised (WorkerCrashed or WorkerTimeout); a bad image is WorkerRejected."""
+        is raised (WorkerCrashed or WorkerTimeout); a bad image is WorkerRejected.
+        ``labels``: score over this subset of the model's labels, renormalised. An
+        embedding model answers ``embedding`` and ``dim`` instead of predictions."""
         info = self.catalog.get(model)
-        call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s)
+        call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s, labels)
         entry = call.results[0]
         if "error" in entry:
             raise _rejected(entry, call.worker_id)
         return PoolAnswer(
-            entry["predictions"],
+            entry.get("predictions") or [],
             info.name,
             call.worker_id,
             call.cold_start,
@@ -593,6 +642,9 @@ class WarmPool:
             call.timing_ms,
             call.start,
             call.batch_size,
+            cpu_fallback=call.cpu_fallback,
+            embedding=entry.get("embedding"),
+            dim=entry.get("dim"),
         )
 
     def predict_batch(
@@ -603,6 +655,7 @@ class WarmPool:
         priority: str = BATCH,
         queue_timeout_s: float | None = None,
         request_timeout_s: float | None = None,
+        labels: tuple[str, ...] | None = None,
     ) -> BatchAnswer:
         """Classify ``images``: split into calls of at most the model's max batch size
         (one image each without batching), run side by side, each queued at
@@ -615,7 +668,7 @@ class WarmPool:
 
         def run(chunk: Sequence[bytes]) -> _Call | WanwuError:
             try:
-                return self._call(info, chunk, top_k, priority, queue_timeout_s, request_timeout_s)
+                return self._call(info, chunk, top_k, priority, queue_timeout_s, request_timeout_s, labels)
             except WanwuError as exc:
                 return exc
 
@@ -635,7 +688,8 @@ class WarmPool:
             "spawn": max((c.timing_ms["spawn"] for c in calls), default=0.0),
             "worker": round(sum(c.timing_ms["worker"] for c in calls), 3),
         }
-        return BatchAnswer(results, info.name, len(chunks), any(c.cold_start for c in calls), timing)
+        cold, fallback = any(c.cold_start for c in calls), any(c.cpu_fallback for c in calls)
+        return BatchAnswer(results, info.name, len(chunks), cold, timing, cpu_fallback=fallback)
 
     def _call(
         self,
@@ -645,6 +699,7 @@ class WarmPool:
         priority: str,
         queue_timeout_s: float | None,
         request_timeout_s: float | None,
+        labels: tuple[str, ...] | None = None,
     ) -> _Call:
         """One worker call's worth of images, retried once on another worker if the
         first crashes or times out."""
@@ -660,13 +715,14 @@ class WarmPool:
                 priority=priority,
                 images=images,
                 top_k=top_k,
+                labels=labels,
             )
             queue_ms += lease.queue_ms
             spawn_ms += lease.spawn_ms
             cold = cold or lease.cold_start
             start = lease.start if lease.cold_start else start
             try:
-                results, answer = self._send(lease, images, top_k, request_timeout)
+                results, answer = self._send(lease, images, top_k, request_timeout, labels)
             except (WorkerCrashed, WorkerTimeout) as exc:
                 if attempt == 2:
                     raise
@@ -674,11 +730,11 @@ class WarmPool:
                 continue
             timing = _timing(answer, queue_ms, spawn_ms, lease.spawn_breakdown)
             size = len(answer.results) if isinstance(answer, WorkerBatchAnswer) else 1
-            return _Call(results, lease.worker_id, cold, attempt, timing, start, size)
+            return _Call(results, lease.worker_id, cold, attempt, timing, start, size, cpu_fallback=lease.cpu_fallback)
         raise AssertionError("unreachable")
 
     def _send(
-        self, lease: Lease, images: Sequence[bytes], top_k: int, timeout: float
+        self, lease: Lease, images: Sequence[bytes], top_k: int, timeout: float, labels: tuple[str, ...] | None
     ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer]:
         """Make (or, in a batch, wait for) the worker call and give the lease back."""
         batch = lease.batch
@@ -691,11 +747,12 @@ class WarmPool:
         answer: WorkerAnswer | WorkerBatchAnswer
         try:
             if batch is not None:
-                answer = lease.connection.predict_batch(batch.images(), max(m.top_k for m in batch.members), timeout)
+                top = max(m.top_k for m in batch.members)
+                answer = lease.connection.predict_batch(batch.images(), top, timeout, batch.labels())
             elif len(images) == 1:
-                answer = lease.connection.predict(images[0], top_k, timeout=timeout)
+                answer = lease.connection.predict(images[0], top_k, timeout, labels or ())
             else:
-                answer = lease.connection.predict_batch(list(images), top_k, timeout)
+                answer = lease.connection.predict_batch(list(images), top_k, timeout, labels or ())
         except WanwuError as exc:
             if batch is not None:
                 batch.finish(None, exc)
@@ -704,11 +761,13 @@ class WarmPool:
             raise
         if isinstance(answer, WorkerAnswer):
             self.release(lease, ok=True)
-            return [{"predictions": answer.predictions}], answer
+            return [_shape(answer.entry(), top_k, labels, labels or ())], answer
         if batch is not None:
             batch.finish(answer)  # the other members go on before the worker is given back
         self.release(lease, ok=True)
-        return (batch.share(0) if batch is not None else answer.results), answer
+        if batch is not None:
+            return batch.share(0), answer
+        return [_shape(entry, top_k, labels, labels or ()) for entry in answer.results], answer
 
     # -- carrying out commands -------------------------------------------------------
 
@@ -901,7 +960,7 @@ class WarmPool:
                     round(now - w.last_used, 3) if w.state is State.IDLE else None,
                     round(now - w.started_at, 3),
                     w.gpu_mb,
-                    w.device,
+                    "cpu" if w.cpu_fallback else w.device,
                     w.served,
                 )
                 for w in sorted(core.workers.values(), key=lambda w: w.started_at)

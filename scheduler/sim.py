@@ -13,6 +13,13 @@ latency is queueing + start-up + inference. Idle cost is the time workers sit id
 (and pre-warmed workers spend starting) times their model's memory; the simulation
 runs past the trace's end until the last worker is reaped, so a long TTL pays for the
 tail it keeps.
+
+GPUs (``Profile.gpus``, device -> total MB) are optional: with them the core places
+workers by memory, from readings the simulator computes out of the workers it runs
+(each holds its model's memory), and a model in ``CoreConfig.cpu_fallback`` that no
+GPU has room for gets a CPU worker; its inferences take ``Profile.cpu_slowdown`` times
+as long and hold no GPU memory (``fallback_serves`` counts the requests they served).
+Without GPUs nothing is placed and nothing falls back, as on a CPU pool.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .core import CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
-from .policy import STEM, State
+from .policy import STEM, GpuReading, State
 from .traces import Trace
 from .tuning import Point
 
@@ -42,7 +49,10 @@ class Profile:
     from its model's trace profile; ``memory_mb`` None: the trace's memory per model.
     A stem cell starts in ``spawn_ms`` less ``load_ms``, loads a model in ``load_ms``
     and holds ``stem_memory_mb`` while it waits (the runtime and, on a GPU, the CUDA
-    context)."""
+    context). ``gpus``: the simulated GPUs' total memory by device (empty: a CPU pool);
+    ``cpu_slowdown``: how many times longer an inference takes on a CPU fallback worker
+    (an assumption, not a measurement: a small CNN on a few cores against one GPU;
+    its start-up is taken to be a GPU worker's)."""
 
     spawn_ms: float = 1700.0
     stop_ms: float = 300.0
@@ -52,6 +62,8 @@ class Profile:
     load_ms: float = 150.0
     stem_memory_mb: float = 500.0
     stem_spawn_ms: float | None = None  # a stem cell's own start; None: spawn_ms - load_ms
+    gpus: Mapping[str, float] = field(default_factory=dict)  # device -> total MB; empty: no GPUs
+    cpu_slowdown: float = 8.0  # inference on a CPU fallback worker against a GPU worker (assumed)
 
     def spawn_s(self, model: str) -> float:
         if model == STEM:
@@ -66,6 +78,7 @@ class SimResult:
     served: int = 0
     cold_starts: int = 0
     stem_starts: int = 0  # cold starts a stem cell served
+    fallback_serves: int = 0  # requests served by CPU fallback workers
     rejected: int = 0
     prewarms: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -81,6 +94,8 @@ class SimResult:
             "requests": self.requests,
             "cold_starts": self.cold_starts,
             "stem_starts": self.stem_starts,
+            "fallback_serves": self.fallback_serves,
+            "fallback_rate": self.fallback_serves / self.requests if self.requests else 0.0,
             "cold_rate": self.cold_starts / self.requests if self.requests else 0.0,
             "reject_rate": self.rejected / self.requests if self.requests else 0.0,
             "p50_ms": percentile(ordered, 0.50),
@@ -112,7 +127,11 @@ class Simulator:
         seed: int = 0,
     ) -> None:
         self.trace, self.profile = trace, profile
-        self.core = PoolCore(replace(config, tick_s=tick_s or 0.0), id_prefix="sim")
+        config = replace(config, tick_s=tick_s or 0.0)
+        if profile.gpus:  # placement needs every model's memory: the trace's, unless the config says
+            known = {m: self._memory_mb(m) for m in (*trace.profiles, STEM)}
+            config = replace(config, estimates_mb={**known, **config.estimates_mb})
+        self.core = PoolCore(config, id_prefix="sim")
         self.queue_timeout_s = queue_timeout_s
         self.tick_s = tick_s
         self._rng = random.Random(seed)
@@ -121,6 +140,7 @@ class Simulator:
         self._arrived: dict[int, float] = {}
         self._idle_since: dict[str, tuple[float, str]] = {}  # worker -> (idle since, model)
         self._call_ms: dict[str, float] = {}  # worker -> how long its current call takes
+        self._cpu: set[str] = set()  # CPU fallback workers (no GPU memory, slower inference)
         self._next_tick = math.inf
         self.result = SimResult()
         self.log: list[tuple[str, tuple[Any, ...], list[Any]]] | None = None  # (event, args, commands) if kept
@@ -147,8 +167,8 @@ class Simulator:
             self._carry_out(commands, now)
             self._schedule_tick(now)
             result.events += 1
-        for since, model in self._idle_since.values():  # workers kept for ever (an infinite keep-alive)
-            self._add_idle(model, since, now)
+        for worker_id, (since, model) in self._idle_since.items():  # workers kept for ever (an infinite keep-alive)
+            self._add_idle(model, since, now, worker_id in self._cpu)
         result.wall_s = time.perf_counter() - started
         return result
 
@@ -166,10 +186,13 @@ class Simulator:
         if kind == _DONE:
             return self._feed("released", payload, now)
         if kind == _STOPPED:
+            self._cpu.discard(payload)
             return self._feed("stopped", payload, now)
         return self._feed("expire", payload, now)
 
     def _feed(self, name: str, *args: Any) -> list[Any]:
+        if self.profile.gpus:
+            self.core.readings = self._readings()
         commands: list[Any] = getattr(self.core, name)(*args)
         if self.log is not None:
             self.log.append((name, args, commands))
@@ -188,11 +211,14 @@ class Simulator:
                     # One worker call per batch; it lasts as long as its slowest member would alone.
                     self._busy(command.worker_id, now)
                     infer_ms = max(self._infer_ms(command.model) for _ in command.batch or (None,))
+                    if command.cpu_fallback:
+                        infer_ms *= profile.cpu_slowdown
                     self._call_ms[command.worker_id] = infer_ms
                     self._push(now + infer_ms / 1000, _DONE, command.worker_id)
                 result.served += 1
                 result.cold_starts += command.cold_start
                 result.stem_starts += command.start == "stem"
+                result.fallback_serves += command.cpu_fallback
                 result.latencies_ms.append((now - arrived) * 1000 + self._call_ms[command.worker_id])
             elif isinstance(command, Fail):
                 self._arrived.pop(command.request_id, None)
@@ -200,6 +226,8 @@ class Simulator:
             elif isinstance(command, SpawnWorker):
                 for victim in command.evict:
                     self._busy(victim, now)
+                if command.cpu_fallback:
+                    self._cpu.add(command.worker_id)
                 if command.request_id is None:
                     result.prewarms += command.model != STEM
                     self._idle_since[command.worker_id] = (now, command.model)  # a guess holds memory while it starts
@@ -226,16 +254,34 @@ class Simulator:
         """``worker_id`` stops being idle (taken, stopped or evicted)."""
         idle = self._idle_since.pop(worker_id, None)
         if idle is not None:
-            self._add_idle(idle[1], idle[0], now)
+            self._add_idle(idle[1], idle[0], now, worker_id in self._cpu)
 
-    def _add_idle(self, model: str, since: float, now: float) -> None:
+    def _add_idle(self, model: str, since: float, now: float, cpu: bool = False) -> None:
+        """``model``'s worker was idle from ``since`` to ``now``; a CPU one holds no GPU memory."""
         seconds = max(0.0, now - since)
         self.result.idle_worker_s += seconds
+        if not cpu:
+            self.result.idle_mb_s += seconds * self._memory_mb(model)
+
+    def _memory_mb(self, model: str) -> float:
+        """The GPU memory a worker of ``model`` holds: the profile's, else the trace's."""
         memory = self.profile.stem_memory_mb if model == STEM else self.profile.memory_mb
         if memory is None:
             known = self.trace.profiles.get(model)
             memory = known.memory_mb if known is not None else 0.0
-        self.result.idle_mb_s += seconds * memory
+        return memory
+
+    def _readings(self) -> list[GpuReading]:
+        """What NVML would read now: the memory of the workers on each GPU. A starting
+        worker's model is left out (the core adds it to the reading itself); a stem
+        cell loading a model keeps its own part."""
+        used = dict.fromkeys(self.profile.gpus, 0.0)
+        estimates = self.core.config.estimates_mb
+        for worker in self.core.workers.values():
+            if worker.device in used:
+                loading = estimates.get(worker.model, 0.0) if worker.state is State.STARTING else 0.0
+                used[worker.device] += max(0.0, worker.gpu_mb - loading)
+        return [GpuReading(device, used[device], total) for device, total in self.profile.gpus.items()]
 
     def _schedule_tick(self, now: float) -> None:
         wake = self.core.next_wakeup()

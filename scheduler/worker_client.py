@@ -19,8 +19,9 @@ import json
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
 
@@ -33,11 +34,21 @@ class _Dropped(Exception):
     """The worker closed the connection before answering anything."""
 
 
+# What a worker may answer for one image besides its predictions: an embedding model's
+# vector and width, and the raw scores of the labels a subset asked for.
+EXTRA_KEYS = ("embedding", "dim", "logits")
+
+
 @dataclass(frozen=True)
 class WorkerAnswer:
-    predictions: list[dict[str, Any]]
+    predictions: list[dict[str, Any]]  # empty for an embedding model
     timing_ms: dict[str, float]
     round_trip_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)  # EXTRA_KEYS the worker answered
+
+    def entry(self) -> dict[str, Any]:
+        """The answer as one image's entry, shaped like a batch answer's."""
+        return {"predictions": self.predictions, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -181,21 +192,29 @@ class WorkerClient:
             raise WorkerCrashed(f"worker {self.who} /healthz answered {status}: {payload}", self.worker_id)
         return payload
 
-    def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer:
-        """Classify ``image``. Raises WorkerRejected (4xx: bad input), WorkerCrashed
-        (5xx, dropped connection, garbage) or WorkerTimeout."""
-        payload, elapsed = self._infer(f"/predict?top_k={top_k}", [image], timeout)
-        predictions, timing = payload.get("predictions"), payload.get("timing_ms")
-        if not isinstance(predictions, list) or not isinstance(timing, dict):
-            raise WorkerCrashed(f"worker {self.who} answered without predictions: {payload}", self.worker_id)
-        return WorkerAnswer(predictions, timing, elapsed)
+    def predict(
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerAnswer:
+        """Classify ``image`` (or, for an embedding model, embed it); with ``labels``,
+        the answer also has those labels' raw scores (``logits``, in that order). Raises
+        WorkerRejected (4xx: bad input), WorkerCrashed (5xx, dropped connection,
+        garbage) or WorkerTimeout."""
+        payload, elapsed = self._infer(_query("/predict", top_k, labels), [image], timeout)
+        timing = payload.get("timing_ms")
+        if not _is_result(payload) or "error" in payload or not isinstance(timing, dict):
+            raise WorkerCrashed(f"worker {self.who} answered without predictions: {str(payload)[:200]}", self.worker_id)
+        extra = {key: payload[key] for key in EXTRA_KEYS if key in payload}
+        return WorkerAnswer(payload.get("predictions") or [], timing, elapsed, extra)
 
-    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer:
+    def predict_batch(
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerBatchAnswer:
         """Classify ``images`` in one call (one forward pass; at most the model's max
         batch size). An image the worker cannot decode gets its own error entry. Raises
         as ``predict`` does, and WorkerCrashed unless the answer has one entry per image."""
         parts = ",".join(str(len(image)) for image in images)
-        payload, elapsed = self._infer(f"/predict_batch?top_k={top_k}", images, timeout, f"{PARTS_HEADER}: {parts}\r\n")
+        path = _query("/predict_batch", top_k, labels)
+        payload, elapsed = self._infer(path, images, timeout, f"{PARTS_HEADER}: {parts}\r\n")
         results, timing = payload.get("results"), payload.get("timing_ms")
         if not isinstance(results, list) or not isinstance(timing, dict):
             raise WorkerCrashed(f"worker {self.who} answered without results: {str(payload)[:200]}", self.worker_id)
@@ -249,8 +268,15 @@ class WorkerClient:
         return payload
 
 
+def _query(path: str, top_k: int, labels: Sequence[str]) -> str:
+    """An inference path with its query: top_k and each label (UTF-8, percent-encoded)."""
+    return f"{path}?top_k={top_k}" + "".join(f"&labels={quote(label, safe='')}" for label in labels)
+
+
 def _is_result(entry: Any) -> bool:
-    """One image's entry in a batch answer: predictions or an error."""
+    """One image's answer: predictions, an embedding, or an error."""
     return isinstance(entry, dict) and (
-        isinstance(entry.get("predictions"), list) or isinstance(entry.get("error"), dict)
+        isinstance(entry.get("predictions"), list)
+        or isinstance(entry.get("embedding"), list)
+        or isinstance(entry.get("error"), dict)
     )

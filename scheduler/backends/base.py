@@ -7,9 +7,10 @@ touching the pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,9 +56,13 @@ class ManagedWorker:
 class Connection(Protocol):
     """How the pool talks to a worker (``WorkerClient`` over a Unix socket)."""
 
-    def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer: ...
+    def predict(
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerAnswer: ...
 
-    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer: ...
+    def predict_batch(
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerBatchAnswer: ...
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]: ...
 
@@ -118,7 +123,29 @@ class Backend(Protocol):
         """Why stem cells could not read bundles through ``models_dir``, or None."""
         ...
 
+    def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
+        """Load the bundle in ``bundle_dir`` the way a worker would (in the worker image,
+        or with the worker interpreter), run it once and measure it, on GPU ``device``
+        or the CPU: the worker's ``check`` report, ``{"ok": true, ...}`` or ``{"ok":
+        false, "error": {...}}``. Raises WorkerStartError if the check could not run."""
+        ...
+
     def close(self) -> None: ...
+
+
+def check_report(output: str, who: str) -> dict[str, Any]:
+    """The JSON report a worker's ``check`` printed last on stdout."""
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                report = json.loads(line)
+            except ValueError:
+                break
+            if isinstance(report, dict) and "ok" in report:
+                return report
+            break
+    tail = "\n".join(output.strip().splitlines()[-5:]) or "no output"
+    raise WorkerStartError(f"{who} printed no bundle report:\n{tail}", "bundle-check")
 
 
 def wait_ready(socket: Path, worker_id: str, deadline: float, check: Callable[[float], None]) -> dict[str, Any]:

@@ -9,11 +9,13 @@ limits, the model bundle mounted read-only at /model, and the worker's socket di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from ..errors import (
     WorkerStartTimeout,
 )
 from ..worker_client import WorkerClient
-from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, load_model, wait_ready
+from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, check_report, load_model, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,10 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
         options["nano_cpus"] = int(limits.cpus * 1e9)
     if spec.gpus:
         options["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
+    else:
+        # No device request: a CPU worker (a CPU fallback on a GPU host among them). Hide
+        # any GPU an engine whose default runtime is nvidia would still show it.
+        options["environment"]["CUDA_VISIBLE_DEVICES"] = ""
     return options
 
 
@@ -343,6 +349,43 @@ class DockerBackend:
 
     def stem_problem(self, models_dir: Path) -> str | None:
         return stem_mount_problem(models_dir)
+
+    def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
+        """Run the worker's ``check`` in a one-shot container, as locked down as a
+        worker, with the bundle mounted read-only at /model."""
+        worker_id = f"check-{uuid.uuid4().hex[:8]}"
+        spec = WorkerSpec(
+            image=self.image,
+            pool_id=self.pool_id,
+            model="bundle-check",
+            worker_id=worker_id,
+            model_dir=bundle_dir.resolve(),
+            socket_dir=self.socket_root / worker_id,
+            gpus=(device,) if device else (),
+            limits=self.limits,
+            environment=self.environment,
+        )
+        prepare_socket_dir(spec.socket_dir)
+        container = None
+        try:
+            container = self.client.containers.run(**run_options(spec, ["check"]))
+            container.wait(timeout=timeout)
+            output = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+            errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+        except docker.errors.ImageNotFound as exc:
+            raise WorkerStartError(
+                f"worker image {self.image} is not present: run `wanwu image build`", worker_id
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise WorkerStartError(
+                f"checking {bundle_dir} in {self.image} failed: {_first_line(exc)}", worker_id
+            ) from exc
+        finally:
+            if container is not None:
+                with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+                    container.remove(force=True)
+            self._cleanup(spec)
+        return check_report(output + ("\n" + errors if not output.strip() else ""), f"the check in {self.image}")
 
     def stop(self, worker_id: str) -> None:
         """Kill and remove (one API call), then delete the socket directory."""

@@ -59,19 +59,25 @@ def build_backend(settings: Settings) -> Backend:
     raise ConfigError(f"WANWU_BACKEND={settings.backend!r}: expected docker or process")
 
 
+# Built-in bundles served beside a built-in default model: the demo classifier's
+# embedding model (its penultimate layer), so /embed works out of the box.
+COMPANIONS = {"demo-shapes": ("demo-shapes-embed",)}
+
+
 def build_pool(settings: Settings, start: bool = True, backend: Backend | None = None) -> WarmPool:
-    """A WarmPool over the configured backend. The default model's bundle is provided by
-    the backend (copied out of the worker image, or trained) on first use if the models
-    directory lacks it; stem cells are turned off, with a warning, where they could not
+    """A WarmPool over the configured backend. The default model's bundle (and its
+    COMPANIONS) are provided by the backend (copied out of the worker image, or trained)
+    on first use if the models directory lacks them; stem cells are turned off, with a warning, where they could not
     read the models directory."""
     backend = backend or build_backend(settings)
     backend.ping()
     catalog = ModelCatalog(settings.models_dir)
-    try:
-        catalog.get(settings.default_model)
-    except UnknownModel:
-        _provide_default_model(backend, settings.default_model, settings.models_dir)
-        catalog.refresh()
+    for name in (settings.default_model, *COMPANIONS.get(settings.default_model, ())):
+        try:
+            catalog.get(name)
+        except UnknownModel:
+            _provide_default_model(backend, name, settings.models_dir)
+            catalog.refresh()
     problem = backend.stem_problem(settings.models_dir.resolve())
     if problem and settings.stem_cells:  # say it once, and serve without them
         log.warning("%s; serving without stem cells", problem)

@@ -36,12 +36,13 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ImageBuildError, WorkerStartError, WorkerStartTimeout
 from ..worker_client import WorkerClient
-from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, load_model, wait_ready
+from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, check_report, load_model, wait_ready
 from .limits import Cgroups, ProcessLimits, boot_id, is_same_process, process_start_time, wrapper
 
 log = logging.getLogger(__name__)
 
 RECORD = "worker.json"
+BUILTIN_MODELS = ("demo-shapes", "demo-shapes-embed")  # what the demo trainer writes, in its order
 LOG = "worker.log"
 SOCKET = "worker.sock"
 
@@ -420,19 +421,21 @@ class ProcessBackend:
         return True, f"{self.python}: torch {version} ({build})"
 
     def provide_model(self, name: str, models_dir: Path) -> Path:
-        """Train the built-in demo bundle into ``models_dir`` with the worker
-        interpreter (about a minute on two cores; once per models directory)."""
-        if name != "demo-shapes":
+        """Train the built-in demo bundles (``demo-shapes`` and its embedding model
+        ``demo-shapes-embed``) into ``models_dir`` with the worker interpreter (about a
+        minute on two cores; once per models directory). Each appears whole or not at all."""
+        if name not in BUILTIN_MODELS:
             raise ImageBuildError(f"model {name!r} is not built in; put its bundle in {models_dir}")
-        target = models_dir / name
-        partial = models_dir / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
         models_dir.mkdir(parents=True, exist_ok=True)
-        log.info("training the demo model into %s with %s (about a minute)", target, self.python)
-        train = ["-m", "wanwu_worker.demo.train", "--out", str(partial), "--seed", "0", "--eval-seed", "1"]
+        partial = {model: models_dir / f".{model}.partial" for model in BUILTIN_MODELS}
+        for path in partial.values():
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("training the demo models into %s with %s (about a minute)", models_dir, self.python)
+        classify, embed = (str(partial[model]) for model in BUILTIN_MODELS)
+        train = ["-m", "wanwu_worker.demo.train", "--out", classify, "--embed-out", embed, "--seed", "0"]
         try:
             result = subprocess.run(
-                [self.python, *train],
+                [self.python, *train, "--eval-seed", "1"],
                 env=self._base_environment(),
                 capture_output=True,
                 text=True,
@@ -440,17 +443,44 @@ class ProcessBackend:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise ImageBuildError(f"training the demo model with {self.python} failed: {exc}") from exc
-        if result.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise ImageBuildError(f"training the demo model with {self.python} failed:\n{tail}")
-        partial.replace(target)
-        return target
+            failure: str | None = str(exc)
+        else:
+            failure = None if result.returncode == 0 else "\n".join(result.stderr.strip().splitlines()[-5:])
+        if failure is not None:
+            for path in partial.values():
+                shutil.rmtree(path, ignore_errors=True)
+            raise ImageBuildError(f"training the demo models with {self.python} failed:\n{failure}")
+        for model, path in partial.items():
+            target = models_dir / model
+            if target.exists():  # one of the two was there already: keep it
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.replace(target)
+        return models_dir / name
 
     def stem_problem(self, models_dir: Path) -> str | None:
         return None  # workers run as the gateway's user: they read what it reads
+
+    def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
+        """Run the worker's ``check`` with the worker interpreter, with a CPU worker's
+        address-space limit (no cgroup: it is one short-lived process)."""
+        env = {**self._base_environment(), **self.environment, "CUDA_VISIBLE_DEVICES": device or ""}
+        limit = None if device else self.limits.memory_bytes
+        command = [
+            *wrapper([], limit),
+            self.python,
+            "-m",
+            "wanwu_worker",
+            "--model",
+            str(bundle_dir.resolve()),
+            "check",
+        ]
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise WorkerStartError(f"checking {bundle_dir} with {self.python} failed: {exc}", "bundle-check") from exc
+        output = result.stdout if result.stdout.strip() else result.stdout + result.stderr
+        return check_report(output, self.python)
 
     def close(self) -> None:
         """Remove the pool's cgroup directories once no worker is left in them: now, or

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,32 @@ class FakeClock:
         return event.is_set()
 
 
+def fake_logit(label: str) -> float:
+    """The raw score a fake worker gives ``label``: fixed per label, different between labels."""
+    return float(sum(map(ord, label)) % 97) / 10
+
+
+def fake_embedding(image: bytes) -> dict[str, Any]:
+    """A fake embedding model's answer (models named embed*): a unit vector from the bytes."""
+    raw = [float(len(image) % 7 + 1), float(sum(image[:64]) % 5 + 1), 1.0]
+    norm = sum(v * v for v in raw) ** 0.5
+    return {"embedding": [v / norm for v in raw], "dim": 3}
+
+
 class FakeConnection:
     def __init__(self, backend: FakeBackend, worker_id: str, model: str) -> None:
         self.backend, self.worker_id, self.model = backend, worker_id, model
         self.calls = 0
         self.batches: list[int] = []  # images in each predict_batch call
         self.seen: list[bytes] = []  # every image sent, in order
+        self.labels: list[tuple[str, ...]] = []  # the label subset of each call
         self.closed = False
 
-    def predict(self, image: bytes, top_k: int = 5, timeout: float | None = None) -> WorkerAnswer:
+    def predict(
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerAnswer:
         self.calls += 1
+        self.labels.append(tuple(labels))
         self.seen.append(image)
         outcome = self.backend.next_outcome(self.worker_id, self.model)
         if outcome == "crash":
@@ -50,15 +66,21 @@ class FakeConnection:
             raise WorkerTimeout(f"worker {self.worker_id} did not answer", self.worker_id)
         if outcome == "reject":
             raise WorkerRejected("not an image", 400, "not_an_image", self.worker_id)
+        if self.model.startswith("embed"):
+            return WorkerAnswer([], {"inference": 1.0, "total": 2.0}, 2.5, fake_embedding(image))
         return WorkerAnswer(
             [{"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0}],
             {"inference": 1.0, "total": 2.0},
             2.5,
+            {"logits": [fake_logit(label) for label in labels]} if labels else {},
         )
 
-    def predict_batch(self, images: list[bytes], top_k: int = 5, timeout: float | None = None) -> WorkerBatchAnswer:
+    def predict_batch(
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+    ) -> WorkerBatchAnswer:
         """One call for several images: an image ``bad`` gets its own error entry."""
         self.calls += 1
+        self.labels.append(tuple(labels))
         self.batches.append(len(images))
         self.seen.extend(images)
         if self.backend.on_batch is not None:
@@ -71,11 +93,14 @@ class FakeConnection:
         results: list[dict[str, Any]] = [
             {"error": {"code": "not_an_image", "message": "not an image"}}
             if image == b"bad"
+            else fake_embedding(image)
+            if self.model.startswith("embed")
             else {
                 "predictions": [
                     {"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0},
                     {"label": "other", "score": 0.0},
-                ][:top_k]
+                ][:top_k],
+                **({"logits": [fake_logit(label) for label in labels]} if labels else {}),
             }
             for image in images
         ]
@@ -107,6 +132,8 @@ class FakeBackend:
         self.on_batch: Callable[[str, list[bytes]], None] | None = None  # called as a batch call starts
         self.connections: dict[str, FakeConnection] = {}
         self.loads: list[tuple[str, str]] = []  # (stem cell, model) loads asked for
+        self.checked: list[tuple[Path, str | None]] = []  # bundle checks asked for
+        self.check_reports: collections.deque[dict[str, Any]] = collections.deque()
 
     def fail_next_spawns(self, model: str, count: int = 1, error: WanwuError | None = None) -> None:
         for _ in range(count):
@@ -177,6 +204,14 @@ class FakeBackend:
     def readiness(self) -> dict[str, tuple[bool, str]]:
         return {"backend": (True, "fake")}
 
+    def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
+        """What a worker's ``check`` of a bundle would print: ``check_reports`` holds
+        the next reports to give, else an ``ok`` one for the bundle's name."""
+        self.checked.append((bundle_dir, device))
+        if self.check_reports:
+            return self.check_reports.popleft()
+        return {"ok": True, "name": bundle_dir.name, "outputs": 2, "labels": 2, "gpu_memory_mb": None}
+
     def close(self) -> None:
         pass
 
@@ -187,8 +222,11 @@ def make_bundle(
     gpu_memory_mb: int = 0,
     idle_ttl_s: float | None = None,
     batching: dict[str, float] | None = None,
+    labels: tuple[str, ...] = ("a", "b"),
+    **extra: Any,
 ) -> Path:
-    """A bundle directory the catalog accepts (the model file is never loaded here)."""
+    """A bundle directory the catalog accepts (the model file is never loaded here);
+    ``extra`` goes into model.json (task, subsets, cpu_fallback...)."""
     path = models_dir / name
     path.mkdir(parents=True)
     config: dict[str, Any] = {
@@ -205,7 +243,8 @@ def make_bundle(
         config["idle_ttl_s"] = idle_ttl_s
     if batching is not None:
         config["batching"] = batching
-    (path / "model.json").write_text(json.dumps(config))
-    (path / "labels.txt").write_text("a\nb\n")
+    config.update(extra)
+    (path / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (path / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     (path / "model.pt").write_bytes(b"")
     return path

@@ -51,8 +51,8 @@ def test_bad_json_names_file(bundle_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("format", "onnx", r"'format' is 'onnx'; expected one of torchscript"),
-        ("task", "detect", r"'task' is 'detect'"),
+        ("format", "tflite", r"'format' is 'tflite'; expected one of torchscript, export, onnx"),
+        ("task", "detect", r"'task' is 'detect'; expected one of classify, embed"),
         ("precision", "int4", r"'precision' is 'int4'; expected one of fp32, fp16"),
         ("input_size", [3, 64], r"'input_size' .* list of 3"),
         ("input_size", [1, 64, 64], r"'input_size' has 1 channels"),
@@ -140,3 +140,107 @@ def test_cuda_requested_without_cuda_is_clear(bundle_dir: Path) -> None:
         pytest.skip("this check is for hosts without CUDA")
     with pytest.raises(BundleError, match="CUDA is not available"):
         Predictor(load_bundle(bundle_dir), device="cuda")
+
+
+# -- formats, tasks and the optional fields ------------------------------------------------
+
+LABELS = ("红色圆形", "红色方形", "绿色圆形", "绿色方形", "蓝色圆形", "蓝色方形")
+
+
+def make_embed(directory: Path) -> None:
+    """Turn the classify bundle in ``directory`` into an embed bundle without labels."""
+    edit_json(directory, lambda c: (c.update(task="embed"), c.pop("labels")))
+    (directory / "labels.txt").unlink()
+
+
+def test_optional_fields_default(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert (bundle.format, bundle.task) == ("torchscript", "classify")
+    assert bundle.subsets == {} and bundle.cpu_fallback is False and bundle.embedding_dim is None
+
+
+def test_subsets_and_cpu_fallback_are_read(bundle_dir: Path) -> None:
+    subsets = {"红色": ["红色方形", "红色圆形"], "圆形": ["红色圆形", "绿色圆形", "蓝色圆形"]}
+    edit_json(bundle_dir, lambda c: c.update(subsets=subsets, cpu_fallback=True))
+    bundle = load_bundle(bundle_dir)
+    assert bundle.subsets == {"红色": ("红色方形", "红色圆形"), "圆形": ("红色圆形", "绿色圆形", "蓝色圆形")}
+    assert bundle.cpu_fallback is True
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["红色圆形"], r"'subsets' is \['红色圆形'\]; expected an object"),
+        ({"红色": ["红色圆形", "紫色圆形"]}, r"'subsets\.红色' has label '紫色圆形', which is not in the labels file"),
+        ({"红色": []}, r"'subsets\.红色' is \[\]; expected a non-empty list of labels"),
+        ({"红色": "红色圆形"}, r"'subsets\.红色' is '红色圆形'; expected a non-empty list"),
+        ({"红色": ["红色圆形", 3]}, r"'subsets\.红色' .* expected a non-empty list of labels"),
+        ({"红色": ["红色圆形", "红色圆形"]}, r"'subsets\.红色' lists '红色圆形' more than once"),
+        ({"": ["红色圆形"]}, r"'subsets' has a subset named ''"),
+    ],
+)
+def test_bad_subsets_are_named(bundle_dir: Path, value: object, message: str) -> None:
+    edit_json(bundle_dir, lambda c: c.__setitem__("subsets", value))
+    with pytest.raises(BundleError, match=message) as caught:
+        load_bundle(bundle_dir)
+    assert "model.json" in str(caught.value)
+
+
+def test_subsets_are_for_classify_only(bundle_dir: Path) -> None:
+    make_embed(bundle_dir)
+    edit_json(bundle_dir, lambda c: c.__setitem__("subsets", {"红色": ["红色圆形"]}))
+    with pytest.raises(BundleError, match=r"model\.json: field 'subsets' is only for task classify"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_cpu_fallback_must_be_a_bool(bundle_dir: Path, value: object) -> None:
+    edit_json(bundle_dir, lambda c: c.__setitem__("cpu_fallback", value))
+    with pytest.raises(BundleError, match=rf"model\.json: field 'cpu_fallback' is {value!r}; expected true or false"):
+        load_bundle(bundle_dir)
+
+
+def test_an_embed_bundle_needs_no_labels(bundle_dir: Path) -> None:
+    make_embed(bundle_dir)
+    edit_json(bundle_dir, lambda c: c.update(embedding_dim=64))
+    bundle = load_bundle(bundle_dir)
+    assert (bundle.task, bundle.labels, bundle.embedding_dim) == ("embed", (), 64)
+
+
+def test_an_embed_bundle_reads_labels_it_names(bundle_dir: Path) -> None:
+    edit_json(bundle_dir, lambda c: c.update(task="embed"))
+    assert load_bundle(bundle_dir).labels == LABELS
+    (bundle_dir / "labels.txt").unlink()
+    edit_json(bundle_dir, lambda c: c.update(labels="labels.txt"))
+    with pytest.raises(BundleError, match=r"labels\.txt: labels file is missing"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(0, r"is 0; expected a positive integer"), ("64", r"is '64'; expected"), (True, r"is True; expected")],
+)
+def test_bad_embedding_dim_is_named(bundle_dir: Path, value: object, message: str) -> None:
+    make_embed(bundle_dir)
+    edit_json(bundle_dir, lambda c: c.__setitem__("embedding_dim", value))
+    with pytest.raises(BundleError, match=rf"model\.json: field 'embedding_dim' {message}"):
+        load_bundle(bundle_dir)
+
+
+def test_embedding_dim_is_for_embed_only(bundle_dir: Path) -> None:
+    edit_json(bundle_dir, lambda c: c.__setitem__("embedding_dim", 64))
+    with pytest.raises(BundleError, match=r"field 'embedding_dim' is only for task embed"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "file"), [("torchscript", "model.pt"), ("export", "model.pt2"), ("onnx", "model.onnx")]
+)
+def test_each_format_names_its_model_file(bundle_dir: Path, fmt: str, file: str) -> None:
+    edit_json(bundle_dir, lambda c: c.__setitem__("format", fmt))
+    if fmt != "torchscript":
+        with pytest.raises(BundleError, match=rf"{file}: missing \(model\.json 'format' is {fmt}\)"):
+            load_bundle(bundle_dir)
+        (bundle_dir / file).write_bytes(b"")  # presence is checked here, loading by the runtime
+    bundle = load_bundle(bundle_dir)
+    assert bundle.model_file == bundle_dir / file and bundle.format == fmt

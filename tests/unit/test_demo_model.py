@@ -65,3 +65,49 @@ def test_trainer_fails_below_the_accuracy_floor(tmp_path: Path, capsys: pytest.C
     )
     assert status == 1
     assert "below 0.999" in capsys.readouterr().err
+
+
+def test_the_embed_bundle_is_the_classifier_without_its_last_layer(tiny_bundle: Path) -> None:
+    import torch
+    from wanwu_worker.demo.export import rebuild
+
+    classify = load_bundle(tiny_bundle)
+    embed = load_bundle(tiny_bundle.parent / trainer.EMBED_NAME)
+    assert (embed.name, embed.task, embed.format, embed.labels) == ("demo-shapes-embed", "embed", "torchscript", ())
+    assert embed.embedding_dim == 64 and embed.gpu_memory_mb == 256
+    assert (embed.input_size, embed.resize, embed.mean, embed.std, embed.batching) == (
+        classify.input_size,
+        classify.resize,
+        classify.mean,
+        classify.std,
+        classify.batching,
+    )
+    network, _ = rebuild(tiny_bundle)
+    pooled, _ = rebuild(embed.path)
+    x = torch.randn(3, *classify.input_size)
+    with torch.inference_mode():
+        features = torch.jit.load(str(embed.model_file))(x)
+        assert features.shape == (3, 64)
+        assert torch.allclose(pooled(x), features, atol=1e-5)
+        assert torch.allclose(network[-1](features), torch.jit.load(str(classify.model_file))(x), atol=1e-5)
+
+
+def test_export_writes_the_same_network_as_a_torch_export_program(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from wanwu_worker.demo import export
+    from wanwu_worker.predictor import Predictor
+
+    from tests.images import demo_images
+
+    copy = tmp_path / "demo-shapes"
+    shutil.copytree(tiny_bundle, copy)
+    assert export.main(["--bundle", str(tiny_bundle), "--format", "export", "--out", str(copy / "model.pt2")]) == 0
+    config = json.loads((copy / "model.json").read_text(encoding="utf-8"))
+    (copy / "model.json").write_text(json.dumps({**config, "format": "export"}), encoding="utf-8")
+    scripted = Predictor(load_bundle(tiny_bundle), device="cpu")
+    exported = Predictor(load_bundle(copy), device="cpu")
+    for data in list(demo_images().values())[:3]:
+        want, got = scripted.predict(data, 6).predictions, exported.predict(data, 6).predictions
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-4)

@@ -118,3 +118,43 @@ def test_full_pool_eviction_credits_the_victims_memory() -> None:
     gpu = [GpuReading("0", 8500, 10000)]
     workers = [w("b1", "b", last_used=1, gpu_mb=4000, device="0"), w("c1", "c", BUSY, gpu_mb=4500, device="0")]
     assert decide("a", workers, LIMITS, gpu, {"a": 3000}) == Spawn("0", ("b1",))
+
+
+# -- CPU fallback ---------------------------------------------------------------------------------
+
+
+def test_a_fallback_model_that_does_not_fit_spawns_on_the_cpu_in_a_free_slot() -> None:
+    gpu = [GpuReading("0", used_mb=8000, total_mb=10000)]
+    workers = [w("c1", "c", BUSY, gpu_mb=8000, device="0")]
+    limits = Limits(4, 30)
+    assert decide("a", workers, limits, gpu, {"a": 2000}, cpu_fallback=True) == Spawn(cpu_fallback=True)
+    # What could never fit on a GPU runs on the CPU instead of being rejected.
+    assert decide("a", workers, limits, gpu, {"a": 9500}, cpu_fallback=True) == Spawn(cpu_fallback=True)
+    # What fits (or fits by evicting idle workers) still goes on the GPU.
+    assert decide("a", workers, limits, gpu, {"a": 900}, cpu_fallback=True) == Spawn("0")
+    idle = [w("b1", "b", last_used=5, gpu_mb=2000, device="0"), w("c1", "c", BUSY, gpu_mb=6000, device="0")]
+    assert decide("a", idle, limits, gpu, {"a": 2000}, cpu_fallback=True) == Spawn("0", ("b1",))
+
+
+def test_a_fallback_takes_a_free_slot_or_a_stem_cells_never_a_warm_workers() -> None:
+    gpu = [GpuReading("0", used_mb=9000, total_mb=10000)]
+    busy = w("c1", "c", BUSY, gpu_mb=9000, device="0")
+    assert isinstance(decide("a", [busy, w("b1", "b", last_used=5)], LIMITS, gpu, {"a": 2000}, cpu_fallback=True), Wait)
+    assert isinstance(decide("a", [busy, w("c2", "c", BUSY)], LIMITS, gpu, {"a": 9500}, cpu_fallback=True), Wait)
+    stem = w("s1", "(stem)", gpu_mb=500, device="0")
+    decision = decide("a", [busy, stem], LIMITS, gpu, {"a": 2000, "(stem)": 500}, cpu_fallback=True)
+    assert decision == Spawn(None, ("s1",), cpu_fallback=True)
+
+
+def test_without_gpus_there_is_nothing_to_fall_back_from() -> None:
+    assert decide("a", [], LIMITS, [], {"a": 99_999}, cpu_fallback=True) == Spawn()
+    assert decide("a", [w("b1", "b", last_used=1), w("c1", "c", BUSY)], LIMITS, cpu_fallback=True) == Spawn(
+        evict=("b1",)
+    )
+
+
+def test_an_idle_gpu_worker_is_reused_before_an_idle_cpu_fallback() -> None:
+    gpu_worker = w("g1", last_used=10, device="0")
+    cpu_worker = WorkerView("c1", "a", IDLE, last_used=20, cpu_fallback=True)
+    assert decide("a", [cpu_worker, gpu_worker], Limits(3, 30)) == Reuse("g1")
+    assert decide("a", [cpu_worker], Limits(3, 30)) == Reuse("c1")

@@ -1,12 +1,24 @@
-"""Command line: ``python -m wanwu_worker serve|predict`` (the image's entry point)."""
+"""Command line: ``python -m wanwu_worker serve|predict|check`` (the image's entry point).
+
+``check`` loads a bundle and its model as ``serve`` would, answers one image, and prints
+one JSON line: what the model is (name, format, task, outputs, labels, embedding_dim,
+max_batch_size), on what it ran (device, precision) and what it cost (load_ms,
+warmup_ms, first_ms, peak_rss_mb, gpu_memory_mb and how that was measured). A bundle that
+fails prints ``{"ok": false, "error": {"code", "message"}}`` and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import math
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +27,8 @@ from .errors import WorkerError
 from .preprocess import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
+    import torch
+
     from .predictor import Predictor
 
 log = logging.getLogger("wanwu_worker")
@@ -44,7 +58,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanwu-worker", description="Classify images with a wanwu model bundle.")
+    parser = argparse.ArgumentParser(prog="wanwu-worker", description="Answer images with a wanwu model bundle.")
     parser.add_argument(
         "--model", default=None, help="bundle directory (default: $WANWU_MODEL_DIR, /model, built-in demo)"
     )
@@ -77,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="start with no model (a stem cell); POST /load picks a bundle under --models-root",
     )
     serve.add_argument("--models-root", default=os.environ.get("WANWU_MODELS_ROOT", "/models"))
-    predict = sub.add_parser("predict", help="classify FILEs, print one JSON line each")
+    predict = sub.add_parser("predict", help="classify or embed FILEs, print one JSON line each")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("files", nargs="+", metavar="FILE")
+    sub.add_parser("check", help="load the bundle's model, answer one image, print one JSON line of measurements")
     return parser
 
 
@@ -97,7 +112,8 @@ def run_predict(predictor: Predictor, files: list[str], top_k: int) -> int:
 
 
 def _predict_files(predictor: Predictor, names: list[str], top_k: int) -> list[dict[str, Any]]:
-    """Each file's answer, in order: ``{"predictions": [...]}`` or ``{"error": {...}}``."""
+    """Each file's answer, in order: ``{"predictions": [...]}`` (classify), ``{"embedding":
+    [...], "dim": D}`` (embed) or ``{"error": {...}}``."""
     answers: list[dict[str, Any] | None] = []
     images: list[bytes] = []
     for name in names:
@@ -117,9 +133,122 @@ def _predict_files(predictor: Predictor, names: list[str], top_k: int) -> list[d
 
 def _predict_one(predictor: Predictor, data: bytes, top_k: int) -> dict[str, Any]:
     try:
-        return {"predictions": predictor.predict(data, top_k).predictions}
+        return predictor.predict(data, top_k).result
     except WorkerError as exc:
         return {"error": exc.to_json()}
+
+
+def run_check(model_dir: str, runtime: dict[str, Any]) -> int:
+    """``check`` (module doc): print one JSON line; 0 if the bundle works, else 2."""
+    try:
+        # Only the JSON line goes to stdout, whatever a library prints while loading.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = _check(model_dir, runtime)
+    except WorkerError as exc:
+        return _check_failed(exc.to_json())
+    except Exception as exc:  # the caller reads a JSON answer, whatever went wrong
+        log.exception("check of %s failed unexpectedly", model_dir)
+        return _check_failed({"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+    print(json.dumps(report, ensure_ascii=False), flush=True)
+    return 0
+
+
+def _check_failed(error: dict[str, str]) -> int:
+    print(json.dumps({"ok": False, "error": error}, ensure_ascii=False), flush=True)
+    return 2
+
+
+def _check(model_dir: str, runtime: dict[str, Any]) -> dict[str, Any]:
+    from .predictor import Predictor, choose_device
+
+    device = choose_device(runtime["device"])
+    gpu = _GpuMemory(device) if device.type == "cuda" else None  # read before anything is loaded
+    bundle = load_bundle(model_dir)
+    predictor = Predictor(bundle, **{**runtime, "device": str(device)})
+    image = _sample_image(max(bundle.resize, *bundle.crop))
+    started = time.perf_counter()
+    predictor.predict(image, 1)
+    first_ms = round((time.perf_counter() - started) * 1000, 3)
+    gpu_mb, method = gpu.measure() if gpu is not None else (None, None)
+    return {
+        "ok": True,
+        "name": bundle.name,
+        "format": bundle.format,
+        "task": bundle.task,
+        "device": str(predictor.device),
+        "precision": predictor.precision,
+        "outputs": predictor.outputs,
+        "labels": len(bundle.labels),
+        "embedding_dim": predictor.outputs if bundle.task == "embed" else None,
+        "max_batch_size": predictor.max_batch_size,
+        "load_ms": predictor.load_ms,
+        "warmup_ms": predictor.warmup_ms,
+        "first_ms": first_ms,
+        "peak_rss_mb": math.ceil(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # Linux: KiB
+        "gpu_memory_mb": gpu_mb,
+        "gpu_memory_method": method,
+    }
+
+
+def _sample_image(side: int) -> bytes:
+    """A JPEG a little larger than the model's input, unlike the warm-up's pictures."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((side + side // 2, side)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class _GpuMemory:
+    """GPU memory a model costs: free memory on its GPU before anything is loaded against
+    after the first request, and PyTorch's peak reserved memory; the larger of the two.
+    NVML reads free memory before the CUDA context exists, so its drop counts the
+    context too; without NVML, cudaMemGetInfo can only read it once the context is made.
+    An ONNX model's memory is not PyTorch's: only the drop in free memory sees it."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        self.nvml_before = _nvml_free()  # first: torch may make the context from here on
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.cuda_before = torch.cuda.mem_get_info(self.device)[0]
+
+    def measure(self) -> tuple[int, str]:
+        """(MB rounded up, how it was measured)."""
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_reserved(self.device)
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+        nvml_after = _nvml_free()
+        if self.nvml_before and nvml_after and uuid in self.nvml_before and uuid in nvml_after:
+            drop, method = self.nvml_before[uuid] - nvml_after[uuid], "max(torch_peak_reserved, nvml_free_drop)"
+        else:
+            drop = self.cuda_before - torch.cuda.mem_get_info(self.device)[0]
+            method = "max(torch_peak_reserved, cuda_free_drop_after_context)"
+        return math.ceil(max(peak, drop) / 2**20), method
+
+
+def _nvml_free() -> dict[str, int] | None:
+    """Free bytes per GPU, by UUID as torch spells it; None where NVML cannot be read."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML (library or bindings): measure another way
+        return None
+    try:
+        free = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            free[uuid.removeprefix("GPU-")] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return free
+    except Exception:  # noqa: BLE001 - a device NVML cannot read: measure another way
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(None, args.socket, args.max_body, stem=stem)
         return 0
 
+    if args.mode == "check":
+        return run_check(args.model or default_model_dir(), runtime)
     try:
         bundle = load_bundle(args.model or default_model_dir())
         predictor = Predictor(bundle, **runtime)

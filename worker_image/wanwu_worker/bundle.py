@@ -1,19 +1,22 @@
-"""Model bundles: a directory with ``model.json``, a TorchScript ``model.pt`` and a
-UTF-8 ``labels.txt``. ``load_bundle`` validates all of it without importing torch, so
-every problem is reported with the file and field at fault before a model is loaded."""
+"""Model bundles: a directory with ``model.json``, the model file its ``format`` names
+(TorchScript ``model.pt``, torch.export ``model.pt2`` or ``model.onnx``) and a UTF-8
+``labels.txt`` (optional for ``task: embed``). ``load_bundle`` validates all of it without
+importing torch, so every problem is reported with the file and field at fault before a
+model is loaded."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, InputError
 
-FORMATS = ("torchscript",)
-TASKS = ("classify",)
+FORMATS = ("torchscript", "export", "onnx")
+MODEL_FILES = {"torchscript": "model.pt", "export": "model.pt2", "onnx": "model.onnx"}
+TASKS = ("classify", "embed")
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -25,7 +28,11 @@ class Batching:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A validated model bundle. ``input_size`` is (channels, height, width)."""
+    """A validated model bundle. ``input_size`` is (channels, height, width). ``labels``
+    is empty for an embed bundle without a labels file; ``subsets`` (classify only) names
+    lists of labels a request may score over; ``embedding_dim`` (embed only, optional) is
+    the width the model's output must have; ``cpu_fallback`` lets the scheduler serve the
+    model on a CPU worker when no GPU has room."""
 
     path: Path
     name: str
@@ -41,10 +48,14 @@ class Bundle:
     gpu_memory_mb: int
     idle_ttl_s: float | None
     batching: Batching | None
+    subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cpu_fallback: bool = False
+    embedding_dim: int | None = None
 
     @property
     def model_file(self) -> Path:
-        return self.path / "model.pt"
+        """The model file ``format`` names: model.pt, model.pt2 or model.onnx."""
+        return self.path / MODEL_FILES[self.format]
 
 
 def _err(path: Path, field: str, problem: str) -> BundleError:
@@ -111,6 +122,60 @@ def _batching(cfg: dict[str, Any], path: Path) -> Batching | None:
     return Batching(size, float(wait))
 
 
+def _labels(cfg: dict[str, Any], root: Path, meta: Path, task: str) -> tuple[str, ...]:
+    """The bundle's labels. Required for classify (default file labels.txt); an embed
+    bundle reads them only if 'labels' names a file or labels.txt exists."""
+    labels_name = cfg.get("labels", "labels.txt")
+    if not isinstance(labels_name, str) or "/" in labels_name or labels_name.startswith("."):
+        raise _err(meta, "labels", f"is {labels_name!r}; expected a file name inside the bundle")
+    if task == "embed" and "labels" not in cfg and not (root / labels_name).is_file():
+        return ()
+    return read_labels(root / labels_name)
+
+
+def _subsets(cfg: dict[str, Any], meta: Path, task: str, labels: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """'subsets': named, non-empty lists of distinct labels from the labels file."""
+    value = cfg.get("subsets")
+    if value is None:
+        return {}
+    if task != "classify":
+        raise _err(meta, "subsets", f"is only for task classify; this bundle's task is {task}")
+    if not isinstance(value, dict):
+        raise _err(meta, "subsets", f"is {value!r}; expected an object of subset name to a list of labels")
+    known = set(labels)
+    subsets: dict[str, tuple[str, ...]] = {}
+    for name, members in value.items():
+        where = f"subsets.{name}"
+        if not name.strip():
+            raise _err(meta, "subsets", f"has a subset named {name!r}; expected a non-empty name")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise _err(meta, where, f"is {members!r}; expected a non-empty list of labels")
+        for label in members:
+            if label not in known:
+                raise _err(meta, where, f"has label {label!r}, which is not in the labels file")
+        duplicates = sorted({m for m in members if members.count(m) > 1})
+        if duplicates:
+            raise _err(meta, where, f"lists {duplicates[0]!r} more than once")
+        subsets[name] = tuple(members)
+    return subsets
+
+
+def _flag(cfg: dict[str, Any], path: Path, field: str) -> bool:
+    value = cfg.get(field, False)
+    if not isinstance(value, bool):
+        raise _err(path, field, f"is {value!r}; expected true or false")
+    return value
+
+
+def _embedding_dim(cfg: dict[str, Any], meta: Path, task: str) -> int | None:
+    value = cfg.get("embedding_dim")
+    if value is None:
+        return None
+    if task != "embed":
+        raise _err(meta, "embedding_dim", f"is only for task embed; this bundle's task is {task}")
+    return _pos_int(value, meta, "embedding_dim")
+
+
 def read_labels(path: Path) -> tuple[str, ...]:
     """Read a labels file: UTF-8, one non-empty label per line, no duplicates."""
     try:
@@ -165,10 +230,7 @@ def load_bundle(directory: str | Path) -> Bundle:
     if isinstance(gpu_mb, bool) or not isinstance(gpu_mb, int) or gpu_mb < 0:
         raise _err(meta, "gpu_memory_mb", f"is {gpu_mb!r}; expected an integer >= 0")
 
-    labels_name = cfg.get("labels", "labels.txt")
-    if not isinstance(labels_name, str) or "/" in labels_name or labels_name.startswith("."):
-        raise _err(meta, "labels", f"is {labels_name!r}; expected a file name inside the bundle")
-    labels = read_labels(root / labels_name)
+    labels = _labels(cfg, root, meta, task)
     bundle = Bundle(
         path=root,
         name=name,
@@ -184,6 +246,9 @@ def load_bundle(directory: str | Path) -> Bundle:
         gpu_memory_mb=gpu_mb,
         idle_ttl_s=_optional_positive(cfg, meta, "idle_ttl_s"),
         batching=_batching(cfg, meta),
+        subsets=_subsets(cfg, meta, task, labels),
+        cpu_fallback=_flag(cfg, meta, "cpu_fallback"),
+        embedding_dim=_embedding_dim(cfg, meta, task),
     )
     if not bundle.model_file.is_file():
         raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")

@@ -1,5 +1,7 @@
-"""Load a bundle's TorchScript model once and classify images with it, one at a time
-(``predict``) or many in one forward pass (``predict_batch``)."""
+"""Load a bundle's model once (any format, through ``runtimes``) and answer images with
+it, one at a time (``predict``) or many in one forward pass (``predict_batch``): a
+classify model answers its top labels and scores (and, for labels a request names, the
+model's raw outputs), an embed model an L2-normalised feature vector."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from PIL import Image
 from .bundle import Bundle
 from .errors import BundleError, InferenceError, InputError
 from .preprocess import DEFAULT_MAX_PIXELS, decode, normalise, resize_and_crop, to_pixels
+from .runtimes import Model, check_batch, load_model
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +79,24 @@ def parse_top_k(raw: str | None, default: int = 5) -> int:
 
 @dataclass(frozen=True)
 class Prediction:
-    predictions: list[dict[str, Any]]
+    """``predict``'s answer. ``result`` is the image's entry, shaped like one of
+    ``predict_batch``'s: ``{"predictions": [...]}``, with ``"logits"`` when the request
+    named labels (classify), or ``{"embedding": [...], "dim": D}`` (embed)."""
+
+    result: dict[str, Any]
     timing_ms: dict[str, float]
+
+    @property
+    def predictions(self) -> list[dict[str, Any]]:
+        """The top labels and scores; empty for an embed model."""
+        predictions: list[dict[str, Any]] = self.result.get("predictions", [])
+        return predictions
 
 
 @dataclass(frozen=True)
 class BatchPrediction:
-    """``predict_batch``'s answer: one entry per image, in order, either
-    ``{"predictions": [...]}`` or ``{"error": {"code", "message"}}``. ``timing_ms`` has
+    """``predict_batch``'s answer: one entry per image, in order, either the image's
+    result (as ``Prediction.result``) or ``{"error": {"code", "message"}}``. ``timing_ms`` has
     decode, preprocess, inference and total (ms), ``batch`` (images) and ``failed``
     (images answered with an error)."""
 
@@ -103,7 +116,8 @@ class _Prepared:
 class Predictor:
     """One loaded model. ``predict`` and ``predict_batch`` are safe to call from several
     threads: the model runs one forward pass at a time, decoding and preprocessing run
-    outside the lock (a batch's images side by side on a small thread pool)."""
+    outside the lock (a batch's images side by side on a small thread pool).
+    ``outputs`` is the model's output width: its classes, or its embedding's size."""
 
     def __init__(
         self,
@@ -130,47 +144,50 @@ class Predictor:
         self._mean = torch.tensor(bundle.mean, device=self.device)
         self._std = torch.tensor(bundle.std, device=self.device)
         self._lock = threading.Lock()
+        self._columns_by_label = {label: i for i, label in enumerate(bundle.labels)}
         self.preprocess_threads = preprocess_threads or default_preprocess_threads()
         self._pool = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="wanwu-preprocess")
         self.requests = 0  # images answered
         started = time.perf_counter()
-        self.model = self._load()
+        self.model: Model = load_model(bundle, self.device, self._dtype)
         self.load_ms = _ms(started)
         started = time.perf_counter()
-        self._check_output()
+        self.outputs = self._check_output()
+        check_batch(self.model, bundle, self.device, self._dtype)
         self._warm_up()
         self.warmup_ms = _ms(started)
 
-    def _load(self) -> torch.jit.ScriptModule:
-        try:
-            model = torch.jit.load(str(self.bundle.model_file), map_location=self.device)
-        except Exception as exc:
-            raise BundleError(f"{self.bundle.model_file}: not a loadable TorchScript archive: {exc}") from exc
-        model.eval()
-        return model.to(dtype=self._dtype)
-
-    def _check_output(self) -> None:
+    def _check_output(self) -> int:
         """The warm-up pass: runs the model once so the first real request does not pay
-        for lazy initialisation, and checks the output matches labels.txt."""
-        dummy = torch.zeros((1, *self.bundle.input_size), dtype=self._dtype, device=self.device)
+        for lazy initialisation, and checks the output matches labels.txt (classify) or
+        embedding_dim (embed). Returns the output's width."""
+        bundle = self.bundle
+        dummy = torch.zeros((1, *bundle.input_size), dtype=self._dtype, device=self.device)
         try:
             with torch.inference_mode():
                 out = self.model(dummy)
+        except BundleError:
+            raise
         except Exception as exc:
             raise BundleError(
-                f"{self.bundle.model_file}: warm-up forward pass on input {list(dummy.shape)} failed: {exc}"
+                f"{bundle.model_file}: warm-up forward pass on input {list(dummy.shape)} failed: {exc}"
             ) from exc
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise BundleError(f"{self.bundle.model_file}: output is {shape}; expected [batch, classes]")
-        classes = out.shape[1]
-        if classes != len(self.bundle.labels):
+        if out.shape[0] != 1:
+            raise BundleError(f"{bundle.model_file}: output is {list(out.shape)} for one image; expected [1, outputs]")
+        width = int(out.shape[1])
+        if bundle.task == "classify" and width != len(bundle.labels):
             raise BundleError(
-                f"{self.bundle.path / 'labels.txt'}: has {len(self.bundle.labels)} labels "
-                f"but {self.bundle.model_file.name} outputs {classes} classes"
+                f"{bundle.path / 'labels.txt'}: has {len(bundle.labels)} labels "
+                f"but {bundle.model_file.name} outputs {width} classes"
+            )
+        if bundle.task == "embed" and bundle.embedding_dim is not None and width != bundle.embedding_dim:
+            raise BundleError(
+                f"{bundle.path / 'model.json'}: field 'embedding_dim' is {bundle.embedding_dim} "
+                f"but {bundle.model_file.name} outputs {width} values"
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return width
 
     @property
     def max_batch_size(self) -> int:
@@ -214,6 +231,9 @@ class Predictor:
         return {
             "status": "ready",
             "model": self.bundle.name,
+            "task": self.bundle.task,
+            "format": self.bundle.format,
+            "embedding_dim": self.outputs if self.bundle.task == "embed" else None,
             "device": str(self.device),
             "precision": self.precision,
             "gpu_memory_mb": self.gpu_memory_mb(),
@@ -227,37 +247,42 @@ class Predictor:
             "pid": os.getpid(),
         }
 
-    def predict(self, data: bytes, top_k: int = 5) -> Prediction:
-        """Classify one encoded image. Raises InputError for bad images and
-        InferenceError if the model itself fails."""
+    def predict(self, data: bytes, top_k: int = 5, labels: tuple[str, ...] | None = None) -> Prediction:
+        """Answer one encoded image: its top ``top_k`` labels and, for ``labels``, the
+        model's raw outputs (classify), or its embedding (embed). Raises InputError for
+        bad images and labels, InferenceError if the model itself fails."""
         total = time.perf_counter()
+        columns = self._columns(labels)
         prepared = self._prepare(data)
-        [predictions], inference_ms = self._infer(prepared.pixels.unsqueeze(0), top_k)
+        [result], inference_ms = self._infer(prepared.pixels.unsqueeze(0), top_k, columns)
         timing = {
             "decode": _round_ms(prepared.decode_s),
             "preprocess": _round_ms(prepared.preprocess_s),
             "inference": inference_ms,
             "total": _ms(total),
         }
-        return Prediction(predictions, timing)
+        return Prediction(result, timing)
 
-    def predict_batch(self, images: list[bytes], top_k: int = 5) -> BatchPrediction:
-        """Classify several encoded images in one forward pass. An image that cannot be
-        decoded gets its own error entry and does not affect the others; raises
-        InferenceError if the model itself fails."""
+    def predict_batch(
+        self, images: list[bytes], top_k: int = 5, labels: tuple[str, ...] | None = None
+    ) -> BatchPrediction:
+        """Answer several encoded images in one forward pass, each as ``predict`` would.
+        An image that cannot be decoded gets its own error entry and does not affect the
+        others; raises InputError for bad labels, InferenceError if the model itself fails."""
         total = time.perf_counter()
+        columns = self._columns(labels)
         if len(images) > 1:
             prepared = list(self._pool.map(self._prepare_or_error, images))
         else:
             prepared = [self._prepare_or_error(data) for data in images]
         prepare_ms = _ms(total)
         good = [p for p in prepared if isinstance(p, _Prepared)]
-        answers: list[list[dict[str, Any]]] = []
+        answers: list[dict[str, Any]] = []
         inference_ms = 0.0
         if good:
-            answers, inference_ms = self._infer(torch.stack([p.pixels for p in good]), top_k)
-        predictions = iter(answers)
-        results = [{"predictions": next(predictions)} if isinstance(p, _Prepared) else {"error": p} for p in prepared]
+            answers, inference_ms = self._infer(torch.stack([p.pixels for p in good]), top_k, columns)
+        answered = iter(answers)
+        results = [next(answered) if isinstance(p, _Prepared) else {"error": p} for p in prepared]
         # The images were decoded side by side: split the wall-clock time between the two
         # stages in proportion to the time the images spent in each.
         decode_s = sum(p.decode_s for p in good)
@@ -292,10 +317,35 @@ class Predictor:
             log.exception("decoding one image of a batch failed unexpectedly")
             return {"code": "corrupt_image", "message": f"image could not be decoded: {type(exc).__name__}: {exc}"}
 
-    def _infer(self, pixels: torch.Tensor, top_k: int) -> tuple[list[list[dict[str, Any]]], float]:
+    def _columns(self, labels: tuple[str, ...] | None) -> list[int] | None:
+        """The output columns of the labels a request names, in its order; None when it
+        names none. Raises InputError (bad_parameter) for an embed model, an unknown or
+        repeated label, or more labels than the model has."""
+        if not labels:
+            return None
+        bundle = self.bundle
+        if bundle.task != "classify":
+            raise InputError(f"model {bundle.name} answers embeddings; it takes no labels", code="bad_parameter")
+        if len(labels) > len(bundle.labels):
+            raise InputError(
+                f"{len(labels)} labels named; model {bundle.name} has {len(bundle.labels)}", code="bad_parameter"
+            )
+        columns = []
+        for label in labels:
+            if label not in self._columns_by_label:
+                raise InputError(f"label {label!r} is not one of model {bundle.name}'s labels", code="bad_parameter")
+            columns.append(self._columns_by_label[label])
+        if len(set(columns)) != len(columns):
+            repeated = next(label for label in labels if labels.count(label) > 1)
+            raise InputError(f"label {repeated!r} is named more than once", code="bad_parameter")
+        return columns
+
+    def _infer(self, pixels: torch.Tensor, top_k: int, columns: list[int] | None) -> tuple[list[dict[str, Any]], float]:
         """Run uint8 pixels (N, H, W, 3) through the model in one forward pass; return
-        each image's top ``top_k`` labels and the pass's milliseconds."""
+        each image's result (``Prediction.result``) and the pass's milliseconds."""
+        embed = self.bundle.task == "embed"
         k = min(top_k, len(self.bundle.labels))
+        logits: list[list[float]] | None = None
         with self._lock:
             started = time.perf_counter()
             try:
@@ -306,17 +356,27 @@ class Predictor:
                     # always had, so predict's scores stay exactly what they were.
                     batch = batch.contiguous()
                 with torch.inference_mode():
-                    scores = torch.softmax(self.model(batch.to(dtype=self._dtype)).float(), dim=1)
-                    top = torch.topk(scores, k, dim=1)
-                values, indices = top.values.tolist(), top.indices.tolist()
+                    out = self.model(batch.to(dtype=self._dtype)).float()
+                    if embed:
+                        values = torch.nn.functional.normalize(out, dim=1).tolist()
+                    else:
+                        top = torch.topk(torch.softmax(out, dim=1), k, dim=1)
+                        values, indices = top.values.tolist(), top.indices.tolist()
+                        if columns is not None:
+                            logits = out[:, columns].tolist()
             except Exception as exc:
                 log.exception("inference failed for model %s", self.bundle.name)
                 raise InferenceError(f"model {self.bundle.name} failed: {type(exc).__name__}: {exc}") from exc
             inference_ms = _ms(started)
             self.requests += len(values)
+        if embed:
+            return [{"embedding": row, "dim": len(row)} for row in values], inference_ms
         labels = self.bundle.labels
-        answers = [
-            [{"label": labels[i], "score": round(v, 6)} for v, i in zip(row_values, row_indices, strict=True)]
-            for row_values, row_indices in zip(values, indices, strict=True)
+        answers: list[dict[str, Any]] = [
+            {"predictions": [{"label": labels[i], "score": round(v, 6)} for v, i in zip(vs, ix, strict=True)]}
+            for vs, ix in zip(values, indices, strict=True)
         ]
+        if logits is not None:
+            for answer, row in zip(answers, logits, strict=True):
+                answer["logits"] = row
         return answers, inference_ms

@@ -1,10 +1,17 @@
 """The warm mode: HTTP/1.1 over a Unix socket.
 
-    GET  /healthz                  {"status": "ready", "model", "device", "max_batch_size", ...}
+    GET  /healthz                  {"status": "ready", "model", "task", "format", "device", ...}
     POST /predict?top_k=K          body: image bytes -> {"predictions": [...], "timing_ms": {...}}
+                                   (an embed model: {"embedding": [...], "dim": D, "timing_ms": {...}})
     POST /predict_batch?top_k=K    body: images back to back, X-Wanwu-Parts: n1,n2,... (each
                                    image's length in bytes) -> {"results": [...], "timing_ms": {...}}
     POST /load                     (stem cells) body: {"model": "<bundle directory>"}
+
+Both predict routes take repeated ``labels`` parameters (UTF-8, percent-encoded:
+``?top_k=3&labels=%E7%BA%A2...&labels=...``), at most as many as the model has labels:
+a classify model then adds ``"logits"``, its raw outputs for those labels in that order,
+to each image's answer. An unknown, repeated or undecodable label, or any label for an
+embed model, is 400 ``bad_parameter``.
 
 /predict_batch runs up to the bundle's ``batching.max_batch_size`` images (1 without
 batching; more is 400 ``batch_too_large``) in one forward pass. ``results`` has one
@@ -55,6 +62,16 @@ DEFAULT_SOCKET = "/run/wanwu/worker.sock"
 DEFAULT_MAX_BODY = 20 * 2**20
 PARTS_HEADER = "X-Wanwu-Parts"
 MAX_PART_DIGITS = 18  # more is no length a worker would read, and int() of it is slow
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """A request's query parameters, percent-decoded as UTF-8. Raises InputError
+    (bad_parameter) for bytes that are not UTF-8, rather than guessing at them."""
+    try:
+        return parse_qs(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        message = f"the query string is not valid UTF-8 once percent-decoded: {exc}"
+        raise InputError(message, code="bad_parameter") from None
 
 
 def parse_parts(raw: str | None, max_parts: int) -> list[int]:
@@ -182,12 +199,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.body_unread = True
         try:
-            top_k = parse_top_k(parse_qs(url.query).get("top_k", [None])[0])
+            query = parse_query(url.query)
+            top_k = parse_top_k(query.get("top_k", [None])[0])
+            # Passed only when named: a request without labels makes the call it always made.
+            options = {"labels": tuple(query["labels"])} if query.get("labels") else {}
             if url.path == "/predict":
-                single = predictor.predict(self._read_body(), top_k)
-                answer: dict[str, Any] = {"predictions": single.predictions, "timing_ms": single.timing_ms}
+                single = predictor.predict(self._read_body(), top_k, **options)
+                answer: dict[str, Any] = {**single.result, "timing_ms": single.timing_ms}
             else:
-                batch = predictor.predict_batch(self._read_parts(predictor.max_batch_size), top_k)
+                batch = predictor.predict_batch(self._read_parts(predictor.max_batch_size), top_k, **options)
                 answer = {"results": batch.results, "timing_ms": batch.timing_ms}
         except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request; _fail logs it
             self._fail(url.path, exc)

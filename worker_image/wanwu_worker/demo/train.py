@@ -1,6 +1,10 @@
 """Train the demo model ``demo-shapes`` and write it as a model bundle.
 
-    python -m wanwu_worker.demo.train --out DIR [--seed 0] [--samples 6000] [--epochs 6]
+    python -m wanwu_worker.demo.train --out DIR [--embed-out DIR] [--seed 0] [--samples 6000] [--epochs 6]
+
+Beside it (``--embed-out``, by default ``demo-shapes-embed`` next to ``--out``) goes the
+embed bundle ``demo-shapes-embed``: the same network without its last layer, answering
+its 64 pooled features as an L2-normalised vector.
 
 Training pictures come from ``--seed`` and the held-out check from ``--eval-seed``;
 both pass through the same decoding and preprocessing the worker uses. The run fails
@@ -28,6 +32,7 @@ from .shapes import LABELS, samples
 log = logging.getLogger(__name__)
 
 NAME = "demo-shapes"
+EMBED_NAME = "demo-shapes-embed"
 INPUT = 64
 CONFIG: dict[str, Any] = {
     "name": NAME,
@@ -42,6 +47,15 @@ CONFIG: dict[str, Any] = {
     "labels": "labels.txt",
     "gpu_memory_mb": 256,
     "batching": {"max_batch_size": 16, "max_wait_ms": 2},
+}
+
+
+# The embed bundle: the same preprocessing and batching; no labels.
+EMBED_CONFIG: dict[str, Any] = {
+    **{key: value for key, value in CONFIG.items() if key != "labels"},
+    "name": EMBED_NAME,
+    "task": "embed",
+    "embedding_dim": 64,
 }
 
 
@@ -126,10 +140,33 @@ def write_bundle(model: nn.Module, out: Path, report: dict[str, Any]) -> None:
     load_bundle(out)  # what we wrote must pass the worker's own validation
 
 
+def features(model: nn.Module) -> nn.Module:
+    """The trained network without its last layer (the classifier): the pooled features."""
+    if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):
+        raise TypeError("expected build_model()'s network: a Sequential ending in its classifier")
+    return model[:-1]
+
+
+def write_embed_bundle(model: nn.Module, out: Path, report: dict[str, Any]) -> None:
+    """The embed bundle of the trained classifier ``model``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(features(model)).save(str(out / "model.pt"))
+    (out / "model.json").write_text(json.dumps(EMBED_CONFIG, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    load_bundle(out)
+
+
 def train(
-    out: Path, seed: int = 0, count: int = 6000, epochs: int = 6, eval_seed: int = 1, eval_count: int = 1200
+    out: Path,
+    seed: int = 0,
+    count: int = 6000,
+    epochs: int = 6,
+    eval_seed: int = 1,
+    eval_count: int = 1200,
+    embed_out: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, check on held-out pictures, write the bundle; return the report."""
+    """Train, check on held-out pictures, write the bundle and the embed bundle (at
+    ``embed_out``, by default demo-shapes-embed beside ``out``); return the report."""
     started = time.perf_counter()
     inputs, labels = dataset(seed, count)
     data_s = time.perf_counter() - started
@@ -150,12 +187,16 @@ def train(
         "threads": torch.get_num_threads(),
     }
     write_bundle(model, out, report)
+    write_embed_bundle(model, embed_out or out.parent / EMBED_NAME, report)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wanwu_worker.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--embed-out", type=Path, default=None, help=f"the embed bundle (default: {EMBED_NAME} beside --out)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=6)
@@ -166,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed == args.eval_seed:
         parser.error("--eval-seed must differ from --seed, or the check is not held out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    report = train(args.out, args.seed, args.samples, args.epochs, args.eval_seed, args.eval_samples)
+    report = train(args.out, args.seed, args.samples, args.epochs, args.eval_seed, args.eval_samples, args.embed_out)
     print(json.dumps(report))
     if report["eval_accuracy"] < args.min_accuracy:
         print(f"held-out accuracy {report['eval_accuracy']:.4f} is below {args.min_accuracy}", file=sys.stderr)

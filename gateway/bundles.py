@@ -1,0 +1,258 @@
+"""``wanwu bundle create|check``: turn a model file into a bundle the pool serves, and
+prove it loads.
+
+A bundle is checked where it will run: in the worker image (a one-shot container as
+locked down as a worker) or with the process backend's worker interpreter, so the host
+needs no torch. The check loads the model, runs the warm-up and one request, compares
+the output width with the labels (classify) or records the vector size (embed), and
+measures load time, first-request time and peak memory; on a GPU it measures the GPU
+memory the worker holds and that becomes ``gpu_memory_mb``, the pool's placement
+estimate. Without a GPU nothing can be measured: the estimate is then worked out from
+the model file's size and said to be one (``bundle_report.json``).
+
+A bundle is written next to its destination under a hidden name (the catalog skips
+those) and renamed into place only once it passed, so a gateway never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wanwu_worker.bundle import FORMATS, PRECISIONS, TASKS, load_bundle, read_labels
+from wanwu_worker.errors import BundleError
+
+from scheduler.backends.base import Backend
+from scheduler.errors import WanwuError
+
+MODEL_FILES = {"torchscript": "model.pt", "export": "model.pt2", "onnx": "model.onnx"}
+SUFFIXES = {".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript", ".pt2": "export", ".onnx": "onnx"}
+REPORT = "bundle_report.json"
+CHECK_TIMEOUT_S = 600.0
+# Without a GPU: the CUDA context and allocator a worker holds before any weights (about
+# 500 MB on an H200 with torch 2.13), plus the weights twice (the model and the
+# activations and workspace of a batch, a rough rule for CNNs).
+CONTEXT_MB = 512
+Progress = Callable[[str], None]
+
+
+class BundleCreateError(WanwuError):
+    """A bundle could not be made or did not pass its check."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What ``wanwu bundle create`` was asked for."""
+
+    name: str
+    model: Path
+    labels: Path | None
+    task: str = "classify"
+    format: str | None = None  # from the model file's suffix when None
+    input_size: int = 224
+    resize: int | None = None  # input_size * 8 / 7 when None (256 for 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    precision: str = "fp32"
+    max_batch_size: int = 1
+    max_wait_ms: float = 5.0
+    idle_ttl_s: float | None = None
+    cpu_fallback: bool = False
+    subsets: Path | None = None  # a JSON file: {"name": [labels]}
+    gpu_memory_mb: int | None = None  # overrides the measurement
+
+    def model_format(self) -> str:
+        if self.format is not None:
+            if self.format not in FORMATS:
+                raise BundleCreateError(f"--format is {self.format!r}; expected one of {', '.join(FORMATS)}")
+            return self.format
+        fmt = SUFFIXES.get(self.model.suffix.lower())
+        if fmt is None:
+            known = ", ".join(sorted(SUFFIXES))
+            raise BundleCreateError(f"{self.model}: cannot tell the format from its suffix ({known}); pass --format")
+        return fmt
+
+
+def model_json(spec: Spec) -> dict[str, Any]:
+    """The bundle's model.json, before the check adds what it measured."""
+    if spec.task not in TASKS:
+        raise BundleCreateError(f"--task is {spec.task!r}; expected one of {', '.join(TASKS)}")
+    if spec.precision not in PRECISIONS:
+        raise BundleCreateError(f"--precision is {spec.precision!r}; expected one of {', '.join(PRECISIONS)}")
+    resize = spec.resize if spec.resize is not None else round(spec.input_size * 8 / 7)
+    config: dict[str, Any] = {
+        "name": spec.name,
+        "format": spec.model_format(),
+        "task": spec.task,
+        "input_size": [3, spec.input_size, spec.input_size],
+        "resize": resize,
+        "crop": [spec.input_size, spec.input_size],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "precision": spec.precision,
+        "gpu_memory_mb": spec.gpu_memory_mb or 0,
+    }
+    if spec.labels is not None:
+        config["labels"] = "labels.txt"
+    if spec.max_batch_size > 1:
+        config["batching"] = {"max_batch_size": spec.max_batch_size, "max_wait_ms": spec.max_wait_ms}
+    if spec.idle_ttl_s is not None:
+        config["idle_ttl_s"] = spec.idle_ttl_s
+    if spec.cpu_fallback:
+        config["cpu_fallback"] = True
+    if spec.subsets is not None:
+        config["subsets"] = _read_subsets(spec.subsets)
+    return config
+
+
+def _read_subsets(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleCreateError(f"{path}: subsets file is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleCreateError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def create(
+    spec: Spec, out: Path, backend: Backend, device: str | None, force: bool = False, progress: Progress = print
+) -> dict[str, Any]:
+    """Build the bundle ``spec`` describes at ``out``, check it on ``backend`` (on GPU
+    ``device`` or the CPU) and return the check's report. Raises BundleCreateError
+    naming the file and field at fault; ``out`` is untouched unless it all passed."""
+    if spec.name != out.name:
+        raise BundleCreateError(
+            f"the bundle's directory must be named after the model: --out ends in {out.name!r}, "
+            f"the name is {spec.name!r}"
+        )
+    if out.exists() and not force:
+        raise BundleCreateError(f"{out} exists; pass --force to replace it")
+    if not spec.model.is_file():
+        raise BundleCreateError(f"{spec.model}: model file is missing")
+    if spec.labels is None and spec.task == "classify":
+        raise BundleCreateError("a classify bundle needs --labels (a UTF-8 file, one label per line)")
+    config = model_json(spec)  # before anything is written: argument errors come first
+    if spec.labels is not None:
+        try:
+            read_labels(spec.labels)
+        except BundleError as exc:
+            raise BundleCreateError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=out.parent))
+    try:
+        progress(f"copying {spec.model} into the bundle")
+        shutil.copyfile(spec.model, stage / MODEL_FILES[config["format"]])
+        if spec.labels is not None:
+            shutil.copyfile(spec.labels, stage / "labels.txt")
+        _write_json(stage / "model.json", config)
+        _readable(stage)  # the check runs as the worker's user
+        report = _checked(stage, backend, device, progress)
+        _record(stage, config, report, spec.gpu_memory_mb)
+        _readable(stage)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def check(directory: Path, backend: Backend, device: str | None, progress: Progress = print) -> dict[str, Any]:
+    """Re-validate the bundle in ``directory``: its files, then a load and a request in
+    the worker. Returns the report with ``warnings`` (a GPU estimate below what was
+    measured). Raises BundleCreateError if it does not pass."""
+    report = _checked(directory, backend, device, progress)
+    declared = load_bundle(directory).gpu_memory_mb
+    measured = report.get("gpu_memory_mb")
+    warnings = []
+    if isinstance(measured, int) and measured > declared:
+        warnings.append(
+            f"model.json says gpu_memory_mb {declared} but the worker held {measured} MB: "
+            "the pool would place too many workers on one GPU"
+        )
+    return {**report, "warnings": warnings}
+
+
+def _checked(directory: Path, backend: Backend, device: str | None, progress: Progress) -> dict[str, Any]:
+    try:
+        load_bundle(directory)
+    except BundleError as exc:
+        raise BundleCreateError(str(exc)) from None
+    where = f"GPU {device}" if device else "the CPU"
+    progress(f"loading the model in the worker on {where} (load, warm-up, one request)")
+    started = time.monotonic()
+    report = backend.check_bundle(directory, device, CHECK_TIMEOUT_S)
+    if not report.get("ok"):
+        error = report.get("error") or {}
+        raise BundleCreateError(f"the bundle did not pass its check: {error.get('message', report)}")
+    progress(f"checked in {time.monotonic() - started:.1f} s")
+    return report
+
+
+def _record(stage: Path, config: dict[str, Any], report: dict[str, Any], override_mb: int | None) -> None:
+    """Put what the check measured into model.json, and the whole check beside it."""
+    measured = report.get("gpu_memory_mb")
+    model_file = stage / MODEL_FILES[config["format"]]
+    if override_mb is not None:
+        config["gpu_memory_mb"], method = override_mb, "given with --gpu-memory-mb"
+    elif isinstance(measured, int):
+        config["gpu_memory_mb"] = measured
+        method = str(report.get("gpu_memory_method", "measured on the GPU"))
+    else:
+        size_mb = model_file.stat().st_size / 2**20
+        config["gpu_memory_mb"] = CONTEXT_MB + math.ceil(2 * size_mb)
+        method = (
+            f"estimated without a GPU: {CONTEXT_MB} MB of CUDA context plus twice the model file "
+            f"({size_mb:.1f} MB); run `wanwu bundle check` on a GPU host to measure it"
+        )
+    if config["task"] == "embed":
+        config["embedding_dim"] = report.get("embedding_dim") or report.get("outputs")
+    _write_json(stage / "model.json", config)
+    _write_json(stage / REPORT, {**report, "gpu_memory_mb_method": method, "checked_at": _now()})
+    try:
+        load_bundle(stage)  # what we wrote must pass the worker's own validation
+    except BundleError as exc:
+        raise BundleCreateError(str(exc)) from None
+
+
+def _readable(directory: Path) -> None:
+    """Workers (uid 10001 in the image) read the bundle through a read-only mount."""
+    os.chmod(directory, 0o755)
+    for path in directory.iterdir():
+        os.chmod(path, 0o644)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def summary(report: dict[str, Any]) -> Sequence[str]:
+    """The check's report as lines for a terminal."""
+    lines = [
+        f"{report.get('name')}: {report.get('format')} {report.get('task')} on {report.get('device')} "
+        f"({report.get('precision')})",
+    ]
+    if report.get("task") == "embed":
+        lines.append(f"  vectors of {report.get('embedding_dim')} floats")
+    else:
+        lines.append(f"  {report.get('labels')} labels, output width {report.get('outputs')}")
+    lines.append(
+        f"  load {report.get('load_ms')} ms, first request {report.get('first_ms')} ms, "
+        f"peak memory {report.get('peak_rss_mb')} MB, max batch {report.get('max_batch_size')}"
+    )
+    gpu = report.get("gpu_memory_mb")
+    lines.append(f"  GPU memory: {gpu} MB ({report.get('gpu_memory_method')})" if gpu is not None else "  no GPU used")
+    lines += [f"  warning: {warning}" for warning in report.get("warnings", ())]
+    return lines
