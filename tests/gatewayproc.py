@@ -89,9 +89,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str) -> Iterator[Gateway]:
+def running_gateway(
+    workdir: Path, client: docker.DockerClient, environment: dict[str, str] | None = None, **settings: str
+) -> Iterator[Gateway]:
     """A gateway on a free port with its own pool id, models and socket directories
-    (``socket_dir`` and ``pool_id`` may be given). On exit it is stopped with SIGTERM
+    (``socket_dir`` and ``pool_id`` may be given); ``environment`` adds to its
+    environment (PYTHONPATH goes first on the path). On exit it is stopped with SIGTERM
     and must have removed all its workers (containers, or processes with
     ``backend="process"``)."""
     pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
@@ -108,6 +111,8 @@ def running_gateway(workdir: Path, client: docker.DockerClient, **settings: str)
         "WANWU_WORKER_IMAGE": IMAGE,
     }
     env.update({f"WANWU_{key.upper()}": value for key, value in settings.items()})
+    for key, value in (environment or {}).items():
+        env[key] = f"{value}{os.pathsep}{env['PYTHONPATH']}" if key == "PYTHONPATH" and env.get("PYTHONPATH") else value
     with log.open("wb") as out:
         process = subprocess.Popen(
             [

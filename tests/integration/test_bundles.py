@@ -232,11 +232,11 @@ def test_a_fixed_batch_onnx_model_with_batching_is_refused_with_the_fix(
     made: tuple[Path, Settings, dict],  # type: ignore[type-arg]
     tmp_path: Path,
 ) -> None:
-    import torch
+    from wanwu_worker.demo.export import export_onnx
     from wanwu_worker.demo.train import build_model
 
     fixed = tmp_path / "fixed.onnx"
-    torch.onnx.export(build_model().eval(), (torch.zeros(1, 3, 64, 64),), str(fixed), dynamo=False)
+    export_onnx(build_model().eval(), (3, 64, 64), fixed, dynamic_batch=False)
     (tmp_path / "six.txt").write_text("\n".join("abcdef") + "\n", encoding="utf-8")
     backend = build_backend(made[1])
     try:
