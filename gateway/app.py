@@ -59,7 +59,7 @@ from scheduler.errors import (
     WorkerTimeout,
 )
 from scheduler.models import CLASSIFY, EMBED, ModelCatalog, ModelInfo
-from scheduler.pool import WarmPool
+from scheduler.pool import LabelSubset, WarmPool
 from scheduler.settings import Settings
 
 from .accesslog import JsonAccessLog
@@ -89,6 +89,7 @@ STATUS: tuple[tuple[type[WanwuError], int, str], ...] = (
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PRIORITY_HEADER = "X-Wanwu-Priority"
 MULTIPART_SLACK = 64 * 1024
+MAX_TOP_K = 1000  # the most predictions a worker ranks (wanwu_worker.predictor.MAX_TOP_K)
 
 
 @dataclass
@@ -432,11 +433,18 @@ class _Asked:
     (an embedding model) its vector in an encoding."""
 
     top_k: int = 1
-    labels: tuple[str, ...] | None = None
+    subset: LabelSubset | None = None
     encoding: str = "json"
 
     def cache_key(self) -> tuple[Any, ...]:
-        return (self.top_k, self.labels)  # the encoding is applied to the cached vector
+        return (self.top_k, self.subset)  # the encoding is applied to the cached vector
+
+    def describe(self, body: dict[str, Any]) -> None:
+        """Say in an answer which labels it was scored over."""
+        if self.subset is not None:
+            body["labels"] = list(self.subset.labels)
+            if self.subset.name is not None:
+                body["subset"] = self.subset.name
 
 
 ENCODINGS = ("json", "base64")
@@ -453,15 +461,20 @@ def _asked(info: ModelInfo, task: str) -> _Asked:
             f"POST /v1/models/{info.name}/{route}",
         )
     if task == EMBED:
+        extra = [name for name in ("top_k", "labels", "label", "subset") if name in request.args]
+        if extra:
+            raise ApiError(400, "bad_parameter", f"an embedding model takes no {', '.join(extra)}")
         encoding = request.args.get("encoding", "json")
         if encoding not in ENCODINGS:
             raise ApiError(400, "bad_parameter", f"encoding is {encoding!r}; expected json or base64")
         return _Asked(encoding=encoding)
     subset = _subset(info)
-    return _Asked(_top_k(len(subset) if subset is not None else len(info.labels)), subset)
+    # Over all labels the worker ranks them (at most MAX_TOP_K); a subset is ranked here.
+    most = len(subset.labels) if subset is not None else min(len(info.labels), MAX_TOP_K)
+    return _Asked(_top_k(most), subset)
 
 
-def _subset(info: ModelInfo) -> tuple[str, ...] | None:
+def _subset(info: ModelInfo) -> LabelSubset | None:
     """The labels to score over: ``labels=a,b`` and ``label=`` (each may repeat), or a
     named ``subset`` the bundle declares; None for all of them."""
     named = request.args.getlist("subset")
@@ -476,7 +489,7 @@ def _subset(info: ModelInfo) -> tuple[str, ...] | None:
         if subset is None:
             known = ", ".join(sorted(info.subsets)) or "none"
             raise ApiError(400, "unknown_subset", f"model {info.name!r} has no subset {named[0]!r} (subsets: {known})")
-        return subset
+        return LabelSubset(subset, named[0])
     if not given:
         return None
     wanted = tuple(dict.fromkeys(label.strip() for label in given if label.strip()))
@@ -487,7 +500,7 @@ def _subset(info: ModelInfo) -> tuple[str, ...] | None:
     if unknown:
         shown = ", ".join(repr(label) for label in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ApiError(400, "unknown_label", f"model {info.name!r} has no label {shown}")
-    return wanted
+    return LabelSubset(wanted)
 
 
 def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
@@ -509,7 +522,7 @@ def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
             svc.metrics.requests.labels(info.name, "ok").inc()
             g.cached = True
             return _answer(_encoded(dict(cached, cached=True, cold_start=False, start="cached"), asked))
-        result = svc.pool.predict(info.name, image, asked.top_k, priority=priority, labels=asked.labels)
+        result = svc.pool.predict(info.name, image, asked.top_k, priority=priority, subset=asked.subset)
     except (ApiError, WanwuError) as exc:
         raise _failed(exc, label, model) from None
     g.cold_start, g.cached, g.timing = result.cold_start, False, result.timing_ms
@@ -531,8 +544,7 @@ def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
             "predictions": result.predictions,
             "model": info.name,
         }
-    if asked.labels is not None:
-        body["labels"] = list(asked.labels)
+    asked.describe(body)
     svc.cache.put(key, dict(body))
     body.update(cold_start=result.cold_start, start=result.start, cached=False)
     if result.cpu_fallback:
@@ -613,7 +625,7 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
                 good.append(data)
             entries.append(entry)
         answer = (
-            svc.pool.predict_batch(info.name, good, asked.top_k, priority=priority, labels=asked.labels)
+            svc.pool.predict_batch(info.name, good, asked.top_k, priority=priority, subset=asked.subset)
             if good
             else None
         )
@@ -645,8 +657,7 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
         "cold_start": g.cold_start,
         "calls": answer.calls if answer is not None else 0,
     }
-    if asked.labels is not None:
-        body["labels"] = list(asked.labels)
+    asked.describe(body)
     if task == EMBED:
         body["encoding"] = asked.encoding
     if answer is not None and answer.cpu_fallback:

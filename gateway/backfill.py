@@ -1,6 +1,7 @@
 """``wanwu backfill``: push a directory (or a list) of images through a running gateway.
 
-Files go in batches to ``POST /v1/models/<name>/predict:batch`` at ``batch`` priority,
+Files go in batches to ``POST /v1/models/<name>/predict:batch`` (``embed:batch`` for an
+embedding model: one line per file with its vector) at ``batch`` priority,
 a few requests in flight at once, and each answer becomes one JSON line per file in the
 results file. The job can stop at any moment (Ctrl-C, a crash, a power cut) and the same
 command resumes it. Every file ends up in the results exactly once:
@@ -572,6 +573,7 @@ class Backfill:
         self._stop = threading.Event()
         self._summary = Summary(results.path)
         self._busy_noted = float("-inf")
+        self._route = "predict:batch"  # embed:batch for an embedding model (``discover``)
 
     # The calling thread
 
@@ -642,6 +644,7 @@ class Backfill:
             raise BackfillError(f"{self.url} serves no model named {model} (it has: {names})")
         labels = by_name[model].get("labels")
         top_k = min(self.options.top_k, len(labels)) if isinstance(labels, list) and labels else self.options.top_k
+        self._route = "embed:batch" if by_name[model].get("task") == "embed" else "predict:batch"
         return model, top_k, limits
 
     def _get_models(self, session: requests.Session) -> Any:
@@ -824,8 +827,8 @@ class Backfill:
     def _post(self, session: requests.Session, chunk: list[Item], model: str, top_k: int) -> Reply:
         parts = [("image", (_part_name(item.key), item.data, "application/octet-stream")) for item in chunk]
         response = session.post(
-            f"{self.url}/v1/models/{quote(model, safe='')}/predict:batch",
-            params={"top_k": top_k},
+            f"{self.url}/v1/models/{quote(model, safe='')}/{self._route}",
+            params={"top_k": top_k} if self._route == "predict:batch" else {},
             files=parts,
             timeout=self.options.timeout_s,
         )
@@ -844,6 +847,12 @@ class Backfill:
         for index, item in enumerate(chunk):
             result = by_index.get(index, {})
             predictions, error = result.get("predictions"), result.get("error")
+            if isinstance(result.get("embedding"), list):
+                lines.append(
+                    encode_line({"file": item.key, "embedding": result["embedding"], "dim": result.get("dim")})
+                )
+                labels.append("")  # answered (not failed), with no label to count
+                continue
             if isinstance(predictions, list):
                 lines.append(encode_line({"file": item.key, "predictions": predictions}))
                 top = predictions[0] if predictions and isinstance(predictions[0], dict) else {}

@@ -128,6 +128,8 @@ def create(
     """Build the bundle ``spec`` describes at ``out``, check it on ``backend`` (on GPU
     ``device`` or the CPU) and return the check's report. Raises BundleCreateError
     naming the file and field at fault; ``out`` is untouched unless it all passed."""
+    if not spec.name or spec.name.startswith(".") or "/" in spec.name or "\0" in spec.name:
+        raise BundleCreateError(f"the name {spec.name!r} is not a plain directory name (nor hidden)")
     if spec.name != out.name:
         raise BundleCreateError(
             f"the bundle's directory must be named after the model: --out ends in {out.name!r}, "
@@ -150,6 +152,9 @@ def create(
     try:
         progress(f"copying {spec.model} into the bundle")
         shutil.copyfile(spec.model, stage / MODEL_FILES[config["format"]])
+        if config["format"] == "onnx":
+            for data in onnx_external_data(spec.model):
+                shutil.copyfile(data, stage / data.name)
         if spec.labels is not None:
             shutil.copyfile(spec.labels, stage / "labels.txt")
         _write_json(stage / "model.json", config)
@@ -157,12 +162,66 @@ def create(
         report = _checked(stage, backend, device, progress)
         _record(stage, config, report, spec.gpu_memory_mb)
         _readable(stage)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        _move_into_place(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """Rename the checked bundle to ``out``; an old one there is swapped out in one
+    rename (renameat2 RENAME_EXCHANGE where the kernel has it), else moved aside first,
+    so a reader sees the old bundle or the new one, and a crash loses neither."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    if _exchange(stage, out):
+        shutil.rmtree(stage)  # now the old bundle
+        return
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(aside)
+    stage.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(result == 0)
+
+
+def onnx_external_data(model: Path) -> list[Path]:
+    """The files beside an ONNX model that hold its weights (``external_data``: the
+    exporters' default for large models, e.g. ``model.onnx.data``); they go into the
+    bundle under their own names, which the model refers to."""
+    try:
+        import onnx
+    except ImportError:  # a gateway host without onnx: the exporters' own naming
+        guess = model.with_name(model.name + ".data")
+        return [guess] if guess.is_file() else []
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not readable as ONNX: the worker's check will say why
+        return []
+    found: dict[str, Path] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location is None or "/" in location or location.startswith("."):
+                raise BundleCreateError(f"{model}: external data {location!r} is not a file beside the model")
+            path = model.with_name(location)
+            if not path.is_file():
+                raise BundleCreateError(f"{model}: its weights file {path} is missing")
+            found[location] = path
+    return list(found.values())
 
 
 def check(directory: Path, backend: Backend, device: str | None, progress: Progress = print) -> dict[str, Any]:

@@ -209,6 +209,12 @@ def decide(
 
     estimate = estimates.get(model, 0.0)
     never_fits = bool(gpus) and all(estimate > limits.high_watermark * g.total_mb for g in gpus)
+    # A GPU worker of the model that is starting or busy serves the next request sooner
+    # than a CPU worker started for it, and would lose its traffic to the CPU one after.
+    if cpu_fallback and any(
+        w.model == model and not w.cpu_fallback and w.state in (State.STARTING, State.BUSY) for w in workers
+    ):
+        cpu_fallback = False
     if never_fits and not cpu_fallback:
         return Reject(
             f"model {model} needs {estimate:g} MB of GPU memory; no GPU has that much under the high watermark"
@@ -225,9 +231,8 @@ def decide(
         if placed is None:
             if not cpu_fallback:
                 return Wait(f"model {model} does not fit in GPU memory yet")
-            if first.model == STEM:  # a stem cell's slot is a spare one; a warm worker's is not
-                return Spawn(None, (first.id,), cpu_fallback=True)
-            return Wait(f"no GPU has room for model {model} and no slot is free for a CPU worker")
+            # The least recently used idle worker gives its slot, as for a GPU start.
+            return Spawn(None, (first.id,), cpu_fallback=True)
         device, more = placed
         return Spawn(device, (first.id, *more))
 

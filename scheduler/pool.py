@@ -63,7 +63,7 @@ from .gpu import GpuMonitor
 from .models import ModelCatalog, ModelInfo
 from .policy import STEM, State
 from .settings import Settings
-from .worker_client import WorkerAnswer, WorkerBatchAnswer
+from .worker_client import Scores, WorkerAnswer, WorkerBatchAnswer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ __all__ = [
     "INTERACTIVE",
     "REAP_REASONS",
     "BatchAnswer",
+    "LabelSubset",
     "Lease",
     "PoolAnswer",
     "PoolSnapshot",
@@ -91,7 +92,7 @@ class _Waiter:
     error: WanwuError | None = None
     images: Sequence[bytes] = ()
     top_k: int = 5
-    labels: tuple[str, ...] | None = None  # a label subset to score over; None: all labels
+    subset: LabelSubset | None = None  # the labels to score over; None: all of them
 
 
 @dataclass(eq=False)
@@ -107,9 +108,7 @@ class _Batch:
     def images(self) -> list[bytes]:
         return [image for member in self.members for image in member.images]
 
-    def labels(self) -> tuple[str, ...]:
-        """The labels whose raw scores the call asks for: every member's subset, in order."""
-        return tuple(dict.fromkeys(label for member in self.members for label in member.labels or ()))
+    scores: Scores | None = None  # the raw scores the call asked for, set by the member that sends it
 
     def finish(self, answer: WorkerBatchAnswer | None, error: WanwuError | None = None) -> None:
         self.answer, self.error = answer, error
@@ -123,22 +122,44 @@ class _Batch:
         assert self.answer is not None
         start = sum(len(m.images) for m in self.members[:member])
         waiter = self.members[member]
-        asked = self.labels()
         return [
-            _shape(entry, waiter.top_k, waiter.labels, asked)
+            _shape(entry, waiter.top_k, waiter.subset, self.scores)
             for entry in self.answer.results[start : start + len(waiter.images)]
         ]
 
 
-def _shape(entry: dict[str, Any], top_k: int, subset: tuple[str, ...] | None, asked: Sequence[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LabelSubset:
+    """The labels a request scores over (renormalised over them): one of the model's
+    named subsets, or labels named in the request (``name`` None)."""
+
+    labels: tuple[str, ...]
+    name: str | None = None
+
+
+def label_scores(info: ModelInfo, subsets: Iterable[LabelSubset | None]) -> Scores | None:
+    """The raw scores one worker call asks for to score every request's subset: the
+    named subsets by name, the other labels by column; None when no request has one."""
+    given = [subset for subset in subsets if subset is not None]
+    named = tuple(dict.fromkeys(s.name for s in given if s.name is not None))
+    listed = tuple(dict.fromkeys(label for s in given if s.name is None for label in s.labels))
+    if not named and not listed:
+        return None
+    column = {label: index for index, label in enumerate(info.labels)}
+    in_order = [label for name in named for label in info.subsets[name]] + list(listed)
+    return Scores(named, tuple(column[label] for label in listed), tuple(dict.fromkeys(in_order)))
+
+
+def _shape(entry: dict[str, Any], top_k: int, subset: LabelSubset | None, scores: Scores | None) -> dict[str, Any]:
     """One image's entry as its request asked: the top ``top_k`` predictions over all
-    labels, or over ``subset`` (scored from the raw scores the worker gave for the
-    labels ``asked``); never the raw scores themselves."""
+    labels, or over ``subset`` (scored from the raw scores the worker gave for
+    ``scores.labels``); never the raw scores themselves."""
     shaped = {key: value for key, value in entry.items() if key != "logits"}
     if "error" in entry:
         return shaped
     if subset is not None:
-        shaped["predictions"] = subset_predictions(entry.get("logits"), asked, subset, top_k)
+        asked = scores.labels if scores is not None else ()
+        shaped["predictions"] = subset_predictions(entry.get("logits"), asked, subset.labels, top_k)
     elif isinstance(entry.get("predictions"), list):
         shaped["predictions"] = entry["predictions"][:top_k]
     return shaped
@@ -573,7 +594,7 @@ class WarmPool:
         priority: str = INTERACTIVE,
         images: Sequence[bytes] = (b"",),
         top_k: int = 5,
-        labels: tuple[str, ...] | None = None,
+        subset: LabelSubset | None = None,
     ) -> Lease:
         """A lease on a ready worker of ``model`` for one call carrying ``images``, or
         an error by ``deadline``: CapacityExhausted (no worker in time, or the queue is
@@ -583,7 +604,7 @@ class WarmPool:
         if priority not in PRIORITIES:
             raise ValueError(f"priority is {priority!r}; expected one of {', '.join(PRIORITIES)}")
         info = self.catalog.get(model)
-        waiter = _Waiter(images=images, top_k=top_k, labels=labels)
+        waiter = _Waiter(images=images, top_k=top_k, subset=subset)
         with self._lock:
             request_id = next(self._request_ids)
             self._waiters[request_id] = waiter
@@ -620,16 +641,16 @@ class WarmPool:
         queue_timeout_s: float | None = None,
         request_timeout_s: float | None = None,
         priority: str = INTERACTIVE,
-        labels: tuple[str, ...] | None = None,
+        subset: LabelSubset | None = None,
     ) -> PoolAnswer:
         """Classify ``image`` on a worker of ``model`` (batched with other requests if
         the model has batching). A worker that crashes or times out is removed and the
         request is retried once on another (inference is idempotent); a second failure
         is raised (WorkerCrashed or WorkerTimeout); a bad image is WorkerRejected.
-        ``labels``: score over this subset of the model's labels, renormalised. An
+        ``subset``: score over these of the model's labels, renormalised. An
         embedding model answers ``embedding`` and ``dim`` instead of predictions."""
         info = self.catalog.get(model)
-        call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s, labels)
+        call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s, subset)
         entry = call.results[0]
         if "error" in entry:
             raise _rejected(entry, call.worker_id)
@@ -655,7 +676,7 @@ class WarmPool:
         priority: str = BATCH,
         queue_timeout_s: float | None = None,
         request_timeout_s: float | None = None,
-        labels: tuple[str, ...] | None = None,
+        subset: LabelSubset | None = None,
     ) -> BatchAnswer:
         """Classify ``images``: split into calls of at most the model's max batch size
         (one image each without batching), run side by side, each queued at
@@ -668,7 +689,7 @@ class WarmPool:
 
         def run(chunk: Sequence[bytes]) -> _Call | WanwuError:
             try:
-                return self._call(info, chunk, top_k, priority, queue_timeout_s, request_timeout_s, labels)
+                return self._call(info, chunk, top_k, priority, queue_timeout_s, request_timeout_s, subset)
             except WanwuError as exc:
                 return exc
 
@@ -699,7 +720,7 @@ class WarmPool:
         priority: str,
         queue_timeout_s: float | None,
         request_timeout_s: float | None,
-        labels: tuple[str, ...] | None = None,
+        subset: LabelSubset | None = None,
     ) -> _Call:
         """One worker call's worth of images, retried once on another worker if the
         first crashes or times out."""
@@ -715,14 +736,14 @@ class WarmPool:
                 priority=priority,
                 images=images,
                 top_k=top_k,
-                labels=labels,
+                subset=subset,
             )
             queue_ms += lease.queue_ms
             spawn_ms += lease.spawn_ms
             cold = cold or lease.cold_start
             start = lease.start if lease.cold_start else start
             try:
-                results, answer = self._send(lease, images, top_k, request_timeout, labels)
+                results, answer = self._send(info, lease, images, top_k, request_timeout, subset)
             except (WorkerCrashed, WorkerTimeout) as exc:
                 if attempt == 2:
                     raise
@@ -734,7 +755,13 @@ class WarmPool:
         raise AssertionError("unreachable")
 
     def _send(
-        self, lease: Lease, images: Sequence[bytes], top_k: int, timeout: float, labels: tuple[str, ...] | None
+        self,
+        info: ModelInfo,
+        lease: Lease,
+        images: Sequence[bytes],
+        top_k: int,
+        timeout: float,
+        subset: LabelSubset | None,
     ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer]:
         """Make (or, in a batch, wait for) the worker call and give the lease back."""
         batch = lease.batch
@@ -747,12 +774,18 @@ class WarmPool:
         answer: WorkerAnswer | WorkerBatchAnswer
         try:
             if batch is not None:
-                top = max(m.top_k for m in batch.members)
-                answer = lease.connection.predict_batch(batch.images(), top, timeout, batch.labels())
-            elif len(images) == 1:
-                answer = lease.connection.predict(images[0], top_k, timeout, labels or ())
+                # The worker's top_k is for members scored over all labels; the others
+                # are scored here from the raw scores.
+                top = max((m.top_k for m in batch.members if m.subset is None), default=1)
+                batch.scores = scores = label_scores(info, (m.subset for m in batch.members))
+                answer = lease.connection.predict_batch(batch.images(), top, timeout, scores)
             else:
-                answer = lease.connection.predict_batch(list(images), top_k, timeout, labels or ())
+                scores = label_scores(info, [subset])
+                top = 1 if subset is not None else top_k
+                if len(images) == 1:
+                    answer = lease.connection.predict(images[0], top, timeout, scores)
+                else:
+                    answer = lease.connection.predict_batch(list(images), top, timeout, scores)
         except WanwuError as exc:
             if batch is not None:
                 batch.finish(None, exc)
@@ -761,13 +794,13 @@ class WarmPool:
             raise
         if isinstance(answer, WorkerAnswer):
             self.release(lease, ok=True)
-            return [_shape(answer.entry(), top_k, labels, labels or ())], answer
+            return [_shape(answer.entry(), top_k, subset, scores)], answer
         if batch is not None:
             batch.finish(answer)  # the other members go on before the worker is given back
         self.release(lease, ok=True)
         if batch is not None:
             return batch.share(0), answer
-        return [_shape(entry, top_k, labels, labels or ()) for entry in answer.results], answer
+        return [_shape(entry, top_k, subset, scores) for entry in answer.results], answer
 
     # -- carrying out commands -------------------------------------------------------
 

@@ -40,6 +40,22 @@ EXTRA_KEYS = ("embedding", "dim", "logits")
 
 
 @dataclass(frozen=True)
+class Scores:
+    """The labels a call wants raw scores (``logits``) for, to score label subsets:
+    the model's named ``subsets``, then ``columns`` (label indices: short whatever the
+    script, so a long list fits a request line); ``labels`` is what that comes to, in
+    the order the worker answers, each label once."""
+
+    subsets: tuple[str, ...]
+    columns: tuple[int, ...]
+    labels: tuple[str, ...]
+
+    def query(self) -> str:
+        named = "".join(f"&subset={quote(name, safe='')}" for name in self.subsets)
+        return named + (f"&columns={','.join(map(str, self.columns))}" if self.columns else "")
+
+
+@dataclass(frozen=True)
 class WorkerAnswer:
     predictions: list[dict[str, Any]]  # empty for an embedding model
     timing_ms: dict[str, float]
@@ -193,13 +209,13 @@ class WorkerClient:
         return payload
 
     def predict(
-        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerAnswer:
-        """Classify ``image`` (or, for an embedding model, embed it); with ``labels``,
-        the answer also has those labels' raw scores (``logits``, in that order). Raises
-        WorkerRejected (4xx: bad input), WorkerCrashed (5xx, dropped connection,
-        garbage) or WorkerTimeout."""
-        payload, elapsed = self._infer(_query("/predict", top_k, labels), [image], timeout)
+        """Classify ``image`` (or, for an embedding model, embed it); with ``scores``,
+        the answer also has those labels' raw scores (``logits``, in ``scores.labels``
+        order). Raises WorkerRejected (4xx: bad input), WorkerCrashed (5xx, dropped
+        connection, garbage) or WorkerTimeout."""
+        payload, elapsed = self._infer(_query("/predict", top_k, scores), [image], timeout)
         timing = payload.get("timing_ms")
         if not _is_result(payload) or "error" in payload or not isinstance(timing, dict):
             raise WorkerCrashed(f"worker {self.who} answered without predictions: {str(payload)[:200]}", self.worker_id)
@@ -207,13 +223,13 @@ class WorkerClient:
         return WorkerAnswer(payload.get("predictions") or [], timing, elapsed, extra)
 
     def predict_batch(
-        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerBatchAnswer:
         """Classify ``images`` in one call (one forward pass; at most the model's max
         batch size). An image the worker cannot decode gets its own error entry. Raises
         as ``predict`` does, and WorkerCrashed unless the answer has one entry per image."""
         parts = ",".join(str(len(image)) for image in images)
-        path = _query("/predict_batch", top_k, labels)
+        path = _query("/predict_batch", top_k, scores)
         payload, elapsed = self._infer(path, images, timeout, f"{PARTS_HEADER}: {parts}\r\n")
         results, timing = payload.get("results"), payload.get("timing_ms")
         if not isinstance(results, list) or not isinstance(timing, dict):
@@ -268,9 +284,9 @@ class WorkerClient:
         return payload
 
 
-def _query(path: str, top_k: int, labels: Sequence[str]) -> str:
-    """An inference path with its query: top_k and each label (UTF-8, percent-encoded)."""
-    return f"{path}?top_k={top_k}" + "".join(f"&labels={quote(label, safe='')}" for label in labels)
+def _query(path: str, top_k: int, scores: Scores | None) -> str:
+    """An inference path with its query: top_k and the raw scores asked for."""
+    return f"{path}?top_k={top_k}" + (scores.query() if scores is not None else "")
 
 
 def _is_result(entry: Any) -> bool:

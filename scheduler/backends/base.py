@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import WanwuError, WorkerCrashed, WorkerStartError, WorkerStartTimeout, WorkerTimeout
 from ..policy import STEM
-from ..worker_client import WorkerAnswer, WorkerBatchAnswer, WorkerClient
+from ..worker_client import Scores, WorkerAnswer, WorkerBatchAnswer, WorkerClient
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ class Connection(Protocol):
     """How the pool talks to a worker (``WorkerClient`` over a Unix socket)."""
 
     def predict(
-        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerAnswer: ...
 
     def predict_batch(
-        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerBatchAnswer: ...
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]: ...
@@ -133,8 +133,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def check_report(output: str, who: str) -> dict[str, Any]:
-    """The JSON report a worker's ``check`` printed last on stdout."""
+def check_report(output: str, who: str, stderr: str = "") -> dict[str, Any]:
+    """The JSON report a worker's ``check`` printed last on ``output`` (its stdout);
+    else WorkerStartError with the last lines it printed."""
     for line in reversed(output.strip().splitlines()):
         if line.startswith("{"):
             try:
@@ -144,7 +145,7 @@ def check_report(output: str, who: str) -> dict[str, Any]:
             if isinstance(report, dict) and "ok" in report:
                 return report
             break
-    tail = "\n".join(output.strip().splitlines()[-5:]) or "no output"
+    tail = "\n".join(f"{output.strip()}\n{stderr.strip()}".strip().splitlines()[-8:]) or "no output"
     raise WorkerStartError(f"{who} printed no bundle report:\n{tail}", "bundle-check")
 
 

@@ -356,7 +356,7 @@ class DockerBackend:
         worker_id = f"check-{uuid.uuid4().hex[:8]}"
         spec = WorkerSpec(
             image=self.image,
-            pool_id=self.pool_id,
+            pool_id=f"{self.pool_id}.check",  # not a worker of the pool: its orphan cleanup leaves it be
             model="bundle-check",
             worker_id=worker_id,
             model_dir=bundle_dir.resolve(),
@@ -369,9 +369,14 @@ class DockerBackend:
         container = None
         try:
             container = self.client.containers.run(**run_options(spec, ["check"]))
-            container.wait(timeout=timeout)
+            status = container.wait(timeout=timeout).get("StatusCode")
             output = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
             errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+            container.reload()
+            if container.attrs.get("State", {}).get("OOMKilled"):
+                errors += f"\nthe check was killed for memory (limit {self.limits.memory}; WANWU_WORKER_MEMORY)"
+            elif status not in (0, 2):
+                errors += f"\nthe check exited with status {status}"
         except docker.errors.ImageNotFound as exc:
             raise WorkerStartError(
                 f"worker image {self.image} is not present: run `wanwu image build`", worker_id
@@ -385,7 +390,7 @@ class DockerBackend:
                 with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
                     container.remove(force=True)
             self._cleanup(spec)
-        return check_report(output + ("\n" + errors if not output.strip() else ""), f"the check in {self.image}")
+        return check_report(output, f"the check in {self.image}", errors)
 
     def stop(self, worker_id: str) -> None:
         """Kill and remove (one API call), then delete the socket directory."""

@@ -476,11 +476,12 @@ class ProcessBackend:
             "check",
         ]
         try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+            result = subprocess.run(
+                command, env=env, capture_output=True, text=True, errors="replace", timeout=timeout, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise WorkerStartError(f"checking {bundle_dir} with {self.python} failed: {exc}", "bundle-check") from exc
-        output = result.stdout if result.stdout.strip() else result.stdout + result.stderr
-        return check_report(output, self.python)
+        return check_report(result.stdout, self.python, result.stderr)
 
     def close(self) -> None:
         """Remove the pool's cgroup directories once no worker is left in them: now, or

@@ -12,6 +12,11 @@
 5. Backfill: `wanwu backfill` over 2,000 demo images at N = 1 and 2, against sequential
    `wanwu predict` and in-process batched inference; interactive latency alone and while
    a backfill runs; 8 concurrent single-image clients with dynamic batching on and off.
+6. Backends: cold starts, stem starts and the warm path on Docker and on local processes.
+7. Formats: the demo network as TorchScript, a torch.export program and ONNX (each made
+   with `wanwu bundle create`): the worker's own check (load, first request, peak
+   memory), cold start and warm latency through a pool; the embed endpoint against
+   predict through the gateway; the worker image's size.
 
 Timings are reported, never asserted.
 """
@@ -89,9 +94,9 @@ class Client:
         self.body = multipart(image)
         self.headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
-    def predict(self) -> tuple[float, dict[str, Any], int]:
+    def predict(self, route: str = f"/v1/models/{MODEL}/predict") -> tuple[float, dict[str, Any], int]:
         started = time.perf_counter()
-        self.conn.request("POST", f"/v1/models/{MODEL}/predict", body=self.body, headers=self.headers)
+        self.conn.request("POST", route, body=self.body, headers=self.headers)
         response = self.conn.getresponse()
         raw = response.read()
         elapsed = (time.perf_counter() - started) * 1000
@@ -199,6 +204,100 @@ def backends_section(workdir: Path, client: docker.DockerClient, warm_n: int, co
     return out
 
 
+FORMAT_BUNDLES = {"torchscript": "demo-ts", "export": "demo-export", "onnx": "demo-onnx"}
+
+
+def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_n: int) -> dict[str, Any]:
+    """The demo network in each format, made and checked by ``wanwu bundle create`` in
+    the worker image; then cold starts and warm requests through one pool, format after
+    format; then embed against predict through a gateway; and the image's size."""
+    from wanwu_worker.demo.export import export_onnx, export_program, rebuild
+
+    from gateway.bundles import Spec, create
+
+    models = workdir / "formats"
+    files = workdir / "format-files"
+    demo = export_builtin_model(IMAGE, MODEL, files)
+    net, input_size = rebuild(demo)
+    made = {
+        "torchscript": demo / "model.pt",
+        "export": files / "demo.pt2",
+        "onnx": files / "demo.onnx",
+    }
+    export_program(net, input_size, made["export"])
+    export_onnx(net, input_size, made["onnx"])
+    sockets = Path(tempfile.mkdtemp(prefix="wbf-", dir="/tmp"))
+    config = Settings(
+        models_dir=models, socket_dir=sockets, pool_id="benchfmt", worker_image=IMAGE, max_workers=1, stem_cells=0
+    )
+    backend = build_backend(config)
+    out: dict[str, Any] = {"cold_requests": cold_n, "warm_requests": warm_n}
+    try:
+        for fmt, name in FORMAT_BUNDLES.items():
+            print(f"format {fmt}: bundle create ...", file=sys.stderr)
+            preprocessing = {"input_size": 64, "resize": 64, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+            spec = Spec(name, made[fmt], demo / "labels.txt", **preprocessing)  # type: ignore[arg-type]
+            started = time.perf_counter()
+            report = create(spec, models / name, backend, None, progress=lambda _: None)
+            out[fmt] = {
+                "file_kb": round(made[fmt].stat().st_size / 1024, 1),
+                "bundle_create_s": round(time.perf_counter() - started, 2),
+                "check": {key: report[key] for key in ("load_ms", "warmup_ms", "first_ms", "peak_rss_mb")},
+            }
+    finally:
+        backend.close()
+    pool = WarmPool(build_backend(config), ModelCatalog(models), config, clock=MonotonicClock())
+    pool.start(background=False)
+    try:
+        image = bench_image()
+        for fmt, name in FORMAT_BUNDLES.items():
+            print(f"format {fmt}: cold starts and warm requests ...", file=sys.stderr)
+            rows = cold_rows(pool, cold_n, name)
+            pool.predict(name, image)  # a warm worker for the warm requests
+            for _ in range(30):
+                pool.predict(name, image)
+            warm, worker = [], []
+            for _ in range(warm_n):
+                started = time.perf_counter()
+                answer = pool.predict(name, image)
+                warm.append((time.perf_counter() - started) * 1000)
+                worker.append(answer.timing_ms["worker"])
+            out[fmt]["cold_start_ms"] = summary([r["total"] for r in rows])
+            out[fmt]["cold_ready_ms"] = summary([r["ready"] for r in rows])
+            out[fmt]["first_request_ms"] = summary([r["first_inference"] for r in rows])
+            out[fmt]["warm_pool_ms"] = summary(warm)
+            out[fmt]["warm_worker_own_ms"] = summary(worker)
+            pool.reap(now=pool.clock.now() + 10**6)
+            while pool.snapshot().workers:
+                time.sleep(0.01)
+    finally:
+        pool.shutdown(grace_s=1)
+        shutil.rmtree(sockets, ignore_errors=True)
+    base = out["torchscript"]
+    for fmt in ("export", "onnx"):
+        for key in ("cold_start_ms", "warm_pool_ms"):
+            out[f"ratio_{fmt}_to_torchscript_{key}_p50"] = round(out[fmt][key]["p50"] / base[key]["p50"], 3)
+    print("embed against predict through the gateway ...", file=sys.stderr)
+    quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
+    with running_gateway(workdir / "embed", client, max_workers="2", **quiet) as gw:
+        http = Client(gw.port, bench_image())
+        timings: dict[str, list[float]] = {"predict": [], "embed": []}
+        routes = {"predict": f"/v1/models/{MODEL}/predict", "embed": "/v1/models/demo-shapes-embed/embed"}
+        for _ in range(30):
+            for route in routes.values():
+                http.predict(route)
+        for _ in range(warm_n):
+            for kind, route in routes.items():  # interleaved: both see the same machine
+                elapsed, body, status = http.predict(route)
+                assert status == 200 and not body["cold_start"], body
+                timings[kind].append(elapsed)
+    out["embed_http_ms"] = summary(timings["embed"])
+    out["predict_http_ms"] = summary(timings["predict"])
+    out["ratio_embed_to_predict_http_p50"] = round(out["embed_http_ms"]["p50"] / out["predict_http_ms"]["p50"], 3)
+    out["image_gb"] = round(client.images.get(IMAGE).attrs["Size"] / 1e9, 3)
+    return out
+
+
 def _dig(values: dict[str, Any], path: tuple[str, ...]) -> dict[str, float]:
     for key in path:
         values = values[key]
@@ -240,13 +339,13 @@ def bench_pool(models: Path, pool_id: str, **settings: Any) -> Iterator[WarmPool
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def cold_rows(pool: WarmPool, count: int) -> list[dict[str, float]]:
+def cold_rows(pool: WarmPool, count: int, model: str = MODEL) -> list[dict[str, float]]:
     """``count`` requests that each start a whole worker (the previous one is reaped)."""
     image = bench_image()
     rows = []
     for _ in range(count):
         started = time.perf_counter()
-        answer = pool.predict(MODEL, image)
+        answer = pool.predict(model, image)
         total = (time.perf_counter() - started) * 1000
         assert answer.cold_start
         t = answer.timing_ms
@@ -772,6 +871,33 @@ def table(results: dict[str, Any]) -> str:
             f"{bk['ratio_process_to_docker_cold_p50']}x, {bk['ratio_process_to_docker_stem_p50']}x, "
             f"{bk['ratio_process_to_docker_warm_e2e_p50']}x",
         )
+    fm = results.get("formats")
+    if fm:
+        lines.append(
+            f"formats (the demo network; {fm['cold_requests']} cold starts, {fm['warm_requests']} warm requests each)"
+        )
+        row("", "torchscript | export | onnx")
+        for name, key in (
+            ("worker check: load", "load_ms"),
+            ("worker check: first request", "first_ms"),
+            ("worker check: peak RSS MB", "peak_rss_mb"),
+        ):
+            row(name, " | ".join(str(fm[f]["check"][key]) for f in FORMAT_BUNDLES))
+        for name, key in (
+            ("cold start p50", "cold_start_ms"),
+            ("  first request after start p50", "first_request_ms"),
+            ("warm, pool to worker p50", "warm_pool_ms"),
+        ):
+            row(name, " | ".join(str(fm[f][key]["p50"]) for f in FORMAT_BUNDLES))
+        row(
+            "ratio to torchscript p50: cold, warm",
+            f"export {fm['ratio_export_to_torchscript_cold_start_ms_p50']}x, "
+            f"{fm['ratio_export_to_torchscript_warm_pool_ms_p50']}x; "
+            f"onnx {fm['ratio_onnx_to_torchscript_cold_start_ms_p50']}x, "
+            f"{fm['ratio_onnx_to_torchscript_warm_pool_ms_p50']}x",
+        )
+        row("embed / predict over HTTP p50", f"{pair(fm['embed_http_ms'])} / {pair(fm['predict_http_ms'])}")
+        row("worker image", f"{fm['image_gb']} GB")
     sim = results.get("simulator")
     if sim:
         lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
@@ -786,9 +912,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,backfill,backends",
+        default="simulator,core,backfill,backends,formats",
         help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill, "
-        "backends (cold starts and warm path, Docker against local processes)",
+        "backends (cold starts and warm path, Docker against local processes), formats (TorchScript, torch.export "
+        "and ONNX; embed against predict)",
     )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -835,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
             results["backfill"] = backfill_section(workdir, client, args.quick, seconds)
         if "backends" in sections:
             results["backends"] = backends_section(workdir, client, warm_n, cold_n)
+        if "formats" in sections:
+            results["formats"] = formats_section(workdir, client, warm_n, min(cold_n, 10))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"bench-{stamp}.json", "latest.json"):

@@ -121,3 +121,23 @@ def test_a_model_with_cpu_fallback_is_served_on_the_cpu_when_no_gpu_has_room(
         inspected = docker_client.api.inspect_container(container["Id"])
         assert not inspected["HostConfig"].get("DeviceRequests")  # no GPU asked of the engine
         assert "CUDA_VISIBLE_DEVICES=" in inspected["Config"]["Env"]
+
+
+def test_backfill_with_an_embedding_model_writes_one_vector_per_file(gateway: Gateway, tmp_path: Path) -> None:
+    from tests.e2e.test_backfill import backfill, lines_of
+    from tests.images import demo_tree, truncated_png
+
+    source = tmp_path / "images"
+    expected = demo_tree(source, 40, seed=61)
+    (source / "bad.png").write_bytes(truncated_png())
+    out = tmp_path / "vectors.jsonl"
+    job = backfill(gateway, source, out, "--model", EMBED, "--batch-size", "8")
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 1, err.decode()  # one file failed: bad.png
+    lines = {str(line["file"]): line for line in lines_of(out)}
+    assert set(lines) == {*expected, "bad.png"}
+    assert lines.pop("bad.png")["error"]["code"] == "corrupt_image"  # type: ignore[index]
+    for line in lines.values():
+        vector = line["embedding"]
+        assert line["dim"] == 64 and len(vector) == 64  # type: ignore[arg-type]
+        assert math.fsum(v * v for v in vector) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]

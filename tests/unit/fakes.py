@@ -5,13 +5,13 @@ from __future__ import annotations
 import collections
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from scheduler.backends.base import ManagedWorker, SpawnRequest, Started
 from scheduler.errors import WanwuError, WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
-from scheduler.worker_client import WorkerAnswer, WorkerBatchAnswer
+from scheduler.worker_client import Scores, WorkerAnswer, WorkerBatchAnswer
 
 
 class FakeClock:
@@ -50,14 +50,14 @@ class FakeConnection:
         self.calls = 0
         self.batches: list[int] = []  # images in each predict_batch call
         self.seen: list[bytes] = []  # every image sent, in order
-        self.labels: list[tuple[str, ...]] = []  # the label subset of each call
+        self.scores: list[Scores | None] = []  # the raw scores each call asked for
         self.closed = False
 
     def predict(
-        self, image: bytes, top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, image: bytes, top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerAnswer:
         self.calls += 1
-        self.labels.append(tuple(labels))
+        self.scores.append(scores)
         self.seen.append(image)
         outcome = self.backend.next_outcome(self.worker_id, self.model)
         if outcome == "crash":
@@ -72,15 +72,15 @@ class FakeConnection:
             [{"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0}],
             {"inference": 1.0, "total": 2.0},
             2.5,
-            {"logits": [fake_logit(label) for label in labels]} if labels else {},
+            {"logits": [fake_logit(label) for label in scores.labels]} if scores else {},
         )
 
     def predict_batch(
-        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, labels: Sequence[str] = ()
+        self, images: list[bytes], top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
     ) -> WorkerBatchAnswer:
         """One call for several images: an image ``bad`` gets its own error entry."""
         self.calls += 1
-        self.labels.append(tuple(labels))
+        self.scores.append(scores)
         self.batches.append(len(images))
         self.seen.extend(images)
         if self.backend.on_batch is not None:
@@ -100,7 +100,7 @@ class FakeConnection:
                     {"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0},
                     {"label": "other", "score": 0.0},
                 ][:top_k],
-                **({"logits": [fake_logit(label) for label in labels]} if labels else {}),
+                **({"logits": [fake_logit(label) for label in scores.labels]} if scores else {}),
             }
             for image in images
         ]

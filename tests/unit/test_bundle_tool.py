@@ -132,3 +132,45 @@ def test_check_warns_when_the_estimate_is_below_what_was_measured(files: Path, t
     report = check(out, backend, "0", progress=quiet)
     assert backend.checked == [(out, "0")]
     assert "gpu_memory_mb 100" in report["warnings"][0] and "900" in report["warnings"][0]
+
+
+@pytest.mark.parametrize("name", [".hidden", "..", ""])
+def test_a_name_that_is_not_a_plain_directory_name_is_refused(files: Path, tmp_path: Path, name: str) -> None:
+    with pytest.raises(BundleCreateError, match="not a plain directory name"):
+        make(Spec(name, files / "net.pt", files / "labels.txt"), tmp_path / "models" / "x", FakeBackend(), force=True)
+    assert not (tmp_path / "models").exists()
+
+
+def test_force_swaps_the_old_bundle_for_the_new_one_and_leaves_nothing_else(files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models" / "net"
+    make(Spec("net", files / "net.pt", files / "labels.txt", input_size=32), out, FakeBackend())
+    make(Spec("net", files / "net.pt", files / "labels.txt", input_size=48), out, FakeBackend(), force=True)
+    assert json.loads((out / "model.json").read_text(encoding="utf-8"))["input_size"] == [3, 48, 48]
+    assert [p.name for p in out.parent.iterdir()] == ["net"]
+
+
+def test_an_onnx_models_external_weights_come_into_the_bundle(tmp_path: Path) -> None:
+    import numpy
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(numpy.ones((3, 2), dtype="float32"), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [weights],
+    )
+    model = tmp_path / "net.onnx"
+    onnx.save_model(
+        helper.make_model(graph), str(model), save_as_external_data=True, location="net.weights", size_threshold=0
+    )
+    (tmp_path / "labels.txt").write_text("a\nb\n", encoding="utf-8")
+    out = tmp_path / "models" / "net"
+    make(Spec("net", model, tmp_path / "labels.txt"), out, FakeBackend())
+    assert sorted(p.name for p in out.iterdir()) == [REPORT, "labels.txt", "model.json", "model.onnx", "net.weights"]
+    assert (out / "net.weights").read_bytes() == (tmp_path / "net.weights").read_bytes()
+    (tmp_path / "net.weights").unlink()
+    with pytest.raises(BundleCreateError, match=r"weights file .*net\.weights is missing"):
+        make(Spec("net", model, tmp_path / "labels.txt"), out, FakeBackend(), force=True)

@@ -81,16 +81,18 @@ def test_a_model_without_the_flag_waits_or_is_rejected_as_before() -> None:
     assert pool.counters["cpu_fallbacks"] == 0 and not pool.workers
 
 
-def test_no_fallback_without_a_free_slot_under_n() -> None:
+def test_at_n_a_fallback_takes_an_idle_workers_slot_never_a_busy_ones() -> None:
     pool = core(FREE, capacity=2)
     start(pool, 1, "plain", 0.0)  # busy on the GPU
     other, _ = start(pool, 2, "small", 1.0)
-    assert pool.released(other.worker_id, 3.0) == []  # idle, warm: its slot is not free
-    pool.tick(4.0, FULL)
-    assert pool.arrive(3, "big", 5.0, 10.0) == []
-    (fail,) = pool.expire(3, 10.0)
+    pool.tick(2.0, FULL)
+    assert pool.arrive(3, "big", 2.5, 7.5) == []  # both busy: no slot to take
+    (fail,) = pool.expire(3, 7.5)
     assert isinstance(fail, Fail) and isinstance(fail.error, CapacityExhausted)
-    assert pool.counters["cpu_fallbacks"] == 0 and len(pool.workers) == 2
+    assert pool.released(other.worker_id, 8.0) == []  # now idle: its slot may go, as for a GPU start
+    (spawn,) = pool.arrive(4, "big", 9.0, 19.0)
+    assert spawn == SpawnWorker(spawn.worker_id, "big", None, (other.worker_id,), 4, cpu_fallback=True)
+    assert pool.counters["cpu_fallbacks"] == 1 and pool.reaps["evicted"] == 1
 
 
 def test_a_waiting_request_gets_a_cpu_worker_once_a_slot_frees() -> None:
@@ -125,13 +127,26 @@ def test_an_idle_fallback_worker_is_reused() -> None:
     assert pool.counters["cpu_fallbacks"] == 1 and pool.counters["warm_hits"] == 1
 
 
-def test_an_idle_gpu_worker_is_preferred_over_an_idle_fallback() -> None:
+def test_no_fallback_while_a_gpu_worker_of_the_model_starts_or_serves() -> None:
     pool = core(FREE)
-    gpu, _ = start(pool, 1, "big", 0.0)
-    assert gpu.device == "0"
-    pool.tick(1.5, FULL)  # the GPU fills up while it serves
-    cpu, _ = start(pool, 2, "big", 2.0)
+    (spawn,) = pool.arrive(1, "big", 0.0, 30.0)
+    assert spawn.device == "0"
+    pool.tick(0.5, FULL)  # its start fills the GPU
+    assert pool.arrive(2, "big", 0.6, 30.0) == []  # waits for it rather than start on the CPU
+    grants = pool.ready(spawn.worker_id, 1.0, spawn_ms=1000.0)
+    assert [g.request_id for g in grants] == [1]
+    assert pool.arrive(3, "big", 1.1, 30.0) == []  # it is busy: the next one waits for it too
+    assert [g.request_id for g in pool.released(spawn.worker_id, 1.2)] == [2]
+    assert pool.counters["cpu_fallbacks"] == 0
+
+
+def test_an_idle_gpu_worker_is_preferred_over_an_idle_fallback() -> None:
+    pool = core(FULL)
+    cpu, _ = start(pool, 1, "big", 0.0)  # no GPU room: on the CPU
     assert cpu.cpu_fallback
+    pool.tick(1.5, FREE)  # the GPU frees while it serves
+    gpu, _ = start(pool, 2, "big", 2.0)
+    assert gpu.device == "0" and not gpu.cpu_fallback
     pool.released(gpu.worker_id, 4.0)
     pool.released(cpu.worker_id, 5.0)  # the most recently used, but on the CPU
     (grant,) = pool.arrive(3, "big", 6.0, 16.0)
@@ -237,13 +252,14 @@ def trace(*arrivals: tuple[float, str], memory_mb: float = 6000.0) -> Trace:
 
 
 def test_the_simulator_serves_on_the_cpu_what_the_gpu_cannot_hold() -> None:
-    # Two requests at once for a 6 GB model on a 10 GB GPU: the second cannot share it.
-    two = trace((0, "big"), (0, "big"))
+    # Two 6 GB models at once on a 10 GB GPU: the second cannot share it.
+    two = trace((0, "first"), (0, "big"))
     profile = Profile(spawn_ms=1000, stop_ms=0, infer_ms=100, gpus={"0": 10_000})
     config = CoreConfig(capacity=2, default_ttl_s=30)
     waits = simulate(two, config, profile)
     assert (waits.served, waits.fallback_serves) == (2, 0)
-    assert sorted(waits.latencies_ms) == pytest.approx([1100, 1200])  # the second waits for the first
+    # The second waits for the first to finish, then takes its place on the GPU (1 s start).
+    assert sorted(waits.latencies_ms) == pytest.approx([1100, 2100])
     falls = simulate(two, replace(config, cpu_fallback=frozenset({"big"})), profile)
     assert (falls.served, falls.fallback_serves, falls.cold_starts) == (2, 1, 2)
     assert sorted(falls.latencies_ms) == pytest.approx([1100, 1800])  # 100 ms at the assumed 8x slowdown

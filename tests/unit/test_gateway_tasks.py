@@ -19,6 +19,7 @@ from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
 from scheduler.pool import INLINE, WarmPool, subset_predictions
 from scheduler.settings import Settings
+from scheduler.worker_client import Scores
 from tests.images import demo_images
 from tests.unit.fakes import FakeBackend, FakeClock, fake_logit, make_bundle
 
@@ -87,12 +88,14 @@ def test_labels_are_scored_over_the_subset_and_renormalised(client: FlaskClient,
     assert body["labels"] == subset and body["result"] == body["predictions"][0]["label"]
     assert "logits" not in body
     (connection,) = backend.connections.values()
-    assert connection.labels[-1] == tuple(subset)  # the worker was asked for exactly those raw scores
+    # The worker was asked for exactly those raw scores, by column, and ranks nothing itself.
+    assert connection.scores[-1] == Scores((), (5, 0, 3), tuple(subset))
 
 
 def test_repeated_label_parameters_and_a_named_subset(client: FlaskClient) -> None:
     one = post(client, "/v1/models/shapes/predict?label=红色圆形&label=绿色圆形").get_json()
     named = post(client, "/v1/models/shapes/predict?subset=圆形").get_json()
+    assert named["subset"] == "圆形" and named["labels"] == FRUIT and "subset" not in one
     assert scored(one["predictions"]) == scored(named["predictions"])
     assert same(scored(one["predictions"]), reference(FRUIT))
 
@@ -181,9 +184,29 @@ def test_the_wrong_route_for_a_task_says_which_one_to_use(client: FlaskClient, u
     assert error["code"] == "wrong_task" and hint in error["message"]
 
 
-def test_a_bad_encoding_is_a_400(client: FlaskClient) -> None:
+def test_a_bad_encoding_or_a_classify_parameter_on_embed_is_a_400(client: FlaskClient) -> None:
     response = post(client, "/v1/models/embedder/embed?encoding=hex")
     assert response.status_code == 400 and "encoding" in response.get_json()["error"]["message"]
+    response = post(client, "/v1/models/embedder/embed?top_k=3&labels=a")
+    assert response.status_code == 400 and "top_k, labels" in response.get_json()["error"]["message"]
+
+
+def test_top_k_over_all_labels_stops_at_what_a_worker_ranks(tmp_path: Path) -> None:
+    from tests.unit.fakes import make_bundle as bundle
+
+    bundle(tmp_path, "many", labels=tuple(f"l{i}" for i in range(1500)))
+    settings = Settings(models_dir=tmp_path, max_workers=1, stem_cells=0)
+    pool = WarmPool(FakeBackend(), ModelCatalog(tmp_path), settings, gpu=GpuMonitor(()), executor=INLINE)
+    pool.start(background=False)
+    try:
+        client = create_app(settings, pool, {"TESTING": True}).test_client()
+        over = post(client, "/v1/models/many/predict?top_k=1001")
+        assert over.status_code == 400 and "1 to 1000" in over.get_json()["error"]["message"]
+        subset = ",".join(f"l{i}" for i in range(1100))
+        many = post(client, f"/v1/models/many/predict?top_k=1050&labels={subset}")
+        assert many.status_code == 200 and len(many.get_json()["predictions"]) == 1050
+    finally:
+        pool.shutdown(grace_s=0)
 
 
 def test_models_lists_task_subsets_and_fallback(client: FlaskClient) -> None:

@@ -136,11 +136,15 @@ def test_a_fallback_model_that_does_not_fit_spawns_on_the_cpu_in_a_free_slot() -
     assert decide("a", idle, limits, gpu, {"a": 2000}, cpu_fallback=True) == Spawn("0", ("b1",))
 
 
-def test_a_fallback_takes_a_free_slot_or_a_stem_cells_never_a_warm_workers() -> None:
+def test_a_fallback_takes_a_free_slot_or_an_idle_ones_never_a_busy_ones() -> None:
     gpu = [GpuReading("0", used_mb=9000, total_mb=10000)]
     busy = w("c1", "c", BUSY, gpu_mb=9000, device="0")
-    assert isinstance(decide("a", [busy, w("b1", "b", last_used=5)], LIMITS, gpu, {"a": 2000}, cpu_fallback=True), Wait)
+    idle = w("b1", "b", last_used=5)
+    decision = decide("a", [busy, idle], LIMITS, gpu, {"a": 2000}, cpu_fallback=True)
+    assert decision == Spawn(None, ("b1",), cpu_fallback=True)
     assert isinstance(decide("a", [busy, w("c2", "c", BUSY)], LIMITS, gpu, {"a": 9500}, cpu_fallback=True), Wait)
+    own = w("a1", "a", STARTING, gpu_mb=2000, device="0")  # its own GPU worker is on the way: wait for it
+    assert isinstance(decide("a", [own], LIMITS, gpu, {"a": 2000}, cpu_fallback=True), Wait)
     stem = w("s1", "(stem)", gpu_mb=500, device="0")
     decision = decide("a", [busy, stem], LIMITS, gpu, {"a": 2000, "(stem)": 500}, cpu_fallback=True)
     assert decision == Spawn(None, ("s1",), cpu_fallback=True)

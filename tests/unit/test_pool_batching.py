@@ -14,8 +14,9 @@ from scheduler.clock import MonotonicClock
 from scheduler.errors import WanwuError, WorkerRejected
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
-from scheduler.pool import BATCH, INLINE, PoolAnswer, WarmPool
+from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, subset_predictions
 from scheduler.settings import Settings
+from scheduler.worker_client import Scores
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
 
@@ -24,6 +25,10 @@ def models(tmp_path: Path) -> Path:
     make_bundle(tmp_path, "b", batching={"max_batch_size": 8, "max_wait_ms": 50})
     make_bundle(tmp_path, "now", batching={"max_batch_size": 4, "max_wait_ms": 0})
     make_bundle(tmp_path, "s")
+    labels = ("甲", "乙", "丙", "丁")
+    make_bundle(
+        tmp_path, "sub", batching={"max_batch_size": 8, "max_wait_ms": 50}, labels=labels, subsets={"前": ["甲", "乙"]}
+    )
     return tmp_path
 
 
@@ -167,3 +172,33 @@ def test_predict_batch_without_batching_sends_one_image_per_call_and_isolates_fa
     assert isinstance(third, dict) and third["predictions"][0]["label"] == "s:3"
     assert backend.connections[backend.spawns[0].worker_id].batches == []  # single-image calls only
     pool.shutdown(grace_s=0)
+
+
+def test_members_with_different_subsets_share_a_call_and_are_each_scored_over_their_own(models: Path) -> None:
+    from tests.unit.fakes import fake_logit
+
+    backend = FakeBackend()
+    pool = live_pool(backend, models)
+    lease = pool.acquire("sub", pool.clock.now() + 5)  # the only worker is busy
+    named = LabelSubset(("甲", "乙"), "前")
+    listed = LabelSubset(("丁", "甲"))
+    calls = [
+        lambda: pool.predict("sub", b"1", top_k=2, subset=named),
+        lambda: pool.predict("sub", b"2", top_k=1),  # over all labels
+        lambda: pool.predict("sub", b"3", top_k=2, subset=listed),
+    ]
+    threads, results = in_threads(calls, pool)
+    pool.release(lease)
+    for thread in threads:
+        thread.join(10)
+    connection = backend.connections[lease.worker_id]
+    assert connection.batches == [3]
+    # One call: the named subset by name, the listed labels by column, each label once.
+    assert connection.scores == [Scores(("前",), (3, 0), ("甲", "乙", "丁"))]
+    everything = ("甲", "乙", "丁")
+    logits = [fake_logit(label) for label in everything]
+    assert results[0].predictions == subset_predictions(logits, everything, named.labels, 2)
+    assert results[1].predictions == [{"label": "sub:2", "score": 1.0}]
+    assert results[2].predictions == subset_predictions(logits, everything, listed.labels, 2)
+    assert {p["label"] for p in results[2].predictions} == {"丁", "甲"}
+    assert sum(p["score"] for p in results[0].predictions) == pytest.approx(1.0, abs=1e-5)

@@ -296,14 +296,24 @@ def test_labels_query_parameters_add_logits(served: dict[str, str], network: nn.
     assert status == 200 and [r["logits"] for r in batch["results"]] == [answer["logits"][:1]] * 2
 
 
+def test_columns_and_labels_ask_for_each_label_once_in_order(served: dict[str, str]) -> None:
+    data = picture(5)
+    status, by_name = post(served["classify"], "/predict?labels=%E7%BB%BF&labels=%E7%BA%A2", data)  # 绿, 红
+    assert status == 200
+    status, mixed = post(served["classify"], "/predict?columns=1,0&labels=%E7%BB%BF", data)  # 绿 asked twice
+    assert status == 200 and mixed["logits"] == by_name["logits"] and len(mixed["logits"]) == 2
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
         ("labels=%E7%B4%AB", "label '紫' is not one of"),
         ("labels=", "label '' is not one of"),
         ("labels=%FF", "not valid UTF-8"),
-        ("labels=%E7%BA%A2&labels=%E7%BA%A2", "named more than once"),
-        ("&".join(["labels=%E7%BA%A2"] * 5), "5 labels named"),
+        ("columns=4", "column '4' is not a label index"),
+        ("columns=1,x", "column 'x' is not a label index"),
+        ("columns=-1", "column '-1' is not a label index"),
+        ("subset=%E5%89%8D", "has no subset '前'"),
     ],
 )
 def test_bad_labels_are_400(served: dict[str, str], query: str, message: str) -> None:

@@ -177,6 +177,7 @@ def _check(model_dir: str, runtime: dict[str, Any]) -> dict[str, Any]:
         "task": bundle.task,
         "device": str(predictor.device),
         "precision": predictor.precision,
+        "providers": predictor.health()["providers"],
         "outputs": predictor.outputs,
         "labels": len(bundle.labels),
         "embedding_dim": predictor.outputs if bundle.task == "embed" else None,

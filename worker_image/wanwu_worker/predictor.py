@@ -20,7 +20,7 @@ from PIL import Image
 from .bundle import Bundle
 from .errors import BundleError, InferenceError, InputError
 from .preprocess import DEFAULT_MAX_PIXELS, decode, normalise, resize_and_crop, to_pixels
-from .runtimes import Model, check_batch, load_model
+from .runtimes import Model, check_batch, load_model, providers
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,10 @@ class Predictor:
         self.requests = 0
 
     def gpu_memory_mb(self) -> float | None:
-        """GPU memory this process holds through PyTorch's allocator; None on the CPU."""
-        if self.device.type != "cuda":
+        """GPU memory this process holds through PyTorch's allocator; None on the CPU,
+        and for ONNX, whose memory onnxruntime allocates outside it (the pool then
+        keeps the bundle's estimate rather than a figure far too low)."""
+        if self.device.type != "cuda" or self.bundle.format == "onnx":
             return None
         return round(torch.cuda.memory_reserved(self.device) / 2**20, 1)
 
@@ -236,6 +238,7 @@ class Predictor:
             "embedding_dim": self.outputs if self.bundle.task == "embed" else None,
             "device": str(self.device),
             "precision": self.precision,
+            "providers": providers(self.model),
             "gpu_memory_mb": self.gpu_memory_mb(),
             "labels": len(self.bundle.labels),
             "max_batch_size": self.max_batch_size,

@@ -155,13 +155,19 @@ def _onnx(path: Path, device: torch.device, dtype: torch.dtype) -> Model:
     except Exception as exc:
         raise BundleError(f"{path}: not a loadable ONNX model: {exc}") from exc
     if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        log.warning(
-            "%s: onnxruntime %s has no CUDA provider here (available: %s); the model runs on the CPU",
-            path,
-            ort.__version__,
-            ", ".join(ort.get_available_providers()),
+        # Serving a GPU's share of traffic from the CPU, silently, is worse than not starting.
+        raise BundleError(
+            f"{path}: onnxruntime {ort.__version__} cannot use the GPU here (providers: "
+            f"{', '.join(ort.get_available_providers())}); the cuda image has onnxruntime-gpu, "
+            "or set WANWU_DEVICE=cpu"
         )
     return OnnxModel(session, path, device)
+
+
+def providers(model: Model) -> list[str] | None:
+    """The onnxruntime execution providers an ONNX model runs on, best first; None for torch."""
+    session = getattr(model, "session", None)
+    return list(session.get_providers()) if session is not None else None
 
 
 def _preload_cuda_libraries() -> None:

@@ -7,10 +7,12 @@
                                    image's length in bytes) -> {"results": [...], "timing_ms": {...}}
     POST /load                     (stem cells) body: {"model": "<bundle directory>"}
 
-Both predict routes take repeated ``labels`` parameters (UTF-8, percent-encoded:
-``?top_k=3&labels=%E7%BA%A2...&labels=...``), at most as many as the model has labels:
-a classify model then adds ``"logits"``, its raw outputs for those labels in that order,
-to each image's answer. An unknown, repeated or undecodable label, or any label for an
+Both predict routes may ask for the raw scores of some labels (to score label subsets):
+``subset=NAME`` (repeated; the bundle's named subsets, UTF-8 percent-encoded), then
+``columns=3,17,250`` (label indices, so a long list stays short whatever the script),
+then ``labels=NAME`` (repeated); each label counts once, in that order. A classify model
+then adds ``"logits"``, its raw outputs for those labels in that order, to each image's
+answer. An unknown subset, column or label, an undecodable one, or any of them for an
 embed model, is 400 ``bad_parameter``.
 
 /predict_batch runs up to the bundle's ``batching.max_batch_size`` images (1 without
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from .bundle import check_name
+from .bundle import Bundle, check_name
 from .errors import InputError, LengthRequired, PayloadTooLarge, WorkerError
 from .predictor import Predictor, parse_top_k
 
@@ -201,8 +203,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             query = parse_query(url.query)
             top_k = parse_top_k(query.get("top_k", [None])[0])
-            # Passed only when named: a request without labels makes the call it always made.
-            options = {"labels": tuple(query["labels"])} if query.get("labels") else {}
+            asked = asked_labels(query, predictor.bundle)
+            # Passed only when asked for: a request without labels makes the call it always made.
+            options = {"labels": asked} if asked else {}
             if url.path == "/predict":
                 single = predictor.predict(self._read_body(), top_k, **options)
                 answer: dict[str, Any] = {**single.result, "timing_ms": single.timing_ms}
@@ -337,6 +340,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             self.rfile.read(length)
+
+
+def asked_labels(query: dict[str, list[str]], bundle: Bundle) -> tuple[str, ...]:
+    """The labels whose raw scores a request asks for (module doc), each once, in order."""
+    asked: list[str] = []
+    for name in query.get("subset", []):
+        if name not in bundle.subsets:
+            raise InputError(f"model {bundle.name} has no subset {name!r}", code="bad_parameter")
+        asked += bundle.subsets[name]
+    for raw in query.get("columns", []):
+        for part in raw.split(","):
+            if not (part.isascii() and part.isdigit() and len(part) <= 9) or int(part) >= len(bundle.labels):
+                raise InputError(
+                    f"column {part!r} is not a label index of model {bundle.name} (0 to {len(bundle.labels) - 1})",
+                    code="bad_parameter",
+                )
+            asked.append(bundle.labels[int(part)])
+    asked += query.get("labels", [])
+    return tuple(dict.fromkeys(asked))
 
 
 def _elapsed_ms(started: float) -> float:
