@@ -259,17 +259,18 @@ def _checked(directory: Path, backend: Backend, device: str | None, progress: Pr
 def _record(stage: Path, config: dict[str, Any], report: dict[str, Any], override_mb: int | None) -> None:
     """Put what the check measured into model.json, and the whole check beside it."""
     measured = report.get("gpu_memory_mb")
-    model_file = stage / MODEL_FILES[config["format"]]
     if override_mb is not None:
         config["gpu_memory_mb"], method = override_mb, "given with --gpu-memory-mb"
     elif isinstance(measured, int):
         config["gpu_memory_mb"] = measured
         method = str(report.get("gpu_memory_method", "measured on the GPU"))
     else:
-        size_mb = model_file.stat().st_size / 2**20
+        # The model file and any external weights beside it (everything but the metadata).
+        metadata = {"model.json", "labels.txt", REPORT}
+        size_mb = sum(p.stat().st_size for p in stage.iterdir() if p.name not in metadata) / 2**20
         config["gpu_memory_mb"] = CONTEXT_MB + math.ceil(2 * size_mb)
         method = (
-            f"estimated without a GPU: {CONTEXT_MB} MB of CUDA context plus twice the model file "
+            f"estimated without a GPU: {CONTEXT_MB} MB of CUDA context plus twice the model's files "
             f"({size_mb:.1f} MB); run `wanwu bundle check` on a GPU host to measure it"
         )
     if config["task"] == "embed":

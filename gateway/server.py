@@ -35,6 +35,9 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "timeout": 0,  # requests are bounded by the pool's own timeouts
             "graceful_timeout": int(settings.shutdown_grace_s) + 5,
             "keepalive": 5,
+            # gunicorn's most (its default is 4094): room for a ?labels= list of a few
+            # hundred labels; a longer one belongs in the bundle as a named subset.
+            "limit_request_line": 8190,
             "accesslog": None,
             "errorlog": "-",
             "loglevel": settings.log_level.lower(),

@@ -53,7 +53,7 @@ NOT_API = {"static"}
 TOKEN = "t0ken-for-schemathesis"
 MAX_EXAMPLES = 25  # per operation and phase
 RUN_LIMIT_S = 900  # the whole schemathesis run
-MODEL_ROUTES = "predict"  # path regex of the routes that may answer 502/503/504
+MODEL_ROUTES = "predict|embed"  # path regex of the routes that may answer 502/503/504
 
 
 @pytest.fixture(scope="module")
