@@ -25,11 +25,12 @@ CUDA_IMAGE = "wanwu-worker:cuda"
 # Runs in the image: what torch was built with and what it finds here. No GPU is
 # requested, so CUDA must be unavailable (on a GPU host too).
 TORCH_PROBE = """
-import json, torch, torchvision, torchvision.ops
+import json, torch, torchvision, torchvision.ops, onnxruntime
 boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 1.9], [5.0, 5.0, 6.0, 6.0]])
 kept = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                  "available": torch.cuda.is_available(), "torchvision": torchvision.__version__, "nms": kept}))
+                  "available": torch.cuda.is_available(), "torchvision": torchvision.__version__, "nms": kept,
+                  "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}))
 """
 
 
@@ -73,6 +74,7 @@ def test_image_is_labelled_cuda_and_ships_a_cuda_build_of_torch(
     assert probe["available"] is False, probe
     assert probe["torchvision"].startswith("0.28.0"), probe  # the release built for torch 2.13.0
     assert probe["nms"] == [0, 2], probe  # torchvision's compiled operators load
+    assert probe["onnxruntime"] == "1.31.1" and "CUDAExecutionProvider" in probe["providers"], probe  # the GPU build
 
 
 def test_worker_falls_back_to_the_cpu_and_classifies_the_demo_classes(cuda_containers: Containers) -> None:

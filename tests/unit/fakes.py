@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flask import Flask
+
 from scheduler.backends.base import ManagedWorker, SpawnRequest, Started
 from scheduler.errors import WanwuError, WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
+from scheduler.gpu import GpuMonitor
+from scheduler.models import ModelCatalog
+from scheduler.pool import INLINE, WarmPool
+from scheduler.settings import Settings
 from scheduler.worker_client import Scores, WorkerAnswer, WorkerBatchAnswer
 
 
@@ -248,3 +255,19 @@ def make_bundle(
     (path / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     (path / "model.pt").write_bytes(b"")
     return path
+
+
+@contextlib.contextmanager
+def fake_gateway(backend: FakeBackend, settings: Settings) -> Iterator[Flask]:
+    """The Flask app over a pool on ``backend`` (fake clock, calls inline), serving the
+    bundles in ``settings.models_dir``; the pool is shut down afterwards."""
+    from gateway.app import create_app
+
+    clock = FakeClock()
+    catalog = ModelCatalog(settings.models_dir, clock=clock)
+    pool = WarmPool(backend, catalog, settings, clock=clock, gpu=GpuMonitor(()), executor=INLINE)
+    pool.start(background=False)
+    try:
+        yield create_app(settings, pool, {"TESTING": True})
+    finally:
+        pool.shutdown(grace_s=0)

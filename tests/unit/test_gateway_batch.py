@@ -10,14 +10,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gateway.app import create_app
-from scheduler.gpu import GpuMonitor
-from scheduler.models import ModelCatalog
-from scheduler.pool import INLINE, WarmPool
 from scheduler.settings import Settings
 from tests.images import demo_images, truncated_png
 from tests.promtext import metric
-from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
+from tests.unit.fakes import FakeBackend, fake_gateway, make_bundle
 
 IMAGES = list(demo_images(seed=5).values())
 
@@ -31,7 +27,6 @@ def backend() -> FakeBackend:
 def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
     make_bundle(tmp_path, "demo-shapes", batching={"max_batch_size": 3, "max_wait_ms": 0})
     make_bundle(tmp_path, "plain")
-    clock = FakeClock()
     settings = Settings(
         models_dir=tmp_path,
         max_workers=1,
@@ -41,12 +36,8 @@ def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
         max_batch_upload_mb=2,
         stem_cells=0,
     )
-    pool = WarmPool(
-        backend, ModelCatalog(tmp_path, clock=clock), settings, clock=clock, gpu=GpuMonitor(()), executor=INLINE
-    )
-    pool.start(background=False)
-    yield create_app(settings, pool, {"TESTING": True})
-    pool.shutdown(grace_s=0)
+    with fake_gateway(backend, settings) as app:
+        yield app
 
 
 @pytest.fixture

@@ -14,14 +14,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gateway.app import create_app
-from scheduler.gpu import GpuMonitor
-from scheduler.models import ModelCatalog
-from scheduler.pool import INLINE, WarmPool, subset_predictions
+from scheduler.pool import subset_predictions
 from scheduler.settings import Settings
 from scheduler.worker_client import Scores
 from tests.images import demo_images
-from tests.unit.fakes import FakeBackend, FakeClock, fake_logit, make_bundle
+from tests.unit.fakes import FakeBackend, fake_gateway, fake_logit, make_bundle
 
 LABELS = ("红色圆形", "红色方形", "绿色圆形", "绿色方形", "蓝色圆形", "蓝色方形")
 FRUIT = ["红色圆形", "绿色圆形"]
@@ -37,14 +34,9 @@ def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
     make_bundle(tmp_path, "shapes", labels=LABELS, subsets={"圆形": FRUIT})
     make_bundle(tmp_path, "batched", labels=LABELS, batching={"max_batch_size": 4, "max_wait_ms": 0})
     make_bundle(tmp_path, "embedder", task="embed", embedding_dim=3)
-    clock = FakeClock()
     settings = Settings(models_dir=tmp_path, max_workers=2, queue_timeout_s=2, stem_cells=0)
-    pool = WarmPool(
-        backend, ModelCatalog(tmp_path, clock=clock), settings, clock=clock, gpu=GpuMonitor(()), executor=INLINE
-    )
-    pool.start(background=False)
-    yield create_app(settings, pool, {"TESTING": True})
-    pool.shutdown(grace_s=0)
+    with fake_gateway(backend, settings) as app:
+        yield app
 
 
 @pytest.fixture
@@ -196,17 +188,13 @@ def test_top_k_over_all_labels_stops_at_what_a_worker_ranks(tmp_path: Path) -> N
 
     bundle(tmp_path, "many", labels=tuple(f"l{i}" for i in range(1500)))
     settings = Settings(models_dir=tmp_path, max_workers=1, stem_cells=0)
-    pool = WarmPool(FakeBackend(), ModelCatalog(tmp_path), settings, gpu=GpuMonitor(()), executor=INLINE)
-    pool.start(background=False)
-    try:
-        client = create_app(settings, pool, {"TESTING": True}).test_client()
+    with fake_gateway(FakeBackend(), settings) as app:
+        client = app.test_client()
         over = post(client, "/v1/models/many/predict?top_k=1001")
         assert over.status_code == 400 and "1 to 1000" in over.get_json()["error"]["message"]
         subset = ",".join(f"l{i}" for i in range(1100))
         many = post(client, f"/v1/models/many/predict?top_k=1050&labels={subset}")
         assert many.status_code == 200 and len(many.get_json()["predictions"]) == 1050
-    finally:
-        pool.shutdown(grace_s=0)
 
 
 def test_models_lists_task_subsets_and_fallback(client: FlaskClient) -> None:
