@@ -162,7 +162,10 @@ def create(
         report = _checked(stage, backend, device, progress)
         _record(stage, config, report, spec.gpu_memory_mb)
         _readable(stage)
-        _move_into_place(stage, out)
+        try:
+            _move_into_place(stage, out)
+        except OSError as exc:
+            raise BundleCreateError(f"cannot move the checked bundle into {out}: {exc}") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
@@ -176,11 +179,15 @@ def _move_into_place(stage: Path, out: Path) -> None:
         stage.rename(out)
         return
     if _exchange(stage, out):
-        shutil.rmtree(stage)  # now the old bundle
+        shutil.rmtree(stage, ignore_errors=True)  # now the old bundle; the new one is live
         return
     aside = out.with_name(f".{out.name}.old-{os.getpid()}")
     out.rename(aside)
-    stage.rename(out)
+    try:
+        stage.rename(out)
+    except OSError:
+        aside.rename(out)  # the old bundle back where it was
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 

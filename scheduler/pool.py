@@ -33,6 +33,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from wanwu_worker.bundle import labels_digest
+
 from . import policy
 from .backends.base import Backend, Connection, SpawnRequest, Started
 from .clock import Clock, MonotonicClock
@@ -146,20 +148,28 @@ def label_scores(info: ModelInfo, subsets: Iterable[LabelSubset | None]) -> Scor
     if not named and not listed:
         return None
     column = {label: index for index, label in enumerate(info.labels)}
-    in_order = [label for name in named for label in info.subsets[name]] + list(listed)
-    return Scores(named, tuple(column[label] for label in listed), tuple(dict.fromkeys(in_order)))
+    columns = tuple(sorted(column[label] for label in listed))
+    in_order = [label for name in named for label in info.subsets[name]] + [info.labels[c] for c in columns]
+    labels = tuple(dict.fromkeys(in_order))
+    return Scores(named, columns, len(info.labels), labels, labels_digest(labels))
 
 
 def _shape(entry: dict[str, Any], top_k: int, subset: LabelSubset | None, scores: Scores | None) -> dict[str, Any]:
     """One image's entry as its request asked: the top ``top_k`` predictions over all
     labels, or over ``subset`` (scored from the raw scores the worker gave for
     ``scores.labels``); never the raw scores themselves."""
-    shaped = {key: value for key, value in entry.items() if key != "logits"}
+    shaped = {key: value for key, value in entry.items() if key not in ("logits", "logits_of")}
     if "error" in entry:
         return shaped
     if subset is not None:
-        asked = scores.labels if scores is not None else ()
-        shaped["predictions"] = subset_predictions(entry.get("logits"), asked, subset.labels, top_k)
+        if scores is None or entry.get("logits_of") != scores.digest:
+            # The worker loaded another version of the bundle than the catalog knows
+            # (replaced while it ran): its scores are of other labels. Fail loudly.
+            raise WorkerCrashed(
+                "the worker's raw scores are not of the labels asked for: its bundle differs from the "
+                "gateway's catalog (was the bundle replaced? restart the gateway or wait for the worker to go)"
+            )
+        shaped["predictions"] = subset_predictions(entry.get("logits"), scores.labels, subset.labels, top_k)
     elif isinstance(entry.get("predictions"), list):
         shaped["predictions"] = entry["predictions"][:top_k]
     return shaped

@@ -15,6 +15,7 @@ a 4xx is WorkerRejected (the client's input).
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -36,23 +37,35 @@ class _Dropped(Exception):
 
 # What a worker may answer for one image besides its predictions: an embedding model's
 # vector and width, and the raw scores of the labels a subset asked for.
-EXTRA_KEYS = ("embedding", "dim", "logits")
+EXTRA_KEYS = ("embedding", "dim", "logits", "logits_of")
 
 
 @dataclass(frozen=True)
 class Scores:
     """The labels a call wants raw scores (``logits``) for, to score label subsets:
-    the model's named ``subsets``, then ``columns`` (label indices: short whatever the
-    script, so a long list fits a request line); ``labels`` is what that comes to, in
-    the order the worker answers, each label once."""
+    the model's named ``subsets``, then ``columns`` (label indices, ascending, of a
+    model with ``width`` labels); ``labels`` is what that comes to, in the order the
+    worker answers, each label once, and ``digest`` their ``labels_digest``, which the
+    worker's answer must carry."""
 
     subsets: tuple[str, ...]
     columns: tuple[int, ...]
+    width: int
     labels: tuple[str, ...]
+    digest: str
 
     def query(self) -> str:
+        """The query parameters: named subsets by name, columns as a list or, where
+        shorter, as a bitmap (bounded by the number of labels, however many are asked)."""
         named = "".join(f"&subset={quote(name, safe='')}" for name in self.subsets)
-        return named + (f"&columns={','.join(map(str, self.columns))}" if self.columns else "")
+        if not self.columns:
+            return named
+        listed = ",".join(map(str, self.columns))
+        mask = bytearray((self.width + 7) // 8)
+        for column in self.columns:
+            mask[column // 8] |= 1 << (column % 8)
+        packed = base64.urlsafe_b64encode(bytes(mask)).rstrip(b"=").decode("ascii")
+        return named + (f"&columns={listed}" if len(listed) <= len(packed) else f"&column_mask={packed}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from wanwu_worker.bundle import labels_digest
 
 from scheduler.backends.base import ManagedWorker, SpawnRequest, Started
 from scheduler.errors import WanwuError, WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
@@ -42,6 +43,13 @@ class FakeClock:
 def fake_logit(label: str) -> float:
     """The raw score a fake worker gives ``label``: fixed per label, different between labels."""
     return float(sum(map(ord, label)) % 97) / 10
+
+
+def fake_scores(scores: Scores | None) -> dict[str, Any]:
+    """A fake worker's raw scores for the labels asked, tagged as a real worker tags them."""
+    if scores is None:
+        return {}
+    return {"logits": [fake_logit(label) for label in scores.labels], "logits_of": labels_digest(scores.labels)}
 
 
 def fake_embedding(image: bytes) -> dict[str, Any]:
@@ -79,7 +87,7 @@ class FakeConnection:
             [{"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0}],
             {"inference": 1.0, "total": 2.0},
             2.5,
-            {"logits": [fake_logit(label) for label in scores.labels]} if scores else {},
+            fake_scores(scores),
         )
 
     def predict_batch(
@@ -107,7 +115,7 @@ class FakeConnection:
                     {"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0},
                     {"label": "other", "score": 0.0},
                 ][:top_k],
-                **({"logits": [fake_logit(label) for label in scores.labels]} if scores else {}),
+                **fake_scores(scores),
             }
             for image in images
         ]

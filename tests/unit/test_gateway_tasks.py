@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from wanwu_worker.bundle import labels_digest
 
 from scheduler.pool import subset_predictions
 from scheduler.settings import Settings
@@ -81,7 +82,8 @@ def test_labels_are_scored_over_the_subset_and_renormalised(client: FlaskClient,
     assert "logits" not in body
     (connection,) = backend.connections.values()
     # The worker was asked for exactly those raw scores, by column, and ranks nothing itself.
-    assert connection.scores[-1] == Scores((), (5, 0, 3), tuple(subset))
+    asked = ("红色圆形", "绿色方形", "蓝色方形")  # by column: 0, 3, 5
+    assert connection.scores[-1] == Scores((), (0, 3, 5), len(LABELS), asked, labels_digest(asked))
 
 
 def test_repeated_label_parameters_and_a_named_subset(client: FlaskClient) -> None:
@@ -202,3 +204,17 @@ def test_models_lists_task_subsets_and_fallback(client: FlaskClient) -> None:
     assert models["shapes"]["task"] == "classify" and models["shapes"]["subsets"] == {"圆形": FRUIT}
     assert models["embedder"]["task"] == "embed" and models["embedder"]["embedding_dim"] == 3
     assert models["shapes"]["cpu_fallback"] is False and models["shapes"]["format"] == "torchscript"
+
+
+def test_raw_scores_of_other_labels_fail_loudly_rather_than_mislabel(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker still running a replaced bundle answers scores of other labels: its
+    digest differs from the catalog's, and the request fails rather than mislabel."""
+    from tests.unit import fakes
+
+    real = fakes.fake_scores
+    monkeypatch.setattr(fakes, "fake_scores", lambda scores: {**real(scores), "logits_of": "0" * 16} if scores else {})
+    response = post(client, "/v1/models/shapes/predict?subset=圆形")
+    assert response.status_code == 502 and "bundle differs" in response.get_json()["error"]["message"]
+    assert post(client, "/v1/models/shapes/predict").status_code == 200  # scoring over all labels is unaffected

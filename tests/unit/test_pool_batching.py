@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wanwu_worker.bundle import labels_digest
 
 from scheduler.clock import MonotonicClock
 from scheduler.errors import WanwuError, WorkerRejected
@@ -194,7 +195,7 @@ def test_members_with_different_subsets_share_a_call_and_are_each_scored_over_th
     connection = backend.connections[lease.worker_id]
     assert connection.batches == [3]
     # One call: the named subset by name, the listed labels by column, each label once.
-    assert connection.scores == [Scores(("前",), (3, 0), ("甲", "乙", "丁"))]
+    assert connection.scores == [Scores(("前",), (0, 3), 4, ("甲", "乙", "丁"), labels_digest(("甲", "乙", "丁")))]
     everything = ("甲", "乙", "丁")
     logits = [fake_logit(label) for label in everything]
     assert results[0].predictions == subset_predictions(logits, everything, named.labels, 2)

@@ -296,6 +296,20 @@ def test_labels_query_parameters_add_logits(served: dict[str, str], network: nn.
     assert status == 200 and [r["logits"] for r in batch["results"]] == [answer["logits"][:1]] * 2
 
 
+def test_a_column_mask_asks_as_columns_do_and_answers_are_tagged_with_their_labels(served: dict[str, str]) -> None:
+    from wanwu_worker.bundle import labels_digest
+
+    data = picture(6)
+    status, listed = post(served["classify"], "/predict?columns=0,2", data)
+    assert status == 200 and listed["logits_of"] == labels_digest(("红", "蓝"))
+    status, masked = post(served["classify"], "/predict?column_mask=BQ", data)  # 0b101: labels 0 and 2
+    assert status == 200 and masked["logits"] == listed["logits"] and masked["logits_of"] == listed["logits_of"]
+    status, answer = post(served["classify"], "/predict?column_mask=IA", data)  # bit 5 of a 4-label model
+    assert status == 400 and "wider than" in answer["error"]["message"]
+    status, plain = post(served["classify"], "/predict", data)
+    assert status == 200 and "logits_of" not in plain
+
+
 def test_columns_and_labels_ask_for_each_label_once_in_order(served: dict[str, str]) -> None:
     data = picture(5)
     status, by_name = post(served["classify"], "/predict?labels=%E7%BB%BF&labels=%E7%BA%A2", data)  # 绿, 红

@@ -194,3 +194,17 @@ def test_a_batch_that_is_not_answered_in_time_is_a_timeout(scripted: tuple[Path,
     answers.append("hang")
     with pytest.raises(WorkerTimeout, match="did not answer POST /predict_batch"):
         WorkerClient(str(path), "w1", timeout=0.2).predict_batch([b"img"])
+
+
+def test_scores_ask_for_columns_as_a_list_or_as_a_bounded_bitmap() -> None:
+    import base64
+
+    from scheduler.worker_client import Scores
+
+    few = Scores(("水果",), (3, 17), 20_000, ("a", "b"), "d")
+    assert few.query() == "&subset=%E6%B0%B4%E6%9E%9C&columns=3,17"
+    many = Scores((), tuple(range(0, 20_000, 3)), 20_000, (), "d")
+    query = many.query()
+    assert query.startswith("&column_mask=") and len(query) < 20_000 // 8 * 4 // 3 + 20
+    mask = base64.urlsafe_b64decode(query.split("=", 1)[1] + "==")
+    assert [i for i in range(20_000) if mask[i // 8] >> (i % 8) & 1] == list(many.columns)

@@ -6,6 +6,7 @@ model is loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -253,6 +254,13 @@ def load_bundle(directory: str | Path) -> Bundle:
     if not bundle.model_file.is_file():
         raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")
     return bundle
+
+
+def labels_digest(labels: tuple[str, ...] | list[str]) -> str:
+    """A short digest of label names in order: a worker tags the raw scores it answers
+    with it, so a gateway whose catalog knows another version of the bundle (replaced
+    while workers still run the old one) notices rather than mislabel the scores."""
+    return hashlib.sha256("\n".join(labels).encode("utf-8")).hexdigest()[:16]
 
 
 def check_name(directory: str) -> None:

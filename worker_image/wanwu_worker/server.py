@@ -10,7 +10,10 @@
 Both predict routes may ask for the raw scores of some labels (to score label subsets):
 ``subset=NAME`` (repeated; the bundle's named subsets, UTF-8 percent-encoded), then
 ``columns=3,17,250`` (label indices, so a long list stays short whatever the script),
-then ``labels=NAME`` (repeated); each label counts once, in that order. A classify model
+then ``column_mask=`` (base64url of a bitmap over the labels: the same, bounded for any
+number of labels), then ``labels=NAME`` (repeated); each label counts once, in that
+order. Each answer with raw scores says which labels they are of: ``"logits_of"``, a
+digest of their names (``bundle.labels_digest``). A classify model
 then adds ``"logits"``, its raw outputs for those labels in that order, to each image's
 answer. An unknown subset, column or label, an undecodable one, or any of them for an
 embed model, is 400 ``bad_parameter``.
@@ -37,6 +40,8 @@ reusing a half-loaded process.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import logging
@@ -51,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from .bundle import Bundle, check_name
+from .bundle import Bundle, check_name, labels_digest
 from .errors import InputError, LengthRequired, PayloadTooLarge, WorkerError
 from .predictor import Predictor, parse_top_k
 
@@ -209,9 +214,16 @@ class Handler(BaseHTTPRequestHandler):
             if url.path == "/predict":
                 single = predictor.predict(self._read_body(), top_k, **options)
                 answer: dict[str, Any] = {**single.result, "timing_ms": single.timing_ms}
+                entries = [answer]
             else:
                 batch = predictor.predict_batch(self._read_parts(predictor.max_batch_size), top_k, **options)
                 answer = {"results": batch.results, "timing_ms": batch.timing_ms}
+                entries = batch.results
+            if asked:  # which labels the raw scores are of, for the gateway to check
+                digest = labels_digest(asked)
+                for entry in entries:
+                    if "logits" in entry:
+                        entry["logits_of"] = digest
         except Exception as exc:  # noqa: BLE001 - the worker must outlive any one request; _fail logs it
             self._fail(url.path, exc)
             return
@@ -357,8 +369,24 @@ def asked_labels(query: dict[str, list[str]], bundle: Bundle) -> tuple[str, ...]
                     code="bad_parameter",
                 )
             asked.append(bundle.labels[int(part)])
+    for raw in query.get("column_mask", []):
+        asked += [bundle.labels[i] for i in _mask_columns(raw, bundle)]
     asked += query.get("labels", [])
     return tuple(dict.fromkeys(asked))
+
+
+def _mask_columns(raw: str, bundle: Bundle) -> list[int]:
+    """``column_mask``: base64url (no padding) of a bitmap over the labels, bit i of
+    byte i // 8 (least significant first) set for label i; its columns in order."""
+    try:
+        mask = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (ValueError, binascii.Error):
+        raise InputError("column_mask is not base64url", code="bad_parameter") from None
+    width = len(bundle.labels)
+    columns = [i for i in range(len(mask) * 8) if mask[i // 8] >> (i % 8) & 1]
+    if len(mask) > (width + 7) // 8 or (columns and columns[-1] >= width):
+        raise InputError(f"column_mask is wider than model {bundle.name}'s {width} labels", code="bad_parameter")
+    return columns
 
 
 def _elapsed_ms(started: float) -> float:
