@@ -287,7 +287,7 @@ def post(socket: str, url: str, body: bytes, headers: dict[str, str] | None = No
 def test_labels_query_parameters_add_logits(served: dict[str, str], network: nn.Module) -> None:
     data = picture(3)
     status, answer = post(served["classify"], "/predict?top_k=3&labels=%E7%BB%BF&labels=%E7%99%BD", data)
-    assert status == 200 and set(answer) == {"predictions", "logits", "timing_ms"}
+    assert status == 200 and set(answer) == {"predictions", "logits", "logits_of", "timing_ms"}
     assert len(answer["predictions"]) == 3 and len(answer["logits"]) == 2
     status, plain = post(served["classify"], "/predict?top_k=3", data)
     assert status == 200 and set(plain) == {"predictions", "timing_ms"}
