@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wanwu_worker.bundle import FORMATS, PRECISIONS, TASKS, load_bundle, read_labels
+from wanwu_worker.bundle import FORMATS, PRECISIONS, TASKS, Bundle, load_bundle, read_labels
 from wanwu_worker.errors import BundleError
 
 from scheduler.backends.base import Backend
@@ -159,7 +159,7 @@ def create(
             shutil.copyfile(spec.labels, stage / "labels.txt")
         _write_json(stage / "model.json", config)
         _readable(stage)  # the check runs as the worker's user
-        report = _checked(stage, backend, device, progress)
+        _, report = _checked(stage, backend, device, progress)
         _record(stage, config, report, spec.gpu_memory_mb)
         _readable(stage)
         try:
@@ -235,8 +235,8 @@ def check(directory: Path, backend: Backend, device: str | None, progress: Progr
     """Re-validate the bundle in ``directory``: its files, then a load and a request in
     the worker. Returns the report with ``warnings`` (a GPU estimate below what was
     measured). Raises BundleCreateError if it does not pass."""
-    report = _checked(directory, backend, device, progress)
-    declared = load_bundle(directory).gpu_memory_mb
+    bundle, report = _checked(directory, backend, device, progress)
+    declared = bundle.gpu_memory_mb
     measured = report.get("gpu_memory_mb")
     warnings = []
     if isinstance(measured, int) and measured > declared:
@@ -247,9 +247,12 @@ def check(directory: Path, backend: Backend, device: str | None, progress: Progr
     return {**report, "warnings": warnings}
 
 
-def _checked(directory: Path, backend: Backend, device: str | None, progress: Progress) -> dict[str, Any]:
+def _checked(
+    directory: Path, backend: Backend, device: str | None, progress: Progress
+) -> tuple[Bundle, dict[str, Any]]:
+    """The bundle as validated on this host, and the worker's report on it."""
     try:
-        load_bundle(directory)
+        bundle = load_bundle(directory)
     except BundleError as exc:
         raise BundleCreateError(str(exc)) from None
     where = f"GPU {device}" if device else "the CPU"
@@ -260,7 +263,7 @@ def _checked(directory: Path, backend: Backend, device: str | None, progress: Pr
         error = report.get("error") or {}
         raise BundleCreateError(f"the bundle did not pass its check: {error.get('message', report)}")
     progress(f"checked in {time.monotonic() - started:.1f} s")
-    return report
+    return bundle, report
 
 
 def _record(stage: Path, config: dict[str, Any], report: dict[str, Any], override_mb: int | None) -> None:

@@ -8,6 +8,7 @@ most every few seconds, so a new bundle needs no restart.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping
@@ -41,6 +42,11 @@ class ModelInfo:
     subsets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # named label subsets
     cpu_fallback: bool = False  # served by a CPU worker when no GPU has room for it
     embedding_dim: int | None = None
+
+    @functools.cached_property
+    def columns(self) -> Mapping[str, int]:
+        """Each label's column in the model's output (built once: a model may have 50k)."""
+        return {label: index for index, label in enumerate(self.labels)}
 
     @property
     def max_batch_size(self) -> int:

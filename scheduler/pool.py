@@ -147,8 +147,7 @@ def label_scores(info: ModelInfo, subsets: Iterable[LabelSubset | None]) -> Scor
     listed = tuple(dict.fromkeys(label for s in given if s.name is None for label in s.labels))
     if not named and not listed:
         return None
-    column = {label: index for index, label in enumerate(info.labels)}
-    columns = tuple(sorted(column[label] for label in listed))
+    columns = tuple(sorted(info.columns[label] for label in listed))
     in_order = [label for name in named for label in info.subsets[name]] + [info.labels[c] for c in columns]
     labels = tuple(dict.fromkeys(in_order))
     return Scores(named, columns, len(info.labels), labels, labels_digest(labels))

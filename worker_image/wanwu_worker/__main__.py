@@ -160,6 +160,7 @@ def _check_failed(error: dict[str, str]) -> int:
 
 def _check(model_dir: str, runtime: dict[str, Any]) -> dict[str, Any]:
     from .predictor import Predictor, choose_device
+    from .runtimes import providers
 
     device = choose_device(runtime["device"])
     gpu = _GpuMemory(device) if device.type == "cuda" else None  # read before anything is loaded
@@ -177,7 +178,7 @@ def _check(model_dir: str, runtime: dict[str, Any]) -> dict[str, Any]:
         "task": bundle.task,
         "device": str(predictor.device),
         "precision": predictor.precision,
-        "providers": predictor.health()["providers"],
+        "providers": providers(predictor.model),
         "outputs": predictor.outputs,
         "labels": len(bundle.labels),
         "embedding_dim": predictor.outputs if bundle.task == "embed" else None,
