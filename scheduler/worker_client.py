@@ -1,4 +1,5 @@
-"""Talk to one worker over HTTP/1.1 on its Unix socket.
+"""Talk to one worker over HTTP/1.1 on its Unix socket, or over TCP with its secret
+(workers on a swarm's overlay network).
 
 One persistent connection per client; a client is used by one request at a time (the
 pool's lease guarantees it). This is on every request's path, so it is lean: a small
@@ -29,6 +30,7 @@ from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeo
 MAX_HEADER_LINES = 100
 ONE_WRITE_LIMIT = 256 * 1024  # above this, the head and each body part go in their own writes, not one copy
 PARTS_HEADER = "X-Wanwu-Parts"  # /predict_batch: each image's length in bytes, comma-separated
+SECRET_HEADER = "X-Wanwu-Secret"  # a TCP worker answers only requests carrying its secret
 
 
 class _Dropped(Exception):
@@ -91,20 +93,46 @@ class WorkerBatchAnswer:
 
 
 class WorkerClient:
-    """HTTP client for one worker's socket."""
+    """HTTP client for one worker: its Unix socket path, or a ``(host, port)`` on TCP,
+    where every request carries ``secret``."""
 
-    def __init__(self, socket_path: str, worker_id: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: str | tuple[str, int],
+        worker_id: str | None = None,
+        timeout: float = 30.0,
+        secret: str | None = None,
+    ) -> None:
+        if isinstance(socket_path, tuple) and not secret:
+            raise ValueError("a worker on TCP is reached with its secret")
         self.socket_path = socket_path
         self.worker_id = worker_id
         self.timeout = timeout
+        self._secret_line = f"{SECRET_HEADER}: {secret}\r\n" if secret else ""
         self._sock: socket.socket | None = None
         self._reader: BinaryIO | None = None
         self.connections = 0  # connections opened so far (keep-alive shows as 1)
+        self.aborted: str | None = None  # why abort() was called: no new connection is made
 
     @property
     def who(self) -> str:
         """How errors name this worker."""
-        return self.worker_id or self.socket_path
+        if self.worker_id:
+            return self.worker_id
+        if isinstance(self.socket_path, str):
+            return self.socket_path
+        return f"{self.socket_path[0]}:{self.socket_path[1]}"
+
+    def abort(self, reason: str) -> None:
+        """Break off a request in flight from another thread (its worker is known to be
+        gone): the waiting call, and any later one, fails at once as WorkerCrashed."""
+        self.aborted = reason
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._reader is not None:
@@ -115,8 +143,14 @@ class WorkerClient:
             self._sock = None
 
     def _connect(self, timeout: float) -> tuple[socket.socket, BinaryIO]:
+        if self.aborted:
+            raise WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
         if self._sock is None or self._reader is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if isinstance(self.socket_path, str):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            else:
+                sock = socket.socket(socket.AF_INET6 if ":" in self.socket_path[0] else socket.AF_INET)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(timeout)
             try:
                 sock.connect(self.socket_path)
@@ -174,7 +208,7 @@ class WorkerClient:
         size = sum(len(part) for part in body)
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: worker\r\nContent-Type: application/octet-stream\r\n"
-            f"{headers}Content-Length: {size}\r\n\r\n"
+            f"{self._secret_line}{headers}Content-Length: {size}\r\n\r\n"
         ).encode("ascii")
         # A kept-alive connection may have been closed by the worker since its last use:
         # retry once on a fresh connection.

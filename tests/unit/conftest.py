@@ -7,16 +7,19 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from wanwu_worker.predictor import Predictor
-from wanwu_worker.server import WorkerServer
+from wanwu_worker.server import TcpWorkerServer, WorkerServer
 
 from scheduler.worker_client import WorkerClient
 
+S = TypeVar("S", WorkerServer, TcpWorkerServer)
+
 
 @contextmanager
-def serving(srv: WorkerServer) -> Iterator[WorkerServer]:
+def serving(srv: S) -> Iterator[S]:
     """Serve ``srv`` on a thread; shut it down and remove its socket afterwards."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

@@ -81,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads decoding a batch's images (default 0: the CPUs this process may use, at most 4)",
     )
     sub = parser.add_subparsers(dest="mode", required=True)
-    serve = sub.add_parser("serve", help="answer /healthz, /predict and /predict_batch on a Unix socket")
+    serve = sub.add_parser(
+        "serve", help="answer /healthz, /predict and /predict_batch on a Unix socket (or TCP, --listen)"
+    )
     serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("WANWU_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve on TCP instead of the socket; every request must carry the --secret-file secret",
+    )
+    serve.add_argument(
+        "--secret-file",
+        default=os.environ.get("WANWU_SECRET_FILE") or None,
+        help="the worker's secret (a Docker secret), required with --listen",
+    )
     serve.add_argument("--max-body", type=int, default=_env_int("WANWU_MAX_BODY_BYTES", 20 * 2**20))
     serve.add_argument(
         "--stem",
@@ -269,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    listen: dict[str, Any] = {}
+    if args.mode == "serve" and args.listen:
+        from .server import parse_listen, read_secret
+
+        if not args.secret_file:
+            print("wanwu-worker: --listen needs --secret-file (WANWU_SECRET_FILE)", file=sys.stderr)
+            return 2
+        try:
+            listen = {"listen": parse_listen(args.listen), "secret": read_secret(args.secret_file)}
+        except ValueError as exc:
+            print(f"wanwu-worker: {exc}", file=sys.stderr)
+            return 2
     # torch is imported only now, so --help and argument errors are instant.
     from .predictor import Predictor
 
@@ -288,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         except WorkerError as exc:
             print(json.dumps({"error": exc.to_json()}, ensure_ascii=False), file=sys.stderr)
             return 2
-        serve(None, args.socket, args.max_body, stem=stem)
+        serve(None, args.socket, args.max_body, stem=stem, **listen)
         return 0
 
     if args.mode == "check":
@@ -303,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_predict(predictor, args.files, args.top_k)
     from .server import serve
 
-    serve(predictor, args.socket, args.max_body)
+    serve(predictor, args.socket, args.max_body, **listen)
     return 0
 
 

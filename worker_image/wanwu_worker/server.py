@@ -1,4 +1,4 @@
-"""The warm mode: HTTP/1.1 over a Unix socket.
+"""The warm mode: HTTP/1.1 over a Unix socket, or over TCP with a per-worker secret.
 
     GET  /healthz                  {"status": "ready", "model", "task", "format", "device", ...}
     POST /predict?top_k=K          body: image bytes -> {"predictions": [...], "timing_ms": {...}}
@@ -29,6 +29,12 @@ Errors are ``{"error": {"code", "message"}}`` with 400/404/405/409/411/413/422/5
 socket appears only once the model is loaded and warmed up (it is bound under a
 temporary name and renamed), so a client that can connect is talking to a ready worker.
 
+Over TCP (``serve --listen HOST:PORT``: the swarm backend's workers on an overlay
+network) the port is likewise bound only once the worker is ready, and every request
+must carry the worker's secret (``--secret-file``, a Docker secret) in
+``X-Wanwu-Secret``; anything else is 401 ``unauthorized`` and the connection is closed
+unread. A TCP worker refuses to start without a secret.
+
 A stem cell (``serve --stem``) binds its socket with the runtime ready and no model:
 /healthz says ``"status": "stem"``, /predict and /predict_batch answer 409
 ``not_loaded``, and one ``POST /load`` loads a bundle from the models root (same checks
@@ -42,11 +48,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import socketserver
 import threading
 import time
@@ -68,6 +76,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/wanwu/worker.sock"
 DEFAULT_MAX_BODY = 20 * 2**20
 PARTS_HEADER = "X-Wanwu-Parts"
+SECRET_HEADER = "X-Wanwu-Secret"
 MAX_PART_DIGITS = 18  # more is no length a worker would read, and int() of it is slow
 
 
@@ -100,7 +109,29 @@ def parse_parts(raw: str | None, max_parts: int) -> list[int]:
     return [int(item) for item in items]
 
 
-class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Serving:
+    """What both servers hold: the predictor or stem cell, the body limit, and the
+    secret every request must carry (None: the Unix socket, guarded by its directory)."""
+
+    predictor: Predictor | None
+    stem: Stem | None
+    broken: str | None
+    load_lock: threading.Lock
+    max_body: int
+    secret: bytes | None
+
+    def _hold(self, predictor: Predictor | None, max_body: int, stem: Stem | None, secret: bytes | None) -> None:
+        if predictor is None and stem is None:
+            raise ValueError("a worker server needs a predictor or a stem cell")
+        self.predictor = predictor
+        self.stem = stem
+        self.broken = None  # why a load failed: a stem cell is never reused half-loaded
+        self.load_lock = threading.Lock()
+        self.max_body = max_body
+        self.secret = secret
+
+
+class WorkerServer(_Serving, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A threaded HTTP server on a Unix socket; threads let /healthz answer while an
     inference runs (the predictor serialises the model itself)."""
 
@@ -110,13 +141,7 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(
         self, path: str, predictor: Predictor | None, max_body: int = DEFAULT_MAX_BODY, stem: Stem | None = None
     ) -> None:
-        if predictor is None and stem is None:
-            raise ValueError("a worker server needs a predictor or a stem cell")
-        self.predictor = predictor
-        self.stem = stem
-        self.broken: str | None = None  # why a load failed: a stem cell is never reused half-loaded
-        self.load_lock = threading.Lock()
-        self.max_body = max_body
+        self._hold(predictor, max_body, stem, None)
         self.final_path = path
         temp = f"{path}.{os.getpid()}.tmp"
         for stale in (temp, path):
@@ -135,15 +160,76 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             pass
 
 
+class TcpWorkerServer(_Serving, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The same server on a TCP port, for workers on a network: every request must
+    carry ``secret``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        predictor: Predictor | None,
+        secret: bytes,
+        max_body: int = DEFAULT_MAX_BODY,
+        stem: Stem | None = None,
+    ) -> None:
+        if len(secret) < 16:
+            raise ValueError("a TCP worker needs a secret of at least 16 bytes")
+        self._hold(predictor, max_body, stem, secret)
+        super().__init__(address, Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # An answer goes out as two writes (head, body): with Nagle's algorithm the body
+        # would wait for the client's delayed ACK of the head, 40 ms on Linux.
+        connection, address = super().get_request()
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection, address
+
+
+def parse_listen(raw: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::]:PORT`` for IPv6) as an address to bind."""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen {raw!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def read_secret(path: str) -> bytes:
+    """The worker's secret from ``path`` (a Docker secret file), stripped."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the worker secret {path}: {exc.strerror or exc}") from None
+    if len(secret) < 16:
+        raise ValueError(f"the worker secret in {path} is shorter than 16 bytes")
+    return secret
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: WorkerServer
+    server: WorkerServer | TcpWorkerServer
     server_version = "wanwu-worker"
     sys_version = ""
     body_unread = False  # an inference request's body is still in the stream
 
     def address_string(self) -> str:  # Unix sockets have no peer address.
-        return "unix"
+        return "unix" if isinstance(self.client_address, (str, bytes)) else str(self.client_address[0])
+
+    def _authorised(self) -> bool:
+        """True unless the server wants a secret and this request lacks it; then it has
+        been answered 401 and the connection is closed without reading the body."""
+        secret = self.server.secret
+        if secret is None:
+            return True
+        given = self.headers.get(SECRET_HEADER, "").encode("latin-1", "replace")
+        if hmac.compare_digest(given, secret):
+            return True
+        log.warning("refused a request from %s without the worker secret", self.address_string())
+        self.close_connection = True
+        self._send_error(401, "unauthorized", f"this worker answers only requests with its {SECRET_HEADER}")
+        return False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
@@ -167,6 +253,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send_error(code, HTTPStatus(code).phrase.lower().replace(" ", "_"), message or HTTPStatus(code).phrase)
 
     def do_GET(self) -> None:
+        if not self._authorised():
+            return
         path = urlsplit(self.path).path
         if path == "/healthz":
             self._send_json(200, self._health())
@@ -191,6 +279,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         received = time.perf_counter()
+        if not self._authorised():
+            return
         url = urlsplit(self.path)
         if url.path == "/load":
             self._load()
@@ -398,10 +488,21 @@ def serve(
     socket_path: str = DEFAULT_SOCKET,
     max_body: int = DEFAULT_MAX_BODY,
     stem: Stem | None = None,
+    listen: tuple[str, int] | None = None,
+    secret: bytes | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then remove the socket."""
-    Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
-    server = WorkerServer(socket_path, predictor, max_body, stem)
+    """Serve until SIGTERM or SIGINT, then remove the socket. With ``listen``, serve on
+    that TCP address instead, answering only requests that carry ``secret``."""
+    server: WorkerServer | TcpWorkerServer
+    if listen is not None:
+        if secret is None:
+            raise ValueError("a TCP worker needs a secret")
+        server = TcpWorkerServer(listen, predictor, secret, max_body, stem)
+        where = f"tcp {listen[0]}:{listen[1]}"
+    else:
+        Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+        server = WorkerServer(socket_path, predictor, max_body, stem)
+        where = socket_path
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
@@ -413,13 +514,13 @@ def serve(
         log.info(
             "serving model %s on %s (device %s, load %.0f ms, warm-up %.0f ms)",
             predictor.bundle.name,
-            socket_path,
+            where,
             predictor.device,
             predictor.load_ms,
             predictor.warmup_ms,
         )
     elif stem is not None:
-        log.info("stem cell on %s (device %s, models under %s)", socket_path, stem.device, stem.models_root)
+        log.info("stem cell on %s (device %s, models under %s)", where, stem.device, stem.models_root)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
