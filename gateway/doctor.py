@@ -34,7 +34,7 @@ def run_checks(config: str | None = None) -> list[Check]:
     try:
         backend = build_backend(settings)
     except WanwuError as exc:
-        return [*checks, Check("backend", False, str(exc), "set WANWU_BACKEND to docker or process")]
+        return [*checks, Check("backend", False, str(exc), "set WANWU_BACKEND to docker, process or swarm")]
     try:
         backend_checks = _backend(settings, backend)
         checks += backend_checks

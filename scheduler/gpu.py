@@ -9,13 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from .policy import GpuReading
 
 log = logging.getLogger(__name__)
 
 MB = 2**20
+
+
+class GpuReader(Protocol):
+    """Where the pool's GPU readings come from: NVML here (GpuMonitor), or what a
+    backend knows of remote GPUs (the swarm backend's SwarmGpuMonitor)."""
+
+    def readings(self) -> list[GpuReading]: ...
+
+    def close(self) -> None: ...
 
 
 class GpuMonitor:

@@ -61,7 +61,7 @@ from .errors import (
     WorkerRejected,
     WorkerTimeout,
 )
-from .gpu import GpuMonitor
+from .gpu import GpuMonitor, GpuReader
 from .models import ModelCatalog, ModelInfo
 from .policy import STEM, State
 from .settings import Settings
@@ -313,7 +313,7 @@ class WarmPool:
         catalog: ModelCatalog,
         settings: Settings,
         clock: Clock | None = None,
-        gpu: GpuMonitor | None = None,
+        gpu: GpuReader | None = None,
         executor: Executor | None = None,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
@@ -322,7 +322,7 @@ class WarmPool:
         self.catalog = catalog
         self.settings = settings
         self.clock = clock or MonotonicClock()
-        self.gpu = gpu or GpuMonitor(settings.gpus)
+        self.gpu: GpuReader = gpu or GpuMonitor(settings.gpus)
         self._executor = executor or ThreadPoolExecutor(settings.max_workers * 2 + 4, thread_name_prefix="wanwu-pool")
         self._own_executor = executor is None
         self._sized_for = settings.max_workers  # the executors' size follows N up (reconfigure)

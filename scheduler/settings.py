@@ -36,7 +36,7 @@ class Settings:
     """Every knob of a wanwu server. Field names are the TOML keys; the environment
     variable is ``WANWU_`` + the upper-cased name."""
 
-    backend: str = "docker"  # docker | process: what runs the workers (scheduler/backends/factory.py)
+    backend: str = "docker"  # docker | process | swarm: what runs the workers (scheduler/backends/factory.py)
     worker_python: str = ""  # the process backend's worker interpreter; empty: the gateway's own
     max_workers: int = 2
     idle_ttl_s: float = 30.0
@@ -57,7 +57,7 @@ class Settings:
     worker_image: str = "wanwu-worker:cpu"
     models_dir: Path = field(default_factory=_default_models_dir)
     default_model: str = "demo-shapes"
-    gpus: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()  # device indexes or UUIDs; swarm: NODE/GPU, or auto (every GPU the nodes advertise)
     socket_dir: Path = field(default_factory=_default_socket_root)
     spawn_timeout_s: float = 60.0
     reap_interval_s: float = 1.0
@@ -66,6 +66,9 @@ class Settings:
     worker_pids: int = 512
     worker_cpus: float = 0.0
     worker_threads: int = 1
+    swarm_network: str = "wanwu-workers"  # the overlay network workers and the gateway share
+    swarm_constraints: str = ""  # placement constraints for every worker, ';'-separated (node.role==worker)
+    swarm_gpu_resource: str = "NVIDIA-GPU"  # the generic resource kind GPU nodes advertise
     cache_enabled: bool = True
     cache_size: int = 1024
     cache_ttl_s: float = 300.0
@@ -151,6 +154,14 @@ class Settings:
             raise fail("socket_dir", "is too long for Unix socket paths (108 bytes)")
         if self.backend not in BACKENDS:
             raise fail("backend", f"must be one of {', '.join(BACKENDS)}")
+        if self.gpus == ("auto",) and self.backend != "swarm":
+            raise fail("gpus", "auto finds the GPUs of swarm nodes; WANWU_BACKEND is not swarm")
+        if self.backend == "swarm":
+            for gpu in self.gpus:
+                if gpu != "auto" and "/" not in gpu:
+                    raise fail("gpus", "swarm GPUs are NODE/GPU (a node's hostname and a GPU it advertises), or auto")
+        if not self.swarm_network:
+            raise fail("swarm_network", "must name an overlay network")
         if self.keepalive not in KEEPALIVE_POLICIES:
             raise fail("keepalive", f"must be one of {', '.join(KEEPALIVE_POLICIES)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -219,9 +230,14 @@ def _to_bool(raw: Any) -> bool:
 def _to_gpus(raw: Any) -> tuple[str, ...]:
     items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
     gpus = tuple(str(item).strip() for item in items if str(item).strip())
+    if gpus == ("auto",):
+        return gpus
     for gpu in gpus:
-        if not (gpu.isdigit() or gpu.startswith(("GPU-", "MIG-"))):
-            raise ValueError("expected device indexes or UUIDs separated by commas, e.g. 0,1")
+        node, _, device = gpu.rpartition("/")
+        if "/" in gpu and not (node and device):
+            raise ValueError("expected NODE/GPU, e.g. gpu-1/GPU-0")
+        if not (device.isdigit() or device.startswith(("GPU-", "MIG-")) or node):
+            raise ValueError("expected device indexes or UUIDs separated by commas, e.g. 0,1 (swarm: NODE/GPU or auto)")
     return gpus
 
 

@@ -2,4 +2,4 @@
 worker. ``factory.build_backend`` picks one from ``WANWU_BACKEND``; nothing outside this
 package names a backend, and the pool only sees the interface in ``base.py``."""
 
-BACKENDS = ("docker", "process")
+BACKENDS = ("docker", "process", "swarm")

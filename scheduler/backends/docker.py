@@ -80,15 +80,31 @@ class WorkerSpec:
 
     @property
     def labels(self) -> dict[str, str]:
-        labels = {
-            MANAGED_LABEL: "true",
-            POOL_LABEL: self.pool_id,
-            MODEL_LABEL: self.model,
-            WORKER_LABEL: self.worker_id,
-        }
-        if self.stem:
-            labels[STEM_LABEL] = "true"
-        return labels
+        return worker_labels(self.pool_id, self.model, self.worker_id, self.stem)
+
+
+def worker_labels(pool_id: str, model: str, worker_id: str, stem: bool) -> dict[str, str]:
+    """The labels of a worker (its container, or its swarm service), whichever backend."""
+    labels = {MANAGED_LABEL: "true", POOL_LABEL: pool_id, MODEL_LABEL: model, WORKER_LABEL: worker_id}
+    if stem:
+        labels[STEM_LABEL] = "true"
+    return labels
+
+
+def model_mount(stem: bool) -> tuple[str, dict[str, str]]:
+    """Where a worker's bundle (or, for a stem cell, the whole models directory) is
+    mounted, and the environment that tells the worker so."""
+    if stem:
+        return MODELS_DIR_IN_CONTAINER, {"WANWU_MODELS_ROOT": MODELS_DIR_IN_CONTAINER, "WANWU_STEM": "1"}
+    return MODEL_DIR_IN_CONTAINER, {"WANWU_MODEL_DIR": MODEL_DIR_IN_CONTAINER}
+
+
+def engine_client(what: str) -> docker.DockerClient:
+    """A client of the engine ``DOCKER_HOST`` names; BackendUnavailable naming ``what``."""
+    try:
+        return docker.from_env(timeout=60)
+    except docker.errors.DockerException as exc:
+        raise BackendUnavailable(f"cannot reach {what}: {_first_line(exc)}") from exc
 
 
 def container_name(pool_id: str, worker_id: str) -> str:
@@ -110,10 +126,7 @@ def prepare_socket_dir(path: Path) -> None:
 def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``client.containers.run`` (or ``create``) for ``spec``."""
     limits = spec.limits
-    if spec.stem:
-        mount, model_env = MODELS_DIR_IN_CONTAINER, {"WANWU_MODELS_ROOT": MODELS_DIR_IN_CONTAINER, "WANWU_STEM": "1"}
-    else:
-        mount, model_env = MODEL_DIR_IN_CONTAINER, {"WANWU_MODEL_DIR": MODEL_DIR_IN_CONTAINER}
+    mount, model_env = model_mount(spec.stem)
     options: dict[str, Any] = {
         "image": spec.image,
         "command": command or ["serve"],
@@ -207,10 +220,7 @@ class DockerBackend:
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            try:
-                self._client = docker.from_env(timeout=60)
-            except docker.errors.DockerException as exc:
-                raise BackendUnavailable(f"cannot reach the Docker engine: {_first_line(exc)}") from exc
+            self._client = engine_client("the Docker engine")
         return self._client
 
     def ping(self) -> None:

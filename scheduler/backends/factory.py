@@ -56,7 +56,23 @@ def build_backend(settings: Settings) -> Backend:
             settings.spawn_timeout_s,
             environment=worker_environment(settings),
         )
-    raise ConfigError(f"WANWU_BACKEND={settings.backend!r}: expected docker or process")
+    if settings.backend == "swarm":
+        from .docker import ContainerLimits
+        from .docker_swarm import SwarmBackend
+
+        limits = ContainerLimits(settings.worker_memory, settings.worker_pids, cpus=settings.worker_cpus or None)
+        constraints = tuple(c.strip() for c in settings.swarm_constraints.split(";") if c.strip())
+        return SwarmBackend(
+            settings.worker_image,
+            settings.pool_id,
+            settings.swarm_network,
+            limits,
+            settings.spawn_timeout_s,
+            environment=worker_environment(settings),
+            constraints=constraints,
+            gpu_resource=settings.swarm_gpu_resource,
+        )
+    raise ConfigError(f"WANWU_BACKEND={settings.backend!r}: expected docker, process or swarm")
 
 
 # Built-in bundles served beside a built-in default model: the demo classifier's
@@ -82,7 +98,14 @@ def build_pool(settings: Settings, start: bool = True, backend: Backend | None =
     if problem and settings.stem_cells:  # say it once, and serve without them
         log.warning("%s; serving without stem cells", problem)
         settings = settings.replace(stem_cells=0)
-    pool = WarmPool(backend, catalog, settings)
+    gpu = None
+    gpu_monitor = getattr(backend, "gpu_monitor", None)  # a backend whose GPUs the gateway cannot read itself
+    if gpu_monitor is not None:
+        if settings.gpus == ("auto",):
+            settings = settings.replace(gpus=backend.gpu_devices())  # type: ignore[attr-defined]
+            log.info("GPUs the swarm advertises: %s", ", ".join(settings.gpus) or "none")
+        gpu = gpu_monitor(settings.gpus)
+    pool = WarmPool(backend, catalog, settings, gpu=gpu)
     pool.stem_problem = problem
     if start:
         pool.start()

@@ -80,3 +80,28 @@ def test_nothing_is_read_at_import_time(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WANWU_MAX_WORKERS", "7")
     assert Settings().max_workers == 2  # only load() reads the environment
     assert Settings.load().max_workers == 7
+
+
+def test_swarm_gpus_are_node_slash_gpu_or_auto() -> None:
+    s = Settings.load(environ={"WANWU_BACKEND": "swarm", "WANWU_GPUS": "gpu-1/GPU-0, gpu-2/0"})
+    assert s.gpus == ("gpu-1/GPU-0", "gpu-2/0")
+    assert Settings.load(environ={"WANWU_BACKEND": "swarm", "WANWU_GPUS": "auto"}).gpus == ("auto",)
+    with pytest.raises(ConfigError, match="NODE/GPU"):
+        Settings.load(environ={"WANWU_BACKEND": "swarm", "WANWU_GPUS": "0"})
+    with pytest.raises(ConfigError, match="WANWU_GPUS='auto': auto finds the GPUs of swarm nodes"):
+        Settings.load(environ={"WANWU_GPUS": "auto"})
+    with pytest.raises(ConfigError, match="NODE/GPU"):
+        Settings.load(environ={"WANWU_BACKEND": "swarm", "WANWU_GPUS": "gpu-1/"})
+
+
+def test_swarm_settings_from_the_environment() -> None:
+    s = Settings.load(
+        environ={
+            "WANWU_BACKEND": "swarm",
+            "WANWU_SWARM_NETWORK": "wanwu-net",
+            "WANWU_SWARM_CONSTRAINTS": "node.role==worker; node.labels.zone==a",
+        }
+    )
+    assert (s.backend, s.swarm_network, s.swarm_gpu_resource) == ("swarm", "wanwu-net", "NVIDIA-GPU")
+    with pytest.raises(ConfigError, match="WANWU_SWARM_NETWORK=''"):
+        Settings.load(environ={"WANWU_SWARM_NETWORK": ""})
