@@ -204,6 +204,78 @@ def backends_section(workdir: Path, client: docker.DockerClient, warm_n: int, co
     return out
 
 
+def gateway_cold_and_warm(port: int, models: Path, cold_n: int, warm_n: int, tag: str) -> dict[str, Any]:
+    """Through a gateway of one worker slot: ``cold_n`` cold starts (each request names
+    another copy of the demo bundle, so the idle worker is evicted and a new one
+    started), then ``warm_n`` warm requests."""
+    for index in range(cold_n):
+        copy = models / f"{tag}{index}"
+        shutil.copytree(models / MODEL, copy)
+        meta = json.loads((copy / "model.json").read_text())
+        (copy / "model.json").write_text(json.dumps({**meta, "name": copy.name}))
+    time.sleep(5.5)  # the catalog rescans for unknown names at most every 5 s
+    client = Client(port, bench_image())
+    cold: dict[str, list[float]] = {"e2e": [], "gateway_total": [], "create_start": [], "ready": []}
+    for index in range(cold_n):
+        elapsed, body, status = client.predict(f"/v1/models/{tag}{index}/predict")
+        assert status == 200 and body["cold_start"], body
+        t = body["timing_ms"]
+        for key, value in (
+            ("e2e", elapsed),
+            ("gateway_total", t["total"]),
+            ("create_start", t["spawn_create"]),
+            ("ready", t["spawn_ready"]),
+        ):
+            cold[key].append(value)
+    for _ in range(30):
+        client.predict()
+    warm: dict[str, list[float]] = {"e2e": [], "gateway_total": [], "worker": []}
+    for _ in range(warm_n):
+        elapsed, body, status = client.predict()
+        assert status == 200 and not body["cold_start"], body
+        warm["e2e"].append(elapsed)
+        warm["gateway_total"].append(body["timing_ms"]["total"])
+        warm["worker"].append(body["timing_ms"]["worker"])
+    return {
+        "cold_start_ms": {key: summary(values) for key, values in cold.items()},
+        "warm_ms": {key: summary(values) for key, values in warm.items()},
+    }
+
+
+def swarm_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_n: int) -> dict[str, Any]:
+    """Cold starts and the warm path through the swarm backend (the stack on a
+    three-node test swarm: gateway on the manager, workers on another node, over the
+    overlay network with the worker secret) and through the local Docker backend, one
+    after the other in one run. The swarm's client goes through the test's relay into
+    the cluster's namespace; ``gateway_total`` (measured by the gateway) leaves both
+    clients' hops out."""
+    from tests.swarmstack import running_swarm
+
+    settings = {"max_workers": "1", "stem_cells": "0", "idle_ttl_s": "600", "cache_enabled": "false"}
+    out: dict[str, Any] = {"cold_requests": cold_n, "warm_requests": warm_n}
+    print("swarm: building a three-node swarm ...", file=sys.stderr)
+    timings: dict[str, float] = {}
+    with running_swarm(timings) as swarm:
+        swarm.deploy(gpus="", swarm_constraints="node.role==worker", log_level="WARNING", **settings)
+        port = int(swarm.url.rsplit(":", 1)[1])
+        print("swarm: cold starts and warm path ...", file=sys.stderr)
+        out["swarm"] = gateway_cold_and_warm(port, swarm.models, cold_n, warm_n, "swc")
+        out["swarm"]["worker_node"] = sorted({w["node"] for w in swarm.workers().values()})
+    out["fixture_s"] = timings
+    print("swarm: the same on the local Docker backend ...", file=sys.stderr)
+    local = {**settings, "log_level": "WARNING", "queue_timeout_s": "60"}
+    with running_gateway(workdir / "sw-local", client, **local) as gw:
+        out["docker"] = gateway_cold_and_warm(gw.port, gw.models_dir, cold_n, warm_n, "swc")
+    for key, path in (
+        ("cold_gateway_total", ("cold_start_ms", "gateway_total")),
+        ("warm_gateway_total", ("warm_ms", "gateway_total")),
+        ("warm_e2e", ("warm_ms", "e2e")),
+    ):
+        docker_p50, swarm_p50 = (_dig(out[kind], path)["p50"] for kind in ("docker", "swarm"))
+        out[f"ratio_swarm_to_docker_{key}_p50"] = round(swarm_p50 / docker_p50, 3)
+    return out
+
+
 FORMAT_BUNDLES = {"torchscript": "demo-ts", "export": "demo-export", "onnx": "demo-onnx"}
 
 
@@ -871,6 +943,24 @@ def table(results: dict[str, Any]) -> str:
             f"{bk['ratio_process_to_docker_cold_p50']}x, {bk['ratio_process_to_docker_stem_p50']}x, "
             f"{bk['ratio_process_to_docker_warm_e2e_p50']}x",
         )
+    sw = results.get("swarm")
+    if sw:
+        lines.append(f"swarm | local docker ({sw['cold_requests']} cold starts, {sw['warm_requests']} warm, ms)")
+        for name, path in (
+            ("cold start, gateway-measured", ("cold_start_ms", "gateway_total")),
+            ("  of which create/start", ("cold_start_ms", "create_start")),
+            ("  of which ready", ("cold_start_ms", "ready")),
+            ("warm, gateway-measured", ("warm_ms", "gateway_total")),
+            ("warm, HTTP end to end (swarm: through the relay)", ("warm_ms", "e2e")),
+            ("warm, worker's own", ("warm_ms", "worker")),
+        ):
+            row(name, f"{pair(_dig(sw['swarm'], path))} | {pair(_dig(sw['docker'], path))}")
+        row(
+            "ratio swarm / docker p50: cold, warm (gateway), warm e2e",
+            f"{sw['ratio_swarm_to_docker_cold_gateway_total_p50']}x, "
+            f"{sw['ratio_swarm_to_docker_warm_gateway_total_p50']}x, {sw['ratio_swarm_to_docker_warm_e2e_p50']}x",
+        )
+        row("swarm fixture, s", ", ".join(f"{k} {v}" for k, v in sw["fixture_s"].items()))
     fm = results.get("formats")
     if fm:
         lines.append(
@@ -912,10 +1002,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,backfill,backends,formats",
+        default="simulator,core,backfill,backends,formats,swarm",
         help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill, "
         "backends (cold starts and warm path, Docker against local processes), formats (TorchScript, torch.export "
-        "and ONNX; embed against predict)",
+        "and ONNX; embed against predict), swarm (the swarm backend on a three-node test swarm against local Docker)",
     )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -964,6 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
             results["backends"] = backends_section(workdir, client, warm_n, cold_n)
         if "formats" in sections:
             results["formats"] = formats_section(workdir, client, warm_n, min(cold_n, 10))
+        if "swarm" in sections:
+            results["swarm"] = swarm_section(workdir, client, warm_n, min(cold_n, 10))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"bench-{stamp}.json", "latest.json"):
