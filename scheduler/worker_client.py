@@ -159,6 +159,9 @@ class WorkerClient:
                 raise
             self._sock, self._reader = sock, sock.makefile("rb")
             self.connections += 1
+            if self.aborted:  # abort() ran while this connected: it may not have seen the socket
+                self.close()
+                raise WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
         self._sock.settimeout(timeout)
         return self._sock, self._reader
 
