@@ -156,6 +156,8 @@ class Settings:
             raise fail("backend", f"must be one of {', '.join(BACKENDS)}")
         if self.gpus == ("auto",) and self.backend != "swarm":
             raise fail("gpus", "auto finds the GPUs of swarm nodes; WANWU_BACKEND is not swarm")
+        if self.backend != "swarm" and any("/" in gpu for gpu in self.gpus):
+            raise fail("gpus", "NODE/GPU names a swarm node's GPU; WANWU_BACKEND is not swarm")
         if self.backend == "swarm":
             for gpu in self.gpus:
                 if gpu != "auto" and "/" not in gpu:

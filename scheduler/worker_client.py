@@ -30,7 +30,8 @@ from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeo
 MAX_HEADER_LINES = 100
 ONE_WRITE_LIMIT = 256 * 1024  # above this, the head and each body part go in their own writes, not one copy
 PARTS_HEADER = "X-Wanwu-Parts"  # /predict_batch: each image's length in bytes, comma-separated
-SECRET_HEADER = "X-Wanwu-Secret"  # a TCP worker answers only requests carrying its secret
+SECRET_HEADER = "X-Wanwu-Secret"
+CONNECT_TIMEOUT_S = 5.0  # a TCP worker's connect  # a TCP worker answers only requests carrying its secret
 
 
 class _Dropped(Exception):
@@ -148,16 +149,25 @@ class WorkerClient:
         if self._sock is None or self._reader is None:
             if isinstance(self.socket_path, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
             else:
                 sock = socket.socket(socket.AF_INET6 if ":" in self.socket_path[0] else socket.AF_INET)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(timeout)
+                # A worker that does not accept within seconds is gone (its node died):
+                # not a slow answer to wait the request's whole timeout for.
+                sock.settimeout(min(timeout, CONNECT_TIMEOUT_S))
+            self._sock = sock  # abort() can break off the connect too
             try:
                 sock.connect(self.socket_path)
+            except TimeoutError:
+                self._sock = None
+                sock.close()
+                raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
             except OSError:
+                self._sock = None
                 sock.close()
                 raise
-            self._sock, self._reader = sock, sock.makefile("rb")
+            self._reader = sock.makefile("rb")
             self.connections += 1
             if self.aborted:  # abort() ran while this connected: it may not have seen the socket
                 self.close()

@@ -356,7 +356,11 @@ class SwarmCluster:
         # Its own daemon.json (not /etc/docker's) and its own key.json, hence engine ID.
         (node.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(node.dir / "key.json")}))
         procs = []
-        for controller in ("pids", "freezer"):
+        if Path("/run/containerd/containerd.sock").exists():
+        # dockerd 20.10 then uses that containerd instead of starting its own: the nodes'
+        # shims would live in the system containerd's cgroup, out of reach of kill().
+        return "a system containerd runs (/run/containerd/containerd.sock): nodes would share it"
+    for controller in ("pids", "freezer"):
             group = CGROUPS / controller / node.unit
             group.mkdir(exist_ok=True)
             procs.append(str(group / "cgroup.procs"))

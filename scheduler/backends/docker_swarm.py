@@ -10,7 +10,10 @@ the local Docker backend:
   and removed with the worker, so nothing else on that network can use a worker. The
   service has no virtual IP (``dnsrr``): the gateway talks to the task's own address.
 - **Hardening.** As the local backend: read-only root, a tmpfs /tmp, uid 10001, every
-  capability dropped, memory, CPU and pids limits, the bundle mounted read-only. Swarm
+  capability dropped, memory, CPU and pids limits, the bundle mounted read-only. The
+  memory limit is also reserved, so swarm places on a node no more workers than its
+  memory holds (per-node capacity; ``WANWU_MAX_WORKERS`` stays the pool's own bound),
+  and a worker no node can take fails within UNPLACED_GRACE_S. Swarm
   (API 1.41) cannot ask for no-new-privileges per service: nodes run dockerd with
   ``--no-new-privileges`` (deploy/swarm/README.md).
 - **Placement.** The pool's device for a GPU worker is ``NODE/GPU``: a node's hostname
@@ -78,6 +81,8 @@ WORKER_PORT = 7070
 SECRET_FILE = "wanwu-worker-secret"  # under /run/secrets in the worker
 GPU_MEMORY_LABEL = "wanwu.gpu-memory-mb"  # a GPU node's label: the size of each of its GPUs
 POLL_S = 0.5  # how often watch() reads the manager
+UNPLACED_GRACE_S = 5.0  # a task swarm can place on no node fails after this, not the spawn timeout
+LOST_NODE_STATES = ("down", "disconnected")  # not "unknown": every node is, for a moment, after a leader change
 DONE_STATES = ("complete", "shutdown", "failed", "rejected", "orphaned", "remove")
 
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
@@ -258,9 +263,24 @@ class SwarmBackend:
 
     def gpu_devices(self) -> tuple[str, ...]:
         """``NODE/GPU`` for every GPU the swarm's nodes advertise (WANWU_GPUS=auto)."""
-        return tuple(f"{n.hostname}/{gpu}" for n in sorted(self.nodes(), key=lambda n: n.hostname) for gpu in n.gpus)
+        nodes = sorted(self.nodes(), key=lambda n: n.hostname)
+        return tuple(f"{n.hostname}/{gpu}" for n in nodes for gpu in n.gpus)
 
     def gpu_monitor(self, devices: tuple[str, ...]) -> SwarmGpuMonitor:
+        nodes = {n.hostname: n for n in self.nodes()}  # readings from the start, not after the first poll
+        for device in devices:
+            node = nodes.get(device.partition("/")[0])
+            if node is None:
+                log.warning("GPU %s: the swarm has no node %s", device, device.partition("/")[0])
+            elif node.gpu_memory_mb is None:
+                log.warning(
+                    "GPU %s: node %s has no %s label; its GPUs are not used (docker node update --label-add %s=MB %s)",
+                    device,
+                    node.hostname,
+                    GPU_MEMORY_LABEL,
+                    GPU_MEMORY_LABEL,
+                    node.hostname,
+                )
         return SwarmGpuMonitor(self, devices)
 
     def gpu_readings(self, devices: tuple[str, ...]) -> list[GpuReading]:
@@ -275,7 +295,11 @@ class SwarmBackend:
         readings = []
         for device in devices:
             node = nodes.get(device.partition("/")[0])
-            if node is None or node.state != "ready" or node.availability != "active" or node.gpu_memory_mb is None:
+            if node is None or node.gpu_memory_mb is None:
+                continue  # not a GPU the pool can use (gpu_monitor said so)
+            if node.state != "ready" or node.availability != "active":
+                # Full, not absent: with no reading at all the pool would start CPU workers.
+                readings.append(GpuReading(device, node.gpu_memory_mb, node.gpu_memory_mb))
                 continue
             readings.append(GpuReading(device, used.get(device, 0.0), node.gpu_memory_mb))
         return readings
@@ -328,6 +352,7 @@ class SwarmBackend:
         resources = docker.types.Resources(
             cpu_limit=int(limits.cpus * 1e9) if limits.cpus else None,
             mem_limit=memory,
+            mem_reservation=memory,  # swarm places no more workers on a node than its memory holds
         )
         resources.setdefault("Limits", {})["Pids"] = limits.pids  # API 1.41; docker-py has no argument for it
         return docker.types.TaskTemplate(
@@ -387,7 +412,10 @@ class SwarmBackend:
                     log.warning("%s; placing %s again", exc, name)
                     self._remove_service(name)
         except BaseException:
-            self.stop(request.worker_id)
+            try:
+                self.stop(request.worker_id)
+            except WanwuError as cleanup:  # the start's own error matters more
+                log.warning("could not remove %s after it failed to start: %s", name, cleanup)
             raise
         ready = time.monotonic()
         gpu_mb = health.get("gpu_memory_mb")
@@ -406,6 +434,8 @@ class SwarmBackend:
         try:
             return create()
         except docker.errors.APIError as exc:
+            if exc.status_code == 503:  # no leader, lost quorum: the manager's trouble, not the worker's
+                raise BackendUnavailable(f"the swarm manager cannot create {name}: {_first_line(exc)}") from exc
             raise WorkerStartError(f"cannot create worker {name}: {_first_line(exc)}", request.worker_id) from exc
         except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"the swarm manager does not answer: {_first_line(exc)}") from exc
@@ -413,6 +443,8 @@ class SwarmBackend:
     def _tasks(self, service_id: str) -> list[dict[str, Any]]:
         try:
             return list(self.client.api.tasks(filters={"service": service_id}))
+        except docker.errors.NotFound:
+            raise WorkerStartError(f"service {service_id} was removed while it started", service_id) from None
         except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"cannot list the tasks of {service_id}: {_first_line(exc)}") from exc
 
@@ -423,9 +455,12 @@ class SwarmBackend:
         next_check = time.monotonic() + 0.5
         if remote.device:  # its node went down since the pool chose it: the task would wait for it
             node = split_device(remote.device)[0]
-            down = [n for n in self.nodes() if n.hostname == node and n.state != "ready"]
+            down = [n for n in self.nodes() if n.hostname == node and n.state in LOST_NODE_STATES]
             if down:
-                raise _NodeLost(f"worker {name} is for GPU {remote.device}, whose node is {down[0].state}", name)
+                raise _NodeLost(
+                    f"worker {name} is for GPU {remote.device}, whose node is {down[0].state}", remote.worker_id
+                )
+        unplaced_since: float | None = None
         while True:
             for task in self._tasks(remote.service_id):
                 status = task.get("Status") or {}
@@ -438,13 +473,19 @@ class SwarmBackend:
                     remote.task_id, remote.node_id = str(task["ID"]), str(task.get("NodeID", ""))
                     remote.address = _address_on(task, network)
                     if not remote.address:
-                        raise WorkerStartError(f"worker {name} runs without an address on {self.network}", name)
+                        raise WorkerStartError(
+                            f"worker {name} runs without an address on {self.network}", remote.worker_id
+                        )
                     return
                 if state in DONE_STATES:
                     raise WorkerStartError(
                         f"worker {name} (image {self.image}) did not start: {last}{self._logs(remote.service_id)}",
                         remote.worker_id,
                     )
+                if state == "pending" and "no suitable node" in str(status.get("Err")):
+                    unplaced_since = unplaced_since or time.monotonic()
+                    if time.monotonic() - unplaced_since >= UNPLACED_GRACE_S:  # every node is full or excluded
+                        raise WorkerStartError(f"no swarm node can take worker {name}: {last}", remote.worker_id)
             if time.monotonic() >= deadline:
                 raise WorkerStartTimeout(
                     f"worker {name} was not running within {self.spawn_timeout_s:g} s; its task is {last}",
@@ -489,7 +530,7 @@ class SwarmBackend:
         """WorkerStartError if the node a starting worker was placed on is not ready: a
         task assigned to a node that has just died would never start."""
         node = next((n for n in self.nodes() if n.node_id == node_id), None)
-        if node is None or node.state != "ready":
+        if node is None or node.state in LOST_NODE_STATES:
             where = node.hostname if node else node_id
             raise _NodeLost(
                 f"worker {name} was placed on node {where}, which is {node.state if node else 'gone'}", worker_id
@@ -519,7 +560,7 @@ class SwarmBackend:
         with self._lock:
             remote = self._workers.pop(worker_id, None)
         if remote is not None:
-            _abort(remote, "stopped")
+            self._abort(remote, "stopped")
         self._remove_service(name)
         self._remove_secret(name)
 
@@ -612,14 +653,17 @@ class SwarmBackend:
                 log.exception("swarm watcher failed; going on")
                 stop.wait(1.0)
                 continue
-            if lost:
-                log.info("the swarm manager answers again; reconciling the pool")
-                lost, failures = False, 0
-                on_reconnect()
-            for remote, reason in gone:
-                log.warning("worker %s is gone: %s", remote.worker_id, reason)
-                _abort(remote, reason)
-                on_exit(remote.worker_id, reason)
+            try:
+                if lost:
+                    log.info("the swarm manager answers again; reconciling the pool")
+                    lost, failures = False, 0
+                    on_reconnect()
+                for remote, reason in gone:
+                    log.warning("worker %s is gone: %s", remote.worker_id, reason)
+                    self._abort(remote, reason)
+                    on_exit(remote.worker_id, reason)
+            except Exception:  # the watcher must not die silently
+                log.exception("swarm watcher failed while reporting; going on")
             stop.wait(POLL_S)
 
     def _gone(self) -> list[tuple[_Remote, str]]:
@@ -629,10 +673,8 @@ class SwarmBackend:
             watched = [r for r in self._workers.values() if r.ready]
         if not watched:
             return []
-        try:
-            tasks = {
-                str(t["ID"]): t for t in self.client.api.tasks(filters={"service": [r.service_id for r in watched]})
-            }
+        try:  # all tasks, matched here: a service filter fails if one of them was just removed
+            tasks = {str(t["ID"]): t for t in self.client.api.tasks()}
         except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"cannot list tasks: {_first_line(exc)}") from exc
         gone = []
@@ -651,13 +693,19 @@ class SwarmBackend:
                 )
             elif task.get("DesiredState") not in (None, "running"):
                 reason = f"swarm is stopping its task ({task.get('DesiredState')})"
-            elif node is None or node.state != "ready":
+            elif node is None or node.state in LOST_NODE_STATES:
                 reason = f"its node {node.hostname if node else remote.node_id} is {node.state if node else 'gone'}"
             if reason:
                 with self._lock:
                     remote.ready = False  # reported once
                 gone.append((remote, reason))
         return gone
+
+    def _abort(self, remote: _Remote, reason: str) -> None:
+        with self._lock:  # connect() adds to the set under the lock
+            clients = list(remote.clients)
+        for client in clients:
+            client.abort(reason)
 
     def provide_model(self, name: str, models_dir: Path) -> Path:
         """Copy the built-in bundle out of the worker image on the manager."""
@@ -686,7 +734,7 @@ class SwarmBackend:
         with self._lock:
             remotes = list(self._workers.values())
         for remote in remotes:
-            _abort(remote, "the backend closed")
+            self._abort(remote, "the backend closed")
 
 
 class SwarmGpuMonitor:
@@ -717,8 +765,3 @@ def _address_on(task: dict[str, Any], network_id: str) -> str:
             for address in attachment.get("Addresses") or []:
                 return str(address).split("/")[0]
     return ""
-
-
-def _abort(remote: _Remote, reason: str) -> None:
-    for client in list(remote.clients):
-        client.abort(reason)

@@ -249,8 +249,13 @@ def swarm_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_
     after the other in one run. The swarm's client goes through the test's relay into
     the cluster's namespace; ``gateway_total`` (measured by the gateway) leaves both
     clients' hops out."""
+    from tests import swarmnet
     from tests.swarmstack import running_swarm
 
+    problem = swarmnet.unsupported()
+    if problem:
+        print(f"swarm: SKIPPED, this machine cannot run a test swarm: {problem}", file=sys.stderr)
+        return {"skipped": problem}
     settings = {"max_workers": "1", "stem_cells": "0", "idle_ttl_s": "600", "cache_enabled": "false"}
     out: dict[str, Any] = {"cold_requests": cold_n, "warm_requests": warm_n}
     print("swarm: building a three-node swarm ...", file=sys.stderr)
@@ -944,7 +949,9 @@ def table(results: dict[str, Any]) -> str:
             f"{bk['ratio_process_to_docker_warm_e2e_p50']}x",
         )
     sw = results.get("swarm")
-    if sw:
+    if sw and "skipped" in sw:
+        lines.append(f"swarm: skipped ({sw['skipped']})")
+    elif sw:
         lines.append(f"swarm | local docker ({sw['cold_requests']} cold starts, {sw['warm_requests']} warm, ms)")
         for name, path in (
             ("cold start, gateway-measured", ("cold_start_ms", "gateway_total")),

@@ -92,6 +92,8 @@ def test_swarm_gpus_are_node_slash_gpu_or_auto() -> None:
         Settings.load(environ={"WANWU_GPUS": "auto"})
     with pytest.raises(ConfigError, match="NODE/GPU"):
         Settings.load(environ={"WANWU_BACKEND": "swarm", "WANWU_GPUS": "gpu-1/"})
+    with pytest.raises(ConfigError, match="WANWU_BACKEND is not swarm"):
+        Settings.load(environ={"WANWU_GPUS": "gpu-1/GPU-0"})
 
 
 def test_swarm_settings_from_the_environment() -> None:

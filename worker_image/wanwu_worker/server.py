@@ -77,6 +77,7 @@ DEFAULT_SOCKET = "/run/wanwu/worker.sock"
 DEFAULT_MAX_BODY = 20 * 2**20
 PARTS_HEADER = "X-Wanwu-Parts"
 SECRET_HEADER = "X-Wanwu-Secret"
+TCP_IDLE_S = 300.0  # a TCP connection silent this long is closed (the gateway reconnects)
 MAX_PART_DIGITS = 18  # more is no length a worker would read, and int() of it is slow
 
 
@@ -185,6 +186,7 @@ class TcpWorkerServer(_Serving, socketserver.ThreadingMixIn, socketserver.TCPSer
         # would wait for the client's delayed ACK of the head, 40 ms on Linux.
         connection, address = super().get_request()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.settimeout(TCP_IDLE_S)  # a peer that sends nothing does not hold a thread forever
         return connection, address
 
 
