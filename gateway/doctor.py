@@ -39,8 +39,9 @@ def run_checks(config: str | None = None) -> list[Check]:
         backend_checks = _backend(settings, backend)
         checks += backend_checks
         checks.append(_models(settings, provider_ok=all(c.ok for c in backend_checks)))
-        checks.append(_gpus(settings))
-        checks.append(_socket_dir(settings))
+        checks.append(_gpus(settings, backend))
+        if settings.backend != "swarm":  # swarm workers are reached over the network
+            checks.append(_socket_dir(settings))
         if settings.stem_cells:
             checks.append(_stem_cells(backend, settings.models_dir))
     finally:
@@ -61,12 +62,16 @@ NAMES = {
     "image": "worker image",
     "worker_python": "worker python",
     "limits": "worker limits",
+    "swarm": "swarm manager",
+    "network": "worker network",
 }
 FIXES = {
     "docker": "run deploy/ensure-docker.sh (or start Docker), and check you may use /var/run/docker.sock",
     "image": "run `make image` or `wanwu image build`",
     "worker_python": "set WANWU_WORKER_PYTHON to an interpreter with torch and pillow (pip install torch pillow)",
     "limits": "",
+    "swarm": "point DOCKER_HOST at a swarm manager's engine (deploy/swarm/README.md)",
+    "network": "deploy deploy/swarm/stack.yml, or: docker network create --driver overlay --internal wanwu-workers",
 }
 
 
@@ -88,7 +93,7 @@ def _models(settings: Settings, provider_ok: bool) -> Check:
         bad = f"; invalid: {', '.join(catalog.problems)}" if catalog.problems else ""
         return Check("models", True, f"{settings.models_dir}: {', '.join(names)}{bad}")
     problem = catalog.problems.get(settings.default_model)
-    how = "copies it from the image" if settings.backend == "docker" else "trains it (about a minute)"
+    how = "copies it from the image" if settings.backend != "process" else "trains it (about a minute)"
     if problem is None and provider_ok:
         detail = f"{settings.default_model} is not in {settings.models_dir} yet; `wanwu serve` {how}"
         return Check("models", True, detail)
@@ -100,11 +105,28 @@ def _models(settings: Settings, provider_ok: bool) -> Check:
     )
 
 
-def _gpus(settings: Settings) -> Check:
-    from scheduler.gpu import GpuMonitor
+def _gpus(settings: Settings, backend: Backend) -> Check:
+    from scheduler.gpu import GpuMonitor, GpuReader
 
     if not settings.gpus:
         return Check("gpus", True, "none configured (WANWU_GPUS empty): workers run on the CPU")
+    remote = getattr(backend, "gpu_monitor", None)  # GPUs of other hosts, as the backend knows them
+    monitor: GpuReader
+    if remote is not None:
+        try:
+            devices = backend.gpu_devices() if settings.gpus == ("auto",) else settings.gpus  # type: ignore[attr-defined]
+            monitor = remote(devices)
+        except WanwuError as exc:
+            return Check("gpus", False, str(exc), "fix the swarm manager check above")
+        readings = monitor.readings()
+        if not readings:
+            return Check(
+                "gpus",
+                False,
+                f"WANWU_GPUS={','.join(settings.gpus)}: no GPU on a ready node labelled wanwu.gpu-memory-mb",
+                "docker node update --label-add wanwu.gpu-memory-mb=MB NODE (deploy/swarm/README.md)",
+            )
+        return Check("gpus", True, ", ".join(f"{r.device}: {r.used_mb:.0f}/{r.total_mb:.0f} MB" for r in readings))
     readings = GpuMonitor(settings.gpus).readings()
     if not readings:
         return Check(

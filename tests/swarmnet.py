@@ -356,11 +356,7 @@ class SwarmCluster:
         # Its own daemon.json (not /etc/docker's) and its own key.json, hence engine ID.
         (node.dir / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(node.dir / "key.json")}))
         procs = []
-        if Path("/run/containerd/containerd.sock").exists():
-        # dockerd 20.10 then uses that containerd instead of starting its own: the nodes'
-        # shims would live in the system containerd's cgroup, out of reach of kill().
-        return "a system containerd runs (/run/containerd/containerd.sock): nodes would share it"
-    for controller in ("pids", "freezer"):
+        for controller in ("pids", "freezer"):
             group = CGROUPS / controller / node.unit
             group.mkdir(exist_ok=True)
             procs.append(str(group / "cgroup.procs"))
@@ -473,6 +469,10 @@ def unsupported() -> str | None:
     for tool in ("ip", "nsenter", "unshare", "dockerd", "containerd", "runc"):
         if shutil.which(tool) is None:
             return f"no `{tool}` on PATH"
+    if Path("/run/containerd/containerd.sock").exists():
+        # dockerd 20.10 then uses that containerd instead of starting its own: the nodes'
+        # shims would live in the system containerd's cgroup, out of reach of kill().
+        return "a system containerd runs (/run/containerd/containerd.sock): nodes would share it"
     for controller in ("pids", "freezer"):
         if not (CGROUPS / controller / "cgroup.procs").is_file():
             return f"no cgroup v1 {controller} hierarchy at {CGROUPS / controller}"

@@ -49,6 +49,12 @@ def test_a_gpu_model_is_placed_on_the_gpu_node_and_served_across_nodes(swarm: Sw
     swarm.deploy(gpus="auto", max_workers="2", stem_cells="0", swarm_constraints="node.role==worker")
     pool = requests.get(f"{swarm.url}/v1/pool", timeout=10).json()
     assert pool["gpus"] == [{"device": "wanwu-n3/GPU-fake-0", "used_mb": 0.0, "total_mb": float(GPU_MB)}]
+    # `wanwu doctor` in the gateway's container sees the swarm, its network and its GPU
+    (gateway,) = swarm.manager.containers.list(filters={"label": "com.docker.swarm.service.name=wanwu_gateway"})
+    code, output = gateway.exec_run(["wanwu", "doctor"])
+    report = output.decode()
+    assert code == 0, report
+    assert "swarm manager" in report and "wanwu-workers" in report and "wanwu-n3/GPU-fake-0: 0/16384 MB" in report
 
     began = time.monotonic()
     answer = swarm.predict()
