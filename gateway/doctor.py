@@ -106,35 +106,23 @@ def _models(settings: Settings, provider_ok: bool) -> Check:
 
 
 def _gpus(settings: Settings, backend: Backend) -> Check:
-    from scheduler.gpu import GpuMonitor, GpuReader
+    from scheduler.backends.factory import gpu_reader
+    from scheduler.gpu import GpuMonitor
 
     if not settings.gpus:
         return Check("gpus", True, "none configured (WANWU_GPUS empty): workers run on the CPU")
-    remote = getattr(backend, "gpu_monitor", None)  # GPUs of other hosts, as the backend knows them
-    monitor: GpuReader
-    if remote is not None:
-        try:
-            devices = backend.gpu_devices() if settings.gpus == ("auto",) else settings.gpus  # type: ignore[attr-defined]
-            monitor = remote(devices)
-        except WanwuError as exc:
-            return Check("gpus", False, str(exc), "fix the swarm manager check above")
-        readings = monitor.readings()
-        if not readings:
-            return Check(
-                "gpus",
-                False,
-                f"WANWU_GPUS={','.join(settings.gpus)}: no GPU on a ready node labelled wanwu.gpu-memory-mb",
-                "docker node update --label-add wanwu.gpu-memory-mb=MB NODE (deploy/swarm/README.md)",
-            )
-        return Check("gpus", True, ", ".join(f"{r.device}: {r.used_mb:.0f}/{r.total_mb:.0f} MB" for r in readings))
-    readings = GpuMonitor(settings.gpus).readings()
+    try:
+        _, reader = gpu_reader(backend, settings)
+        readings = reader.readings()
+    except WanwuError as exc:
+        return Check("gpus", False, str(exc), "fix the backend check above")
     if not readings:
-        return Check(
-            "gpus",
-            False,
-            f"WANWU_GPUS={','.join(settings.gpus)} but NVML gives no readings",
-            "install the NVIDIA driver and nvidia-container-toolkit, or clear WANWU_GPUS",
-        )
+        gpus = ",".join(settings.gpus)
+        if isinstance(reader, GpuMonitor):
+            fix = "install the NVIDIA driver and nvidia-container-toolkit, or clear WANWU_GPUS"
+            return Check("gpus", False, f"WANWU_GPUS={gpus} but NVML gives no readings", fix)
+        fix = "docker node update --label-add wanwu.gpu-memory-mb=MB NODE (deploy/swarm/README.md)"
+        return Check("gpus", False, f"WANWU_GPUS={gpus}: no GPU on a ready node labelled wanwu.gpu-memory-mb", fix)
     return Check("gpus", True, ", ".join(f"GPU {r.device}: {r.used_mb:.0f}/{r.total_mb:.0f} MB" for r in readings))
 
 

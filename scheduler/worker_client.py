@@ -30,8 +30,8 @@ from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeo
 MAX_HEADER_LINES = 100
 ONE_WRITE_LIMIT = 256 * 1024  # above this, the head and each body part go in their own writes, not one copy
 PARTS_HEADER = "X-Wanwu-Parts"  # /predict_batch: each image's length in bytes, comma-separated
-SECRET_HEADER = "X-Wanwu-Secret"
-CONNECT_TIMEOUT_S = 5.0  # a TCP worker's connect  # a TCP worker answers only requests carrying its secret
+SECRET_HEADER = "X-Wanwu-Secret"  # a TCP worker answers only requests carrying its secret
+CONNECT_TIMEOUT_S = 5.0  # a TCP worker's connect
 
 
 class _Dropped(Exception):
@@ -135,6 +135,9 @@ class WorkerClient:
             except OSError:
                 pass
 
+    def _gone(self) -> WorkerCrashed:
+        return WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
@@ -145,7 +148,7 @@ class WorkerClient:
 
     def _connect(self, timeout: float) -> tuple[socket.socket, BinaryIO]:
         if self.aborted:
-            raise WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
+            raise self._gone()
         if self._sock is None or self._reader is None:
             if isinstance(self.socket_path, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,19 +162,17 @@ class WorkerClient:
             self._sock = sock  # abort() can break off the connect too
             try:
                 sock.connect(self.socket_path)
-            except TimeoutError:
+            except OSError as exc:
                 self._sock = None
                 sock.close()
-                raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
-            except OSError:
-                self._sock = None
-                sock.close()
+                if isinstance(exc, TimeoutError):
+                    raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
                 raise
             self._reader = sock.makefile("rb")
             self.connections += 1
             if self.aborted:  # abort() ran while this connected: it may not have seen the socket
                 self.close()
-                raise WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
+                raise self._gone()
         self._sock.settimeout(timeout)
         return self._sock, self._reader
 

@@ -42,6 +42,7 @@ import docker.errors
 import requests
 
 from tests.dockerutil import IMAGE
+from tests.workerprocs import live_processes
 
 PREFIX = "wwsw"
 ROOT_BASE = Path("/tmp")  # short: a node's socket paths must stay under 108 bytes
@@ -151,7 +152,7 @@ class SwarmCluster:
 
     ``gpu_nodes`` maps node names to how many fake GPUs each advertises as the swarm
     generic resource NVIDIA-GPU; ``images`` are loaded from the host engine into every
-    node, ``manager_images`` into the manager only. Use it as a context manager, or call
+    node (deploy/swarm/distribute-image.sh adds more). Use it as a context manager, or call
     ``start()`` and then ``close()`` (also after a failed start)."""
 
     def __init__(
@@ -159,8 +160,6 @@ class SwarmCluster:
         nodes: int = 3,
         gpu_nodes: dict[str, int] | None = None,
         images: Iterable[str] = (IMAGE,),
-        manager_images: Iterable[str] = (),
-        host: docker.DockerClient | None = None,
     ) -> None:
         if not 1 <= nodes <= 250:
             raise ValueError(f"nodes must be 1..250, not {nodes}")
@@ -171,7 +170,7 @@ class SwarmCluster:
         self.id = f"{PREFIX}-{secrets.token_hex(3)}"
         self.root = ROOT_BASE / self.id
         self.bridge_netns = f"{self.id}-br"
-        images, manager_images = tuple(images), tuple(manager_images)
+        images = tuple(images)
         self.nodes = {
             name: Node(
                 name=name,
@@ -179,13 +178,12 @@ class SwarmCluster:
                 dir=self.root / name,
                 unit=f"{self.id}-{name}",
                 gpus=gpu_nodes.get(name, 0),
-                images=images + (manager_images if index == 1 else ()),
+                images=images,
             )
             for index, name in enumerate(names, start=1)
         }
         self.manager = self.nodes["n1"]
         self.timings_s: dict[str, float] = {}
-        self._host = host
         self._relays: list[_Relay] = []
         self._closed = False
 
@@ -424,12 +422,11 @@ class SwarmCluster:
     def _save_images(self, tags: list[str]) -> dict[str, Path]:
         """``docker save`` each image from the host engine into a tar under the root."""
         (self.root / "images").mkdir(exist_ok=True)
-        host = self._host or docker.from_env(timeout=300)
+        host = docker.from_env(timeout=300)
         try:
             return {tag: self._save_image(host, tag) for tag in tags}
         finally:
-            if host is not self._host:
-                host.close()
+            host.close()
 
     def _save_image(self, host: docker.DockerClient, tag: str) -> Path:
         began = time.monotonic()
@@ -680,18 +677,11 @@ def _processes(marker: str) -> dict[int, str]:
     its cgroups."""
     in_cgroups = set().union(*(_cgroup_pids(top) for top in _cgroup_tops(marker)))
     needle = f"{ROOT_BASE}/{marker}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (needle in cmdline or int(entry.name) in in_cgroups):
-            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
-    return found
+    return {
+        pid: cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+        for pid, cmdline in live_processes("cmdline")
+        if needle in cmdline or pid in in_cgroups
+    }
 
 
 def _shim_socket(address: Path, namespace: str, container_id: str) -> Path:

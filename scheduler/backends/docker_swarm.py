@@ -30,7 +30,7 @@ the local Docker backend:
   what this pool's workers there measured when they loaded (``gpu_memory_mb`` of their
   /healthz). See ``SwarmGpuMonitor``.
 - **Failures.** ``watch`` polls the manager: a worker whose task is no longer running,
-  was replaced by swarm (a restarted or rejected task), or whose node is not ready is
+  was replaced by swarm (a restarted or rejected task), or whose node is down is
   reported gone, and the requests in flight to it are broken off at once, so the pool
   retries them on another worker instead of waiting out their timeout.
 - **Bundles.** The models directory is bind-mounted from the node's own filesystem:
@@ -284,8 +284,9 @@ class SwarmBackend:
         return SwarmGpuMonitor(self, devices)
 
     def gpu_readings(self, devices: tuple[str, ...]) -> list[GpuReading]:
-        """A reading for each of ``devices`` on a ready node that says its GPU size:
-        used is what this pool's workers there measured."""
+        """A reading for each of ``devices`` on a node labelled with its GPU size: used is
+        what this pool's workers there measured, or all of it while the node is down or
+        drained."""
         with self._lock:
             nodes = {n.hostname: n for n in self._nodes.values()}
             used: dict[str, float] = {}
@@ -376,20 +377,19 @@ class SwarmBackend:
         token = secrets.token_urlsafe(32)
         started = time.monotonic()
         deadline = started + self.spawn_timeout_s
+        labels = self._labels(request)
         try:
             secret = self._create(
-                lambda: self.client.api.create_secret(name, token.encode("ascii"), labels=self._labels(request)),
-                name,
-                request,
+                lambda: self.client.api.create_secret(name, token.encode("ascii"), labels=labels), name, request
             )
+            template = self._task_template(request, secret["ID"], name)
             while True:
-                template = self._task_template(request, secret["ID"], name)
                 service = self._create(
                     functools.partial(
                         self.client.api.create_service,
                         template,
                         name=name,
-                        labels=self._labels(request),
+                        labels=labels,
                         mode=docker.types.ServiceMode("replicated", 1),
                         endpoint_spec=docker.types.EndpointSpec(mode="dnsrr"),
                     ),
@@ -406,7 +406,7 @@ class SwarmBackend:
                     break
                 except _NodeLost as exc:
                     # A GPU worker belongs on its node: the pool places it again (the
-                    # dead node's GPUs have no reading now). A CPU worker can go anywhere.
+                    # dead node's GPUs read as full now). A CPU worker can go anywhere.
                     if request.device or time.monotonic() + 1 >= deadline:
                         raise
                     log.warning("%s; placing %s again", exc, name)
@@ -465,7 +465,7 @@ class SwarmBackend:
             for task in self._tasks(remote.service_id):
                 status = task.get("Status") or {}
                 state = status.get("State", "?")
-                last = f"{state}: {status.get('Err') or status.get('Message') or ''}".rstrip(": ")
+                last = _status(task)
                 if task.get("NodeID") and time.monotonic() >= next_check:
                     next_check = time.monotonic() + 0.5
                     self._check_node(str(task["NodeID"]), name, remote.worker_id)
@@ -667,7 +667,7 @@ class SwarmBackend:
             stop.wait(POLL_S)
 
     def _gone(self) -> list[tuple[_Remote, str]]:
-        """Ready workers whose task stopped, was replaced or whose node is not ready."""
+        """Ready workers whose task stopped, was replaced or whose node is down."""
         nodes = {n.node_id: n for n in self.nodes()}
         with self._lock:
             watched = [r for r in self._workers.values() if r.ready]
@@ -685,12 +685,7 @@ class SwarmBackend:
             if task is None:
                 reason = "its task was removed"
             elif (task.get("Status") or {}).get("State") != "running":
-                status = task.get("Status") or {}
-                reason = (
-                    f"its task is {status.get('State')}: {status.get('Err') or status.get('Message') or ''}".rstrip(
-                        ": "
-                    )
-                )
+                reason = f"its task is {_status(task)}"
             elif task.get("DesiredState") not in (None, "running"):
                 reason = f"swarm is stopping its task ({task.get('DesiredState')})"
             elif node is None or node.state in LOST_NODE_STATES:
@@ -738,25 +733,25 @@ class SwarmBackend:
 
 
 class SwarmGpuMonitor:
-    """The pool's GPU readings on a swarm (``GpuMonitor``'s interface): each GPU of a
-    ready node labelled with its size (``wanwu.gpu-memory-mb``), used as far as this
-    pool's own workers there measured. Another tenant's use of the same GPU is not
-    seen; a node without the label offers its GPUs to nobody (``wanwu doctor`` and
-    /readyz say so)."""
+    """The pool's GPU readings on a swarm (a ``GpuReader``): ``gpu_readings``. Another
+    tenant's use of the same GPU is not seen; a node without the label offers its GPUs
+    to nobody (the gateway's log and ``wanwu doctor`` say so)."""
 
     def __init__(self, backend: SwarmBackend, devices: tuple[str, ...]) -> None:
         self.backend = backend
         self.devices = devices
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.devices)
 
     def readings(self) -> list[GpuReading]:
         return self.backend.gpu_readings(self.devices) if self.devices else []
 
     def close(self) -> None:
         pass
+
+
+def _status(task: dict[str, Any]) -> str:
+    """A task's state and swarm's reason for it, e.g. "rejected: no suitable node"."""
+    status = task.get("Status") or {}
+    return f"{status.get('State')}: {status.get('Err') or status.get('Message') or ''}".rstrip(": ")
 
 
 def _address_on(task: dict[str, Any], network_id: str) -> str:

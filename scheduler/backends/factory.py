@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, UnknownModel, WanwuError
+from ..gpu import GpuMonitor, GpuReader
 from ..models import ModelCatalog
 from ..pool import WarmPool
 from ..settings import Settings
@@ -98,18 +99,25 @@ def build_pool(settings: Settings, start: bool = True, backend: Backend | None =
     if problem and settings.stem_cells:  # say it once, and serve without them
         log.warning("%s; serving without stem cells", problem)
         settings = settings.replace(stem_cells=0)
-    gpu = None
-    gpu_monitor = getattr(backend, "gpu_monitor", None)  # a backend whose GPUs the gateway cannot read itself
-    if gpu_monitor is not None:
-        if settings.gpus == ("auto",):
-            settings = settings.replace(gpus=backend.gpu_devices())  # type: ignore[attr-defined]
-            log.info("GPUs the swarm advertises: %s", ", ".join(settings.gpus) or "none")
-        gpu = gpu_monitor(settings.gpus)
+    settings, gpu = gpu_reader(backend, settings)
     pool = WarmPool(backend, catalog, settings, gpu=gpu)
     pool.stem_problem = problem
     if start:
         pool.start()
     return pool
+
+
+def gpu_reader(backend: Backend, settings: Settings) -> tuple[Settings, GpuReader]:
+    """Where the pool's GPU readings come from: NVML on this host, or, for a backend
+    whose GPUs are on other hosts (swarm), the backend itself, with ``WANWU_GPUS=auto``
+    resolved to the GPUs it advertises. Returns the settings with that resolution."""
+    remote = getattr(backend, "gpu_monitor", None)
+    if remote is None:
+        return settings, GpuMonitor(settings.gpus)
+    if settings.gpus == ("auto",):
+        settings = settings.replace(gpus=backend.gpu_devices())  # type: ignore[attr-defined]
+        log.info("GPUs the swarm advertises: %s", ", ".join(settings.gpus) or "none")
+    return settings, remote(settings.gpus)
 
 
 def _provide_default_model(backend: Backend, name: str, models_dir: Path) -> None:

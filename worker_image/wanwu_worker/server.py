@@ -179,6 +179,8 @@ class TcpWorkerServer(_Serving, socketserver.ThreadingMixIn, socketserver.TCPSer
         if len(secret) < 16:
             raise ValueError("a TCP worker needs a secret of at least 16 bytes")
         self._hold(predictor, max_body, stem, secret)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
