@@ -47,6 +47,9 @@ MODELS_DIR_IN_CONTAINER = "/models"  # a stem cell's view of every bundle
 STEM_LABEL = "wanwu.stem"
 WORKER_UID = 10001
 
+# What a call to an engine raises when the engine refuses, fails or cannot be reached.
+ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
 
 @dataclass(frozen=True)
 class ContainerLimits:
@@ -226,7 +229,7 @@ class DockerBackend:
     def ping(self) -> None:
         try:
             self.client.ping()
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
 
     def image_present(self) -> bool:
@@ -234,14 +237,14 @@ class DockerBackend:
             self.client.images.get(self.image)
         except docker.errors.ImageNotFound:
             return False
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
         return True
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
         try:
             version = self.client.version().get("Version", "?")
-        except (WanwuError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except (WanwuError, *ENGINE_ERRORS) as exc:
             return {"docker": (False, f"the Docker engine does not answer: {_first_line(exc)}")}
         try:
             present = self.image_present()
@@ -282,7 +285,7 @@ class DockerBackend:
             raise WorkerStartError(
                 f"cannot start worker {spec.name} ({self.image}): {_first_line(exc)}", request.worker_id
             ) from exc
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             self._cleanup(spec)
             raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
         created = time.monotonic()
@@ -331,7 +334,7 @@ class DockerBackend:
             container.reload()
         except docker.errors.NotFound:
             return {"Status": "dead", "ExitCode": "unknown (container removed)"}
-        except (docker.errors.DockerException, requests.exceptions.RequestException):
+        except ENGINE_ERRORS:
             return None
         return dict(container.attrs.get("State", {}))
 
@@ -339,7 +342,7 @@ class DockerBackend:
     def _logs(container: Any, lines: int = 20) -> str:
         try:
             return str(container.logs(tail=lines).decode("utf-8", "replace").rstrip()) or "(no output)"
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             return f"(logs unavailable: {_first_line(exc)})"
 
     @staticmethod
@@ -391,13 +394,13 @@ class DockerBackend:
             raise WorkerStartError(
                 f"worker image {self.image} is not present: run `wanwu image build`", worker_id
             ) from exc
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             raise WorkerStartError(
                 f"checking {bundle_dir} in {self.image} failed: {_first_line(exc)}", worker_id
             ) from exc
         finally:
             if container is not None:
-                with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+                with contextlib.suppress(*ENGINE_ERRORS):
                     container.remove(force=True)
             self._cleanup(spec)
         return check_report(output, f"the check in {self.image}", errors)
@@ -409,7 +412,7 @@ class DockerBackend:
             self.client.api.remove_container(name, force=True)
         except docker.errors.NotFound:
             pass
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"cannot remove {name}: {_first_line(exc)}") from exc
         finally:
             shutil.rmtree(self.socket_root / worker_id, ignore_errors=True)
@@ -419,7 +422,7 @@ class DockerBackend:
         # container after listing and fails on one removed in between.
         try:
             rows = self.client.api.containers(all=True, filters={"label": [f"{POOL_LABEL}={self.pool_id}"]})
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"cannot list containers: {_first_line(exc)}") from exc
         workers = []
         for row in rows:
@@ -463,7 +466,7 @@ class DockerBackend:
                 lost, failures = False, 0
                 for event in stream:
                     self._dispatch_event(event, on_exit)
-            except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+            except (*ENGINE_ERRORS, OSError) as exc:
                 if not stop.is_set():
                     log.warning("lost the Docker event stream: %s", _first_line(exc))
             except Exception:  # the watcher must not die silently

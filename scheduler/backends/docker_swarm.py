@@ -53,13 +53,13 @@ from typing import Any
 import docker
 import docker.errors
 import docker.types
-import requests
 
 from ..errors import BackendUnavailable, WanwuError, WorkerStartError, WorkerStartTimeout
 from ..policy import GpuReading
 from ..worker_client import WorkerClient
 from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, load_model
 from .docker import (
+    ENGINE_ERRORS,
     MODEL_LABEL,
     POOL_LABEL,
     WORKER_LABEL,
@@ -84,8 +84,6 @@ POLL_S = 0.5  # how often watch() reads the manager
 UNPLACED_GRACE_S = 5.0  # a task swarm can place on no node fails after this, not the spawn timeout
 LOST_NODE_STATES = ("down", "disconnected")  # not "unknown": every node is, for a moment, after a leader change
 DONE_STATES = ("complete", "shutdown", "failed", "rejected", "orphaned", "remove")
-
-ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 class _NodeLost(WorkerStartError):
