@@ -4,15 +4,20 @@ Decoding is defensive: the format is sniffed from the bytes, the pixel count is 
 from the header before any pixel is decoded, truncated data is an error, and multi-frame
 files use their first frame. Only Pillow and torch are used (no torchvision, no numpy),
 so the CPU image stays small.
+
+The pixel cap bounds what is decoded, not what a header declares: a JPEG is decoded at
+a reduced scale (``Image.draft``, 1/2, 1/4 or 1/8) when the caller names the size it
+needs, so a 48-megapixel phone photo decodes to well under a megapixel and is answered.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -25,35 +30,66 @@ if TYPE_CHECKING:
 # some of those run external programs or have had more parser bugs.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000
+# JPEG's reduced-size decoding goes down to 1/8 in each direction, 1/64 of the pixels:
+# a JPEG header may declare up to this many times the pixel cap (the hard bound on
+# declared size), and the cap itself applies to the size it decodes at.
+JPEG_DRAFT_FACTOR = 64
+# The draft size the gateway checks uploads against. It knows no model's input size, so
+# it takes one at least as large as any model's ``resize``: a larger target reduces less,
+# so a JPEG the gateway lets through is within the cap on every worker too.
+CHECK_DRAFT = (1024, 1024)
+# resize_and_crop scales an image whole only while its scaled longer side is at most this
+# many times the model's input size; a longer one has only its centre crop resampled.
+MAX_ASPECT = 4
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open ``data`` lazily (header only) and check it is an allowed format within the
-    pixel cap. Raises InputError with codes empty, not_an_image, unsupported_format or
-    image_too_large."""
+    pixel cap. Raises InputError with codes empty, not_an_image, unsupported_format,
+    corrupt_image or image_too_large.
+
+    With ``draft`` (width, height), a JPEG is set to decode at the most reduced of 1/8,
+    1/4, 1/2 or full scale that is still at least that size (``Image.draft``); the cap then
+    applies to that decoded size, and the declared size may be up to
+    ``JPEG_DRAFT_FACTOR`` times the cap. Other formats, or no ``draft``: the cap applies
+    to the declared size. The returned image is the one to load."""
     if not data:
         raise InputError("the request body is empty; send the image bytes", code="empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own bomb warning (above ~89 MP) is replaced by the checks below;
+            # its error (above twice that) still stops an absurd header here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-        OSError,
-        ValueError,
-        SyntaxError,
-    ):
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
         raise _classify_unopenable(data) from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InputError(f"image has no pixels ({width}x{height})", code="corrupt_image")
-    if width * height > max_pixels:
+    if draft is None or min(draft) <= 0 or not isinstance(image, JpegImagePlugin.JpegImageFile):
+        if width * height > max_pixels:
+            raise InputError(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                code="image_too_large",
+            )
+        return image
+    # A JPEG (or MPO, a phone's JPEG with extra pictures): the cap is on what it decodes to.
+    if width * height > max_pixels * JPEG_DRAFT_FACTOR:
         raise InputError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            f"{image.format} image is {width}x{height} = {width * height} pixels; the limit is "
+            f"{max_pixels * JPEG_DRAFT_FACTOR} for JPEG ({max_pixels} once decoded at 1/8 scale)",
+            code="image_too_large",
+        )
+    try:
+        image.draft("RGB", draft)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{image.format} image could not be opened: {exc}", code="corrupt_image") from None
+    dw, dh = image.size
+    if dw * dh > max_pixels:
+        raise InputError(
+            f"image is {width}x{height}, decoded at {dw}x{dh} = {dw * dh} pixels; the limit is {max_pixels}",
             code="image_too_large",
         )
     return image
@@ -80,18 +116,20 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
     """Decode ``data`` to an upright RGB image (first frame, EXIF orientation applied).
 
     ``draft`` lets JPEG decode at a reduced scale no smaller than that size, which is
-    several times faster for large photos and loses nothing the model would see."""
-    image = sniff(data, max_pixels)
-    if draft is not None and image.format == "JPEG":
-        image.draft("RGB", draft)
+    several times faster for large photos and loses nothing the model would see; the
+    pixel cap then applies to that decoded size (see ``sniff``)."""
+    # sniff applies the draft. Pillow opens every format at its first frame; no seek(0)
+    # here, since seeking an MPO re-reads its header and would undo the draft.
+    image = sniff(data, max_pixels, draft)
     try:
-        image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image) or image
         return to_rgb(image)
     except InputError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # a GIF frame larger than its screen
+        raise InputError(f"{image.format} image is too large: {exc}", code="image_too_large") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise InputError(f"{image.format} image could not be decoded: {exc}", code="corrupt_image") from exc
 
 
@@ -101,18 +139,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-    elif mode in ("I", "F"):
-        extrema = image.getextrema()  # one band: (min, max) as numbers
-        low, high = float(extrema[0]), float(extrema[1])  # type: ignore[arg-type]
-        scale = 255 / (high - low) if high > low else 0
-        image = image.point(lambda v: (v - low) * scale).convert("L")
-    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     try:
+        if mode.startswith("I;16"):
+            image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+        elif mode in ("I", "F"):
+            extrema = image.getextrema()  # one band: (min, max) as numbers
+            low, high = float(extrema[0]), float(extrema[1])  # type: ignore[arg-type]
+            scale = 255 / (high - low) if high > low else 0
+            image = image.point(lambda v: (v - low) * scale).convert("L")
+        if (image.mode == "P" and "transparency" in image.info) or image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as exc:
         raise InputError(f"images in colour mode {mode} are not supported", code="unsupported_mode") from exc
@@ -120,14 +158,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize_and_crop(image: Image.Image, resize: int, crop: tuple[int, int]) -> Image.Image:
     """Scale so the shorter side is ``resize`` pixels, then cut the centre ``crop``
-    (height, width)."""
+    (height, width).
+
+    Memory is bounded whatever the aspect ratio. An image whose scaled longer side would
+    pass ``MAX_ASPECT`` times max(resize, crop) (past about 4:1) is not scaled whole: only
+    the part of it under the centre crop is resampled, straight to the crop's size, with
+    the same scale and alignment. A 1x20000 strip then costs one 224x224 image instead
+    of a 256x5120000 one (3.9 GB). Other images are scaled whole, as before."""
     width, height = image.size
+    crop_h, crop_w = crop
     scale = resize / min(width, height)
-    new_w, new_h = max(crop[1], round(width * scale)), max(crop[0], round(height * scale))
+    new_w, new_h = max(crop_w, round(width * scale)), max(crop_h, round(height * scale))
+    left, top = (new_w - crop_w) // 2, (new_h - crop_h) // 2
+    if max(new_w, new_h) > MAX_ASPECT * max(resize, crop_h, crop_w):
+        # The crop's box in source coordinates, at the whole-image scale (new/old size).
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        return image.resize((crop_w, crop_h), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - crop[1]) // 2, (new_h - crop[0]) // 2
-    return image.crop((left, top, left + crop[1], top + crop[0]))
+    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
