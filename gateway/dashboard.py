@@ -18,7 +18,7 @@ ASSETS = frozenset({"dashboard.js", "dashboard.css"})
 
 # Only this origin's script, style and fetches; no inline code, no frames, no forms posted elsewhere.
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 

@@ -2,7 +2,9 @@
 // Every 2 s it reads GET v1/pool (workers, queue, GPUs, reaps), GET metrics (Prometheus
 // text: rates and latency quantiles from the differences between successive samples,
 // ~10 minutes of them kept here) and GET v1/pool/settings (the admin view). The settings
-// form PATCHes v1/pool/settings with the operator's token as a Bearer header.
+// form PATCHes v1/pool/settings with the operator's token as a Bearer header. "Try a
+// photo" lists the classification models of GET v1/models and POSTs a dropped or picked
+// file (multipart field "image") to v1/models/<name>/predict, showing what came back.
 // URLs are relative to /dashboard, so a proxy's path prefix is kept.
 "use strict";
 
@@ -24,6 +26,8 @@
     cached: "wanwu_cache_hits_total",
   };
   const LATENCY = "wanwu_request_seconds_bucket";
+  const PREDICT_TIMEOUT_MS = 120000; // a cold start loads the model first
+  const MODELS_RETRY_MS = 5000;
   const SVG = "http://www.w3.org/2000/svg";
 
   const $ = (id) => document.getElementById(id);
@@ -585,6 +589,277 @@
     }
   }
 
+  // -- try a photo ------------------------------------------------------------------------
+
+  const trying = { models: new Map(), file: null, preview: null, asking: null, maxUploadMb: null };
+
+  function size(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function milliseconds(ms) {
+    return typeof ms === "number" && Number.isFinite(ms) ? latency(ms / 1000) : null;
+  }
+
+  function describeModel() {
+    const info = trying.models.get($("try-model").value);
+    const labels = info && Array.isArray(info.labels) ? info.labels.length : 0;
+    const limit = trying.maxUploadMb ? `; photos up to ${trying.maxUploadMb} MB` : "";
+    $("try-model-note").textContent = info ? `${labels} classes${info.default ? ", the gateway's default" : ""}${limit}` : "";
+  }
+
+  async function loadModels() {
+    const select = $("try-model");
+    try {
+      const response = await request("v1/models", { headers: { Accept: "application/json" } });
+      if (!response.ok) throw new Error(await errorText(response));
+      const body = await response.json();
+      const models = (Array.isArray(body.models) ? body.models : []).filter((m) => m && m.task === "classify");
+      trying.models = new Map(models.map((m) => [String(m.name), m]));
+      trying.maxUploadMb = body.limits && typeof body.limits.max_upload_mb === "number" ? body.limits.max_upload_mb : null;
+      if (!models.length) {
+        fill(select, el("option", { value: "" }, "no classification model"));
+        select.disabled = true;
+        $("try-model-note").textContent = "This gateway serves no classification model.";
+        return;
+      }
+      const chosen = models.find((m) => m.default === true) || models[0];
+      fill(select, ...models.map((m) => el("option", { value: m.name }, m.default === true ? `${m.name} (default)` : m.name)));
+      select.value = String(chosen.name);
+      select.disabled = false;
+      describeModel();
+      if (trying.file && !trying.asking) ask(); // a photo came before the list did
+    } catch (problem) {
+      fill(select, el("option", { value: "" }, "models unavailable"));
+      select.disabled = true;
+      const why = problem instanceof TypeError || problem.name === "AbortError" ? "the gateway is unreachable" : problem.message;
+      $("try-model-note").textContent = `Could not list the models (${why}); retrying…`;
+      setTimeout(loadModels, MODELS_RETRY_MS);
+    }
+  }
+
+  function showPreview(file) {
+    const img = $("try-preview");
+    if (trying.preview) URL.revokeObjectURL(trying.preview);
+    trying.preview = null;
+    if (file.type.startsWith("image/")) {
+      trying.preview = URL.createObjectURL(file);
+      img.src = trying.preview;
+      img.alt = `preview of ${file.name || "the photo"}`;
+      img.hidden = false;
+    } else {
+      img.removeAttribute("src");
+      img.alt = "";
+      img.hidden = true; // not an image to this browser: the gateway will say what it is
+    }
+    $("try-drop-text").textContent = `${file.name || "photo"} (${size(file.size)}) · drop another or click to choose`;
+  }
+
+  function choose(file) {
+    if (!file) return;
+    trying.file = file;
+    showPreview(file);
+    ask();
+  }
+
+  function tryStatus(text, busy) {
+    $("try-status").textContent = text;
+    $("try-result").setAttribute("aria-busy", busy ? "true" : "false");
+  }
+
+  function tryError(...parts) {
+    const error = $("try-error");
+    fill(error, ...parts);
+    error.hidden = !parts.length;
+    if (parts.length) $("try-answer").hidden = true;
+  }
+
+  function failure(response, body) {
+    const error = body && typeof body === "object" && body.error && typeof body.error === "object" ? body.error : null;
+    if (!error) {
+      const what = `${response.status} ${response.statusText}`.trim();
+      return [`The gateway answered ${what}, not a JSON error; see its log.`];
+    }
+    const parts = [el("code", { class: "code" }, `${response.status} ${error.code || "error"}`), `: ${error.message || "no message"}`];
+    if (error.request_id) parts.push(el("span", { class: "request-id" }, ` (request ${error.request_id})`));
+    return parts;
+  }
+
+  function bars(node, entries) {
+    const items = entries.map((entry, i) => {
+      const score = Math.max(0, Math.min(1, Number(entry && entry.score) || 0));
+      const bar = el("span", { class: "bar-fill" });
+      bar.style.width = `${(score * 100).toFixed(1)}%`;
+      return el(
+        "li",
+        { class: i === 0 ? "bar first" : "bar" },
+        el("span", { class: "bar-label" }, String(entry && entry.label !== undefined ? entry.label : "?")),
+        el("span", { class: "bar-track", "aria-hidden": "true" }, bar),
+        el("span", { class: "bar-pct" }, `${(score * 100).toFixed(1)} %`),
+      );
+    });
+    fill(node, ...(items.length ? items : [el("li", { class: "empty" }, "none")]));
+  }
+
+  function renderPrediction(body) {
+    const predictions = body.predictions;
+    const top = body.result ?? (predictions.length ? predictions[0].label : null);
+    $("try-top").textContent = top === null || top === undefined ? "–" : String(top);
+    $("try-unsure").hidden = body.confident !== false;
+
+    const start = $("try-start");
+    if (typeof body.cold_start === "boolean") {
+      const kind = body.cold_start ? "cold" : "warm";
+      const how = typeof body.start === "string" && body.start !== kind ? ` · ${body.start}` : "";
+      start.textContent = `${body.cold_start ? "cold start" : "warm"}${how}`;
+      start.dataset.cold = String(body.cold_start);
+      start.dataset.start = typeof body.start === "string" ? body.start : kind;
+      const shade = ["stem", "cached"].includes(body.start) ? ` start-${body.start}` : ""; // coloured like the rate chart
+      start.className = `start start-${kind}${shade}`;
+      start.hidden = false;
+    } else {
+      start.textContent = "";
+      start.hidden = true;
+    }
+
+    const timing = body.timing_ms && typeof body.timing_ms === "object" ? body.timing_ms : {};
+    const parts = [];
+    for (const key of ["queue", "spawn", "worker"]) {
+      const text = milliseconds(timing[key]);
+      if (text !== null && (key !== "spawn" || timing.spawn > 0 || body.cold_start)) parts.push(`${key} ${text}`);
+    }
+    const total = milliseconds(timing.total);
+    $("try-time").textContent = total === null ? "" : `took ${total}${parts.length ? ` (${parts.join(", ")})` : ""}`;
+
+    const by = [];
+    if (body.model) by.push(`by ${body.model}`);
+    if (body.cpu_fallback) by.push("on a CPU worker: no GPU had room");
+    $("try-model-used").textContent = by.join(" ");
+
+    const groups = Array.isArray(body.groups) ? body.groups : [];
+    $("try-groups-box").hidden = !groups.length;
+    bars($("try-groups"), groups);
+    bars($("try-predictions"), predictions);
+    $("try-answer").hidden = false;
+  }
+
+  async function ask() {
+    const file = trying.file;
+    const model = $("try-model").value;
+    if (!file) return;
+    if (trying.asking) trying.asking.abort(); // a newer photo, model or language wins
+    if (!model) {
+      tryStatus("Waiting for the list of models…", false);
+      return;
+    }
+    const abort = new AbortController();
+    trying.asking = abort;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      abort.abort();
+    }, PREDICT_TIMEOUT_MS);
+    const lang = $("try-lang").value === "en" ? "?lang=en" : "";
+    const form = new FormData();
+    form.append("image", file, file.name || "photo");
+    tryError();
+    tryStatus(`Asking ${model}… (a cold start loads the model first)`, true);
+    try {
+      const response = await fetch(`v1/models/${encodeURIComponent(model)}/predict${lang}`, {
+        method: "POST",
+        body: form,
+        cache: "no-store",
+        headers: { Accept: "application/json" },
+        signal: abort.signal,
+      });
+      const text = await response.text();
+      if (trying.asking !== abort) return;
+      let body = null;
+      try {
+        body = JSON.parse(text);
+      } catch (_) {
+        // not JSON: said below
+      }
+      if (!response.ok) {
+        tryStatus(`${file.name || "The photo"}: no answer from ${model}.`, false);
+        tryError(...failure(response, body));
+      } else if (!body || typeof body !== "object" || !Array.isArray(body.predictions)) {
+        tryStatus(`${file.name || "The photo"}: no answer from ${model}.`, false);
+        tryError(`The gateway answered ${response.status} but with no predictions in it.`);
+      } else {
+        tryStatus(`${file.name || "The photo"}: ${model} answered.`, false);
+        renderPrediction(body);
+      }
+    } catch (problem) {
+      if (trying.asking !== abort) return;
+      tryStatus(`${file.name || "The photo"}: no answer from ${model}.`, false);
+      tryError(
+        timedOut
+          ? `No answer in ${PREDICT_TIMEOUT_MS / 1000} s; the gateway may be busy, try again.`
+          : `Could not reach the gateway (${problem.message}).`,
+      );
+    } finally {
+      clearTimeout(timer);
+      if (trying.asking === abort) trying.asking = null;
+    }
+  }
+
+  function startTry() {
+    const drop = $("try-drop");
+    const input = $("try-file");
+    const hasFiles = (event) => event.dataTransfer && Array.from(event.dataTransfer.types || []).includes("Files");
+    drop.addEventListener("click", () => input.click());
+    drop.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        input.click();
+      }
+    });
+    for (const type of ["dragenter", "dragover"]) {
+      drop.addEventListener(type, (event) => {
+        event.preventDefault();
+        if (event.dataTransfer) event.dataTransfer.dropEffect = "copy";
+        drop.classList.add("over");
+      });
+    }
+    drop.addEventListener("dragleave", (event) => {
+      if (!drop.contains(event.relatedTarget)) drop.classList.remove("over");
+    });
+    drop.addEventListener("drop", (event) => {
+      event.preventDefault();
+      drop.classList.remove("over");
+      const files = event.dataTransfer ? event.dataTransfer.files : null;
+      if (!files || !files.length) {
+        tryError("Drop a file: a photo from your computer.");
+        return;
+      }
+      try {
+        input.files = files; // the file input names the dropped photo, not the one picked before
+      } catch (_) {
+        input.value = "";
+      }
+      choose(files[0]);
+    });
+    // A photo dropped beside the zone would make the browser leave the dashboard to open it.
+    for (const type of ["dragover", "drop"]) {
+      window.addEventListener(type, (event) => {
+        if (hasFiles(event)) event.preventDefault();
+      });
+    }
+    input.addEventListener("change", () => choose(input.files && input.files[0]));
+    $("try-preview").addEventListener("error", () => {
+      $("try-preview").hidden = true; // a format this browser cannot show
+    });
+    $("try-model").addEventListener("change", () => {
+      describeModel();
+      ask();
+    });
+    $("try-lang").addEventListener("change", () => ask());
+    loadModels();
+  }
+
   // -- polling ----------------------------------------------------------------------------
 
   function setStatus(state, text) {
@@ -658,6 +933,7 @@
       fillForm(currentSettings());
     });
     $("settings-form").addEventListener("submit", submit);
+    startTry();
     renderTraffic();
     poll();
   }

@@ -111,7 +111,7 @@ def test_the_dashboard_shows_the_pool_and_changes_a_setting(
         token = page.get_by_label("Admin token")
         max_workers = page.get_by_label("max workers (N)")
         apply = page.get_by_role("button", name="Apply")
-        alert = page.get_by_role("alert")
+        alert = page.locator("#settings-form").get_by_role("alert")  # not the Try-a-photo panel's
         expect(max_workers).to_be_disabled()  # until a token is given
         token.fill("wrong")
         expect(max_workers).to_be_enabled()
