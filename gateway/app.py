@@ -39,7 +39,7 @@ from typing import Any
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from wanwu_worker.errors import InputError
-from wanwu_worker.preprocess import sniff
+from wanwu_worker.preprocess import CHECK_DRAFT, sniff
 from werkzeug.exceptions import HTTPException
 
 from scheduler.backends.factory import build_pool
@@ -280,6 +280,9 @@ def _register(app: Flask) -> None:
                 "format": m.format,
                 "labels": list(m.labels),
                 "subsets": {name: list(labels) for name, labels in m.subsets.items()},
+                "groups": list(m.groups),
+                "languages": list(m.languages),
+                "confidence_threshold": m.confidence_threshold,
                 "embedding_dim": m.embedding_dim,
                 "cpu_fallback": m.cpu_fallback,
                 "input_size": list(m.input_size),
@@ -407,9 +410,10 @@ def _check_upload(image: bytes, settings: Settings) -> None:
 
 
 def _check_image(image: bytes, max_pixels: int) -> None:
-    """Sniff an upload before any worker sees it; ApiError (400/413/415) if it is no image we take."""
+    """Sniff an upload before any worker sees it; ApiError (400/413/415) if it is no image we take.
+    A large JPEG is measured at the reduced scale a worker decodes it at (see CHECK_DRAFT)."""
     try:
-        checked = sniff(image, max_pixels)
+        checked = sniff(image, max_pixels, CHECK_DRAFT)
         if checked.format == "PNG":
             checked.verify()  # chunk CRCs: catches truncated and damaged PNGs without decoding
     except InputError as exc:
@@ -435,9 +439,10 @@ class _Asked:
     top_k: int = 1
     subset: LabelSubset | None = None
     encoding: str = "json"
+    lang: str | None = None  # a translation's code; None: the labels as the bundle has them
 
     def cache_key(self) -> tuple[Any, ...]:
-        return (self.top_k, self.subset)  # the encoding is applied to the cached vector
+        return (self.top_k, self.subset, self.lang)  # the encoding is applied to the cached vector
 
     def describe(self, body: dict[str, Any]) -> None:
         """Say in an answer which labels it was scored over."""
@@ -445,6 +450,25 @@ class _Asked:
             body["labels"] = list(self.subset.labels)
             if self.subset.name is not None:
                 body["subset"] = self.subset.name
+
+    def dress(self, body: dict[str, Any], info: ModelInfo) -> None:
+        """Finish a classification answer (or a batch entry) as asked: ``confident``
+        where the model sets a threshold, and the labels and groups in ``lang``."""
+        predictions = body.get("predictions")
+        if info.confidence_threshold is not None and isinstance(predictions, list) and predictions:
+            body["confident"] = float(predictions[0]["score"]) >= info.confidence_threshold
+        if self.lang is None:
+            return
+        labels, groups = info.translator(self.lang)
+        if isinstance(predictions, list):
+            body["predictions"] = [dict(e, label=labels.get(e["label"], e["label"])) for e in predictions]
+        if isinstance(body.get("groups"), list):
+            body["groups"] = [dict(e, label=groups.get(e["label"], e["label"])) for e in body["groups"]]
+        if body.get("result") is not None:
+            body["result"] = labels.get(body["result"], body["result"])
+        if "labels" in body:
+            body["labels"] = [labels.get(label, label) for label in body["labels"]]
+        body["lang"] = self.lang
 
 
 ENCODINGS = ("json", "base64")
@@ -461,7 +485,7 @@ def _asked(info: ModelInfo, task: str) -> _Asked:
             f"POST /v1/models/{info.name}/{route}",
         )
     if task == EMBED:
-        extra = [name for name in ("top_k", "labels", "label", "subset") if name in request.args]
+        extra = [name for name in ("top_k", "labels", "label", "subset", "lang") if name in request.args]
         if extra:
             raise ApiError(400, "bad_parameter", f"an embedding model takes no {', '.join(extra)}")
         encoding = request.args.get("encoding", "json")
@@ -471,7 +495,18 @@ def _asked(info: ModelInfo, task: str) -> _Asked:
     subset = _subset(info)
     # Over all labels the worker ranks them (at most MAX_TOP_K); a subset is ranked here.
     most = len(subset.labels) if subset is not None else min(len(info.labels), MAX_TOP_K)
-    return _Asked(_top_k(most), subset)
+    return _Asked(_top_k(most), subset, lang=_lang(info))
+
+
+def _lang(info: ModelInfo) -> str | None:
+    """``lang``: the language to answer in, one of the model's; None for its own labels."""
+    raw = request.args.get("lang")
+    if raw is None or raw == "" or raw == info.language:
+        return None
+    if raw not in info.translations:
+        known = ", ".join(info.languages) or "only its own labels"
+        raise ApiError(400, "bad_parameter", f"lang is {raw!r}; model {info.name!r} answers in {known}")
+    return raw
 
 
 def _subset(info: ModelInfo) -> LabelSubset | None:
@@ -544,7 +579,10 @@ def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
             "predictions": result.predictions,
             "model": info.name,
         }
+        if result.groups is not None:
+            body["groups"] = result.groups
     asked.describe(body)
+    asked.dress(body, info)
     svc.cache.put(key, dict(body))
     body.update(cold_start=result.cold_start, start=result.start, cached=False)
     if result.cpu_fallback:
@@ -635,7 +673,7 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
     outcomes = iter(answer.results if answer is not None else ())
     for entry in entries:
         if "error" not in entry:
-            _fill(entry, next(outcomes), failures, asked)
+            _fill(entry, next(outcomes), failures, asked, info)
         svc.metrics.batch_images.labels(info.name, entry["error"]["code"] if "error" in entry else "ok").inc()
     answered = sum(1 for e in entries if "error" not in e)
     if failures and answered == 0 and len(failures) == len(good):
@@ -658,6 +696,7 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
         "calls": answer.calls if answer is not None else 0,
     }
     asked.describe(body)
+    asked.dress(body, info)
     if task == EMBED:
         body["encoding"] = asked.encoding
     if answer is not None and answer.cpu_fallback:
@@ -665,7 +704,13 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
     return _answer(body, timing=g.timing)
 
 
-def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures: list[ApiError], asked: _Asked) -> None:
+def _fill(
+    entry: dict[str, Any],
+    outcome: dict[str, Any] | WanwuError,
+    failures: list[ApiError],
+    asked: _Asked,
+    info: ModelInfo,
+) -> None:
     """One image's entry from what the pool gave it: predictions, its own error, or the
     error of the call that carried it (``retryable``: send the image again later)."""
     if isinstance(outcome, WanwuError):
@@ -685,3 +730,6 @@ def _fill(entry: dict[str, Any], outcome: dict[str, Any] | WanwuError, failures:
         return
     predictions = outcome.get("predictions") or []
     entry.update(result=predictions[0]["label"] if predictions else None, predictions=predictions)
+    if isinstance(outcome.get("groups"), list):
+        entry["groups"] = outcome["groups"]
+    asked.dress(entry, info)

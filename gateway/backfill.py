@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 PRIORITY_HEADER = "X-Wanwu-Priority"
 PART_OVERHEAD = 512  # bytes of multipart headers and boundary per image, besides its name
+ANSWER_EXTRAS = ("groups", "confident")  # what an answer may carry beside its predictions, kept per file
 RESUME_HINT = "rerun the same command to resume"
 
 
@@ -373,6 +374,7 @@ class Options:
     timeout_s: float = 300.0
     max_retries: int = 8
     grace_s: float = 5.0  # how long a stopping job waits for the requests in flight
+    lang: str | None = None  # answer in this language (the model's translation); None: its own labels
 
 
 @dataclass
@@ -824,11 +826,17 @@ class Backfill:
                 self._halt("fatal", reply.message)
                 return
 
+    def _params(self, top_k: int) -> dict[str, str | int]:
+        """The query of a classification batch: top_k, and lang if asked for."""
+        if self._route != "predict:batch":
+            return {}
+        return {"top_k": top_k, **({"lang": self.options.lang} if self.options.lang else {})}
+
     def _post(self, session: requests.Session, chunk: list[Item], model: str, top_k: int) -> Reply:
         parts = [("image", (_part_name(item.key), item.data, "application/octet-stream")) for item in chunk]
         response = session.post(
             f"{self.url}/v1/models/{quote(model, safe='')}/{self._route}",
-            params={"top_k": top_k} if self._route == "predict:batch" else {},
+            params=self._params(top_k),
             files=parts,
             timeout=self.options.timeout_s,
         )
@@ -854,7 +862,8 @@ class Backfill:
                 labels.append("")  # answered (not failed), with no label to count
                 continue
             if isinstance(predictions, list):
-                lines.append(encode_line({"file": item.key, "predictions": predictions}))
+                extra = {key: result[key] for key in ANSWER_EXTRAS if key in result}
+                lines.append(encode_line({"file": item.key, "predictions": predictions, **extra}))
                 top = predictions[0] if predictions and isinstance(predictions[0], dict) else {}
                 labels.append(str(top.get("label") or result.get("result") or ""))
                 continue

@@ -122,21 +122,24 @@ def _read_subsets(path: Path) -> Any:
         raise BundleCreateError(f"{path}: not valid JSON: {exc}") from exc
 
 
+def _check_destination(name: str, out: Path, force: bool) -> None:
+    if not name or name.startswith(".") or "/" in name or "\0" in name:
+        raise BundleCreateError(f"the name {name!r} is not a plain directory name (nor hidden)")
+    if name != out.name:
+        raise BundleCreateError(
+            f"the bundle's directory must be named after the model: --out ends in {out.name!r}, the name is {name!r}"
+        )
+    if out.exists() and not force:
+        raise BundleCreateError(f"{out} exists; pass --force to replace it")
+
+
 def create(
     spec: Spec, out: Path, backend: Backend, device: str | None, force: bool = False, progress: Progress = print
 ) -> dict[str, Any]:
     """Build the bundle ``spec`` describes at ``out``, check it on ``backend`` (on GPU
     ``device`` or the CPU) and return the check's report. Raises BundleCreateError
     naming the file and field at fault; ``out`` is untouched unless it all passed."""
-    if not spec.name or spec.name.startswith(".") or "/" in spec.name or "\0" in spec.name:
-        raise BundleCreateError(f"the name {spec.name!r} is not a plain directory name (nor hidden)")
-    if spec.name != out.name:
-        raise BundleCreateError(
-            f"the bundle's directory must be named after the model: --out ends in {out.name!r}, "
-            f"the name is {spec.name!r}"
-        )
-    if out.exists() and not force:
-        raise BundleCreateError(f"{out} exists; pass --force to replace it")
+    _check_destination(spec.name, out, force)
     if not spec.model.is_file():
         raise BundleCreateError(f"{spec.model}: model file is missing")
     if spec.labels is None and spec.task == "classify":
@@ -164,6 +167,60 @@ def create(
         _readable(stage)
         try:
             _move_into_place(stage, out)
+        except OSError as exc:
+            raise BundleCreateError(f"cannot move the checked bundle into {out}: {exc}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+# Networks whose pretrained weights the worker package can turn into a bundle, and the
+# input sides it builds them for (the general model's smaller-input variants).
+PRETRAINED = ("efficientnet-lite0",)
+PRETRAINED_SIZES = (224, 192, 160, 128)
+BUILD_TIMEOUT_S = 900.0
+
+
+def create_pretrained(
+    name: str,
+    out: Path,
+    backend: Backend,
+    device: str | None,
+    fmt: str = "onnx",
+    input_size: int = 224,
+    task: str = "classify",
+    force: bool = False,
+    progress: Progress = print,
+) -> dict[str, Any]:
+    """Rebuild the general model's bundle (``task`` classify, with its groups and
+    labels) or its embedding bundle from the weights package, where workers run (the
+    worker image, or the worker interpreter), as ``fmt`` for ``input_size``; then check
+    it and move it into place like ``create``. Returns the check's report."""
+    _check_destination(name, out, force)
+    if fmt not in FORMATS:
+        raise BundleCreateError(f"--format is {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if input_size not in PRETRAINED_SIZES:
+        sizes = ", ".join(map(str, PRETRAINED_SIZES))
+        raise BundleCreateError(f"--input-size is {input_size}; EfficientNet-Lite0 is built for {sizes}")
+    if task not in TASKS:
+        raise BundleCreateError(f"--task is {task!r}; expected one of {', '.join(TASKS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out.parent))
+    built = stage / name
+    try:
+        progress(f"exporting EfficientNet-Lite0 ({task}, {fmt}, {input_size} px) from its weights package")
+        arguments = ["--out", str(built), "--name", name, "--task", task, "--format", fmt, "--size", str(input_size)]
+        try:
+            backend.build_bundle([*arguments, "--embed-out", "-"], stage, BUILD_TIMEOUT_S)
+        except WanwuError as exc:
+            raise BundleCreateError(str(exc)) from exc
+        _readable(built)
+        _, report = _checked(built, backend, device, progress)
+        config = json.loads((built / "model.json").read_text(encoding="utf-8"))
+        _record(built, config, report, None)
+        _readable(built)
+        try:
+            _move_into_place(built, out)
         except OSError as exc:
             raise BundleCreateError(f"cannot move the checked bundle into {out}: {exc}") from exc
     finally:

@@ -131,16 +131,27 @@ def _url_option(func: F) -> F:
     )(func)
 
 
+_lang_option = click.option(
+    "--lang", default=None, help="Answer in this language, e.g. en [default: the model's own labels]."
+)
+
+
+def _query(**params: object) -> dict[str, object]:
+    """Query parameters without the ones left unset."""
+    return {key: value for key, value in params.items() if value is not None}
+
+
 @cli.command()
 @_url_option
 @click.option(
     "--model", default=None, envvar="WANWU_DEFAULT_MODEL", help="Model name [default: the gateway's default]."
 )
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 1000))
+@_lang_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file instead of a table.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @_reports_errors
-def predict(url: str, model: str | None, top_k: int, as_json: bool, files: tuple[str, ...]) -> None:
+def predict(url: str, model: str | None, top_k: int, lang: str | None, as_json: bool, files: tuple[str, ...]) -> None:
     """Classify FILES through a running gateway."""
     import json
     from pathlib import Path
@@ -151,7 +162,7 @@ def predict(url: str, model: str | None, top_k: int, as_json: bool, files: tuple
     for name in files:
         with open(name, "rb") as handle:
             status, body = _request(
-                "POST", endpoint, params={"top_k": top_k}, files={"image": (Path(name).name, handle)}
+                "POST", endpoint, params=_query(top_k=top_k, lang=lang), files={"image": (Path(name).name, handle)}
             )
         if as_json:
             click.echo(json.dumps({"file": name, "status": status, **body}, ensure_ascii=False))
@@ -679,6 +690,7 @@ def replay(
 @_url_option
 @click.option("--model", default=None, help="Model name [default: the gateway's default].")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@_lang_option
 @click.option(
     "--glob",
     default=None,
@@ -743,6 +755,7 @@ def backfill(
     url: str,
     model: str | None,
     top_k: int,
+    lang: str | None,
     glob: str | None,
     batch_size: int,
     concurrency: int,
@@ -771,7 +784,7 @@ def backfill(
     from .client import GatewayUnreachable
 
     reporter = Reporter(sys.stderr, show_progress=not quiet, interval_s=progress_interval_s)
-    options = Options(url, model, top_k, batch_size, concurrency, timeout_s, max_retries)
+    options = Options(url, model, top_k, batch_size, concurrency, timeout_s, max_retries, lang=lang)
     stop = threading.Event()
     try:
         job = Backfill(
@@ -837,9 +850,15 @@ _bundle_device = click.option(
 @click.option(
     "--model",
     "model_file",
-    required=True,
     type=click.Path(exists=True, dir_okay=False),
     help="TorchScript (.pt), torch.export program (.pt2) or ONNX (.onnx) file.",
+)
+@click.option(
+    "--pretrained",
+    type=click.Choice(["efficientnet-lite0"]),
+    help="Instead of --model: rebuild the general model (or, with --task embed, its embedding model) from its "
+    "weights package where workers run, with its labels and groups; --format (default onnx) and --input-size "
+    "(224, 192, 160 or 128) apply.",
 )
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="UTF-8, one label per line (classify).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle directory, named NAME.")
@@ -866,7 +885,8 @@ _bundle_device = click.option(
 @_reports_errors
 def bundle_create(
     name: str,
-    model_file: str,
+    model_file: str | None,
+    pretrained: str | None,
     labels: str | None,
     out: str,
     task: str,
@@ -891,8 +911,31 @@ def bundle_create(
     GPU, which becomes the pool's estimate)."""
     from pathlib import Path
 
-    from .bundles import Spec, create, summary
+    from .bundles import Spec, create, create_pretrained, summary
 
+    if (model_file is None) == (pretrained is None):
+        raise click.UsageError("give a model file (--model) or --pretrained, one of the two")
+    if pretrained is not None:
+        backend, gpu = _bundle_backend(config, device)
+        try:
+            report = create_pretrained(
+                name,
+                Path(out),
+                backend,
+                gpu,
+                fmt=fmt or "onnx",
+                input_size=input_size,
+                task=task,
+                force=force,
+                progress=lambda line: click.echo(line, err=True),
+            )
+        finally:
+            backend.close()
+        for line in summary(report):
+            click.echo(line)
+        click.echo(f"wrote {out}")
+        return
+    assert model_file is not None
     spec = Spec(
         name=name,
         model=Path(model_file),

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wanwu_worker.bundle import Batching, Bundle, load_bundle
+from wanwu_worker.bundle import Batching, Bundle, Translation, load_bundle
 from wanwu_worker.errors import BundleError
 
 from .clock import Clock, MonotonicClock
@@ -42,6 +42,26 @@ class ModelInfo:
     subsets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # named label subsets
     cpu_fallback: bool = False  # served by a CPU worker when no GPU has room for it
     embedding_dim: int | None = None
+    groups: tuple[str, ...] = ()  # coarse groups the worker scores beside the classes
+    confidence_threshold: float | None = None  # a top score below it is not confident
+    language: str | None = None  # the language of the labels, if the bundle says
+    translations: Mapping[str, Translation] = field(default_factory=dict)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Languages the model answers in: its own (if said), then its translations."""
+        own = (self.language,) if self.language else ()
+        return (*own, *(lang for lang in self.translations if lang != self.language))
+
+    def translator(self, lang: str) -> tuple[Mapping[str, str], Mapping[str, str]]:
+        """For ``lang`` (a translation's code): each label's name, each group's name."""
+        return self._translators[lang]
+
+    @functools.cached_property
+    def _translators(self) -> Mapping[str, tuple[Mapping[str, str], Mapping[str, str]]]:
+        return {
+            lang: (dict(zip(self.labels, t.labels, strict=True)), t.groups) for lang, t in self.translations.items()
+        }
 
     @functools.cached_property
     def columns(self) -> Mapping[str, int]:
@@ -69,6 +89,10 @@ class ModelInfo:
             dict(bundle.subsets),
             bundle.cpu_fallback,
             bundle.embedding_dim,
+            tuple(bundle.groups),
+            bundle.confidence_threshold,
+            bundle.language,
+            dict(bundle.translations),
         )
 
 

@@ -220,6 +220,7 @@ class PoolAnswer:
     cpu_fallback: bool = False  # a CPU worker answered because no GPU had room for the model
     embedding: list[float] | None = None  # an embedding model's L2-normalised vector (no predictions)
     dim: int | None = None
+    groups: list[dict[str, Any]] | None = None  # coarse groups' scores, for a model with groups
 
 
 @dataclass(frozen=True)
@@ -675,6 +676,7 @@ class WarmPool:
             cpu_fallback=call.cpu_fallback,
             embedding=entry.get("embedding"),
             dim=entry.get("dim"),
+            groups=entry.get("groups"),
         )
 
     def predict_batch(

@@ -56,7 +56,7 @@ class Settings:
     pool_id: str = "wanwu"
     worker_image: str = "wanwu-worker:cpu"
     models_dir: Path = field(default_factory=_default_models_dir)
-    default_model: str = "demo-shapes"
+    default_model: str = "general"
     gpus: tuple[str, ...] = ()  # device indexes or UUIDs; swarm: NODE/GPU, or auto (every GPU the nodes advertise)
     socket_dir: Path = field(default_factory=_default_socket_root)
     spawn_timeout_s: float = 60.0

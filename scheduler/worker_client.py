@@ -40,7 +40,7 @@ class _Dropped(Exception):
 
 # What a worker may answer for one image besides its predictions: an embedding model's
 # vector and width, and the raw scores of the labels a subset asked for.
-EXTRA_KEYS = ("embedding", "dim", "logits", "logits_of")
+EXTRA_KEYS = ("embedding", "dim", "logits", "logits_of", "groups")
 
 
 @dataclass(frozen=True)

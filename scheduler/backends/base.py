@@ -130,7 +130,17 @@ class Backend(Protocol):
         false, "error": {...}}``. Raises WorkerStartError if the check could not run."""
         ...
 
+    def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
+        """Run the worker package's bundle builder (``python -m wanwu_worker.general.build
+        ARGUMENTS``, whose ``--out`` and ``--embed-out`` name directories directly in
+        ``out_dir``) where workers run: in the worker image, or with the worker
+        interpreter. Raises ImageBuildError with the builder's last lines if it fails."""
+        ...
+
     def close(self) -> None: ...
+
+
+BUILDER = ("-m", "wanwu_worker.general.build")  # what ``build_bundle`` runs
 
 
 def check_report(output: str, who: str, stderr: str = "") -> dict[str, Any]:

@@ -28,12 +28,22 @@ import requests
 
 from ..errors import (
     BackendUnavailable,
+    ImageBuildError,
     WanwuError,
     WorkerStartError,
     WorkerStartTimeout,
 )
 from ..worker_client import WorkerClient
-from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, check_report, load_model, wait_ready
+from .base import (
+    BUILDER,
+    ExitCallback,
+    ManagedWorker,
+    SpawnRequest,
+    Started,
+    check_report,
+    load_model,
+    wait_ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +175,53 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
         # any GPU an engine whose default runtime is nvidia would still show it.
         options["environment"]["CUDA_VISIBLE_DEVICES"] = ""
     return options
+
+
+def run_builder(
+    client: docker.DockerClient,
+    image: str,
+    limits: ContainerLimits,
+    arguments: list[str],
+    out_dir: Path,
+    timeout: float,
+) -> None:
+    """``Backend.build_bundle`` in a container of ``image``: no network, read-only root,
+    the worker's user (``out_dir`` is made writable for it), ``out_dir`` at /out.
+    Raises ImageBuildError with the builder's last lines if it fails."""
+    os.chmod(out_dir, 0o777)  # the worker user writes the bundles; the caller keeps the directory
+    container = None
+    try:
+        container = client.containers.run(
+            image,
+            entrypoint=["python", *BUILDER],
+            command=[a.replace(str(out_dir), "/out") for a in arguments],
+            detach=True,
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
+            user=f"{WORKER_UID}:{WORKER_UID}",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit=limits.memory,
+            memswap_limit=limits.memory,
+            pids_limit=limits.pids,
+            volumes={str(out_dir): {"bind": "/out", "mode": "rw"}},
+            labels={MANAGED_LABEL: "true", POOL_LABEL: "bundle-build"},
+        )
+        status = container.wait(timeout=timeout).get("StatusCode")
+        errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+    except docker.errors.ImageNotFound as exc:
+        raise ImageBuildError(f"worker image {image} is not present: run `wanwu image build`") from exc
+    except ENGINE_ERRORS as exc:
+        raise ImageBuildError(f"building a bundle in {image} failed: {_first_line(exc)}") from exc
+    finally:
+        os.chmod(out_dir, 0o755)
+        if container is not None:
+            with contextlib.suppress(*ENGINE_ERRORS):
+                container.remove(force=True)
+    if status != 0:
+        tail = "\n".join(errors.strip().splitlines()[-5:]) or f"exit status {status}"
+        raise ImageBuildError(f"building a bundle in {image} failed:\n{tail}")
 
 
 def stem_mount_problem(models_dir: Path) -> str | None:
@@ -362,6 +419,11 @@ class DockerBackend:
 
     def stem_problem(self, models_dir: Path) -> str | None:
         return stem_mount_problem(models_dir)
+
+    def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
+        """Run the bundle builder in a one-shot container of the worker image, as locked
+        down as a worker but for ``out_dir``, mounted writable at /out."""
+        run_builder(self.client, self.image, self.limits, arguments, out_dir, timeout)
 
     def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
         """Run the worker's ``check`` in a one-shot container, as locked down as a

@@ -70,6 +70,7 @@ from .docker import (
     container_name,
     engine_client,
     model_mount,
+    run_builder,
     stem_mount_problem,
     worker_labels,
 )
@@ -708,6 +709,10 @@ class SwarmBackend:
 
     def stem_problem(self, models_dir: Path) -> str | None:
         return stem_mount_problem(models_dir)
+
+    def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
+        """Build a bundle in a one-shot container on the manager's own engine."""
+        run_builder(self.client, self.image, self.limits, arguments, out_dir, timeout)
 
     def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
         """Check a bundle in a one-shot container on the manager's own engine, as the

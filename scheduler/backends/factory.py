@@ -76,9 +76,9 @@ def build_backend(settings: Settings) -> Backend:
     raise ConfigError(f"WANWU_BACKEND={settings.backend!r}: expected docker, process or swarm")
 
 
-# Built-in bundles served beside a built-in default model: the demo classifier's
-# embedding model (its penultimate layer), so /embed works out of the box.
-COMPANIONS = {"demo-shapes": ("demo-shapes-embed",)}
+# Built-in bundles served beside a built-in default model: its embedding model (the
+# same network's pooled features), so /embed works out of the box.
+COMPANIONS = {"general": ("general-embed",), "demo-shapes": ("demo-shapes-embed",)}
 
 
 def build_pool(settings: Settings, start: bool = True, backend: Backend | None = None) -> WarmPool:

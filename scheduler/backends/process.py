@@ -36,13 +36,30 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ImageBuildError, WorkerStartError, WorkerStartTimeout
 from ..worker_client import WorkerClient
-from .base import ExitCallback, ManagedWorker, SpawnRequest, Started, check_report, load_model, wait_ready
+from .base import (
+    BUILDER,
+    ExitCallback,
+    ManagedWorker,
+    SpawnRequest,
+    Started,
+    check_report,
+    load_model,
+    wait_ready,
+)
 from .limits import Cgroups, ProcessLimits, boot_id, is_same_process, process_start_time, wrapper
 
 log = logging.getLogger(__name__)
 
 RECORD = "worker.json"
-BUILTIN_MODELS = ("demo-shapes", "demo-shapes-embed")  # what the demo trainer writes, in its order
+# The built-in bundles, each pair made by one command of the worker interpreter (a
+# classify bundle and its embed bundle, in that order) and how long that takes here.
+BUILTIN_MODELS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("general", "general-embed"): (BUILDER, "about 40 s"),
+    ("demo-shapes", "demo-shapes-embed"): (
+        ("-m", "wanwu_worker.demo.train", "--seed", "0", "--eval-seed", "1"),
+        "about a minute",
+    ),
+}
 LOG = "worker.log"
 SOCKET = "worker.sock"
 
@@ -421,21 +438,23 @@ class ProcessBackend:
         return True, f"{self.python}: torch {version} ({build})"
 
     def provide_model(self, name: str, models_dir: Path) -> Path:
-        """Train the built-in demo bundles (``demo-shapes`` and its embedding model
-        ``demo-shapes-embed``) into ``models_dir`` with the worker interpreter (about a
-        minute on two cores; once per models directory). Each appears whole or not at all."""
-        if name not in BUILTIN_MODELS:
+        """Make a built-in bundle and its companion in ``models_dir`` with the worker
+        interpreter: ``general`` and ``general-embed`` exported from the weights package,
+        or ``demo-shapes`` and ``demo-shapes-embed`` trained (once per models directory).
+        Each appears whole or not at all."""
+        pair = next((models for models in BUILTIN_MODELS if name in models), None)
+        if pair is None:
             raise ImageBuildError(f"model {name!r} is not built in; put its bundle in {models_dir}")
+        command, duration = BUILTIN_MODELS[pair]
         models_dir.mkdir(parents=True, exist_ok=True)
-        partial = {model: models_dir / f".{model}.partial" for model in BUILTIN_MODELS}
+        partial = {model: models_dir / f".{model}.partial" for model in pair}
         for path in partial.values():
             shutil.rmtree(path, ignore_errors=True)
-        log.info("training the demo models into %s with %s (about a minute)", models_dir, self.python)
-        classify, embed = (str(partial[model]) for model in BUILTIN_MODELS)
-        train = ["-m", "wanwu_worker.demo.train", "--out", classify, "--embed-out", embed, "--seed", "0"]
+        log.info("making %s in %s with %s (%s)", " and ".join(pair), models_dir, self.python, duration)
+        classify, embed = (str(partial[model]) for model in pair)
         try:
             result = subprocess.run(
-                [self.python, *train, "--eval-seed", "1"],
+                [self.python, *command, "--out", classify, "--embed-out", embed],
                 env=self._base_environment(),
                 capture_output=True,
                 text=True,
@@ -449,7 +468,7 @@ class ProcessBackend:
         if failure is not None:
             for path in partial.values():
                 shutil.rmtree(path, ignore_errors=True)
-            raise ImageBuildError(f"training the demo models with {self.python} failed:\n{failure}")
+            raise ImageBuildError(f"making {' and '.join(pair)} with {self.python} failed:\n{failure}")
         for model, path in partial.items():
             target = models_dir / model
             if target.exists():  # one of the two was there already: keep it
@@ -460,6 +479,23 @@ class ProcessBackend:
 
     def stem_problem(self, models_dir: Path) -> str | None:
         return None  # workers run as the gateway's user: they read what it reads
+
+    def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
+        """Run the bundle builder with the worker interpreter."""
+        try:
+            result = subprocess.run(
+                [self.python, *BUILDER, *arguments],
+                env=self._base_environment(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImageBuildError(f"building a bundle with {self.python} failed: {exc}") from exc
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:]) or f"exit status {result.returncode}"
+            raise ImageBuildError(f"building a bundle with {self.python} failed:\n{tail}")
 
     def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
         """Run the worker's ``check`` with the worker interpreter, with a CPU worker's

@@ -1,5 +1,6 @@
-"""`make run` in a fresh copy of the tree sets itself up, serves the demo model on
-127.0.0.1:8080 and answers a curl."""
+"""`make run` in a fresh copy of the tree sets itself up, serves the general model on
+127.0.0.1:8080 and answers a curl of a real photo in Chinese: the cat is a cat (猫), the
+coffee is espresso or a cup."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import pytest
 
 from scheduler.backends.docker import POOL_LABEL
 from tests.gatewayproc import ROOT, stop, wait_ready
-from tests.images import demo_images
+from tests.photos import PHOTOS
 
 pytestmark = pytest.mark.docker
+
+LABELS = ROOT / "worker_image" / "wanwu_worker" / "general"
+ZH, EN = ((LABELS / f"labels_{lang}.txt").read_text(encoding="utf-8").splitlines() for lang in ("zh", "en"))
 
 
 def tracked_and_new_files() -> list[str]:
@@ -50,16 +54,21 @@ def test_make_run_from_a_fresh_tree_answers_curl(tmp_path: Path, docker_client: 
         )
     try:
         wait_ready("http://127.0.0.1:8080", process, log, timeout=600)
-        label, data = next(iter(demo_images(seed=8080).items()))
-        picture = tmp_path / "a.png"
-        picture.write_bytes(data)
-        curl = subprocess.run(
-            ["curl", "-sS", "-F", f"image=@{picture}", "http://127.0.0.1:8080/predict"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        assert json.loads(curl.stdout)["result"] == label
+        english = dict(zip(ZH, EN, strict=True))
+        for name, classes, group in (
+            ("chelsea.png", {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}, "猫"),
+            ("coffee.png", {"espresso", "cup", "coffee mug"}, "食物"),
+        ):
+            curl = subprocess.run(
+                ["curl", "-sS", "-F", f"image=@{PHOTOS / name}", "http://127.0.0.1:8080/predict"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            answer = json.loads(curl.stdout)
+            assert answer["model"] == "general", answer
+            assert english[answer["result"]] in classes, answer
+            assert answer["groups"][0]["label"] == group, answer
     finally:
         # make runs wanwu in its own process group: signal the whole group.
         if process.poll() is None:

@@ -83,6 +83,10 @@ class FakeConnection:
             raise WorkerRejected("not an image", 400, "not_an_image", self.worker_id)
         if self.model.startswith("embed"):
             return WorkerAnswer([], {"inference": 1.0, "total": 2.0}, 2.5, fake_embedding(image))
+        fixed = self.backend.answers.get(self.model)
+        if fixed is not None:
+            extra = {**{key: value for key, value in fixed.items() if key != "predictions"}, **fake_scores(scores)}
+            return WorkerAnswer(fixed["predictions"][:top_k], {"inference": 1.0, "total": 2.0}, 2.5, extra)
         return WorkerAnswer(
             [{"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0}],
             {"inference": 1.0, "total": 2.0},
@@ -110,6 +114,8 @@ class FakeConnection:
             if image == b"bad"
             else fake_embedding(image)
             if self.model.startswith("embed")
+            else {**self.backend.answers[self.model], **fake_scores(scores)}
+            if self.model in self.backend.answers
             else {
                 "predictions": [
                     {"label": f"{self.model}:{image.decode(errors='replace')}", "score": 1.0},
@@ -145,6 +151,8 @@ class FakeBackend:
         self.on_stop: Callable[[str], None] | None = None
         self.on_spawn: Callable[[SpawnRequest], None] | None = None
         self.on_batch: Callable[[str, list[bytes]], None] | None = None  # called as a batch call starts
+        # A model's fixed answer for every image (predictions, groups), in place of the default.
+        self.answers: dict[str, dict[str, Any]] = {}
         self.connections: dict[str, FakeConnection] = {}
         self.loads: list[tuple[str, str]] = []  # (stem cell, model) loads asked for
         self.checked: list[tuple[Path, str | None]] = []  # bundle checks asked for

@@ -244,3 +244,51 @@ def test_each_format_names_its_model_file(bundle_dir: Path, fmt: str, file: str)
         (bundle_dir / file).write_bytes(b"")  # presence is checked here, loading by the runtime
     bundle = load_bundle(bundle_dir)
     assert bundle.model_file == bundle_dir / file and bundle.format == fmt
+
+
+def test_groups_threshold_and_translations_are_read(bundle_dir: Path) -> None:
+    groups = {"红": ["红色圆形", "红色方形"], "绿": ["绿色圆形"]}
+    english = ["red circle", "red square", "green circle", "green square", "blue circle", "blue square"]
+    (bundle_dir / "labels_en.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
+    translations = {"en": {"labels": "labels_en.txt", "groups": {"红": "red", "绿": "green"}}}
+    edit_json(
+        bundle_dir,
+        lambda c: c.update(groups=groups, confidence_threshold=0.4, translations=translations, language="zh"),
+    )
+    bundle = load_bundle(bundle_dir)
+    assert bundle.groups == {"红": ("红色圆形", "红色方形"), "绿": ("绿色圆形",)}
+    assert bundle.subsets["红"] == ("红色圆形", "红色方形")  # a group is a subset too
+    assert bundle.confidence_threshold == 0.4 and bundle.language == "zh"
+    assert bundle.translations["en"].labels[1] == "red square" and bundle.translations["en"].groups["绿"] == "green"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"groups": {"红": ["红色圆形"], "圆": ["红色圆形"]}},
+            r"'groups\.圆' has label '红色圆形', which is already in group '红'",
+        ),
+        ({"groups": {"红": ["紫色圆形"]}}, r"'groups\.红' has label '紫色圆形', which is not in the labels file"),
+        ({"groups": {"红,绿": ["红色圆形"]}}, r"'groups' has a group named '红,绿'"),
+        ({"groups": {"红": []}}, r"'groups\.红' expected a non-empty list"),
+        ({"confidence_threshold": 1.5}, r"'confidence_threshold' is 1\.5; expected a number from 0 to 1"),
+        ({"language": "中文"}, r"'language' is '中文'; expected a language code"),
+        ({"translations": {"en": {"labels": "../labels.txt"}}}, r"'translations\.en\.labels' is '\.\./labels\.txt'"),
+        (
+            {"translations": {"en": {"labels": "labels.txt", "groups": {}}}, "groups": {"红": ["红色圆形"]}},
+            r"has no name for group '红'",
+        ),
+    ],
+)
+def test_bad_groups_and_translations_are_named(bundle_dir: Path, change: dict[str, object], message: str) -> None:
+    edit_json(bundle_dir, lambda c: c.update(change))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
+def test_a_translation_must_have_a_label_per_class(bundle_dir: Path) -> None:
+    (bundle_dir / "labels_en.txt").write_text("red circle\nred square\n", encoding="utf-8")
+    edit_json(bundle_dir, lambda c: c.update(translations={"en": {"labels": "labels_en.txt"}}))
+    with pytest.raises(BundleError, match=r"labels_en\.txt: has 2 labels; the labels file has 6"):
+        load_bundle(bundle_dir)

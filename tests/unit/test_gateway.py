@@ -20,6 +20,8 @@ from tests.images import demo_images, encode, png_header_only, truncated_png
 from tests.promtext import metric
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
+DEMO = "demo-shapes"  # the models these tests make; the gateway's own default is the general model
+
 
 @pytest.fixture
 def backend() -> FakeBackend:
@@ -31,7 +33,9 @@ def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
     make_bundle(tmp_path, "demo-shapes")
     make_bundle(tmp_path, "other")
     clock = FakeClock()
-    settings = Settings(models_dir=tmp_path, max_workers=1, queue_timeout_s=2, max_upload_mb=1, stem_cells=0)
+    settings = Settings(
+        models_dir=tmp_path, max_workers=1, queue_timeout_s=2, max_upload_mb=1, stem_cells=0, default_model=DEMO
+    )
     pool = WarmPool(
         backend, ModelCatalog(tmp_path, clock=clock), settings, clock=clock, gpu=GpuMonitor(()), executor=INLINE
     )
@@ -162,7 +166,7 @@ def test_results_are_cached_by_content(client: FlaskClient, backend: FakeBackend
 
 def test_cache_can_be_turned_off(tmp_path: Path, backend: FakeBackend) -> None:
     make_bundle(tmp_path, "demo-shapes")
-    settings = Settings(models_dir=tmp_path, cache_enabled=False)
+    settings = Settings(models_dir=tmp_path, cache_enabled=False, default_model=DEMO)
     pool = WarmPool(backend, ModelCatalog(tmp_path), settings, gpu=GpuMonitor(()), executor=INLINE)
     client = create_app(settings, pool).test_client()
     assert post(client).get_json()["cached"] is False
@@ -184,7 +188,7 @@ def test_models_pool_health_and_readiness(client: FlaskClient) -> None:
 
 def test_readiness_fails_without_the_default_model(tmp_path: Path, backend: FakeBackend) -> None:
     make_bundle(tmp_path, "other")
-    settings = Settings(models_dir=tmp_path)
+    settings = Settings(models_dir=tmp_path, default_model=DEMO)
     pool = WarmPool(backend, ModelCatalog(tmp_path), settings, gpu=GpuMonitor(()), executor=INLINE)
     ready = create_app(settings, pool).test_client().get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["checks"]["model"]["ok"] is False
@@ -229,7 +233,7 @@ def test_the_json_access_log_has_a_line_per_request(tmp_path: Path, backend: Fak
     make_bundle(tmp_path / "m", "demo-shapes")
     journal = tmp_path / "logs" / "access.jsonl"
     clock = FakeClock()
-    settings = Settings(models_dir=tmp_path / "m", access_log=str(journal))
+    settings = Settings(models_dir=tmp_path / "m", access_log=str(journal), default_model=DEMO)
     pool = WarmPool(backend, ModelCatalog(tmp_path / "m", clock=clock), settings, clock, GpuMonitor(()), INLINE)
     client = create_app(settings, pool, {"TESTING": True}).test_client()
     post(client)

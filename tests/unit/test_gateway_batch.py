@@ -35,6 +35,7 @@ def app(tmp_path: Path, backend: FakeBackend) -> Iterator[Flask]:
         max_batch_images=8,
         max_batch_upload_mb=2,
         stem_cells=0,
+        default_model="demo-shapes",
     )
     with fake_gateway(backend, settings) as app:
         yield app

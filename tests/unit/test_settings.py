@@ -13,7 +13,7 @@ from scheduler.settings import Settings
 def test_defaults_match_the_design() -> None:
     s = Settings.load(environ={})
     assert (s.max_workers, s.idle_ttl_s, s.gpu_high_watermark, s.gpu_low_watermark) == (2, 30.0, 0.90, 0.80)
-    assert (s.max_upload_mb, s.default_model, s.gpus, s.worker_image) == (20.0, "demo-shapes", (), "wanwu-worker:cpu")
+    assert (s.max_upload_mb, s.default_model, s.gpus, s.worker_image) == (20.0, "general", (), "wanwu-worker:cpu")
     assert s.keepalive == "adaptive"  # it beat fixed TTLs on both traces we have (README, Tuning)
 
 

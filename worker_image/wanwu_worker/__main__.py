@@ -120,6 +120,9 @@ def run_predict(predictor: Predictor, files: list[str], top_k: int) -> int:
         names = files[start : start + size]
         for name, answer in zip(names, _predict_files(predictor, names, top_k), strict=True):
             failed += "error" in answer
+            threshold = predictor.bundle.confidence_threshold
+            if threshold is not None and answer.get("predictions"):
+                answer["confident"] = answer["predictions"][0]["score"] >= threshold
             print(json.dumps({"file": name, **answer}, ensure_ascii=False), flush=True)
     return 1 if failed else 0
 

@@ -28,12 +28,25 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Translation:
+    """A bundle's labels (in class order) and group names in another language."""
+
+    labels: tuple[str, ...]
+    groups: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A validated model bundle. ``input_size`` is (channels, height, width). ``labels``
     is empty for an embed bundle without a labels file; ``subsets`` (classify only) names
     lists of labels a request may score over; ``embedding_dim`` (embed only, optional) is
     the width the model's output must have; ``cpu_fallback`` lets the scheduler serve the
-    model on a CPU worker when no GPU has room."""
+    model on a CPU worker when no GPU has room. ``groups`` (classify) are disjoint sets
+    of labels whose probabilities add up to a coarse class (狗 for every dog breed); each
+    group is also a subset of that name unless ``subsets`` names one so.
+    ``confidence_threshold``: an answer whose top score is below it is not confident.
+    ``translations``: language code to the labels and group names in that language;
+    ``language``: the code of labels.txt's own language."""
 
     path: Path
     name: str
@@ -52,6 +65,10 @@ class Bundle:
     subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cpu_fallback: bool = False
     embedding_dim: int | None = None
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    confidence_threshold: float | None = None
+    translations: dict[str, Translation] = field(default_factory=dict)
+    language: str | None = None  # the language of labels.txt and the group names, if said
 
     @property
     def model_file(self) -> Path:
@@ -177,6 +194,89 @@ def _embedding_dim(cfg: dict[str, Any], meta: Path, task: str) -> int | None:
     return _pos_int(value, meta, "embedding_dim")
 
 
+def _groups(cfg: dict[str, Any], meta: Path, task: str, labels: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """'groups': named, non-empty, disjoint lists of labels from the labels file."""
+    value = cfg.get("groups")
+    if value is None:
+        return {}
+    if task != "classify":
+        raise _err(meta, "groups", f"is only for task classify; this bundle's task is {task}")
+    if not isinstance(value, dict):
+        raise _err(meta, "groups", "expected an object of group name to a list of labels")
+    known = set(labels)
+    owner: dict[str, str] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, members in value.items():
+        where = f"groups.{name}"
+        if not name.strip() or any(c in name for c in ",;"):
+            raise _err(meta, "groups", f"has a group named {name!r}; expected a non-empty name without , or ;")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise _err(meta, where, "expected a non-empty list of labels")
+        for label in members:
+            if label not in known:
+                raise _err(meta, where, f"has label {label!r}, which is not in the labels file")
+            if label in owner:
+                raise _err(meta, where, f"has label {label!r}, which is already in group {owner[label]!r}")
+            owner[label] = name
+        groups[name] = tuple(members)
+    return groups
+
+
+def _threshold(cfg: dict[str, Any], meta: Path, task: str) -> float | None:
+    value = cfg.get("confidence_threshold")
+    if value is None:
+        return None
+    if task != "classify":
+        raise _err(meta, "confidence_threshold", f"is only for task classify; this bundle's task is {task}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _err(meta, "confidence_threshold", f"is {value!r}; expected a number from 0 to 1")
+    return float(value)
+
+
+def _language_code(value: Any) -> bool:
+    return isinstance(value, str) and value.isascii() and value.replace("-", "").isalnum() and len(value) <= 16
+
+
+def _language(cfg: dict[str, Any], meta: Path) -> str | None:
+    value = cfg.get("language")
+    if value is not None and not _language_code(value):
+        raise _err(meta, "language", f"is {value!r}; expected a language code such as zh or en")
+    return value
+
+
+def _translations(
+    cfg: dict[str, Any], root: Path, meta: Path, labels: tuple[str, ...], groups: dict[str, tuple[str, ...]]
+) -> dict[str, Translation]:
+    """'translations': {"en": {"labels": FILE, "groups": {group: name}}}: one label per
+    class in the same order, and a name for every group."""
+    value = cfg.get("translations")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _err(meta, "translations", "expected an object of language code to its labels file and group names")
+    translations: dict[str, Translation] = {}
+    for lang, entry in value.items():
+        where = f"translations.{lang}"
+        if not _language_code(lang):
+            raise _err(meta, "translations", f"has language {lang!r}; expected a code such as en or zh-Hant")
+        if not isinstance(entry, dict):
+            raise _err(meta, where, "expected an object with 'labels' and 'groups'")
+        name = entry.get("labels")
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise _err(meta, f"{where}.labels", f"is {name!r}; expected a file name inside the bundle")
+        translated = read_labels(root / name)
+        if len(translated) != len(labels):
+            raise BundleError(f"{root / name}: has {len(translated)} labels; the labels file has {len(labels)}")
+        names = entry.get("groups", {})
+        if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
+            raise _err(meta, f"{where}.groups", "expected an object of group name to its translation")
+        missing = [group for group in groups if group not in names]
+        if missing:
+            raise _err(meta, f"{where}.groups", f"has no name for group {missing[0]!r}")
+        translations[lang] = Translation(translated, {group: names[group] for group in groups})
+    return translations
+
+
 def read_labels(path: Path) -> tuple[str, ...]:
     """Read a labels file: UTF-8, one non-empty label per line, no duplicates."""
     try:
@@ -232,6 +332,8 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise _err(meta, "gpu_memory_mb", f"is {gpu_mb!r}; expected an integer >= 0")
 
     labels = _labels(cfg, root, meta, task)
+    groups = _groups(cfg, meta, task, labels)
+    subsets = {**groups, **_subsets(cfg, meta, task, labels)}
     bundle = Bundle(
         path=root,
         name=name,
@@ -247,9 +349,13 @@ def load_bundle(directory: str | Path) -> Bundle:
         gpu_memory_mb=gpu_mb,
         idle_ttl_s=_optional_positive(cfg, meta, "idle_ttl_s"),
         batching=_batching(cfg, meta),
-        subsets=_subsets(cfg, meta, task, labels),
+        subsets=subsets,
         cpu_fallback=_flag(cfg, meta, "cpu_fallback"),
         embedding_dim=_embedding_dim(cfg, meta, task),
+        groups=groups,
+        confidence_threshold=_threshold(cfg, meta, task),
+        translations=_translations(cfg, root, meta, labels, groups),
+        language=_language(cfg, meta),
     )
     if not bundle.model_file.is_file():
         raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")

@@ -25,6 +25,7 @@ from .runtimes import Model, check_batch, load_model, providers
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1000
+TOP_GROUPS = 3  # coarse groups an answer carries, best first
 MAX_PREPROCESS_THREADS = 4
 
 
@@ -145,6 +146,8 @@ class Predictor:
         self._std = torch.tensor(bundle.std, device=self.device)
         self._lock = threading.Lock()
         self._columns_by_label = {label: i for i, label in enumerate(bundle.labels)}
+        self._group_names = tuple(bundle.groups)
+        self._group_matrix = self._membership() if bundle.groups else None
         self.preprocess_threads = preprocess_threads or default_preprocess_threads()
         self._pool = ThreadPoolExecutor(self.preprocess_threads, thread_name_prefix="wanwu-preprocess")
         self.requests = 0  # images answered
@@ -188,6 +191,15 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return width
+
+    def _membership(self) -> torch.Tensor:
+        """(classes, groups): 1 where a class belongs to a group, so probabilities times
+        it are the groups' scores (the sum of their members')."""
+        matrix = torch.zeros((len(self.bundle.labels), len(self._group_names)))
+        for column, members in enumerate(self.bundle.groups.values()):
+            for label in members:
+                matrix[self._columns_by_label[label], column] = 1.0
+        return matrix.to(self.device)
 
     @property
     def max_batch_size(self) -> int:
@@ -349,6 +361,7 @@ class Predictor:
         embed = self.bundle.task == "embed"
         k = min(top_k, len(self.bundle.labels))
         logits: list[list[float]] | None = None
+        groups: tuple[list[list[float]], list[list[int]]] | None = None
         with self._lock:
             started = time.perf_counter()
             try:
@@ -363,10 +376,15 @@ class Predictor:
                     if embed:
                         values = torch.nn.functional.normalize(out, dim=1).tolist()
                     else:
-                        top = torch.topk(torch.softmax(out, dim=1), k, dim=1)
+                        probabilities = torch.softmax(out, dim=1)
+                        top = torch.topk(probabilities, k, dim=1)
                         values, indices = top.values.tolist(), top.indices.tolist()
                         if columns is not None:
                             logits = out[:, columns].tolist()
+                        if self._group_matrix is not None:
+                            scores = probabilities @ self._group_matrix
+                            best = torch.topk(scores, min(TOP_GROUPS, scores.shape[1]), dim=1)
+                            groups = (best.values.tolist(), best.indices.tolist())
             except Exception as exc:
                 log.exception("inference failed for model %s", self.bundle.name)
                 raise InferenceError(f"model {self.bundle.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -382,4 +400,8 @@ class Predictor:
         if logits is not None:
             for answer, row in zip(answers, logits, strict=True):
                 answer["logits"] = row
+        if groups is not None:
+            names = self._group_names
+            for answer, gvs, gix in zip(answers, *groups, strict=True):
+                answer["groups"] = [{"label": names[i], "score": round(v, 6)} for v, i in zip(gvs, gix, strict=True)]
         return answers, inference_ms
