@@ -44,6 +44,9 @@ class Swarm:
         """Deploy (or update) the stack with ``settings`` (WANWU_* without the prefix);
         wait until the new gateway answers /readyz for its pool id."""
         self.pool_id = "sw" + uuid.uuid4().hex[:6]
+        # The demo model: these tests are about placement and failures across nodes, and
+        # its 2 ms answers keep the three-node test swarm quick.
+        settings.setdefault("default_model", "demo-shapes")
         env = {
             **os.environ,
             "WANWU_MODELS_DIR": str(self.models),

@@ -375,6 +375,85 @@ def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, col
     return out
 
 
+GENERAL_FORMATS = ("onnx", "torchscript", "export")
+
+
+def _container_memory_mb(client: docker.DockerClient, pool_id: str, model: str) -> float:
+    """Memory (less page cache) of the pool's one worker of ``model``."""
+    filters = {"label": [f"wanwu.pool={pool_id}", f"wanwu.model={model}"]}
+    (row,) = client.api.containers(filters=filters)
+    memory = client.api.stats(row["Id"], stream=False).get("memory_stats", {})
+    cache = memory.get("stats", {}).get("inactive_file", 0) or memory.get("stats", {}).get("cache", 0)
+    return round((memory.get("usage", 0) - cache) / 2**20, 1)
+
+
+def general_formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_n: int) -> dict[str, Any]:
+    """The general model (EfficientNet-Lite0) in each format, each made by ``wanwu bundle
+    create --pretrained`` in the worker image: stem-cell cold starts (load, warm-up,
+    first answer), warm requests of a real photo through one pool, and the loaded
+    worker's memory, format after format on the same pool. How the default format was
+    chosen: lowest stem-cell cold start, then warm p50, then memory."""
+    from gateway.bundles import create_pretrained
+    from tests.photos import photo
+
+    models = workdir / "general-formats"
+    models.mkdir(parents=True)
+    models.chmod(0o755)
+    sockets = Path(tempfile.mkdtemp(prefix="wbg-", dir="/tmp"))
+    config = Settings(
+        models_dir=models, socket_dir=sockets, pool_id="benchgen", worker_image=IMAGE, max_workers=2, stem_cells=1
+    )
+    out: dict[str, Any] = {"stem_starts": cold_n, "warm_requests": warm_n, "photo": "chelsea.png"}
+    backend = build_backend(config)
+    try:
+        for fmt in GENERAL_FORMATS:
+            print(f"general model as {fmt}: bundle create --pretrained ...", file=sys.stderr)
+            started = time.perf_counter()
+            report = create_pretrained(f"general-{fmt}", models / f"general-{fmt}", backend, None, fmt=fmt)
+            out[fmt] = {
+                "bundle_create_s": round(time.perf_counter() - started, 1),
+                "model_file_mb": round(
+                    sum(p.stat().st_size for p in (models / f"general-{fmt}").glob("model.*")) / 2**20, 1
+                ),
+                "check": {key: report[key] for key in ("load_ms", "warmup_ms", "first_ms", "peak_rss_mb")},
+            }
+    finally:
+        backend.close()
+    image = photo("chelsea.png")
+    pool = WarmPool(build_backend(config), ModelCatalog(models), config, clock=MonotonicClock())
+    pool.start(background=False)
+    try:
+        for fmt in GENERAL_FORMATS:
+            name = f"general-{fmt}"
+            print(f"general model as {fmt}: stem-cell starts and warm requests ...", file=sys.stderr)
+            rows = [
+                {"total": total, "load": t["spawn_load"], "warmup": t["spawn_warmup"], "first": t["round_trip"]}
+                for total, t in stem_starts(pool, cold_n, name, image)
+            ]
+            until(lambda: stem_ready(pool), "ready stem cell")
+            for _ in range(20):
+                pool.predict(name, image)
+            warm = []
+            for _ in range(warm_n):
+                started = time.perf_counter()
+                pool.predict(name, image)
+                warm.append((time.perf_counter() - started) * 1000)
+            out[fmt]["stem_start_ms"] = {key: summary([r[key] for r in rows]) for key in rows[0]}
+            out[fmt]["warm_pool_ms"] = summary(warm)
+            out[fmt]["worker_memory_mb"] = _container_memory_mb(client, "benchgen", name)
+            pool.reap(now=pool.clock.now() + 10**6)
+            until(lambda n=name: all(w.model != n for w in pool.snapshot().workers), "stopped worker")  # type: ignore[misc]
+    finally:
+        pool.shutdown(grace_s=1)
+        shutil.rmtree(sockets, ignore_errors=True)
+    for fmt in GENERAL_FORMATS[1:]:
+        for key, path in (("stem_start", ("stem_start_ms", "total")), ("warm", ("warm_pool_ms",))):
+            out[f"ratio_{fmt}_to_onnx_{key}_p50"] = round(
+                _dig(out[fmt], path)["p50"] / _dig(out["onnx"], path)["p50"], 2
+            )
+    return out
+
+
 def _dig(values: dict[str, Any], path: tuple[str, ...]) -> dict[str, float]:
     for key in path:
         values = values[key]
@@ -482,19 +561,21 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> N
         time.sleep(0.01)
 
 
-def stem_starts(pool: WarmPool, count: int) -> Iterator[tuple[float, dict[str, float]]]:
+def stem_starts(
+    pool: WarmPool, count: int, model: str = MODEL, image: bytes | None = None
+) -> Iterator[tuple[float, dict[str, float]]]:
     """``count`` requests each served by a ready stem cell: (total ms, the answer's
     timings); after each, the loaded worker is stopped and a fresh stem cell awaited."""
-    image = bench_image()
+    image = image or bench_image()
     for _ in range(count):
         until(lambda: stem_ready(pool), "ready stem cell")
         started = time.perf_counter()
-        answer = pool.predict(MODEL, image)
+        answer = pool.predict(model, image)
         total = (time.perf_counter() - started) * 1000
         assert answer.start == "stem", answer.start
         yield total, answer.timing_ms
         pool.reap(now=pool.clock.now() + 10**6)  # the loaded worker goes idle "forever": stop it
-        until(lambda: all(w.model != MODEL for w in pool.snapshot().workers), "stopped worker")
+        until(lambda: all(w.model != model for w in pool.snapshot().workers), "stopped worker")
 
 
 def stem_start(workdir: Path, count: int, client: docker.DockerClient) -> dict[str, Any]:
@@ -995,6 +1076,30 @@ def table(results: dict[str, Any]) -> str:
         )
         row("embed / predict over HTTP p50", f"{pair(fm['embed_http_ms'])} / {pair(fm['predict_http_ms'])}")
         row("worker image", f"{fm['image_gb']} GB")
+    gf = results.get("general_formats")
+    if gf:
+        lines.append(
+            f"the general model by format ({gf['stem_starts']} stem-cell starts, {gf['warm_requests']} warm requests "
+            f"of {gf['photo']} each, ms)"
+        )
+        row("", " | ".join(GENERAL_FORMATS))
+        row("model file MB", " | ".join(str(gf[f]["model_file_mb"]) for f in GENERAL_FORMATS))
+        for name, path in (
+            ("stem-cell cold start p50", ("stem_start_ms", "total")),
+            ("  load p50", ("stem_start_ms", "load")),
+            ("  warm-up p50", ("stem_start_ms", "warmup")),
+            ("  first answer p50", ("stem_start_ms", "first")),
+            ("warm, pool to worker p50", ("warm_pool_ms",)),
+        ):
+            row(name, " | ".join(str(_dig(gf[f], path)["p50"]) for f in GENERAL_FORMATS))
+        row("loaded worker memory MB", " | ".join(str(gf[f]["worker_memory_mb"]) for f in GENERAL_FORMATS))
+        row(
+            "ratio to onnx p50: stem start, warm",
+            "; ".join(
+                f"{f} {gf[f'ratio_{f}_to_onnx_stem_start_p50']}x, {gf[f'ratio_{f}_to_onnx_warm_p50']}x"
+                for f in GENERAL_FORMATS[1:]
+            ),
+        )
     sim = results.get("simulator")
     if sim:
         lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
@@ -1009,10 +1114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,backfill,backends,formats,swarm",
+        default="simulator,core,backfill,backends,formats,general,swarm",
         help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill, "
         "backends (cold starts and warm path, Docker against local processes), formats (TorchScript, torch.export "
-        "and ONNX; embed against predict), swarm (the swarm backend on a three-node test swarm against local Docker)",
+        "and ONNX; embed against predict), general (the general model in each format: stem-cell "
+        "cold start, warm path, memory), swarm (the swarm backend on a three-node test swarm against local Docker)",
     )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -1061,6 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
             results["backends"] = backends_section(workdir, client, warm_n, cold_n)
         if "formats" in sections:
             results["formats"] = formats_section(workdir, client, warm_n, min(cold_n, 10))
+        if "general" in sections:
+            results["general_formats"] = general_formats_section(workdir, client, warm_n, min(cold_n, 10))
         if "swarm" in sections:
             results["swarm"] = swarm_section(workdir, client, warm_n, min(cold_n, 10))
     args.out.mkdir(parents=True, exist_ok=True)

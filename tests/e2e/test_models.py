@@ -100,7 +100,14 @@ def test_a_model_with_cpu_fallback_is_served_on_the_cpu_when_no_gpu_has_room(
     (fallback / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     fake = {"PYTHONPATH": str(ROOT / "tests" / "gpu_check" / "fake_nvml"), "WANWU_GPU_CHECK_FAKE_NVML": str(state)}
     with running_gateway(
-        tmp_path / "gw", docker_client, fake, gpus="0", stem_cells="0", max_workers="2", queue_timeout_s="3"
+        tmp_path / "gw",
+        docker_client,
+        fake,
+        gpus="0",
+        stem_cells="0",
+        max_workers="2",
+        queue_timeout_s="3",
+        default_model="demo-shapes",
     ) as gw:
         data = demo_images(seed=51)["绿色方形"]
         answer = post(gw, "/v1/models/demo-fallback/predict", data)

@@ -177,3 +177,43 @@ def test_a_stem_cell_becomes_the_general_model(docker_client: docker.DockerClien
         assert answer["cold_start"] is True and answer["start"] == "stem"
         check("chelsea.png", answer)
         check("coffee.png", predict(gateway, photo("coffee.png"), "coffee.png"))
+
+
+def _variants() -> dict[str, bytes]:
+    """The cat as clients send it in odd shapes: every colour mode, animated, a 48 MP
+    phone JPEG, and a strip 20000 pixels long."""
+    import io
+
+    from PIL import Image
+
+    cat = Image.open(io.BytesIO(photo("chelsea.png"))).convert("RGB")
+
+    def save(image: Image.Image, fmt: str, **params: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **params)
+        return buffer.getvalue()
+
+    frames = [cat, cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    return {
+        "greyscale.png": save(cat.convert("L"), "PNG"),
+        "cmyk.jpg": save(cat.convert("CMYK"), "JPEG"),
+        "16-bit.png": save(cat.convert("L").point(lambda v: v * 257, "I").convert("I;16"), "PNG"),
+        "palette.png": save(cat.quantize(64), "PNG"),
+        "animated.gif": save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": save(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "phone-48mp.jpg": save(cat.resize((8000, 6000)), "JPEG", quality=85),
+        "strip.png": save(Image.new("RGB", (1, 20000), (120, 90, 60)), "PNG"),
+    }
+
+
+def test_odd_shapes_get_an_answer_or_a_clear_4xx_and_the_worker_lives(general: Gateway) -> None:
+    for name, data in _variants().items():
+        response = requests.post(f"{general.url}/predict", files={"image": (name, data)}, timeout=TIMEOUT)
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (name, response.text)
+        if response.status_code != 200:
+            assert response.json()["error"]["code"], name
+        elif name != "strip.png":  # the strip is a brown line: any answer will do
+            assert response.json()["groups"][0]["label"] == "猫", (name, response.json()["groups"])
+    workers = requests.get(general.url + "/v1/pool", timeout=10).json()["workers"]
+    assert all(w["state"] != "dead" for w in workers)
+    check("coffee.png", predict(general, photo("coffee.png"), "coffee.png"))

@@ -12,6 +12,7 @@ from scheduler.errors import WorkerRejected
 from scheduler.worker_client import WorkerClient
 from tests.dockerutil import IMAGE, Containers
 from tests.images import demo_images, png_header_only, truncated_png
+from tests.photos import photo
 
 pytestmark = pytest.mark.docker
 
@@ -63,12 +64,28 @@ def test_predict_classifies_each_demo_class(containers: Containers, tmp_path: Pa
     assert lines[-1]["error"]["code"] == "unreadable"
 
 
-def test_predict_without_mounted_model_uses_the_built_in_demo(containers: Containers) -> None:
+def test_predict_without_mounted_model_uses_the_general_model(containers: Containers) -> None:
+    """The image's one-shot predict answers a real photo with the built-in general model,
+    in Chinese, with its groups: the cat is a cat, the coffee espresso or a cup."""
     inbox = containers.root / "in-builtin"
+    inbox.mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        (inbox / name).write_bytes(photo(name))
+    volumes = {str(inbox): {"bind": "/in", "mode": "ro"}}
+    out = containers.run_once(IMAGE, ["predict", "/in/chelsea.png", "/in/coffee.png"], volumes=volumes)
+    cat, coffee = (json.loads(line) for line in out.splitlines())
+    assert cat["predictions"][0]["label"] in {"虎斑猫", "虎纹猫", "波斯猫", "暹罗猫", "埃及猫"}, cat
+    assert cat["groups"][0]["label"] == "猫" and cat["confident"] is True
+    assert coffee["predictions"][0]["label"] in {"意大利浓咖啡", "杯子", "咖啡杯"}, coffee
+
+
+def test_the_demo_model_stays_in_the_image_by_name(containers: Containers) -> None:
+    inbox = containers.root / "in-demo"
     inbox.mkdir()
     label, data = next(iter(demo_images(seed=5).items()))
     (inbox / "a.png").write_bytes(data)
-    out = containers.run_once(IMAGE, ["predict", "/in/a.png"], volumes={str(inbox): {"bind": "/in", "mode": "ro"}})
+    command = ["--model", "/opt/wanwu/models/demo-shapes", "predict", "/in/a.png"]
+    out = containers.run_once(IMAGE, command, volumes={str(inbox): {"bind": "/in", "mode": "ro"}})
     assert json.loads(out)["predictions"][0]["label"] == label
 
 
