@@ -3,14 +3,17 @@
 # (tests/e2e/test_dashboard.py drives /usr/bin/chromium through Playwright; Playwright's
 # own browser download is not used). Idempotent and quiet: nothing to do, nothing said.
 #
-# 1. /usr/bin/chromium and chromedriver are there: exit 0.
+# A CJK font comes along (fonts-wqy-microhei), so the Chinese labels in the tests'
+# screenshots are characters rather than empty boxes.
+#
+# 1. /usr/bin/chromium, chromedriver and the font are there: exit 0.
 # 2. Root with apt-get: install them (apt-get update once if the packages are unknown).
 # 3. Anything else: say what to run and exit 1.
 set -euo pipefail
 
 log() { printf 'ensure-browser: %s\n' "$*" >&2; }
 
-if [ -x /usr/bin/chromium ] && command -v chromedriver >/dev/null 2>&1; then
+if [ -x /usr/bin/chromium ] && command -v chromedriver >/dev/null 2>&1 && [ -d /usr/share/fonts/truetype/wqy ]; then
   exit 0
 fi
 
@@ -28,8 +31,8 @@ export DEBIAN_FRONTEND=noninteractive
 if ! apt-cache show chromium >/dev/null 2>&1; then
   apt-get update -qq
 fi
-log "installing chromium and chromium-driver with apt-get"
-if ! apt-get install -y -qq chromium chromium-driver >/tmp/ensure-browser.log 2>&1; then
+log "installing chromium, chromium-driver and fonts-wqy-microhei with apt-get"
+if ! apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/tmp/ensure-browser.log 2>&1; then
   log "apt-get install failed; the last lines of /tmp/ensure-browser.log:"
   tail -n 20 /tmp/ensure-browser.log >&2
   exit 1

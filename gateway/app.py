@@ -281,6 +281,7 @@ def _register(app: Flask) -> None:
                 "labels": list(m.labels),
                 "subsets": {name: list(labels) for name, labels in m.subsets.items()},
                 "groups": list(m.groups),
+                "language": m.language,
                 "languages": list(m.languages),
                 "confidence_threshold": m.confidence_threshold,
                 "embedding_dim": m.embedding_dim,
@@ -453,9 +454,13 @@ class _Asked:
 
     def dress(self, body: dict[str, Any], info: ModelInfo) -> None:
         """Finish a classification answer (or a batch entry) as asked: ``confident``
-        where the model sets a threshold, and the labels and groups in ``lang``."""
+        where the model sets a threshold (over all labels, not a subset), and the labels
+        and groups in ``lang``."""
         predictions = body.get("predictions")
-        if info.confidence_threshold is not None and isinstance(predictions, list) and predictions:
+        # Over a subset the scores are renormalised among its labels: a photo of a car
+        # asked "which dog breed?" has a top score near 1. Confidence is for whole answers.
+        whole = self.subset is None
+        if info.confidence_threshold is not None and whole and isinstance(predictions, list) and predictions:
             body["confident"] = float(predictions[0]["score"]) >= info.confidence_threshold
         if self.lang is None:
             return

@@ -174,9 +174,7 @@ def create(
     return report
 
 
-# Networks whose pretrained weights the worker package can turn into a bundle, and the
-# input sides it builds them for (the general model's smaller-input variants).
-PRETRAINED = ("efficientnet-lite0",)
+# The input sides the worker package builds the general model for (224 and smaller-input variants).
 PRETRAINED_SIZES = (224, 192, 160, 128)
 BUILD_TIMEOUT_S = 900.0
 
@@ -196,6 +194,7 @@ def create_pretrained(
     labels) or its embedding bundle from the weights package, where workers run (the
     worker image, or the worker interpreter), as ``fmt`` for ``input_size``; then check
     it and move it into place like ``create``. Returns the check's report."""
+    out = out.resolve()
     _check_destination(name, out, force)
     if fmt not in FORMATS:
         raise BundleCreateError(f"--format is {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -214,6 +213,8 @@ def create_pretrained(
             backend.build_bundle([*arguments, "--embed-out", "-"], stage, BUILD_TIMEOUT_S)
         except WanwuError as exc:
             raise BundleCreateError(str(exc)) from exc
+        if built.is_symlink() or not built.is_dir() or any(p.is_symlink() or not p.is_file() for p in built.iterdir()):
+            raise BundleCreateError(f"the builder left something other than a bundle of plain files at {built}")
         _readable(built)
         _, report = _checked(built, backend, device, progress)
         config = json.loads((built / "model.json").read_text(encoding="utf-8"))

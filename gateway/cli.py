@@ -845,6 +845,22 @@ _bundle_device = click.option(
 )
 
 
+# What `bundle create --pretrained` takes from the general model's build instead of flags.
+PRETRAINED_FIXES = (
+    "labels",
+    "resize",
+    "mean",
+    "std",
+    "precision",
+    "max_batch_size",
+    "max_wait_ms",
+    "idle_ttl_s",
+    "cpu_fallback",
+    "subsets",
+    "gpu_memory_mb",
+)
+
+
 @bundle.command("create")
 @click.argument("name")
 @click.option(
@@ -916,6 +932,17 @@ def bundle_create(
     if (model_file is None) == (pretrained is None):
         raise click.UsageError("give a model file (--model) or --pretrained, one of the two")
     if pretrained is not None:
+        context = click.get_current_context()
+        ignored = [
+            f"--{name.replace('_', '-')}"
+            for name in PRETRAINED_FIXES
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if ignored:
+            raise click.UsageError(
+                f"{', '.join(ignored)} cannot be given with --pretrained: the general model's bundle fixes them "
+                "(only --format, --input-size, --task, --device and --force apply)"
+            )
         backend, gpu = _bundle_backend(config, device)
         try:
             report = create_pretrained(

@@ -608,6 +608,29 @@
     const labels = info && Array.isArray(info.labels) ? info.labels.length : 0;
     const limit = trying.maxUploadMb ? `; photos up to ${trying.maxUploadMb} MB` : "";
     $("try-model-note").textContent = info ? `${labels} classes${info.default ? ", the gateway's default" : ""}${limit}` : "";
+    fillLanguages(info);
+  }
+
+  const LANGUAGE_NAMES = { zh: "中文", en: "English" };
+
+  // The languages a model answers in (GET /v1/models): its own labels (no `lang`
+  // sent), then each translation; without translations the choice is disabled.
+  function fillLanguages(info) {
+    const select = $("try-lang");
+    const before = select.value;
+    select.replaceChildren();
+    const own = info && typeof info.language === "string" ? info.language : null;
+    const ownOption = el("option", { value: "" }, own ? LANGUAGE_NAMES[own] || own : "its own labels");
+    if (own === "zh") ownOption.lang = "zh";
+    select.append(ownOption);
+    const languages = info && Array.isArray(info.languages) ? info.languages : [];
+    for (const code of languages.filter((code) => typeof code === "string" && code && code !== own)) {
+      const option = el("option", { value: code }, LANGUAGE_NAMES[code] || code);
+      if (code === "zh") option.lang = "zh";
+      select.append(option);
+    }
+    select.disabled = select.options.length < 2;
+    if ([...select.options].some((option) => option.value === before)) select.value = before;
   }
 
   async function loadModels() {
@@ -750,6 +773,7 @@
     const model = $("try-model").value;
     if (!file) return;
     if (trying.asking) trying.asking.abort(); // a newer photo, model or language wins
+    trying.asking = null;
     if (!model) {
       tryStatus("Waiting for the list of models…", false);
       return;
@@ -761,7 +785,8 @@
       timedOut = true;
       abort.abort();
     }, PREDICT_TIMEOUT_MS);
-    const lang = $("try-lang").value === "en" ? "?lang=en" : "";
+    const chosen = $("try-lang").value;
+    const lang = chosen ? `?lang=${encodeURIComponent(chosen)}` : "";
     const form = new FormData();
     form.append("image", file, file.name || "photo");
     tryError();

@@ -186,25 +186,36 @@ def run_builder(
     timeout: float,
 ) -> None:
     """``Backend.build_bundle`` in a container of ``image``: no network, read-only root,
-    the worker's user (``out_dir`` is made writable for it), ``out_dir`` at /out.
-    Raises ImageBuildError with the builder's last lines if it fails."""
-    os.chmod(out_dir, 0o777)  # the worker user writes the bundles; the caller keeps the directory
-    container = None
+    no capabilities, ``out_dir`` (a fresh, private directory) mounted at /out and owned
+    by the user the container runs as while it builds: the caller's own user, or, for
+    root, the worker's (and the result handed back to root after). Raises
+    ImageBuildError with the builder's last lines if it fails."""
+    out_dir = out_dir.resolve()
+    root = os.getuid() == 0
+    user = f"{WORKER_UID}:{WORKER_UID}" if root else f"{os.getuid()}:{os.getgid()}"
+    if root:
+        os.chown(out_dir, WORKER_UID, WORKER_UID)
+    prefix = f"{out_dir}/"
+    command = [f"/out/{a[len(prefix) :]}" if a.startswith(prefix) else a for a in arguments]
+    name = f"wanwu-bundle-build-{uuid.uuid4().hex[:8]}"
+    status, errors = None, ""
     try:
         container = client.containers.run(
             image,
             entrypoint=["python", *BUILDER],
-            command=[a.replace(str(out_dir), "/out") for a in arguments],
+            command=command,
+            name=name,
             detach=True,
             network_mode="none",
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
-            user=f"{WORKER_UID}:{WORKER_UID}",
+            user=user,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             mem_limit=limits.memory,
             memswap_limit=limits.memory,
             pids_limit=limits.pids,
+            environment={"HOME": "/tmp"},
             volumes={str(out_dir): {"bind": "/out", "mode": "rw"}},
             labels={MANAGED_LABEL: "true", POOL_LABEL: "bundle-build"},
         )
@@ -215,10 +226,11 @@ def run_builder(
     except ENGINE_ERRORS as exc:
         raise ImageBuildError(f"building a bundle in {image} failed: {_first_line(exc)}") from exc
     finally:
-        os.chmod(out_dir, 0o755)
-        if container is not None:
-            with contextlib.suppress(*ENGINE_ERRORS):
-                container.remove(force=True)
+        with contextlib.suppress(*ENGINE_ERRORS):  # by name: also one that was created but never started
+            client.api.remove_container(name, force=True)
+        if root:
+            for path in (out_dir, *out_dir.rglob("*")):
+                os.lchown(path, 0, 0)
     if status != 0:
         tail = "\n".join(errors.strip().splitlines()[-5:]) or f"exit status {status}"
         raise ImageBuildError(f"building a bundle in {image} failed:\n{tail}")

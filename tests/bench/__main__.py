@@ -378,10 +378,11 @@ def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, col
 GENERAL_FORMATS = ("onnx", "torchscript", "export")
 
 
-def _container_memory_mb(client: docker.DockerClient, pool_id: str, model: str) -> float:
-    """Memory (less page cache) of the pool's one worker of ``model``."""
-    filters = {"label": [f"wanwu.pool={pool_id}", f"wanwu.model={model}"]}
-    (row,) = client.api.containers(filters=filters)
+def _container_memory_mb(client: docker.DockerClient, pool: WarmPool, model: str) -> float:
+    """Memory (less page cache) of the pool's one worker of ``model`` (a stem cell that
+    loaded it keeps its container, so it is found by worker id, not by model label)."""
+    (worker,) = [w.id for w in pool.snapshot().workers if w.model == model]
+    (row,) = client.api.containers(filters={"label": f"wanwu.worker={worker}"})
     memory = client.api.stats(row["Id"], stream=False).get("memory_stats", {})
     cache = memory.get("stats", {}).get("inactive_file", 0) or memory.get("stats", {}).get("cache", 0)
     return round((memory.get("usage", 0) - cache) / 2**20, 1)
@@ -440,7 +441,7 @@ def general_formats_section(workdir: Path, client: docker.DockerClient, warm_n: 
                 warm.append((time.perf_counter() - started) * 1000)
             out[fmt]["stem_start_ms"] = {key: summary([r[key] for r in rows]) for key in rows[0]}
             out[fmt]["warm_pool_ms"] = summary(warm)
-            out[fmt]["worker_memory_mb"] = _container_memory_mb(client, "benchgen", name)
+            out[fmt]["worker_memory_mb"] = _container_memory_mb(client, pool, name)
             pool.reap(now=pool.clock.now() + 10**6)
             until(lambda n=name: all(w.model != n for w in pool.snapshot().workers), "stopped worker")  # type: ignore[misc]
     finally:

@@ -206,14 +206,17 @@ def _variants() -> dict[str, bytes]:
     }
 
 
-def test_odd_shapes_get_an_answer_or_a_clear_4xx_and_the_worker_lives(general: Gateway) -> None:
+def test_odd_shapes_are_answered_and_no_worker_is_lost(general: Gateway) -> None:
+    """Every colour mode, animation, a 48 MP phone JPEG and a 1x20000 strip get an answer
+    (the cat is still a cat), and the worker that answered them is the one that answers
+    next: none crashed and was replaced."""
+    predict(general, photo("coffee.png"))  # a warm worker of the model
+    before = {w["id"] for w in requests.get(general.url + "/v1/pool", timeout=10).json()["workers"]}
     for name, data in _variants().items():
         response = requests.post(f"{general.url}/predict", files={"image": (name, data)}, timeout=TIMEOUT)
-        assert response.status_code == 200 or 400 <= response.status_code < 500, (name, response.text)
-        if response.status_code != 200:
-            assert response.json()["error"]["code"], name
-        elif name != "strip.png":  # the strip is a brown line: any answer will do
+        assert response.status_code == 200, (name, response.text)
+        if name != "strip.png":  # the strip is a brown line: any answer will do
             assert response.json()["groups"][0]["label"] == "猫", (name, response.json()["groups"])
-    workers = requests.get(general.url + "/v1/pool", timeout=10).json()["workers"]
-    assert all(w["state"] != "dead" for w in workers)
     check("coffee.png", predict(general, photo("coffee.png"), "coffee.png"))
+    pool = requests.get(general.url + "/v1/pool", timeout=10).json()
+    assert {w["id"] for w in pool["workers"]} == before

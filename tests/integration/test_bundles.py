@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import docker
 import pytest
 from click.testing import CliRunner
+from wanwu_worker.bundle import load_bundle
 
 from gateway.bundles import BundleCreateError, Spec, check, create
 from gateway.cli import cli
@@ -246,3 +248,34 @@ def test_a_fixed_batch_onnx_model_with_batching_is_refused_with_the_fix(
     finally:
         backend.close()
     assert not (tmp_path / "fixed").exists()
+
+
+def test_bundle_create_pretrained_rebuilds_the_general_model_in_the_image(
+    made: tuple[Path, Settings, dict],  # type: ignore[type-arg]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`wanwu bundle create --pretrained` exports the general model in the worker image
+    (a 128-pixel TorchScript variant here, the quickest), checks it, and leaves a bundle
+    with the general model's labels, groups and translations, owned by the caller, at a
+    relative --out; flags the build fixes are refused rather than ignored."""
+    settings = made[1]
+    monkeypatch.chdir(tmp_path)
+    command = ["bundle", "create", "general-128", "--pretrained", "efficientnet-lite0", "--out", "models/general-128"]
+    result = CliRunner().invoke(cli, [*command, "--input-size", "128", "--format", "torchscript"], env=_env(settings))
+    assert result.exit_code == 0, result.output
+    assert "1000 labels, output width 1000" in result.output
+    bundle = load_bundle(tmp_path / "models" / "general-128")
+    assert (bundle.name, bundle.format, bundle.input_size, bundle.resize) == (
+        "general-128",
+        "torchscript",
+        (3, 128, 128),
+        146,
+    )
+    assert bundle.groups["猫"] and bundle.translations["en"].groups["猫"] == "cat"
+    report = json.loads((tmp_path / "models" / "general-128" / "bundle_report.json").read_text())
+    assert report["ok"] and report["outputs"] == 1000
+    assert all(path.stat().st_uid == os.getuid() for path in (tmp_path / "models").rglob("*"))
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["general-128"]  # nothing half-made beside it
+    refused = CliRunner().invoke(cli, [*command, "--cpu-fallback", "--force"], env=_env(settings))
+    assert refused.exit_code == 2 and "--cpu-fallback cannot be given with --pretrained" in refused.output

@@ -273,6 +273,8 @@ def test_groups_threshold_and_translations_are_read(bundle_dir: Path) -> None:
         ({"groups": {"红,绿": ["红色圆形"]}}, r"'groups' has a group named '红,绿'"),
         ({"groups": {"红": []}}, r"'groups\.红' expected a non-empty list"),
         ({"confidence_threshold": 1.5}, r"'confidence_threshold' is 1\.5; expected a number from 0 to 1"),
+        ({"groups": {"红色圆形": ["红色方形"]}}, r"'groups' has a group named '红色圆形', which is also a label"),
+        ({"translations": {"en": {"labels": ""}}}, r"'translations\.en\.labels' is ''"),
         ({"language": "中文"}, r"'language' is '中文'; expected a language code"),
         ({"translations": {"en": {"labels": "../labels.txt"}}}, r"'translations\.en\.labels' is '\.\./labels\.txt'"),
         (
@@ -291,4 +293,20 @@ def test_a_translation_must_have_a_label_per_class(bundle_dir: Path) -> None:
     (bundle_dir / "labels_en.txt").write_text("red circle\nred square\n", encoding="utf-8")
     edit_json(bundle_dir, lambda c: c.update(translations={"en": {"labels": "labels_en.txt"}}))
     with pytest.raises(BundleError, match=r"labels_en\.txt: has 2 labels; the labels file has 6"):
+        load_bundle(bundle_dir)
+
+
+def test_a_translated_group_name_may_not_be_a_label(bundle_dir: Path) -> None:
+    english = ["red circle", "red square", "green circle", "green square", "blue circle", "blue square"]
+    (bundle_dir / "labels_en.txt").write_text("\n".join(english) + "\n", encoding="utf-8")
+    translations = {"en": {"labels": "labels_en.txt", "groups": {"红": "red circle"}}}
+    edit_json(bundle_dir, lambda c: c.update(groups={"红": ["红色圆形"]}, translations=translations))
+    with pytest.raises(BundleError, match=r"names a group 'red circle', which is also a label there"):
+        load_bundle(bundle_dir)
+
+
+def test_a_labels_file_that_is_a_directory_is_a_bundle_error(bundle_dir: Path) -> None:
+    (bundle_dir / "labels_en.txt").mkdir()
+    edit_json(bundle_dir, lambda c: c.update(translations={"en": {"labels": "labels_en.txt"}}))
+    with pytest.raises(BundleError, match=r"labels_en\.txt: labels file is missing"):
         load_bundle(bundle_dir)

@@ -132,6 +132,8 @@ def test_an_unknown_language_is_a_400_naming_the_models_languages(client: FlaskC
 def test_a_group_is_a_subset_and_an_unknown_one_names_the_groups(client: FlaskClient) -> None:
     body = post(client, "/predict?subset=猫").get_json()
     assert body["subset"] == "猫" and body["labels"] == ["虎斑猫", "埃及猫"]
+    assert "confident" not in body  # renormalised over two labels, a score says nothing of confidence
+    assert "confident" not in post(client, "/v1/models/unsure/predict?labels=杯子,雪橇").get_json()
     assert {p["label"] for p in body["predictions"]} <= {"虎斑猫", "埃及猫"}
     english = post(client, "/predict?subset=猫&lang=en").get_json()
     assert english["labels"] == ["tabby", "Egyptian cat"]

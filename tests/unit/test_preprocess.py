@@ -405,3 +405,22 @@ def test_scaled_size_is_bounded_at_any_ratio(resized_sizes: list[tuple[int, int]
     for width in (224, 300, 600, 1023, 1024, 1025, 4096, 40_000):
         resize_and_crop(Image.new("RGB", (width, 256)), 256, (224, 224))
     assert max(max(size) for size in resized_sizes) <= MAX_ASPECT * 256
+
+
+def test_a_progressive_or_cmyk_jpeg_is_capped_at_its_declared_size() -> None:
+    """Reduced-scale decoding saves no memory for a progressive JPEG (every coefficient
+    of the full image is kept until the last scan) nor for CMYK: those are capped by
+    what they declare, while the same baseline photo is decoded small."""
+    picture = Image.new("RGB", (1200, 1000), (100, 120, 140))
+
+    def jpeg(image: Image.Image, **params: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=70, **params)
+        return buffer.getvalue()
+
+    cap = 1_000_000  # the picture declares 1.2 MP
+    assert decode(jpeg(picture), cap, draft=(256, 256)).size == (600, 500)  # 1/2 scale: at least 256 high
+    for data in (jpeg(picture, progressive=True), jpeg(picture.convert("CMYK"))):
+        with pytest.raises(InputError) as caught:
+            decode(data, cap, draft=(256, 256))
+        assert caught.value.code == "image_too_large"

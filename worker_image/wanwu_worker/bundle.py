@@ -19,6 +19,7 @@ FORMATS = ("torchscript", "export", "onnx")
 MODEL_FILES = {"torchscript": "model.pt", "export": "model.pt2", "onnx": "model.onnx"}
 TASKS = ("classify", "embed")
 PRECISIONS = ("fp32", "fp16")
+MAX_LABELS_BYTES = 64 * 2**20  # a labels file larger than this is refused, not read
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _labels(cfg: dict[str, Any], root: Path, meta: Path, task: str) -> tuple[str
     """The bundle's labels. Required for classify (default file labels.txt); an embed
     bundle reads them only if 'labels' names a file or labels.txt exists."""
     labels_name = cfg.get("labels", "labels.txt")
-    if not isinstance(labels_name, str) or "/" in labels_name or labels_name.startswith("."):
+    if not isinstance(labels_name, str) or not labels_name or "/" in labels_name or labels_name.startswith("."):
         raise _err(meta, "labels", f"is {labels_name!r}; expected a file name inside the bundle")
     if task == "embed" and "labels" not in cfg and not (root / labels_name).is_file():
         return ()
@@ -218,6 +219,8 @@ def _groups(cfg: dict[str, Any], meta: Path, task: str, labels: tuple[str, ...])
             if label in owner:
                 raise _err(meta, where, f"has label {label!r}, which is already in group {owner[label]!r}")
             owner[label] = name
+        if name in known:
+            raise _err(meta, "groups", f"has a group named {name!r}, which is also a label")
         groups[name] = tuple(members)
     return groups
 
@@ -262,7 +265,7 @@ def _translations(
         if not isinstance(entry, dict):
             raise _err(meta, where, "expected an object with 'labels' and 'groups'")
         name = entry.get("labels")
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise _err(meta, f"{where}.labels", f"is {name!r}; expected a file name inside the bundle")
         translated = read_labels(root / name)
         if len(translated) != len(labels):
@@ -273,6 +276,9 @@ def _translations(
         missing = [group for group in groups if group not in names]
         if missing:
             raise _err(meta, f"{where}.groups", f"has no name for group {missing[0]!r}")
+        clash = next((names[g] for g in groups if names[g] in set(translated)), None)
+        if clash is not None:
+            raise _err(meta, f"{where}.groups", f"names a group {clash!r}, which is also a label there")
         translations[lang] = Translation(translated, {group: names[group] for group in groups})
     return translations
 
@@ -280,9 +286,15 @@ def _translations(
 def read_labels(path: Path) -> tuple[str, ...]:
     """Read a labels file: UTF-8, one non-empty label per line, no duplicates."""
     try:
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise BundleError(f"{path}: labels file is over {MAX_LABELS_BYTES // 2**20} MB")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BundleError(f"{path}: labels file is missing") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: labels file cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise BundleError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
