@@ -1,4 +1,4 @@
-# wanwu: `make run` serves the demo model on 127.0.0.1:8080; `make test` runs every
+# wanwu: `make run` serves the general model (EfficientNet-Lite0, Chinese labels) on 127.0.0.1:8080; `make test` runs every
 # test against a real Docker engine. Both set up whatever is missing first.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv engine base-image image image-cuda test test-cuda unit lint run bench clean
 
 help:
-	@echo "make run     set up what is missing, build the worker image, serve the demo model on 127.0.0.1:8080"
+	@echo "make run     set up what is missing, build the worker image, serve the general model on 127.0.0.1:8080"
 	@echo "make test    unit, integration and e2e tests against a real Docker engine"
 	@echo "make image   build wanwu-worker:$(FLAVOR)"
 	@echo "make image-cuda  build wanwu-worker:cuda (several GB of wheels; the demo model still trains on the CPU)"
