@@ -8,9 +8,14 @@
     POST /v1/models/<name>/embed:batch  many images, one vector each
     GET  /v1/models  /v1/pool  /healthz  /readyz  /metrics
 
-A prediction's priority is ``interactive`` (the default) or ``batch``: the
-``X-Wanwu-Priority`` header or the ``priority`` query parameter. Batch work waits behind
-interactive work and never takes the pool's last free worker while interactive work waits.
+A prediction's priority is ``interactive`` or ``batch``: the ``X-Wanwu-Priority`` header
+or the ``priority`` query parameter; ``:batch`` routes default to ``batch``, the others to
+``interactive``. Batch work waits behind interactive work and never takes the pool's last
+free worker while interactive work waits.
+
+One client (an address, an IPv6 /64; behind a proxy in ``trusted_proxies``, the address
+it forwards) has at most ``client_max_requests`` requests in the app at once; past that,
+a 429 with Retry-After (``ClientGate``). /healthz, /readyz and /metrics are not counted.
 
 Uploads are validated here, before any worker is touched: size (413), content sniffed
 from the bytes (415 for non-images, 400 for corrupt ones, 413 past the pixel cap),
@@ -24,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -32,6 +38,7 @@ import threading
 import time
 import uuid
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +97,77 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PRIORITY_HEADER = "X-Wanwu-Priority"
 MULTIPART_SLACK = 64 * 1024
 MAX_TOP_K = 1000  # the most predictions a worker ranks (wanwu_worker.predictor.MAX_TOP_K)
+UNCOUNTED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: never refused by ClientGate
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``trusted_proxies``: addresses or CIDR networks, comma-separated (checked by Settings)."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip())
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+
+
+def peer_key(address: str) -> str:
+    """One client for the per-client bounds: its address, an IPv6 one by its /64."""
+    ip = _ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def client_address(remote: str, forwarded: str | None, trusted: tuple[Network, ...]) -> str:
+    """Who sent a request: the peer, or, when the peer is a trusted proxy, the
+    right-most address in X-Forwarded-For that is not a trusted proxy (the ones left of
+    it are whatever the client claimed)."""
+    if not forwarded or not in_networks(remote, trusted):
+        return remote
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if in_networks(hop, trusted):
+            continue
+        return hop if _ip(hop) is not None else remote
+    return remote
+
+
+class ClientGate:
+    """At most ``limit`` requests in the app at once per client key."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._held: Counter[str] = Counter()
+
+    def enter(self, key: str) -> bool:
+        with self._lock:
+            if self._held[key] >= self.limit:
+                return False
+            self._held[key] += 1
+            return True
+
+    def leave(self, key: str) -> None:
+        with self._lock:
+            self._held[key] -= 1
+            if self._held[key] <= 0:
+                del self._held[key]
+
+    def held(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
 
 
 @dataclass
@@ -102,6 +180,8 @@ class Services:
     metrics: Metrics
     cache: ResultCache
     access_log: JsonAccessLog | None = None
+    gate: ClientGate | None = None
+    trusted: tuple[Network, ...] = ()
 
 
 def services() -> Services:
@@ -150,6 +230,8 @@ def create_app(
         metrics,
         ResultCache(settings.cache_size, settings.cache_ttl_s, settings.cache_enabled),
         JsonAccessLog(Path(settings.access_log).expanduser()) if settings.access_log else None,
+        ClientGate(settings.client_max_requests),
+        parse_networks(settings.trusted_proxies),
     )
     _register(app)
     keeper = Admin(settings, pool, on_change=lambda key: metrics.settings_changes.labels(key).inc())
@@ -180,6 +262,25 @@ def _register(app: Flask) -> None:
         g.timing = None
         g.cold_start = None
         g.cached = None
+        svc = services()
+        if svc.gate is not None and request.path not in UNCOUNTED:
+            forwarded = request.headers.get("X-Forwarded-For")
+            key = peer_key(client_address(request.remote_addr or "", forwarded, svc.trusted))
+            if not svc.gate.enter(key):
+                svc.metrics.client_refused.inc()
+                raise ApiError(
+                    429,
+                    "too_many_requests",
+                    f"{key} has {svc.gate.limit} requests in flight; wait for one to finish",
+                    retry_after=1,
+                )
+            g.client_key = key
+
+    @app.teardown_request
+    def leave(_: BaseException | None) -> None:
+        key = g.pop("client_key", None)
+        if key is not None:
+            services().gate.leave(key)  # type: ignore[union-attr]
 
     @app.after_request
     def finish(response: Response) -> Response:
@@ -345,15 +446,18 @@ def _read_upload(raw_allowed: bool) -> bytes:
 
 
 def _priority() -> str:
-    """The query's priority, else the header's, else interactive; a bad value in either
-    is a 400 (even where the other one is fine)."""
+    """The query's priority, else the header's, else ``batch`` on a ``:batch`` route
+    and ``interactive`` elsewhere; a bad value in either is a 400 (even where the other
+    one is fine)."""
     given = [raw for raw in (request.args.get("priority"), request.headers.get(PRIORITY_HEADER)) if raw is not None]
     for raw in given:
         if raw not in PRIORITIES:
             expected = " or ".join(PRIORITIES)
             where = f"query or {PRIORITY_HEADER}"
             raise ApiError(400, "bad_parameter", f"priority is {raw!r}; expected {expected} ({where})")
-    return given[0] if given else INTERACTIVE
+    if given:
+        return given[0]
+    return BATCH if request.path.endswith(":batch") else INTERACTIVE
 
 
 @functools.cache

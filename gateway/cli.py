@@ -97,11 +97,11 @@ def _settings(config: str | None, **flags: Any) -> Settings:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), envvar="WANWU_PORT")
 @click.option(
     "--threads",
-    default=32,
-    show_default=True,
+    "http_threads",
+    default=None,
     type=click.IntRange(1, 1024),
     envvar="WANWU_THREADS",
-    help="Request threads; requests beyond the pool's capacity wait in its queue.",
+    help="Threads that run requests, each read whole first [WANWU_HTTP_THREADS, default 32].",
 )
 @click.option("--config", type=click.Path(dir_okay=False), envvar="WANWU_CONFIG", help="TOML settings file.")
 @click.option("--max-workers", type=int, default=None, help="Pool capacity N [WANWU_MAX_WORKERS].")
@@ -111,8 +111,8 @@ def _settings(config: str | None, **flags: Any) -> Settings:
 @click.option("--gpus", default=None, help="GPU ids for workers, e.g. 0,1; empty for CPU [WANWU_GPUS].")
 @click.option("--pool-id", default=None, help="Label of this pool's containers [WANWU_POOL_ID].")
 @_reports_errors
-def serve(host: str, port: int, threads: int, config: str | None, **flags: Any) -> None:
-    """Serve the HTTP API (gunicorn, one process, threads)."""
+def serve(host: str, port: int, config: str | None, **flags: Any) -> None:
+    """Serve the HTTP API (waitress, one process, threads; gateway/server.py)."""
     from .server import GatewayServer
 
     settings = _settings(config, **flags)
@@ -122,7 +122,7 @@ def serve(host: str, port: int, threads: int, config: str | None, **flags: Any) 
         f"(N={settings.max_workers}, TTL={settings.idle_ttl_s:g} s, image {settings.worker_image})",
         err=True,
     )
-    GatewayServer(settings, host, port, threads).run()
+    GatewayServer(settings, host, port).run()
 
 
 def _url_option(func: F) -> F:

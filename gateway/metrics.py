@@ -96,6 +96,11 @@ class Metrics:
             ["setting"],
             registry=r,
         )
+        self.client_refused = Counter(
+            "wanwu_client_requests_refused",
+            "Requests refused (429) because their client had client_max_requests in flight",
+            registry=r,
+        )
         r.register(PoolCollector(snapshot))
 
     def render(self) -> bytes:

@@ -9,6 +9,7 @@ with a ConfigError that names where it came from, the key and the value, e.g.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -62,6 +63,17 @@ class Settings:
     spawn_timeout_s: float = 60.0
     reap_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+    # The HTTP front (gateway/server.py): threads that run requests read whole by the
+    # event loop, and the limits that keep slow or greedy clients from holding them.
+    http_threads: int = 32
+    http_header_timeout_s: float = 10.0  # a request's head, from its first byte
+    http_body_min_kb_s: float = 4.0  # the slowest body accepted, after the grace below
+    http_body_grace_s: float = 5.0
+    http_keepalive_s: float = 5.0  # an idle keep-alive connection closes after this
+    http_max_connections: int = 1000  # at the bound: the longest-idle closes, else 503
+    http_max_connections_per_client: int = 100  # one address (IPv6: its /64); else 429
+    client_max_requests: int = 16  # one client's requests in the app at once; else 429
+    trusted_proxies: str = ""  # CIDRs, comma-separated: their X-Forwarded-For names the client
     worker_memory: str = "2g"
     worker_pids: int = 512
     worker_cpus: float = 0.0
@@ -127,6 +139,12 @@ class Settings:
             "worker_pids",
             "cache_size",
             "cache_ttl_s",
+            "http_threads",
+            "http_header_timeout_s",
+            "http_keepalive_s",
+            "http_max_connections",
+            "http_max_connections_per_client",
+            "client_max_requests",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -139,6 +157,8 @@ class Settings:
             "stem_cells",
             "stem_gpu_mb",
             "interactive_reserve_s",
+            "http_body_min_kb_s",
+            "http_body_grace_s",
         )
         for name in at_least_zero:
             if getattr(self, name) < 0:
@@ -166,6 +186,11 @@ class Settings:
             raise fail("swarm_network", "must name an overlay network")
         if self.keepalive not in KEEPALIVE_POLICIES:
             raise fail("keepalive", f"must be one of {', '.join(KEEPALIVE_POLICIES)}")
+        for proxy in filter(None, (p.strip() for p in self.trusted_proxies.split(","))):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise fail("trusted_proxies", f"{proxy!r} is not an address or a CIDR network") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
 

@@ -64,17 +64,9 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
 
 
 def kill_hard(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the gateway's gunicorn arbiter and its worker process at once, as the
-    OOM killer or a power cut would: nothing runs its shutdown. (Killing only the
-    arbiter is not enough: the gunicorn worker sees its parent go and shuts down
-    cleanly.)"""
-    children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    """SIGKILL the gateway (one process), as the OOM killer or a power cut would:
+    nothing runs its shutdown."""
     process.kill()
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait(10)
 
 
@@ -90,13 +82,18 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_gateway(
-    workdir: Path, client: docker.DockerClient, environment: dict[str, str] | None = None, **settings: str
+    workdir: Path,
+    client: docker.DockerClient,
+    environment: dict[str, str] | None = None,
+    server: str = "wanwu",
+    **settings: str,
 ) -> Iterator[Gateway]:
     """A gateway on a free port with its own pool id, models and socket directories
     (``socket_dir`` and ``pool_id`` may be given); ``environment`` adds to its
-    environment (PYTHONPATH goes first on the path). On exit it is stopped with SIGTERM
-    and must have removed all its workers (containers, or processes with
-    ``backend="process"``)."""
+    environment (PYTHONPATH goes first on the path). ``server="gunicorn"`` serves the
+    same app behind the old front (tests/bench/gunicorn_front.py), for the benchmark's
+    baseline. On exit it is stopped with SIGTERM and must have removed all its workers
+    (containers, or processes with ``backend="process"``)."""
     pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
     port = free_port()
     sockets = Path(settings.pop("socket_dir", "") or tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
@@ -109,24 +106,19 @@ def running_gateway(
         "WANWU_MODELS_DIR": str(models),
         "WANWU_SOCKET_DIR": str(sockets),
         "WANWU_WORKER_IMAGE": IMAGE,
+        # Every test client is 127.0.0.1: room for the concurrent ones (the bound has its own tests).
+        "WANWU_CLIENT_MAX_REQUESTS": "64",
     }
     env.update({f"WANWU_{key.upper()}": value for key, value in settings.items()})
     for key, value in (environment or {}).items():
         env[key] = f"{value}{os.pathsep}{env['PYTHONPATH']}" if key == "PYTHONPATH" and env.get("PYTHONPATH") else value
     with log.open("wb") as out:
+        if server == "gunicorn":
+            command = [sys.executable, "-m", "tests.bench.gunicorn_front", "--port", str(port)]
+        else:
+            command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--threads",
-                "32",
-            ],
+            command,
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,19 +309,28 @@ def export_builtin_model(image: str, name: str, models_dir: Path) -> Path:
     import tempfile
 
     client = _client()
+    # Named, and removed by name: a signal that lands while the engine is creating it
+    # (before this process holds its id) must not leave it behind.
+    container_name = f"wanwu-export-{uuid.uuid4().hex[:12]}"
     try:
         container = client.containers.create(
-            image, command=["true"], network_mode="none", labels={"wanwu.managed": "true", "wanwu.pool": "export"}
+            image,
+            command=["true"],
+            name=container_name,
+            network_mode="none",
+            labels={"wanwu.managed": "true", "wanwu.pool": "export"},
         )
-    except docker.errors.ImageNotFound as exc:
-        raise ImageBuildError(f"worker image {image} is not present: run `wanwu image build`") from exc
-    try:
         stream, _ = container.get_archive(f"{BUILTIN_MODELS}/{name}")
         archive = b"".join(stream)
+    except docker.errors.ImageNotFound as exc:
+        raise ImageBuildError(f"worker image {image} is not present: run `wanwu image build`") from exc
     except docker.errors.NotFound as exc:
         raise ImageBuildError(f"image {image} has no built-in model {name!r} under {BUILTIN_MODELS}") from exc
     finally:
-        container.remove(force=True)
+        try:
+            client.api.remove_container(container_name, force=True)
+        except docker.errors.NotFound:
+            pass
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir) as staging:
         _extract(tarfile.open(fileobj=io.BytesIO(archive)), Path(staging))

@@ -453,6 +453,7 @@ class ProcessBackend:
         log.info("making %s in %s with %s (%s)", " and ".join(pair), models_dir, self.python, duration)
         classify, embed = (str(partial[model]) for model in pair)
         try:
+            # run() kills the builder on any exception, SystemExit from a SIGTERM included
             result = subprocess.run(
                 [self.python, *command, "--out", classify, "--embed-out", embed],
                 env=self._base_environment(),
@@ -463,6 +464,10 @@ class ProcessBackend:
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             failure: str | None = str(exc)
+        except BaseException:  # interrupted (the gateway told to stop): leave nothing half-made
+            for path in partial.values():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         else:
             failure = None if result.returncode == 0 else "\n".join(result.stderr.strip().splitlines()[-5:])
         if failure is not None:

@@ -12,8 +12,10 @@
 5. Backfill: `wanwu backfill` over 2,000 demo images at N = 1 and 2, against sequential
    `wanwu predict` and in-process batched inference; interactive latency alone and while
    a backfill runs; 8 concurrent single-image clients with dynamic batching on and off.
-6. Backends: cold starts, stem starts and the warm path on Docker and on local processes.
-7. Formats: the demo network as TorchScript, a torch.export program and ONNX (each made
+6. The HTTP front: the warm path's added latency (client less worker) behind waitress
+   and behind the gunicorn front it replaced, the two gateways asked in turn.
+7. Backends: cold starts, stem starts and the warm path on Docker and on local processes.
+8. Formats: the demo network as TorchScript, a torch.export program and ONNX (each made
    with `wanwu bundle create`): the worker's own check (load, first request, peak
    memory), cold start and warm latency through a pool; the embed endpoint against
    predict through the gateway; the worker image's size.
@@ -170,6 +172,35 @@ def warm_path(gw: Gateway, requests: int) -> dict[str, Any]:
             "and the client's HTTP hop add over calling the worker's socket directly",
         },
     }
+
+
+def front_section(workdir: Path, client: docker.DockerClient, requests: int) -> dict[str, Any]:
+    """The HTTP front's cost on the warm path: the same app and pool behind waitress
+    (``wanwu serve``) and behind the gunicorn gthread front it replaced, both up at once
+    and asked in turn, so both see the same machine. Added latency is the client's time
+    less the worker's own."""
+    quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "stem_cells": "0"}
+    quiet["default_model"] = MODEL
+    image = bench_image()
+    with (
+        running_gateway(workdir / "front-waitress", client, max_workers="1", **quiet) as waitress,
+        running_gateway(workdir / "front-gunicorn", client, server="gunicorn", max_workers="1", **quiet) as gunicorn,
+    ):
+        clients = {"waitress": Client(waitress.port, image), "gunicorn": Client(gunicorn.port, image)}
+        added: dict[str, list[float]] = {name: [] for name in clients}
+        for _ in range(30):
+            for c in clients.values():
+                c.predict()
+        for _ in range(requests):
+            for name, c in clients.items():
+                elapsed, body, status = c.predict()
+                assert status == 200 and not body["cold_start"], body
+                added[name].append(elapsed - body["timing_ms"]["worker"])
+    result: dict[str, Any] = {"requests": requests, **{f"{n}_added_ms": summary(v) for n, v in added.items()}}
+    result["waitress_minus_gunicorn_ms"] = {
+        q: round(pct(added["waitress"], p) - pct(added["gunicorn"], p), 3) for q, p in (("p50", 50), ("p99", 99))
+    }
+    return result
 
 
 def backends_section(workdir: Path, client: docker.DockerClient, warm_n: int, cold_n: int) -> dict[str, Any]:
@@ -936,6 +967,13 @@ def table(results: dict[str, Any]) -> str:
     def pair(s: dict[str, float]) -> str:
         return f"p50 {s['p50']:>8.2f}  p99 {s['p99']:>8.2f}"
 
+    if "front" in results:
+        f = results["front"]
+        lines.append(f"HTTP front: warm path client less worker ({f['requests']} requests each, in turns, ms)")
+        row("waitress (wanwu serve)", pair(f["waitress_added_ms"]))
+        row("gunicorn gthread (before)", pair(f["gunicorn_added_ms"]))
+        d = f["waitress_minus_gunicorn_ms"]
+        row("waitress - gunicorn (bar: p50 <= +1)", f"p50 {d['p50']:>+8.2f}  p99 {d['p99']:>+8.2f}")
     if "warm_path" in results:  # the sections before backfill run together
         w = results["warm_path"]
         lines.append(f"warm path ({w['requests']} sequential requests, ms)")
@@ -1115,8 +1153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,backfill,backends,formats,general,swarm",
-        help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), backfill, "
+        default="simulator,core,front,backfill,backends,formats,general,swarm",
+        help="sections, comma-separated: simulator, core (warm path, cold and stem starts, throughput), front "
+        "(the warm path's added latency behind waitress and behind gunicorn, in turns), backfill, "
         "backends (cold starts and warm path, Docker against local processes), formats (TorchScript, torch.export "
         "and ONNX; embed against predict), general (the general model in each format: stem-cell "
         "cold start, warm path, memory), swarm (the swarm backend on a three-node test swarm against local Docker)",
@@ -1162,6 +1201,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"throughput N={n} ...", file=sys.stderr)
                 with running_gateway(workdir / f"t{n}", client, max_workers=str(n), **quiet) as gw:
                     results["throughput"].append(throughput(gw, n, seconds))
+        if "front" in sections:
+            print("HTTP front ...", file=sys.stderr)
+            results["front"] = front_section(workdir, client, warm_n)
         if "backfill" in sections:
             results["backfill"] = backfill_section(workdir, client, args.quick, seconds)
         if "backends" in sections:

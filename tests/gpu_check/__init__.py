@@ -45,7 +45,7 @@ On the GPU machine (torch, torchvision, timm, nvidia-ml-py and pillow installed,
 network), only the gateway's own pure-Python dependencies are missing. Here, with a
 package index:
 
-    make gpu-wheels        # wheels of flask, gunicorn, docker, click, ... into gpu-wheels/ (about 3 MB)
+    make gpu-wheels        # wheels of flask, waitress, docker, click, ... into gpu-wheels/ (about 3 MB)
 
 (for CPython 3.11 and 3.12, the manylinux_2_28 x86-64 ones where a wheel is binary;
 GPU_PYTHONS and GPU_PLATFORM change that).

@@ -82,7 +82,7 @@ def child_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def env_step(ctx: Context) -> dict[str, Any]:
     versions: dict[str, str | None] = {}
-    for dist in ("torch", "torchvision", "timm", "pillow", "nvidia-ml-py", "flask", "gunicorn", "docker", "requests"):
+    for dist in ("torch", "torchvision", "timm", "pillow", "nvidia-ml-py", "flask", "waitress", "docker", "requests"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -132,3 +132,21 @@ def test_batch_images_are_counted_by_outcome(client: FlaskClient) -> None:
     assert metric(text, 'wanwu_batch_images_total{model="demo-shapes",outcome="ok"}') == 2
     assert metric(text, 'wanwu_batch_images_total{model="demo-shapes",outcome="not_an_image"}') == 1
     assert metric(text, "wanwu_batches_total") == 0  # one caller per call here: nothing was combined
+
+
+def test_a_batch_request_is_batch_priority_unless_it_asks_otherwise(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = app.extensions["wanwu"].pool
+    asked: list[str] = []
+    real = pool.predict_batch
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(kwargs["priority"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "predict_batch", recording)
+    parts = [(IMAGES[0], "a.png"), (IMAGES[1], "b.png")]
+    assert post_batch(client, parts).status_code == 200
+    assert post_batch(client, parts, query="?priority=interactive").status_code == 200
+    assert asked == ["batch", "interactive"]
