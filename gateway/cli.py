@@ -673,6 +673,12 @@ def replay(
         for key in ("requests", "cold_starts", "stem_starts", "cold_rate", "reject_rate", "errors", "p50_ms", "p99_ms")
     ]
     _table(("", "measured", "predicted"), rows)
+    if measured.get("client_bound"):
+        click.echo(
+            f"{measured['client_bound']} requests got 429: the replay, one client, had the gateway's "
+            "client_max_requests in flight; raise WANWU_CLIENT_MAX_REQUESTS on the gateway for a replay",
+            err=True,
+        )
     if "note" in report:
         click.echo(f"no prediction: {report['note']}")
         return

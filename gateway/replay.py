@@ -155,7 +155,9 @@ def measured(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "stem_starts": stem,
         "cold_rate": cold / total if total else 0.0,
         "reject_rate": rejected / total if total else 0.0,
-        "errors": sum(o.status not in (200, 503) for o in outcomes),
+        # 429: the replay, one client, had client_max_requests in flight (raise it for a replay)
+        "client_bound": sum(o.status == 429 for o in outcomes),
+        "errors": sum(o.status not in (200, 429, 503) for o in outcomes),
         "p50_ms": percentile(served, 0.50),
         "p99_ms": percentile(served, 0.99),
     }

@@ -88,19 +88,21 @@ class TooLarge(Error):  # type: ignore[misc]
     reason = "Content Too Large"
 
 
-def error_body(status: int, message: str) -> bytes:
+def error_body(status: int, message: str, request_id: str) -> bytes:
     """The API's error shape for answers the front gives before the app sees a request."""
-    error = {"code": ERROR_CODES.get(status, "bad_request"), "message": message, "request_id": uuid.uuid4().hex}
+    error = {"code": ERROR_CODES.get(status, "bad_request"), "message": message, "request_id": request_id}
     return json.dumps({"error": error}).encode()
 
 
 def canned(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
     """A whole HTTP/1.1 error answer that closes the connection."""
-    body = error_body(status, message)
+    request_id = uuid.uuid4().hex
+    body = error_body(status, message, request_id)
     head = [
         f"HTTP/1.1 {status} {reason}",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
+        f"X-Request-ID: {request_id}",
         "Connection: close",
     ]
     if retry_after is not None:
@@ -114,9 +116,10 @@ class JsonErrorTask(ErrorTask):  # type: ignore[misc]
 
     def execute(self) -> None:
         error = self.request.error
-        body = error_body(error.code, f"{error.reason}: {error.body}")
+        request_id = uuid.uuid4().hex
+        body = error_body(error.code, f"{error.reason}: {error.body}", request_id)
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers += [("Content-Type", "application/json"), ("X-Request-ID", request_id)]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
