@@ -39,6 +39,11 @@ empty slot or an idle worker) while an interactive request waits or, on a pool o
 or more, while interactive requests arrived within ``interactive_reserve_s``: so an
 interactive request waits at most for one batch's inference.
 
+Capacity: N counts every worker, stem cells included. Lowered below what the pool
+holds, the surplus stops as soon as it is idle (stem cells first, then least recently
+used); a busy or starting one finishes its request first. Once nothing is queued or in
+flight, at most N workers are not stopping.
+
 CPU fallback: a model in ``cpu_fallback`` (set only on a pool with GPUs) that no GPU
 has room for, now or ever, gets a CPU worker (no device, no GPU memory) in a free slot
 instead of waiting or being rejected. Such a worker counts in N, is reused and reaped
@@ -328,6 +333,7 @@ class PoolCore:
             return commands
         if worker.stem:
             worker.state, worker.last_used = State.IDLE, now  # a stem cell waits for a model: no keep-alive
+            commands += self._trim_stems(now)  # fewer may be wanted since it started
         else:
             self._idle(worker, now, self.window(worker.model).keep_s)
         waiting = self._request(worker.reserved_for)
@@ -335,6 +341,7 @@ class PoolCore:
             # Interactive waiters go first, even for a worker started for batch work.
             waiting.spawning = worker.reserved_for = None
         elif waiting is not None:  # it waited for a start: take its companions without more waiting
+            # (even over a lowered N: its request has waited for it; it stops when idle)
             commands += self._hand_over_batch(self._members(waiting, now, hold=False) or [waiting], worker, now)
         return commands + self._dispatch(now)
 
@@ -430,9 +437,10 @@ class PoolCore:
         return commands + self._dispatch(now)
 
     def configure(self, config: CoreConfig, now: float) -> list[Command]:
-        """New settings: capacity, TTLs, estimates, keep-alive policy. A smaller
-        capacity stops idle workers (least recently used first) down to it; busy ones
-        finish first."""
+        """New settings: capacity, TTLs, estimates, keep-alive policy, stem cells. A
+        smaller capacity or fewer stem cells stop the surplus: idle workers at once
+        (stem cells first, then least recently used), busy and starting ones as soon as
+        they are idle (``_trim``, ``_trim_stems``)."""
         if config.keepalive != self.config.keepalive:
             self.keepalive = make(config.keepalive)
             self.prewarm_at.clear()
@@ -442,19 +450,7 @@ class PoolCore:
         for worker in self.workers.values():  # idle workers get the new keep-alive (stem cells have none)
             if worker.state is State.IDLE and not worker.stem:
                 self._idle(worker, worker.last_used, self.window(worker.model).keep_s)
-        commands: list[Command] = []
-        stems = [w for w in self.workers.values() if w.stem and w.state is State.IDLE]
-        for worker in stems[: max(0, len(stems) - config.stem_cells)]:  # fewer stem cells wanted
-            commands.append(self._stop(worker, "evicted", now))
-        # Workers already stopping are on their way out: count them again and a second
-        # change (or a catalog reload) would stop one more each time.
-        over = sum(w.state is not State.STOPPING for w in self.workers.values()) - self._limits.capacity
-        idle = sorted(
-            (w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (not w.stem, w.last_used, w.id)
-        )
-        for worker in idle[: max(0, over)]:
-            commands.append(self._stop(worker, "evicted", now))
-        return commands + self._dispatch(now)
+        return self._trim_stems(now) + self._dispatch(now)
 
     def close(self, now: float) -> list[Command]:
         """Refuse new requests; waiters without a start under way fail now."""
@@ -511,7 +507,7 @@ class PoolCore:
     def _dispatch(self, now: float) -> list[Command]:
         """Serve waiters, interactive first and FIFO within a priority, as far as the
         policy allows; batch work only where ``_batch_may_take`` says so."""
-        commands: list[Command] = []
+        commands = self._trim(now)  # first: a surplus worker serves nobody, and its slot is not refilled
         limits, estimates = self._limits, self.config.estimates_mb
         self._batch_due.clear()
         self._reserve_until = None
@@ -571,6 +567,34 @@ class PoolCore:
                 commands.append(self._adopt(request.model, decision.worker_id, now, request))
                 decided.clear()
         return commands + self._refill_stems(now)
+
+    def _trim(self, now: float) -> list[Command]:
+        """N is a promise: while the pool holds more workers than capacity (it was
+        lowered), surplus workers stop as soon as they are idle, stem cells first, then
+        the least recently used. Busy and starting ones stay surplus until an event (a
+        release, a ready) leaves them idle and brings them here."""
+        capacity = self._limits.capacity
+        if len(self.workers) <= capacity:  # the pool only outgrows N when N is lowered: the usual case is O(1)
+            return []
+        # Workers already stopping are on their way out: count them again and a second
+        # change (or a catalog reload) would stop one more each time.
+        over = sum(w.state is not State.STOPPING for w in self.workers.values()) - capacity
+        if over <= 0:
+            return []
+        idle = sorted(
+            (w for w in self.workers.values() if w.state is State.IDLE), key=lambda w: (not w.stem, w.last_used, w.id)
+        )
+        return [self._stop(worker, "evicted", now) for worker in idle[:over]]
+
+    def _trim_stems(self, now: float) -> list[Command]:
+        """More stem cells ready than wanted (fewer were asked for): the surplus stops,
+        the most recently ready first. One still starting then stops once it is up."""
+        idle = [w for w in self.workers.values() if w.stem and w.state is State.IDLE]
+        surplus = len(idle) - max(0, self.config.stem_cells)
+        if surplus <= 0:
+            return []
+        idle.sort(key=lambda w: (w.last_used, w.id), reverse=True)
+        return [self._stop(worker, "evicted", now) for worker in idle[:surplus]]
 
     def _in_order(self) -> list[Request]:
         """The queue as it is served: interactive requests first, FIFO within each priority."""

@@ -1,5 +1,5 @@
 """Runtime settings on a real gateway over real worker containers: lowering N stops idle
-containers at once and the busy one once it finishes; raising it serves again."""
+containers at once and busy or starting ones once they are idle; raising it serves again."""
 
 from __future__ import annotations
 
@@ -93,3 +93,80 @@ def test_lowering_n_on_a_live_gateway_stops_idle_containers_and_waits_for_the_bu
         assert 'wanwu_settings_changes_total{setting="max_workers"} 2.0' in metrics
         assert "wanwu_pool_capacity 2.0" in metrics
         print(f"settings change took effect: idle containers gone {idle_gone_s:.3f} s after the PATCH was sent")
+
+
+def pool(gw: Gateway) -> dict[str, Any]:
+    body: dict[str, Any] = requests.get(gw.url + "/v1/pool", timeout=10).json()
+    return body
+
+
+def test_lowering_n_while_workers_start_and_serve_brings_the_pool_down_to_n(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """N=3 and one stem cell; six slow requests: one takes the stem cell, a replacement
+    stem cell and a container for the second start while the rest wait. N drops to 1
+    then: every surplus worker (stem cells count in N) stops once idle instead of being
+    kept warm, and ten more requests do not grow the pool back."""
+    models(tmp_path)
+    (tmp_path / "models").chmod(0o755)  # stem cells read bundles through the directory itself
+    settings = {
+        "max_workers": "3",
+        "stem_cells": "1",
+        "admin_token": TOKEN,
+        "state_file": str(tmp_path / "state.json"),
+        "cache_enabled": "false",
+        "idle_ttl_s": "600",  # no keep-alive reaping hides a surplus worker kept warm
+        "queue_timeout_s": "240",  # the waiters are served one after another on one worker
+        "request_timeout_s": "120",
+    }
+    with running_gateway(tmp_path, docker_client, **settings) as gw:
+        wait_for(
+            lambda: any(w["model"] == "(stem)" and w["state"] == "idle" for w in pool(gw)["workers"]),
+            120,
+            "a stem cell to be ready",
+        )
+        bright = white_png()
+        answers: list[requests.Response] = []
+        lock = threading.Lock()
+
+        def send() -> None:
+            answer = predict(gw, "slow", bright)  # computes for a few seconds
+            with lock:
+                answers.append(answer)
+
+        six = [threading.Thread(target=send) for _ in range(6)]
+        for thread in six:
+            thread.start()
+        states: list[str] = []
+
+        def starting_and_busy() -> bool:
+            states[:] = [w["state"] for w in pool(gw)["workers"]]
+            return "busy" in states and "starting" in states
+
+        wait_for(starting_and_busy, 120, "a worker busy and another starting", interval=0.02)
+        sent = time.monotonic()
+        answer = patch(gw, {"max_workers": 1})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["changed"] == {"max_workers": {"old": 3, "new": 1}}
+        after = pool(gw)
+        assert after["capacity"] == 1
+        print(f"at the change: {states}; just after: {[(w['model'], w['state']) for w in after['workers']]}")
+
+        for thread in six:
+            thread.join(300)
+        assert len(answers) == 6 and all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        wait_for(lambda: len(gw.containers(docker_client)) <= 1, 30, "the surplus containers to go")
+        settled_s = time.monotonic() - sent
+
+        dark = next(iter(demo_images().values()))
+        for _ in range(10):
+            answer = predict(gw, "slow", dark)  # a dark picture is fast
+            assert answer.status_code == 200, answer.text
+            assert len(gw.containers(docker_client)) <= 1
+        time.sleep(2)  # a surplus kept warm, or a stem cell refilled over N, would show by now
+        assert len(gw.containers(docker_client)) == 1  # (its label may say stem cell: labels are set at creation)
+        final = pool(gw)
+        assert final["capacity"] == 1
+        assert [(w["model"], w["state"]) for w in final["workers"]] == [("slow", "idle")]  # no stem cell: no room
+        assert final["reaps"]["evicted"] >= 2  # two of the three slow workers stopped as surplus
+        print(f"settings change took effect: the pool was at N {settled_s:.3f} s after the PATCH was sent")
