@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import reprlib
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,7 @@ from .errors import (
     WorkerCrashed,
     WorkerError,
     WorkerRejected,
+    WorkerStartError,
     WorkerTimeout,
 )
 from .gpu import GpuMonitor, GpuReader
@@ -100,34 +102,45 @@ class _Waiter:
 @dataclass(eq=False)
 class _Batch:
     """One worker call shared by several requests (a dynamic batch): the first member
-    sends it, every member takes its own slice of the answer."""
+    sends it and shapes every member's results, each member takes its own."""
 
     members: list[_Waiter]
     done: threading.Event = field(default_factory=threading.Event)
     answer: WorkerBatchAnswer | None = None
     error: WanwuError | None = None
+    shares: list[list[dict[str, Any]]] = field(default_factory=list)  # each member's results, shaped
 
     def images(self) -> list[bytes]:
         return [image for member in self.members for image in member.images]
 
     scores: Scores | None = None  # the raw scores the call asked for, set by the member that sends it
 
-    def finish(self, answer: WorkerBatchAnswer | None, error: WanwuError | None = None) -> None:
-        self.answer, self.error = answer, error
+    def shape(self, answer: WorkerBatchAnswer) -> list[list[dict[str, Any]]]:
+        """Every member's results, scored over its own labels and cut to its own top_k.
+        Raises (WorkerCrashed, or whatever shaping meets) if the answer cannot be shaped."""
+        shares, start = [], 0
+        for waiter in self.members:
+            end = start + len(waiter.images)
+            shares.append(
+                [_shape(entry, waiter.top_k, waiter.subset, self.scores) for entry in answer.results[start:end]]
+            )
+            start = end
+        return shares
+
+    def finish(
+        self,
+        answer: WorkerBatchAnswer | None,
+        error: WanwuError | None = None,
+        shares: list[list[dict[str, Any]]] | None = None,
+    ) -> None:
+        self.answer, self.error, self.shares = answer, error, shares or []
         self.done.set()
 
     def share(self, member: int) -> list[dict[str, Any]]:
-        """Member ``member``'s results, scored over its own labels and cut to its own
-        top_k; the call's error if it failed."""
+        """Member ``member``'s results; the call's error if it failed."""
         if self.error is not None:
             raise self.error
-        assert self.answer is not None
-        start = sum(len(m.images) for m in self.members[:member])
-        waiter = self.members[member]
-        return [
-            _shape(entry, waiter.top_k, waiter.subset, self.scores)
-            for entry in self.answer.results[start : start + len(waiter.images)]
-        ]
+        return self.shares[member]
 
 
 @dataclass(frozen=True)
@@ -774,7 +787,11 @@ class WarmPool:
         timeout: float,
         subset: LabelSubset | None,
     ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer]:
-        """Make (or, in a batch, wait for) the worker call and give the lease back."""
+        """Make (or, in a batch, wait for) the worker call and give the lease back.
+        However the call or the shaping of its answer fails, the lease goes back (a
+        worker that crashed, timed out or answered garbage is replaced) and a batch's
+        other members are told at once; an error that is not the scheduler's is the
+        worker's garbage, WorkerCrashed."""
         batch = lease.batch
         if batch is not None and lease.member != 0:  # another member sends the call
             if not batch.done.wait(timeout + 5.0):
@@ -782,36 +799,64 @@ class WarmPool:
             results = batch.share(lease.member)
             assert batch.answer is not None
             return results, batch.answer
-        answer: WorkerAnswer | WorkerBatchAnswer
         try:
+            results, answer, shares = self._ask(info, lease, images, top_k, timeout, subset)
+        except Exception as exc:  # the lease and the batch must never be left behind
+            error = exc if isinstance(exc, WanwuError) else self._garbage(lease, exc)
             if batch is not None:
-                # The worker's top_k is for members scored over all labels; the others
-                # are scored here from the raw scores.
-                top = max((m.top_k for m in batch.members if m.subset is None), default=1)
-                batch.scores = scores = label_scores(info, (m.subset for m in batch.members))
-                answer = lease.connection.predict_batch(batch.images(), top, timeout, scores)
-            else:
-                scores = label_scores(info, [subset])
-                top = 1 if subset is not None else top_k
-                if len(images) == 1:
-                    answer = lease.connection.predict(images[0], top, timeout, scores)
-                else:
-                    answer = lease.connection.predict_batch(list(images), top, timeout, scores)
-        except WanwuError as exc:
-            if batch is not None:
-                batch.finish(None, exc)
-            failed = isinstance(exc, (WorkerCrashed, WorkerTimeout))
-            self.release(lease, ok=not failed, reason="timeout" if isinstance(exc, WorkerTimeout) else "crashed")
-            raise
-        if isinstance(answer, WorkerAnswer):
-            self.release(lease, ok=True)
-            return [_shape(answer.entry(), top_k, subset, scores)], answer
+                batch.finish(None, error)
+            failed = isinstance(error, (WorkerCrashed, WorkerTimeout))
+            self.release(lease, ok=not failed, reason="timeout" if isinstance(error, WorkerTimeout) else "crashed")
+            if error is exc:
+                raise
+            raise error from exc
         if batch is not None:
-            batch.finish(answer)  # the other members go on before the worker is given back
+            assert isinstance(answer, WorkerBatchAnswer)
+            batch.finish(answer, shares=shares)  # the other members go on before the worker is given back
         self.release(lease, ok=True)
+        return results, answer
+
+    def _ask(
+        self,
+        info: ModelInfo,
+        lease: Lease,
+        images: Sequence[bytes],
+        top_k: int,
+        timeout: float,
+        subset: LabelSubset | None,
+    ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer, list[list[dict[str, Any]]]]:
+        """The worker call and its answer shaped: this request's results, the answer,
+        and in a batch every member's results."""
+        batch = lease.batch
         if batch is not None:
-            return batch.share(0), answer
-        return [_shape(entry, top_k, subset, scores) for entry in answer.results], answer
+            # The worker's top_k is for members scored over all labels; the others
+            # are scored here from the raw scores.
+            top = max((m.top_k for m in batch.members if m.subset is None), default=1)
+            batch.scores = label_scores(info, (m.subset for m in batch.members))
+            answer = lease.connection.predict_batch(batch.images(), top, timeout, batch.scores)
+            shares = batch.shape(answer)
+            return shares[0], answer, shares
+        scores = label_scores(info, [subset])
+        top = 1 if subset is not None else top_k
+        if len(images) == 1:
+            single = lease.connection.predict(images[0], top, timeout, scores)
+            return [_shape(single.entry(), top_k, subset, scores)], single, []
+        several = lease.connection.predict_batch(list(images), top, timeout, scores)
+        return [_shape(entry, top_k, subset, scores) for entry in several.results], several, []
+
+    @staticmethod
+    def _garbage(lease: Lease, exc: Exception) -> WorkerCrashed:
+        """An unexpected error from a worker call or its answer, as the worker's crash."""
+        log.error(
+            "worker %s (model %s) failed a call unexpectedly; it is replaced",
+            lease.worker_id,
+            lease.model,
+            exc_info=exc,
+        )
+        return WorkerCrashed(
+            f"worker {lease.worker_id} answered what could not be used: {type(exc).__name__}: {str(exc)[:200]}",
+            lease.worker_id,
+        )
 
     # -- carrying out commands -------------------------------------------------------
 
@@ -864,6 +909,16 @@ class WarmPool:
             log.exception("starting worker %s failed unexpectedly", command.worker_id)
             self._spawn_failed(
                 command, WorkerError(f"starting worker {command.worker_id} failed: {exc}", command.worker_id)
+            )
+            return
+        problem = _garbled_start(started)
+        if problem is not None:  # the worker is up but not to be trusted: a failed start
+            if connection is not None:
+                connection.close()
+            if isinstance(command, SpawnWorker):  # a failed load's stem cell is stopped by the core
+                self._stop_container(command.worker_id, f"answered {problem}")
+            self._spawn_failed(
+                command, WorkerStartError(f"worker {command.worker_id} answered {problem}", command.worker_id)
             )
             return
         now = self.clock.now()
@@ -1043,6 +1098,25 @@ class WarmPool:
             "gpu_low_watermark": config.low_watermark,
             "start_ms": dict(self.core.start_ms),  # the last start of each kind, as measured
         }
+
+
+def _garbled_start(started: Started) -> str | None:
+    """What is wrong with what a started worker reported (its health's GPU memory, its
+    start's timings), or None; the worker client checks the same, but a backend may
+    add to it."""
+    gpu_mb = started.health.get("gpu_memory_mb")
+    if gpu_mb is not None and not (_finite(gpu_mb) and gpu_mb >= 0):
+        return f"gpu_memory_mb {reprlib.repr(gpu_mb)}, not a finite number of megabytes"
+    for name, value in started.timing_ms.items():
+        if not _finite(value):
+            return f"a start timing {reprlib.repr(name)} of {reprlib.repr(value)}, not a finite number"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
 
 
 def _rejected(entry: dict[str, Any], worker_id: str) -> WorkerRejected:

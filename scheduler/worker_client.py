@@ -3,39 +3,77 @@
 
 One persistent connection per client; a client is used by one request at a time (the
 pool's lease guarantees it). This is on every request's path, so it is lean: a small
-request goes out in one write and the answer is parsed with a buffered reader
-(http.client writes headers and body separately and parses headers with the email
-package; together that was about a quarter of the gateway's time per request). A large
-body (a big image, a batch) goes out as the head and then each part, never copied into
-one buffer.
+request goes out in one write, the answer usually comes in one read, and the socket is
+non-blocking with its own poll, so one deadline covers the whole call without setting a
+timeout on every read (http.client writes headers and body separately and parses
+headers with the email package; together that was about a quarter of the gateway's time
+per request). A large body (a big image, a batch) goes out as the head and then each
+part, never copied into one buffer.
+
+A worker is not trusted to answer sensibly. Its answer's head is at most
+MAX_HEAD_BYTES, strictly HTTP/1.x with one Content-Length and no other framing; its body
+is at most ANSWER_BASE_BYTES and ANSWER_BYTES_PER_IMAGE per image sent, checked against
+Content-Length before any of it is read; the whole call, however slowly the worker
+trickles its bytes, ends at its deadline; the body is strict JSON (no NaN or Infinity,
+no nesting deep enough to exhaust the parser) and each image's entry is checked and
+rebuilt from what a worker may say (labels are strings, scores and vectors finite
+numbers, no more predictions than asked for). A kept-alive connection is reused only if
+nothing is waiting on it: bytes the worker sent after its last answer are garbage too.
 
 Transport failures become the scheduler's errors here and nowhere else: a refused or
-dropped connection or a malformed answer is WorkerCrashed, a timeout is WorkerTimeout,
-a 4xx is WorkerRejected (the client's input).
+dropped connection or a malformed answer is WorkerCrashed (its message says what was
+wrong), a timeout is WorkerTimeout, a 4xx is WorkerRejected (the client's input).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
+import re
+import reprlib
+import select
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote
 
 from .errors import WorkerCrashed, WorkerRejected, WorkerStartError, WorkerTimeout
 
 MAX_HEADER_LINES = 100
+MAX_HEAD_BYTES = 16 * 1024  # an answer's status line and headers, together
+ANSWER_BASE_BYTES = 2**20  # an answer's body: at most this much...
+ANSWER_BYTES_PER_IMAGE = 2**20  # ...and this much more per image sent (a 20,000-label subset's scores fit)
+MAX_INT = 2**53  # a larger JSON integer is no score, timing or size a worker measures
 ONE_WRITE_LIMIT = 256 * 1024  # above this, the head and each body part go in their own writes, not one copy
+READ_SIZE = 64 * 1024  # one read of an answer's head (a small answer comes whole with it)
 PARTS_HEADER = "X-Wanwu-Parts"  # /predict_batch: each image's length in bytes, comma-separated
 SECRET_HEADER = "X-Wanwu-Secret"  # a TCP worker answers only requests carrying its secret
 CONNECT_TIMEOUT_S = 5.0  # a TCP worker's connect
 
+# HTTP/1.x, a 2xx to 5xx status and a reason without control characters; header fields
+# are a token, a colon and a value without control characters (no folded lines).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # NaN, Infinity and -Infinity are garbage
+_REPR = reprlib.Repr()  # what error messages quote of an answer: short, however deep or long it is
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+
 
 class _Dropped(Exception):
     """The worker closed the connection before answering anything."""
+
+
+class _Malformed(Exception):
+    """The worker's answer is garbage; the message says how ("with ..." or "without ...")."""
 
 
 # What a worker may answer for one image besides its predictions: an embedding model's
@@ -110,8 +148,8 @@ class WorkerClient:
         self.worker_id = worker_id
         self.timeout = timeout
         self._secret_line = f"{SECRET_HEADER}: {secret}\r\n" if secret else ""
-        self._sock: socket.socket | None = None
-        self._reader: BinaryIO | None = None
+        self._sock: socket.socket | None = None  # non-blocking once connected
+        self._readable: select.poll | None = None  # polls the socket for input (and its hang-up)
         self.connections = 0  # connections opened so far (keep-alive shows as 1)
         self.aborted: str | None = None  # why abort() was called: no new connection is made
 
@@ -139,97 +177,178 @@ class WorkerClient:
         return WorkerCrashed(f"worker {self.who} is gone: {self.aborted}", self.worker_id)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._readable = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
-    def _connect(self, timeout: float) -> tuple[socket.socket, BinaryIO]:
+    def _connect(self, deadline: float) -> socket.socket:
+        """The kept-alive connection if nothing waits on it (one poll), else a new one.
+        Raises WorkerCrashed if the worker sent bytes after its last answer."""
         if self.aborted:
             raise self._gone()
-        if self._sock is None or self._reader is None:
-            if isinstance(self.socket_path, str):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(timeout)
-            else:
-                sock = socket.socket(socket.AF_INET6 if ":" in self.socket_path[0] else socket.AF_INET)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # A worker that does not accept within seconds is gone (its node died):
-                # not a slow answer to wait the request's whole timeout for.
-                sock.settimeout(min(timeout, CONNECT_TIMEOUT_S))
-            self._sock = sock  # abort() can break off the connect too
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                self._sock = None
-                sock.close()
-                if isinstance(exc, TimeoutError):
-                    raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
-                raise
-            self._reader = sock.makefile("rb")
-            self.connections += 1
-            if self.aborted:  # abort() ran while this connected: it may not have seen the socket
-                self.close()
-                raise self._gone()
-        self._sock.settimeout(timeout)
-        return self._sock, self._reader
+        if self._sock is not None and self._readable is not None:
+            if not self._readable.poll(0) or not self._drop_idle(self._sock):
+                return self._sock
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left to connect")
+        if isinstance(self.socket_path, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(left)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.socket_path[0] else socket.AF_INET)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A worker that does not accept within seconds is gone (its node died):
+            # not a slow answer to wait the request's whole timeout for.
+            sock.settimeout(min(left, CONNECT_TIMEOUT_S))
+        self._sock = sock  # abort() can break off the connect too
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            self._sock = None
+            sock.close()
+            if isinstance(exc, TimeoutError) and not isinstance(self.socket_path, str):
+                raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
+            raise
+        sock.setblocking(False)
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self.connections += 1
+        if self.aborted:  # abort() ran while this connected: it may not have seen the socket
+            self.close()
+            raise self._gone()
+        return sock
 
-    def _exchange(self, head: bytes, body: Sequence[bytes], size: int, timeout: float) -> tuple[int, bytes, bool]:
-        sock, reader = self._connect(timeout)
-        if size <= ONE_WRITE_LIMIT:
-            sock.sendall(b"".join((head, *body)))
-        else:
-            sock.sendall(head)
-            for part in body:
-                sock.sendall(part)
-        status_line = reader.readline(65537)
-        if not status_line:
-            raise _Dropped
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    def _drop_idle(self, sock: socket.socket) -> bool:
+        """Close a kept-alive connection with something waiting on it, and say so: the
+        worker's hang-up (it closed the idle connection: connect afresh), or bytes it
+        sent after its last answer, which are garbage, as is the worker (WorkerCrashed)."""
+        try:
+            waiting = sock.recv(64, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False  # nothing after all
+        except OSError:
+            waiting = b""
+        self.close()
+        if waiting:
             raise WorkerCrashed(
-                f"worker {self.who} answered a malformed status line: {status_line[:100]!r}", self.worker_id
+                f"worker {self.who} sent bytes after its last answer, unasked: {waiting!r}", self.worker_id
             )
-        length, close = None, parts[0] == b"HTTP/1.0"
-        for _ in range(MAX_HEADER_LINES):
-            line = reader.readline(65537)
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise ConnectionResetError("connection closed inside the headers")
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value.strip())
-            elif name == b"connection":
-                close = value.strip().lower() == b"close"
+        return True
+
+    def _wait(self, sock: socket.socket, deadline: float, writing: bool = False) -> None:
+        """Until ``sock`` can be read (or written), or TimeoutError at ``deadline``."""
+        left = deadline - time.monotonic()
+        if writing:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
         else:
-            raise WorkerCrashed(f"worker {self.who} sent more than {MAX_HEADER_LINES} header lines", self.worker_id)
-        if length is None:
-            raise WorkerCrashed(f"worker {self.who} answered without Content-Length", self.worker_id)
-        payload = reader.read(length)
-        if len(payload) != length:
-            raise ConnectionResetError(f"answer ended after {len(payload)} of {length} bytes")
-        return int(parts[1]), payload, close
+            assert self._readable is not None
+            poller = self._readable
+        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+            raise TimeoutError("the call's deadline passed")
+
+    def _send(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        try:
+            sent = sock.send(data)  # a small request: one write
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            self._wait(sock, deadline, writing=True)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+
+    def _recv(self, sock: socket.socket, deadline: float) -> bytes:
+        while True:
+            self._wait(sock, deadline)
+            try:
+                return sock.recv(READ_SIZE)
+            except BlockingIOError:
+                continue
+
+    def _exchange(
+        self, head: bytes, body: Sequence[bytes], size: int, deadline: float, limit: int
+    ) -> tuple[int, bytearray, bool]:
+        """Send a request; return the answer's status, body (at most ``limit`` bytes)
+        and whether the worker closes the connection after it."""
+        sock = self._connect(deadline)
+        if size <= ONE_WRITE_LIMIT:
+            self._send(sock, b"".join((head, *body)), deadline)
+        else:
+            self._send(sock, head, deadline)
+            for part in body:
+                self._send(sock, part, deadline)
+        buffer = bytearray()
+        while True:
+            try:
+                chunk = self._recv(sock, deadline)
+            except ConnectionResetError:
+                if not buffer:
+                    raise _Dropped from None
+                raise _Malformed(f"with a head cut off after {len(buffer)} bytes (the connection was reset)") from None
+            if not chunk:
+                if not buffer:
+                    raise _Dropped
+                raise _Malformed(f"with a head cut off after {len(buffer)} bytes (the connection closed)")
+            searched = max(0, len(buffer) - 3)
+            buffer += chunk
+            if (end := buffer.find(b"\r\n\r\n", searched)) >= 0:
+                break
+            if len(buffer) >= MAX_HEAD_BYTES:
+                raise _Malformed(f"with a head of more than {MAX_HEAD_BYTES} bytes")
+        if end + 4 > MAX_HEAD_BYTES:
+            raise _Malformed(f"with a head of {end + 4} bytes, more than {MAX_HEAD_BYTES}")
+        status, length, close = _parse_head(buffer[:end])
+        if length > limit:
+            raise _Malformed(f"with a body of {length} bytes, more than the {limit} allowed")
+        got = len(buffer) - end - 4
+        if got > length:
+            raise _Malformed(f"with {got - length} bytes past its Content-Length of {length}")
+        if got == length:
+            del buffer[: end + 4]
+            return status, buffer, close
+        payload = bytearray(length)
+        with memoryview(payload) as view:
+            view[:got] = memoryview(buffer)[end + 4 :]
+            while got < length:
+                self._wait(sock, deadline)
+                try:
+                    count = sock.recv_into(view[got:])
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    count = 0
+                if not count:
+                    raise _Malformed(f"with a body that ended after {got} of {length} bytes (the connection closed)")
+                got += count
+        return status, payload, close
 
     def _request(
-        self, method: str, path: str, body: Sequence[bytes], timeout: float, headers: str = ""
+        self, method: str, path: str, body: Sequence[bytes], timeout: float, headers: str = "", images: int = 0
     ) -> tuple[int, dict[str, Any]]:
-        """Send ``body`` (its parts back to back) with ``headers`` (complete lines);
-        return the status and the JSON answer."""
+        """Send ``body`` (its parts back to back, ``images`` of them images) with
+        ``headers`` (complete lines); return the status and the JSON answer, all within
+        ``timeout``."""
+        deadline = time.monotonic() + timeout
         size = sum(len(part) for part in body)
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: worker\r\nContent-Type: application/octet-stream\r\n"
             f"{self._secret_line}{headers}Content-Length: {size}\r\n\r\n"
         ).encode("ascii")
+        limit = ANSWER_BASE_BYTES + ANSWER_BYTES_PER_IMAGE * images
+        call = f"{method} {path.partition('?')[0]}"
         # A kept-alive connection may have been closed by the worker since its last use:
         # retry once on a fresh connection.
         for attempt in (1, 2):
             reused = self._sock is not None
             try:
-                status, raw, close = self._exchange(head, body, size, timeout)
+                status, raw, close = self._exchange(head, body, size, deadline, limit)
             except TimeoutError as exc:
                 self.close()
                 raise WorkerTimeout(
@@ -237,36 +356,52 @@ class WorkerClient:
                 ) from exc
             except (_Dropped, BrokenPipeError, ConnectionResetError) as exc:
                 self.close()
-                if reused and attempt == 1:  # inference is idempotent: one more try is safe
+                if reused and attempt == 1 and not self.aborted:  # inference is idempotent: one more try is safe
                     continue
-                raise WorkerCrashed(
-                    f"worker {self.who} failed {method} {path}: {type(exc).__name__}: {exc}", self.worker_id
-                ) from exc
-            except (OSError, ValueError) as exc:
+                raise self._failed(call, exc) from exc
+            except (_Malformed, OSError, ValueError) as exc:
                 self.close()
-                raise WorkerCrashed(
-                    f"worker {self.who} failed {method} {path}: {type(exc).__name__}: {exc}", self.worker_id
-                ) from exc
+                raise self._failed(call, exc) from exc
             except WorkerCrashed:
                 self.close()
                 raise
             if close:
                 self.close()
-            try:
-                payload = json.loads(raw)
-                if not isinstance(payload, dict):
-                    raise ValueError(f"expected an object, got {type(payload).__name__}")
-            except ValueError as exc:
-                raise WorkerCrashed(
-                    f"worker {self.who} answered {status} with non-JSON: {raw[:200]!r}", self.worker_id
-                ) from exc
-            return status, payload
+            return status, self._parse(status, raw)
         raise AssertionError("unreachable")
+
+    def _failed(self, call: str, exc: Exception) -> WorkerCrashed:
+        if self.aborted:
+            return self._gone()
+        if isinstance(exc, _Malformed):
+            return WorkerCrashed(f"worker {self.who} answered {call} {exc}", self.worker_id)
+        return WorkerCrashed(f"worker {self.who} failed {call}: {type(exc).__name__}: {exc}", self.worker_id)
+
+    def _parse(self, status: int, raw: bytearray) -> dict[str, Any]:
+        """The answer's JSON object: strict JSON, no NaN or Infinity, not too deep."""
+        try:
+            payload = _DECODER.decode(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise WorkerCrashed(
+                f"worker {self.who} answered {status} with non-JSON ({type(exc).__name__}: {str(exc)[:100]}): "
+                f"{bytes(raw[:100])!r}",
+                self.worker_id,
+            ) from None
+        if not isinstance(payload, dict):
+            raise WorkerCrashed(
+                f"worker {self.who} answered {status} with {_kind(payload)}, not an object: {_clip(payload)}",
+                self.worker_id,
+            )
+        return payload
 
     def health(self, timeout: float = 2.0) -> dict[str, Any]:
         status, payload = self._request("GET", "/healthz", (), timeout)
         if status != 200:
-            raise WorkerCrashed(f"worker {self.who} /healthz answered {status}: {payload}", self.worker_id)
+            raise WorkerCrashed(f"worker {self.who} /healthz answered {status}: {_clip(payload)}", self.worker_id)
+        try:
+            _check_health(payload)
+        except _Malformed as exc:
+            raise WorkerCrashed(f"worker {self.who} answered /healthz {exc}", self.worker_id) from None
         return payload
 
     def predict(
@@ -279,9 +414,14 @@ class WorkerClient:
         payload, elapsed = self._infer(_query("/predict", top_k, scores), [image], timeout)
         timing = payload.get("timing_ms")
         if not _is_result(payload) or "error" in payload or not isinstance(timing, dict):
-            raise WorkerCrashed(f"worker {self.who} answered without predictions: {str(payload)[:200]}", self.worker_id)
-        extra = {key: payload[key] for key in EXTRA_KEYS if key in payload}
-        return WorkerAnswer(payload.get("predictions") or [], timing, elapsed, extra)
+            raise WorkerCrashed(f"worker {self.who} answered without predictions: {_clip(payload)}", self.worker_id)
+        try:
+            entry = _entry(payload, top_k, scores)
+            _check_timing(timing)
+        except _Malformed as exc:
+            raise WorkerCrashed(f"worker {self.who} answered /predict {exc}", self.worker_id) from None
+        extra = {key: entry[key] for key in EXTRA_KEYS if key in entry}
+        return WorkerAnswer(entry.get("predictions") or [], timing, elapsed, extra)
 
     def predict_batch(
         self, images: list[bytes], top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
@@ -294,19 +434,27 @@ class WorkerClient:
         payload, elapsed = self._infer(path, images, timeout, f"{PARTS_HEADER}: {parts}\r\n")
         results, timing = payload.get("results"), payload.get("timing_ms")
         if not isinstance(results, list) or not isinstance(timing, dict):
-            raise WorkerCrashed(f"worker {self.who} answered without results: {str(payload)[:200]}", self.worker_id)
+            raise WorkerCrashed(f"worker {self.who} answered without results: {_clip(payload)}", self.worker_id)
         if len(results) != len(images):
             raise WorkerCrashed(
                 f"worker {self.who} answered {len(results)} results for {len(images)} images", self.worker_id
             )
+        checked = []
         for index, entry in enumerate(results):
             if not _is_result(entry):
                 raise WorkerCrashed(
-                    f"worker {self.who} answered result {index} with neither predictions nor an error: "
-                    f"{str(entry)[:200]}",
+                    f"worker {self.who} answered result {index} with neither predictions nor an error: {_clip(entry)}",
                     self.worker_id,
                 )
-        return WorkerBatchAnswer(results, timing, elapsed)
+            try:
+                checked.append(_entry(entry, top_k, scores))
+            except _Malformed as exc:
+                raise WorkerCrashed(f"worker {self.who} answered result {index} {exc}", self.worker_id) from None
+        try:
+            _check_timing(timing)
+        except _Malformed as exc:
+            raise WorkerCrashed(f"worker {self.who} answered /predict_batch {exc}", self.worker_id) from None
+        return WorkerBatchAnswer(checked, timing, elapsed)
 
     def _infer(
         self, path: str, body: Sequence[bytes], timeout: float | None, headers: str = ""
@@ -314,19 +462,15 @@ class WorkerClient:
         """POST an inference request; return a 200's answer and the round trip in ms.
         A 4xx is WorkerRejected, any other status WorkerCrashed."""
         started = time.perf_counter()
-        status, payload = self._request("POST", path, body, timeout or self.timeout, headers)
+        status, payload = self._request("POST", path, body, timeout or self.timeout, headers, len(body))
         elapsed = round((time.perf_counter() - started) * 1000, 3)
         if status == 200:
             return payload, elapsed
-        raw_error = payload.get("error")
-        error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+        code, message = _error(payload)
         if 400 <= status < 500:
-            raise WorkerRejected(
-                str(error.get("message", payload)), status, str(error.get("code", "bad_input")), self.worker_id
-            )
-        raise WorkerCrashed(
-            f"worker {self.who} answered {status}: {error.get('code')}: {error.get('message')}", self.worker_id
-        )
+            text = message if message is not None else _clip(payload)
+            raise WorkerRejected(text, status, code if code is not None else "bad_input", self.worker_id)
+        raise WorkerCrashed(f"worker {self.who} answered {status}: {code}: {message}", self.worker_id)
 
     def load(self, model_dir: str, timeout: float) -> dict[str, Any]:
         """Turn a stem cell into a worker of the bundle in ``model_dir`` (a directory
@@ -336,18 +480,51 @@ class WorkerClient:
         body = json.dumps({"model": model_dir}).encode("utf-8")
         status, payload = self._request("POST", "/load", [body], timeout)
         if status != 200:
-            raw_error = payload.get("error")
-            error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+            code, message = _error(payload)
             raise WorkerStartError(
-                f"stem cell {self.who} could not load {model_dir}: {error.get('code')}: {error.get('message')}",
-                self.worker_id,
+                f"stem cell {self.who} could not load {model_dir}: {code}: {message}", self.worker_id
             )
+        try:
+            _check_health(payload)
+            if "timing_ms" in payload:
+                _check_timing(payload["timing_ms"])
+        except _Malformed as exc:
+            raise WorkerCrashed(f"stem cell {self.who} answered /load {exc}", self.worker_id) from None
         return payload
 
 
 def _query(path: str, top_k: int, scores: Scores | None) -> str:
     """An inference path with its query: top_k and the raw scores asked for."""
     return f"{path}?top_k={top_k}" + (scores.query() if scores is not None else "")
+
+
+def _parse_head(head: bytearray) -> tuple[int, int, bool]:
+    """An answer's status line and headers (without the blank line): its status,
+    Content-Length, and whether the worker closes the connection after it."""
+    lines = head.split(b"\r\n")
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
+        raise _Malformed(f"with a malformed status line: {bytes(lines[0][:100])!r}")
+    if len(lines) > MAX_HEADER_LINES + 1:
+        raise _Malformed(f"with more than {MAX_HEADER_LINES} header lines")
+    length, close = None, status[1] == b"0"
+    for line in lines[1:]:
+        header = _FIELD.fullmatch(line)
+        if header is None:
+            raise _Malformed(f"with a malformed header line: {bytes(line[:100])!r}")
+        name = header[1].lower()
+        if name == b"content-length":
+            value = header[2]
+            if length is not None or not value.isdigit() or len(value) > 15:
+                raise _Malformed(f"with a bad or second Content-Length: {bytes(value[:30])!r}")
+            length = int(value)
+        elif name == b"connection":
+            close = header[2].lower() == b"close"
+        elif name == b"transfer-encoding":
+            raise _Malformed(f"with Transfer-Encoding {bytes(header[2][:30])!r} (only Content-Length is understood)")
+    if length is None:
+        raise _Malformed("without Content-Length")
+    return int(status[2]), length, close
 
 
 def _is_result(entry: Any) -> bool:
@@ -357,3 +534,110 @@ def _is_result(entry: Any) -> bool:
         or isinstance(entry.get("embedding"), list)
         or isinstance(entry.get("error"), dict)
     )
+
+
+def _entry(entry: dict[str, Any], top_k: int, scores: Scores | None) -> dict[str, Any]:
+    """One image's answer (``_is_result``) checked and rebuilt from what a worker may
+    say: an error, or predictions (at most ``top_k``) and EXTRA_KEYS, with the raw
+    scores ``scores`` asks for. Raises _Malformed naming what is wrong."""
+    error = entry.get("error")
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        if type(code) is not str or type(message) is not str:
+            raise _Malformed(f"with an error whose code and message are not strings: {_clip(error)}")
+        return {"error": {"code": code, "message": message}}
+    checked: dict[str, Any] = {}
+    if entry.get("predictions") is not None:
+        checked["predictions"] = _labelled(entry["predictions"], "predictions", top_k)
+    if entry.get("embedding") is not None:
+        embedding = checked["embedding"] = _numbers(entry["embedding"], "embedding")
+        dim = entry.get("dim", len(embedding))
+        if type(dim) is not int or dim != len(embedding):
+            raise _Malformed(f"with dim {_clip(dim)} for an embedding of {len(embedding)} numbers")
+        checked["dim"] = dim
+    if entry.get("groups") is not None:
+        checked["groups"] = _labelled(entry["groups"], "groups")
+    if scores is not None and "predictions" in checked:
+        logits = _numbers(entry.get("logits"), "logits")
+        if len(logits) != len(scores.labels):
+            raise _Malformed(f"with {len(logits)} raw scores for {len(scores.labels)} labels")
+        if type(entry.get("logits_of")) is not str:
+            raise _Malformed(f"with raw scores whose logits_of is {_clip(entry.get('logits_of'))}, not a string")
+        checked["logits"], checked["logits_of"] = logits, entry["logits_of"]
+    return checked
+
+
+def _labelled(items: Any, what: str, most: int | None = None) -> list[dict[str, Any]]:
+    """``items`` as a list of ``{"label": str, "score": finite number}`` (at most ``most``)."""
+    if type(items) is not list:
+        raise _Malformed(f"with {what} that are {_kind(items)}, not a list")
+    if most is not None and len(items) > most:
+        raise _Malformed(f"with {len(items)} {what} where top_k was {most}")
+    checked = []
+    for index, item in enumerate(items):
+        if type(item) is not dict or type(item.get("label")) is not str or not _number(item.get("score")):
+            raise _Malformed(f"with {what}[{index}] {_clip(item)}, not a string label and a finite score")
+        checked.append({"label": item["label"], "score": item["score"]})
+    return checked
+
+
+def _number(value: Any) -> bool:
+    """A finite number, as JSON gives one (a bool is not one)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -MAX_INT <= value <= MAX_INT
+
+
+_FLOATS = {float}
+
+
+def _numbers(values: Any, what: str) -> list[float]:
+    """``values`` as a list of finite numbers (a vector of floats is checked in C)."""
+    if type(values) is not list:
+        raise _Malformed(f"with {what} that are {_kind(values)}, not a list of numbers")
+    if set(map(type, values)) <= _FLOATS:
+        good = all(map(math.isfinite, values))
+    else:
+        good = all(map(_number, values))
+    if not good:
+        index = next(i for i, value in enumerate(values) if not _number(value))
+        raise _Malformed(f"with {what}[{index}] {_clip(values[index])}, not a finite number")
+    return values
+
+
+def _check_timing(timing: Any) -> None:
+    """A worker's ``timing_ms``: an object of finite numbers."""
+    if type(timing) is not dict:
+        raise _Malformed(f"with timing_ms {_clip(timing)}, not an object")
+    for name, value in timing.items():
+        if not _number(value):
+            raise _Malformed(f"with timing_ms {_clip(name)} {_clip(value)}, not a finite number")
+
+
+def _check_health(health: dict[str, Any]) -> None:
+    """What the pool takes from a worker's health: its status and GPU memory."""
+    if not isinstance(health.get("status", ""), str):
+        raise _Malformed(f"with status {_clip(health['status'])}, not a string")
+    gpu_mb = health.get("gpu_memory_mb")
+    if gpu_mb is not None and not (_number(gpu_mb) and gpu_mb >= 0):
+        raise _Malformed(f"with gpu_memory_mb {_clip(gpu_mb)}, not a finite number of megabytes")
+
+
+def _error(payload: dict[str, Any]) -> tuple[str | None, str | None]:
+    """An error answer's code and message, where they are strings."""
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        return None, None
+    code, message = error.get("code"), error.get("message")
+    return (code if isinstance(code, str) else None), (message if isinstance(message, str) else None)
+
+
+def _kind(value: Any) -> str:
+    """What JSON value ``value`` is, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _clip(value: Any) -> str:
+    """``value`` quoted for a message: short, however deep or long it is."""
+    return _REPR.repr(value)

@@ -59,6 +59,43 @@ def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
     return path
 
 
+def make_garbage_bundle(dest: Path, name: str, kind: str) -> Path:
+    """A TorchScript bundle that loads and warms up like any other but whose answers the
+    gateway must refuse: ``nan`` classifies every picture with NaN scores (its worker
+    answers the NaN JSON does not have); ``wide`` embeds every picture in 300,000
+    numbers, an answer of about 6 MB, over the client's bound for one image."""
+    import torch
+    from torch import nn
+
+    class Nan(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            zeros = torch.zeros(x.shape[0], 2)
+            return zeros / zeros
+
+    class Wide(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ones(x.shape[0], 300_000) + x.mean()
+
+    path = dest / name
+    path.mkdir(parents=True)
+    torch.jit.script({"nan": Nan, "wide": Wide}[kind]()).save(str(path / "model.pt"))
+    if kind == "nan":
+        (path / "labels.txt").write_text("甲\n乙\n", encoding="utf-8")
+    config = {
+        "name": name,
+        "format": "torchscript",
+        "task": "classify" if kind == "nan" else "embed",
+        "input_size": [3, 32, 32],
+        "resize": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "precision": "fp32",
+        "gpu_memory_mb": 0,
+    }
+    (path / "model.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
 def make_broken_bundle(models_dir: Path, name: str) -> Path:
     """A copy of demo-shapes under ``name`` whose model file is not TorchScript: the
     catalog accepts it (it checks files, not weights); loading it fails."""

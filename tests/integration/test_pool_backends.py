@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.errors import WorkerStartError
+from scheduler.errors import WorkerCrashed, WorkerStartError
 from tests.dockerutil import IMAGE, wait_for
 from tests.images import demo_images
-from tests.integration.pools import PoolFactory, make_broken_bundle, white_png
+from tests.integration.pools import PoolFactory, make_broken_bundle, make_garbage_bundle, white_png
 
 pytestmark = pytest.mark.docker
 
@@ -228,3 +228,26 @@ def test_a_broken_bundle_reports_its_logs_and_backs_off(pools: PoolFactory, mode
         assert pool.snapshot().counters["spawn_failures"] == 1
     finally:
         shutil.rmtree(broken)
+
+
+def test_garbage_from_real_workers_is_a_clean_error_and_leaves_the_pool_whole(
+    pools: PoolFactory, models_dir: Path
+) -> None:
+    made = [make_garbage_bundle(models_dir, "nan-scores", "nan"), make_garbage_bundle(models_dir, "too-wide", "wide")]
+    try:
+        pool = pools(max_workers=2)
+        image = next(iter(demo_images().values()))
+        with pytest.raises(WorkerCrashed, match="NaN is not a number"):
+            pool.predict("nan-scores", image)  # on one worker, then on another: both replaced
+        with pytest.raises(WorkerCrashed, match="more than the 2097152 allowed"):
+            pool.predict("too-wide", image)
+        snapshot = pool.snapshot()
+        assert snapshot.reaps["crashed"] == 4
+        assert [w.id for w in snapshot.workers if w.state == "busy"] == []
+        label, image = next(iter(demo_images().items()))
+        answers = [pool.predict("demo-shapes", image), pool.predict("demo-other", image)]  # every slot serves
+        assert [a.predictions[0]["label"] for a in answers] == [label, label]
+        wait_for(lambda: len(pools.running(pool, all=True)) == 2, 15, "the replaced workers to be removed")
+    finally:
+        for bundle in made:
+            shutil.rmtree(bundle)
