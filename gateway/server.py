@@ -53,7 +53,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask
-from waitress.utilities import Error
+from waitress.utilities import BadRequest, Error
 
 from scheduler.backends.factory import build_pool
 from scheduler.pool import WarmPool
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 INBUF_SPOOL_BYTES = 256 * 1024  # a body past this is spooled to a temporary file
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers: room for a ?labels= list of a few hundred labels
+MAX_CHUNK_LINE_BYTES = 4096  # a chunked body's size line (waitress keeps it in memory and rescans it)
+MAX_TRAILER_BYTES = 8192
 LINGER_S = 2.0  # after an error answer, how long unread input is drained before the close
 GUARD_INTERVAL_S = 0.25  # how often the guards look at every connection
 ERROR_CODES = {
@@ -211,6 +213,7 @@ class GuardedChannel(HTTPChannel):  # type: ignore[misc]
         self.sized = False  # its body's length checked against its route
         self.quiet_since = time.monotonic()  # opened, or its last answer was handed over
         self.sent_at = 0.0  # the last time some of an answer went out
+        self.pending_since: float | None = None  # answer bytes waiting to go out since
         self.lingering_until: float | None = None
         self.linger = False  # drain unread input before closing (after an error answer)
         self.key = peer_key(addr[0]) if isinstance(addr, tuple) else str(addr)
@@ -230,7 +233,17 @@ class GuardedChannel(HTTPChannel):  # type: ignore[misc]
             self.began = now if self.request is not None else None
             self.headers_at, self.sized = None, False
         request = self.request
+        if request is None or (not request.headers_finished and not request.header_plus.strip()):
+            self.began = None  # nothing, or only blank lines (a client's stray CRLF): idle, on the keep-alive clock
         if request is not None and request.headers_finished and not request.completed:
+            receiver = request.body_rcv
+            if (
+                request.chunked
+                and receiver is not None
+                and (len(receiver.control_line) > MAX_CHUNK_LINE_BYTES or len(receiver.trailer) > MAX_TRAILER_BYTES)
+            ):
+                self.answer_error(BadRequest("a chunk-size line or trailer that does not end"))
+                return accepted
             if self.headers_at is None:
                 self.headers_at = now
             limit, what = self.server.limits.body_limit(request.path or "")
@@ -312,6 +325,19 @@ class GuardedChannel(HTTPChannel):  # type: ignore[misc]
             self.server.closed(self)
         super().del_channel(map)
 
+    def has_input(self) -> bool:
+        """Bytes (a request) waiting in the socket that the loop has not read yet."""
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+
+    def closable(self) -> bool:
+        """Idle, and closing it now loses nothing (no unread request to be reset)."""
+        return self.idle() and not self.has_input()
+
     def refuse(self, answer: bytes) -> None:
         """Answer a connection the server will not serve, then close it."""
         with self.outbuf_lock:
@@ -322,7 +348,7 @@ class GuardedChannel(HTTPChannel):  # type: ignore[misc]
 
     def idle(self) -> bool:
         return (
-            self.request is None
+            (self.request is None or not self.request.header_plus.strip())
             and self.began is None
             and not self.requests
             and not self.total_outbufs_len
@@ -395,18 +421,22 @@ class FrontServer(TcpWSGIServer):  # type: ignore[misc]
             return
         channel = GuardedChannel(self, conn, addr, self.adj, map=self._map)
         limits = self.limits
-        if self.stats.open > limits.max_connections and not self._reclaim(channel):
-            self.stats.count("refused", "connections")
-            message = f"the gateway has {limits.max_connections} connections open; retry shortly"
-            channel.refuse(canned(503, "Service Unavailable", message, retry_after=1))
-        elif not channel.trusted and self.per_client[channel.key] > limits.max_per_client:
+        if not channel.trusted and self.per_client[channel.key] > limits.max_per_client:
             self.stats.count("refused", "per_client")
             message = f"{channel.key} has {limits.max_per_client} connections open; reuse one (keep-alive)"
             channel.refuse(canned(429, "Too Many Requests", message, retry_after=1))
+        elif self.stats.open > limits.max_connections and not self._reclaim(channel):
+            self.stats.count("refused", "connections")
+            message = f"the gateway has {limits.max_connections} connections open; retry shortly"
+            channel.refuse(canned(503, "Service Unavailable", message, retry_after=1))
+
+    def handle_error(self) -> None:
+        """waitress's default closes the listening socket: log and keep listening."""
+        log.exception("unexpected error while accepting a connection")
 
     def _reclaim(self, newcomer: GuardedChannel) -> bool:
         """Close the longest-idle keep-alive connection to make room; False if none is idle."""
-        idle = [c for c in self.active_channels.values() if c is not newcomer and c.idle()]
+        idle = [c for c in self.active_channels.values() if c is not newcomer and c.closable()]
         if not idle:
             return False
         min(idle, key=lambda c: c.quiet_since).close_now()
@@ -422,13 +452,19 @@ class FrontServer(TcpWSGIServer):  # type: ignore[misc]
                 if now >= channel.lingering_until:
                     channel.close_now()
                 continue
-            if channel.requests:
-                continue  # a thread has it
             if channel.total_outbufs_len:
-                if now - max(channel.sent_at, channel.quiet_since) > limits.header_timeout_s:
+                # A client that stops reading, whether or not a thread still writes to it
+                # (pipelined requests answered into a buffer nobody reads: the thread
+                # blocks at waitress's high watermark until this close wakes it).
+                if channel.pending_since is None:
+                    channel.pending_since = now
+                if now - max(channel.sent_at, channel.pending_since) > limits.header_timeout_s:
                     self.stats.count("timed_out", "send")
                     channel.close_now()
                 continue
+            channel.pending_since = None
+            if channel.requests:
+                continue  # a thread has it
             if channel.began is not None and channel.headers_at is None:
                 if now - channel.began > limits.header_timeout_s:
                     self.stats.count("timed_out", "header")
@@ -462,7 +498,7 @@ class FrontServer(TcpWSGIServer):  # type: ignore[misc]
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             for channel in list(self.active_channels.values()):
-                if channel.idle():
+                if channel.closable():
                     channel.close_now()
             if not self.active_channels:
                 break
@@ -488,6 +524,8 @@ class GatewayServer:
         name = signal.Signals(signum).name
         if self._building:
             log.info("%s during start-up: stopping", name)
+            self._building = False
+            self._stop_asked.set()  # a second signal must not break into the clean-up this starts
             raise SystemExit(128 + signum)
         if self._stop_asked.is_set():
             log.info("%s again: already stopping (in-flight requests have %g s)", name, self.settings.shutdown_grace_s)
@@ -496,6 +534,7 @@ class GatewayServer:
         self._stop_asked.set()
 
     def run(self) -> None:
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every queued request
         raise_fd_limit(3 * self.settings.http_max_connections + 256)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signalled)

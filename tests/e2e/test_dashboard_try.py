@@ -19,7 +19,16 @@ from typing import Any
 import docker
 import pytest
 import requests
-from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    FileChooser,
+    Page,
+    Request,
+    Response,
+    expect,
+    sync_playwright,
+)
 
 from tests.gatewayproc import running_gateway
 from tests.images import demo_images
@@ -131,6 +140,10 @@ def test_try_a_photo_picked_dropped_and_refused(
     settings = {"backend": "process", "stem_cells": "0", "max_workers": "2"}
     pictures = list(demo_images().values())
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    # Listened for from the start: the browser intercepts file choosers only once told
+    # to, and telling it just before the key press races the dialog (a CI flake).
+    choosers: list[FileChooser] = []
+    page.on("filechooser", choosers.append)
     with running_gateway(workdir, docker_client, **settings) as gw:
         watch = Watch(page, gw.url)
         listed = requests.get(gw.url + "/v1/models", timeout=10).json()["models"]
@@ -195,10 +208,14 @@ def test_try_a_photo_picked_dropped_and_refused(
 
         # The drop zone is a button: Enter opens the file picker; English labels ask with ?lang=en.
         drop.focus()
-        with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Enter")
+        page.keyboard.press("Enter")
+        for _ in range(300):
+            if choosers:
+                break
+            page.wait_for_timeout(100)
+        assert choosers, "Enter on the drop zone opened no file chooser"
         with page.expect_response(is_predict, timeout=COLD_MS) as third:
-            chooser.value.set_files(files=[{"name": "third.png", "mimeType": "image/png", "buffer": pictures[2]}])
+            choosers[-1].set_files(files=[{"name": "third.png", "mimeType": "image/png", "buffer": pictures[2]}])
         assert third.value.status == 200
         shows(page, third.value.json())
         with page.expect_response(is_predict, timeout=COLD_MS) as english:

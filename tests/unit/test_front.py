@@ -117,8 +117,8 @@ def wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
 
 def test_a_head_that_stalls_gets_a_json_408_and_the_connection_closes(front: Front) -> None:
     with front.connect() as sock:
-        sock.sendall(b"GET /heal")
         began = time.monotonic()
+        sock.sendall(b"GET /heal")
         status, headers, body = read_answer(sock)
     assert status == 408 and headers["content-type"] == "application/json"
     error = json.loads(body)["error"]
@@ -128,14 +128,27 @@ def test_a_head_that_stalls_gets_a_json_408_and_the_connection_closes(front: Fro
     assert front.stats.timed_out["header"] == 1
 
 
-def test_blank_lines_do_not_reset_the_heads_clock(front: Front) -> None:
+def test_blank_lines_are_idle_and_close_on_the_keepalive_clock(front: Front) -> None:
+    """A stray CRLF after a request is not a new request: no 408 for it later, and a
+    client sending nothing else is closed at the keep-alive time all the same."""
     with front.connect() as sock:
         sock.settimeout(10)
-        for _ in range(4):  # a blank line every 0.4 s: each on its own is a valid preamble
-            sock.sendall(b"\r\n")
-            time.sleep(0.4)
-        status, _, _ = read_answer(sock)
-    assert status == 408
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
+        began = time.monotonic()
+        received = b""
+        try:
+            while time.monotonic() - began < 6:
+                sock.sendall(b"\r\n")  # a blank line every 0.3 s
+                time.sleep(0.3)
+        except OSError:
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+    assert received.count(b"HTTP/1.1 ") == 1 and b" 200 " in received.split(b"\r\n")[0]
+    assert front.stats.timed_out["idle"] == 1 and front.stats.timed_out["header"] == 0
 
 
 def test_a_body_slower_than_the_floor_gets_a_408_that_the_client_reads(front: Front) -> None:
@@ -248,7 +261,7 @@ def test_at_the_bound_an_idle_connection_makes_room_else_a_503() -> None:
             sock = front.connect()
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")
             busy.append(sock)
-        wait_for(lambda: front.stats.open == 3)
+        wait_for(lambda: sum(c.began is not None for c in list(front.server.active_channels.values())) == 3)
         with front.connect() as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             status, headers, body = read_answer(sock)
@@ -287,8 +300,7 @@ def test_the_drain_finishes_a_request_in_flight() -> None:
         target=lambda: answers.append(requests.get(f"http://127.0.0.1:{server.effective_port}/slow", timeout=10))
     )
     client.start()
-    wait_for(lambda: stats.open == 1)
-    time.sleep(0.2)
+    wait_for(lambda: any(c.requests for c in list(server.active_channels.values())))  # a thread has it
     stop.set()
     time.sleep(0.5)
     with pytest.raises(OSError):  # no longer accepting
@@ -328,3 +340,57 @@ def test_accepted_connections_have_nagle_off(front: Front) -> None:
         wait_for(lambda: front.stats.open == 1)
         (channel,) = front.server.active_channels.values()
         assert channel.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_pipelined_requests_whose_answers_are_never_read_do_not_hold_threads() -> None:
+    """Hundreds of pipelined requests in one write, answers never read: the thread
+    answering them blocks at waitress's output high watermark until the send clock
+    closes the connection; the app goes on answering others."""
+    with running(threads=2) as front:
+        hogs = []
+        for _ in range(2):
+            sock = front.connect()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # 32 MB of answers, never read
+            hogs.append(sock)
+        wait_for(lambda: front.stats.timed_out["send"] == 2, timeout=20)
+        assert requests.get(f"{front.url}/healthz", timeout=5).status_code == 200
+        for sock in hogs:
+            sock.close()
+
+
+def test_a_chunk_size_line_that_never_ends_is_a_400(front: Front) -> None:
+    with front.connect() as sock:
+        sock.sendall(b"POST /v1/models/m/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(8):
+                sock.sendall(b"f" * 1024)
+        except OSError:
+            pass
+        status, _, body = read_answer(sock)
+    assert status == 400 and "chunk" in json.loads(body)["error"]["message"]
+
+
+def test_a_fresh_connection_with_its_request_unread_is_not_reclaimed() -> None:
+    """At the bound only a connection that is idle and has nothing waiting is closed to
+    make room; one whose request is still in the socket would get a reset."""
+    gate, stop, stats = threading.Event(), threading.Event(), FrontStats()
+    server = FrontServer(small_app(gate), "127.0.0.1", 0, 2, replace(LIMITS, max_connections=1, keepalive_s=30), stats)
+    first = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+    first.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    second = socket.create_connection(("127.0.0.1", server.effective_port), timeout=10)
+    second.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    server.handle_accept()  # both accepted before the loop reads either: the first looks idle
+    server.handle_accept()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set, 3.0), daemon=True)
+    thread.start()
+    try:
+        first_status, _, _ = read_answer(first)
+        second_status, _, _ = read_answer(second)
+    finally:
+        stop.set()
+        thread.join(10)
+        first.close()
+        second.close()
+    assert first_status == 200 and second_status == 503
+    assert stats.reclaimed == 0
