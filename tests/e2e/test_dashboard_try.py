@@ -143,7 +143,7 @@ def test_try_a_photo_picked_dropped_and_refused(
     # Listened for from the start: the browser intercepts file choosers only once told
     # to, and telling it just before the key press races the dialog (a CI flake).
     choosers: list[FileChooser] = []
-    page.on("filechooser", choosers.append)
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     with running_gateway(workdir, docker_client, **settings) as gw:
         watch = Watch(page, gw.url)
         listed = requests.get(gw.url + "/v1/models", timeout=10).json()["models"]
