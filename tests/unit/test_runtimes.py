@@ -21,6 +21,7 @@ from wanwu_worker.demo.export import export_onnx, export_program
 from wanwu_worker.errors import BundleError, InputError
 from wanwu_worker.predictor import Predictor
 from wanwu_worker.preprocess import preprocess
+from wanwu_worker.runtimes import PRIMER_ONNX, prime_onnxruntime
 from wanwu_worker.server import WorkerServer
 from wanwu_worker.stem import Stem
 
@@ -347,6 +348,7 @@ def test_a_stem_cell_loads_every_format_and_task(model_files: dict[str, Path], t
     make_bundle(tmp_path / "onnx-embed", model_files["onnx"], "onnx", "embed", embedding_dim=4)
     make_bundle(tmp_path / "export", model_files["export"], "export")
     stem = Stem(tmp_path, device="cpu")
+    assert stem.onnxruntime  # primed while it waits: onnxruntime is installed here
     embed = stem.load("onnx-embed")
     assert embed.predict(picture(1)).result["dim"] == 4
     assert len(stem.load("export").predict(picture(1), top_k=2).predictions) == 2
@@ -381,6 +383,7 @@ def test_check_prints_one_json_line(
     assert report["embedding_dim"] == (4 if task == "embed" else None)
     assert report["max_batch_size"] == 4
     assert report["load_ms"] > 0 and report["first_ms"] > 0 and report["peak_rss_mb"] > 0
+    assert report["infer_ms"] > 0  # the median of five warm requests
     assert report["gpu_memory_mb"] is None and report["gpu_memory_method"] is None
 
 
@@ -402,3 +405,39 @@ def test_predict_mode_prints_embeddings(model_files: dict[str, Path], tmp_path: 
     [line] = capsys.readouterr().out.splitlines()
     answer = json.loads(line)
     assert status == 0 and set(answer) == {"file", "embedding", "dim"} and answer["dim"] == 4
+
+
+def test_the_primer_is_the_one_node_model_onnx_helper_writes() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "p",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    assert model.SerializeToString() == PRIMER_ONNX
+    assert prime_onnxruntime(torch.device("cpu")) is True
+
+
+class WarmUpRecorder(Predictor):
+    """Remembers the size of every batch it runs, the warm-up's included."""
+
+    def predict_batch(self, images: list[bytes], top_k: int = 5, labels: tuple[str, ...] | None = None) -> Any:
+        self.sizes = [*getattr(self, "sizes", []), len(images)]
+        return super().predict_batch(images, top_k, labels)
+
+
+def test_an_onnx_model_warms_up_once_and_only_the_smallest_batch(model_files: dict[str, Path], tmp_path: Path) -> None:
+    """onnxruntime optimises at load, not on first runs: its warm-up is one pass of each
+    kind; the torch formats' runs the largest batch too (tests/unit/test_batch.py)."""
+    onnx_bundle = make_bundle(tmp_path / "o", model_files["onnx"], "onnx", batching={"max_batch_size": 8})
+    torch_bundle = make_bundle(
+        tmp_path / "t", model_files["torchscript"], "torchscript", batching={"max_batch_size": 8}
+    )
+    assert WarmUpRecorder(load_bundle(onnx_bundle), device="cpu").sizes == [2]
+    assert WarmUpRecorder(load_bundle(torch_bundle), device="cpu").sizes == [2, 2, 8, 8]

@@ -206,18 +206,26 @@ class Predictor:
         """Images one ``/predict_batch`` may carry: the bundle's batching limit, else 1."""
         return self.bundle.batching.max_batch_size if self.bundle.batching is not None else 1
 
-    def _warm_up(self, passes: int = 3, batch_passes: int = 2) -> None:
-        """Run whole requests (JPEG and PNG) before serving: TorchScript optimises its
-        graph on the first runs and Pillow imports decoders on first use, which made the
+    def _warm_up(self) -> None:
+        """Run whole requests (JPEG and PNG) before serving: Pillow imports decoders on
+        first use, and TorchScript optimises its graph on the first runs, which made the
         first real request after a cold start ten times slower than the next.
 
-        With batching, also run batches of 2 and of the largest size: the first batch
-        pays for the batched kernels' set-up (oneDNN on the CPU, where one image takes
-        another path) and the largest for growing the allocator; on a GPU, TorchScript's
-        fuser also specialises on the first shapes it sees. Every size in between is then
-        about as fast on its first run as later (on 2 CPU cores, sizes 3 and 7 were 2-3
-        times slower on their first run without this). Warming every size instead made
-        each cold start about 0.6 s longer for the demo model."""
+        With batching, also run batches of 2 and, for the torch formats, of the largest
+        size: the first batch pays for the batched kernels' set-up (oneDNN on the CPU,
+        where one image takes another path) and the largest for growing the allocator;
+        on a GPU, TorchScript's fuser also specialises on the first shapes it sees.
+        Every size in between is then about as fast on its first run as later (on 2 CPU
+        cores, sizes 3 and 7 were 2-3 times slower on their first run without this).
+
+        An ONNX model needs one pass of each: onnxruntime optimises its graph when the
+        session is made, not on the first runs, and the largest batch only grows its
+        arena. For the general model on one thread the two passes of 16 cost 0.5 s of
+        every cold start, to spare the first full batch 0.07-0.14 s (it takes 0.33-0.41 s
+        against 0.26-0.30 s for the next, 2 CPU cores): a cold start waits for the
+        warm-up, a batch can wait."""
+        onnx = self.bundle.format == "onnx"
+        passes, batch_passes = (1, 1) if onnx else (3, 2)
         side = max(self.bundle.resize, *self.bundle.crop)
         picture = Image.new("RGB", (side + side // 3, side), (90, 140, 200))
         samples = []
@@ -228,7 +236,8 @@ class Predictor:
         for _ in range(passes):
             for data in samples:
                 self.predict(data, 1)
-        for size in sorted({min(2, self.max_batch_size), self.max_batch_size} - {1}):
+        sizes = {min(2, self.max_batch_size)} if onnx else {min(2, self.max_batch_size), self.max_batch_size}
+        for size in sorted(sizes - {1}):
             for _ in range(batch_passes):
                 self.predict_batch([samples[i % len(samples)] for i in range(size)], 1)
         self.requests = 0

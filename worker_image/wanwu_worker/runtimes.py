@@ -5,7 +5,8 @@ device to a tensor (N, K) on it.
 - ``torchscript`` (model.pt): ``torch.jit.load``.
 - ``export`` (model.pt2): a ``torch.export`` program, its graph moved to the device.
 - ``onnx`` (model.onnx): an onnxruntime session (CUDA, then CPU, on a GPU), fed numpy.
-  onnxruntime is imported only for an ONNX bundle, so the others never pay for it.
+  onnxruntime is imported only for an ONNX bundle, so the others never pay for it, and
+  by a stem cell while it waits (``prime_onnxruntime``), before it knows its model.
 
 A model whose output is (N, K, 1, 1) and the like is flattened to (N, K); any other
 shape is a BundleError naming it.
@@ -162,6 +163,35 @@ def _onnx(path: Path, device: torch.device, dtype: torch.dtype) -> Model:
             "or set WANWU_DEVICE=cpu"
         )
     return OnnxModel(session, path, device)
+
+
+# The smallest ONNX model: one Relu on a float tensor of shape [1] (IR version 8, opset 13),
+# as onnx.helper serialises it (tests/unit/test_runtimes.py rebuilds it). A stem cell makes
+# a session of it while it waits, so onnxruntime's environment, thread pools and CPU kernel
+# registry exist before the first real model's load.
+PRIMER_ONNX = (
+    b'\x08\x08:3\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x01pZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n'
+    b"\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
+
+
+def prime_onnxruntime(device: torch.device) -> bool:
+    """Import onnxruntime and run a one-node session: what every ONNX load would
+    otherwise pay first (about 0.1 s on 2 CPU cores, most of it loading the library).
+    False where onnxruntime is not installed; the stem cell serves torch bundles then."""
+    if device.type == "cuda":
+        _preload_cuda_libraries()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(PRIMER_ONNX, sess_options=options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": torch.zeros(1).numpy()})
+    return True
 
 
 def providers(model: Model) -> list[str] | None:

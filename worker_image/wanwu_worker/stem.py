@@ -1,9 +1,11 @@
-"""A stem cell: a worker with the runtime imported (and, on a GPU, the CUDA context
-made) but no model yet. ``load`` turns it into a worker of any bundle under the models
+"""A stem cell: a worker with the runtime imported (torch, and onnxruntime with a first
+session made where it is installed; on a GPU, the CUDA context made; Pillow's decoders
+and the preprocessing kernels run once) but no model yet. ``load`` turns it into a worker of any bundle under the models
 root, with the same loading, checks and warm-up as a worker started for that model."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -13,7 +15,8 @@ import torch
 
 from .bundle import check_name, load_bundle
 from .predictor import Predictor, choose_device
-from .preprocess import DEFAULT_MAX_PIXELS
+from .preprocess import DEFAULT_MAX_PIXELS, decode, normalise, resize_and_crop, to_pixels
+from .runtimes import prime_onnxruntime
 
 MODELS_ROOT = "/models"
 
@@ -38,6 +41,8 @@ class Stem:
         self.max_pixels = max_pixels
         self.threads = threads
         self.preprocess_threads = preprocess_threads
+        self.onnxruntime = prime_onnxruntime(self.device)
+        _prime_images(self.device)
         self.ready_ms = round((time.perf_counter() - started) * 1000, 3)
 
     def load(self, directory: str) -> Predictor:
@@ -67,3 +72,18 @@ class Stem:
             "threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
+
+
+def _prime_images(device: torch.device) -> None:
+    """Decode a JPEG and a PNG and run them through the preprocessing path once: Pillow
+    imports its decoders and torch sets up those kernels on first use, which the first
+    model's warm-up would otherwise pay for after the request arrived."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (96, 64), (90, 140, 200))
+    scale = torch.full((3,), 0.5, device=device)
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        picture.save(buffer, fmt)
+        pixels = to_pixels(resize_and_crop(decode(buffer.getvalue(), draft=(64, 64)), 64, (56, 56)))
+        normalise(pixels.unsqueeze(0).to(device), scale, scale)
