@@ -405,6 +405,88 @@ def _trace_options(func: F) -> F:
     return click.argument("trace", type=click.Path(exists=True))(func)
 
 
+class _ProfileFigure(click.Option):
+    """A ``wanwu tune`` option that defaults to the profile's figure: the general model's
+    (scheduler.sim.GENERAL_PROFILE, shown in --help and read only then, so the CLI starts
+    without the simulator) or --profile's."""
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        from scheduler.sim import GENERAL_PROFILE
+
+        extra = super().get_help_extra(ctx)
+        name = self.name or ""
+        unit = "MB" if name.endswith("_mb") else "ms"
+        extra["default"] = f"{getattr(GENERAL_PROFILE, name):g} {unit}, the general model's; or --profile's"
+        return extra
+
+
+def _figure_or_trace(ctx: click.Context, param: click.Parameter, raw: str | None) -> float | str | None:
+    """A number >= 0, or ``trace``: each model's own figure from the trace; None when not given."""
+    if raw is None:
+        return None
+    text = raw.strip().lower()
+    if text == "trace":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number < float("inf"):  # also refuses nan and inf
+        raise click.BadParameter(f"{raw!r}: expected a number >= 0, or 'trace' (each model's own, from the trace)")
+    return number
+
+
+def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None) -> tuple[Any, str] | None:
+    """``--profile PATH``: (the bundle's Profile, where it came from), or None."""
+    if raw is None:
+        return None
+    from scheduler.sim import load_bundle_profile
+    from scheduler.tuning import TuneError
+
+    try:
+        return load_bundle_profile(raw)
+    except TuneError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "stem_memory_mb")
+
+
+def _tune_profile(
+    bundle: tuple[Any, str] | None,
+    access_log: bool,
+    infer_ms: float | str | None,
+    memory_mb: float | str | None,
+    figures: dict[str, float | None],
+) -> tuple[Any, str]:
+    """The Profile ``wanwu tune`` simulates, and where it came from in words: flags over
+    --profile over the general model, except that an access log's inference is its own
+    (it holds the model's times) unless --infer-ms or --profile says otherwise; "trace"
+    leaves a figure to the trace, model by model."""
+    from dataclasses import replace
+
+    from scheduler.sim import GENERAL_PROFILE
+
+    base, source = bundle or (GENERAL_PROFILE, "the general model (make bench, 2 vCPUs)")
+
+    def figure(flag: float | str | None, default: float | None) -> float | None:
+        return default if flag is None else None if flag == "trace" else float(flag)
+
+    given = {name: value for name, value in figures.items() if value is not None}
+    flags = [
+        name for name, value in {**given, "infer_ms": infer_ms, "memory_mb": memory_mb}.items() if value is not None
+    ]
+    if flags:
+        source += ", with " + ", ".join("--" + name.replace("_", "-") for name in flags)
+    profile = replace(
+        base,
+        **given,
+        infer_ms=figure(infer_ms, None if access_log and bundle is None else base.infer_ms),
+        memory_mb=figure(memory_mb, base.memory_mb),
+    )
+    return profile, source
+
+
 @cli.command()
 @_trace_options
 @click.option(
@@ -434,44 +516,52 @@ def _trace_options(func: F) -> F:
     help="Stem cells kept ready, to try (WANWU_STEM_CELLS).",
 )
 @click.option(
+    "--profile",
+    "bundle",
+    type=click.Path(exists=True),
+    callback=_bundle_profile,
+    help="A bundle directory or its bundle_report.json (wanwu bundle create|check): its measured load, "
+    "warm-up, inference and GPU memory in place of the general model's; flags below still override.",
+)
+@click.option(
     "--load-ms",
-    default=150.0,
-    show_default=True,
+    cls=_ProfileFigure,
     type=click.FloatRange(min=0),
     help="A stem cell's model load and warm-up (a stem cell starts in --spawn-ms less this).",
 )
 @click.option(
     "--stem-memory-mb",
-    default=500.0,
-    show_default=True,
+    cls=_ProfileFigure,
     type=click.FloatRange(min=0),
     help="GPU memory a waiting stem cell holds (the CUDA context).",
 )
 @click.option(
     "--spawn-ms",
-    default=1700.0,
-    show_default=True,
+    cls=_ProfileFigure,
     type=click.FloatRange(min=0),
     help="Cold start-up time of a worker (measure yours: make bench, or wanwu replay).",
 )
 @click.option(
     "--stop-ms",
-    default=300.0,
-    show_default=True,
+    cls=_ProfileFigure,
     type=click.FloatRange(min=0),
     help="Time to stop and remove a worker (it holds its slot meanwhile).",
 )
 @click.option(
     "--infer-ms",
-    default=None,
-    type=click.FloatRange(min=0),
-    help="Every request's inference time [default: the trace's own durations per model].",
+    cls=_ProfileFigure,
+    callback=_figure_or_trace,
+    metavar="NUMBER|trace",
+    help="Every request's inference time; 'trace': each model's own durations from the trace (an Azure "
+    "function's run.csv, minutes for some). An access log's default is its own worker times per model.",
 )
 @click.option(
     "--memory-mb",
-    default=None,
-    type=click.FloatRange(min=0),
-    help="GPU memory of every worker [default: the trace's memory per model].",
+    cls=_ProfileFigure,
+    callback=_figure_or_trace,
+    metavar="NUMBER|trace",
+    help="GPU memory a worker holds; 'trace': each model's from the trace (an Azure trace's mem.csv is "
+    "its functions' host memory, not a model's GPU memory; an access log has none).",
 )
 @click.option("--queue-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--queue-max", default=64, show_default=True, type=click.IntRange(min=1))
@@ -514,12 +604,13 @@ def tune(
     ttl: list[float],
     keepalive: list[str],
     stems: list[int],
-    load_ms: float,
-    stem_memory_mb: float,
-    spawn_ms: float,
-    stop_ms: float,
-    infer_ms: float | None,
-    memory_mb: float | None,
+    bundle: tuple[Any, str] | None,
+    load_ms: float | None,
+    stem_memory_mb: float | None,
+    spawn_ms: float | None,
+    stop_ms: float | None,
+    infer_ms: float | str | None,
+    memory_mb: float | str | None,
     queue_timeout_s: float,
     queue_max: int,
     tick_s: float,
@@ -533,54 +624,72 @@ def tune(
 ) -> None:
     """Replay TRACE through the pool simulator over a grid of N, TTL and keep-alive policy.
 
-    TRACE is a directory in the Azure Functions 2019 format (inv.csv, run.csv, mem.csv;
-    each function is a model) or the gateway's JSON access log (WANWU_ACCESS_LOG).
+    TRACE is a directory in the Azure Functions 2019 format (inv.csv, run.csv, mem.csv)
+    or the gateway's JSON access log (WANWU_ACCESS_LOG). Each function of an Azure trace
+    is treated as a separate model with one and the same profile: the general model's
+    spawn, load, inference and GPU memory (or --profile's), so N workers are shared by
+    as many "models" as the trace has functions (50 in the Azure sample), each needing
+    its own warm worker. The trace gives when each model is asked for; --infer-ms trace
+    and --memory-mb trace take each function's own durations and memory instead. An
+    access log's inference times are the model's own and are used unless --infer-ms or
+    --profile says otherwise. The stderr header says which profile was used.
+
     Prints cold-start rate, 503 rate, latency and idle cost for every point, marks the
-    Pareto front (cold starts against idle GB-hours) and recommends the cheapest point
-    that meets the target.
+    Pareto front (cold starts against idle GB-hours, among the points within the 503
+    target; the others are marked "rejects") and recommends the cheapest point that
+    meets the target.
     """
     import json
     import os
+    from pathlib import Path
 
     from scheduler import tuning
     from scheduler.core import CoreConfig
-    from scheduler.sim import Grid, Profile, run_grid
+    from scheduler.sim import Grid, run_grid
     from scheduler.traces import load_trace
 
     loaded = load_trace(trace, max_per_day=max_per_day, minutes=minutes, seed=seed)
     if not loaded.arrivals:
         raise tuning.TuneError(f"{trace}: no requests left to replay (check --max-per-day and --minutes)")
     target = tuning.Target(max_cold_rate, max_p99_ms, max_reject_rate, max_idle_gb_h)
-    if memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
+    access_log = not Path(trace).is_dir()
+    figures = {"spawn_ms": spawn_ms, "load_ms": load_ms, "stop_ms": stop_ms, "stem_memory_mb": stem_memory_mb}
+    profile, source = _tune_profile(bundle, access_log, infer_ms, memory_mb, figures)
+    if profile.memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
         click.echo("wanwu tune: the trace has no memory figures, so idle GB-hours are 0; pass --memory-mb", err=True)
     grid = Grid(workers, ttl, keepalive, stems)
     base = CoreConfig(capacity=1, default_ttl_s=30, queue_max=queue_max)
-    profile = Profile(spawn_ms, stop_ms, infer_ms, memory_mb, load_ms=load_ms, stem_memory_mb=stem_memory_mb)
     size = len(workers) * len(ttl) * len(keepalive) * len(stems)
+    models = len(loaded.models())
     click.echo(
-        f"wanwu tune: {len(loaded.arrivals)} requests to {len(loaded.models())} models over "
-        f"{loaded.span_s / 3600:.1f} h, {size} points",
+        f"wanwu tune: {len(loaded.arrivals)} requests to {models} models over {loaded.span_s / 3600:.1f} h "
+        f"({'access log' if access_log else 'Azure Functions trace'}), {size} points\n"
+        f"wanwu tune: each of the {models} models as {source}: {profile.describe()}",
         err=True,
     )
     with click.progressbar(length=size, label="simulating", file=sys.stderr) as bar:
         points, speed = run_grid(
             loaded, grid, profile, base, queue_timeout_s, tick_s or None, seed, jobs or os.cpu_count() or 1, bar.update
         )
-    front = tuning.pareto_front(points)
+    front = tuning.pareto_front(points, max_reject_rate)
     chosen, reason = tuning.recommend(points, target)
     if plot_file:
-        tuning.plot(points, front, chosen, plot_file, title=f"wanwu tune: {trace}")
+        tuning.plot(points, front, chosen, plot_file, title=f"wanwu tune: {trace}", max_reject_rate=max_reject_rate)
     if as_json:
         extra = {
             "trace": trace,
             "requests": len(loaded.arrivals),
             "models": len(loaded.models()),
+            "profile": {"source": source, **{key: getattr(profile, key) for key in _PROFILE_FIGURES}},
             "simulated_requests_per_s": round(speed),
         }
         click.echo(json.dumps(tuning.report_json(points, chosen, target, reason, extra), ensure_ascii=False))
         return
-    click.echo(tuning.format_table(points, front, chosen))
-    click.echo("\n* on the Pareto front (no other point has fewer cold starts for less idle memory)")
+    click.echo(tuning.format_table(points, front, chosen, max_reject_rate))
+    click.echo(
+        f"\n* on the Pareto front (no other point within the 503 target has fewer cold starts for less idle "
+        f"memory); rejects: more 503s than {max_reject_rate * 100:g}%, off the front and never recommended"
+    )
     for line in tuning.compare_keepalive(points):
         click.echo(line)
     click.echo(f"\nrecommended for {target.describe()}: {reason}")

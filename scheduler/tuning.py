@@ -8,7 +8,8 @@ the results as a table, JSON, comparison lines and a PNG.
 
 Cost is idle GPU-memory GB-hours (what a warm pool wastes); benefit is fewer cold
 starts. Lower is better for both, so the front is the set of points that no other point
-beats on both.
+beats on both, among the points that keep their 503s within the target: a point that
+turns requests away is marked ("rejects"), drawn hollow and grey, and never recommended.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import WanwuError
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside plot()
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+
+# The 503 rate a point may have and still count (on the front, as a recommendation).
+MAX_REJECT_RATE = 0.01
 
 
 class TuneError(WanwuError):
@@ -118,7 +124,7 @@ class Target:
 
     max_cold_rate: float | None = None
     max_p99_ms: float | None = None
-    max_reject_rate: float = 0.01
+    max_reject_rate: float = MAX_REJECT_RATE
     max_idle_gb_h: float | None = None
 
     def __post_init__(self) -> None:
@@ -160,16 +166,27 @@ def dominates(a: Point, b: Point) -> bool:
     return no_worse and (a.cold_rate < b.cold_rate or a.idle_gb_h < b.idle_gb_h)
 
 
-def pareto_front(points: Sequence[Point]) -> list[Point]:
-    """Points no other point beats on both cold_rate and idle_gb_h.
+def rejects(point: Point, max_reject_rate: float | None = MAX_REJECT_RATE) -> bool:
+    """Whether ``point`` turns away more requests (503s) than ``max_reject_rate`` allows
+    (None: any rate is allowed)."""
+    return max_reject_rate is not None and point.reject_rate > max_reject_rate
+
+
+def pareto_front(points: Sequence[Point], max_reject_rate: float | None = MAX_REJECT_RATE) -> list[Point]:
+    """Points within the 503 bound that no other such point beats on both cold_rate and
+    idle_gb_h.
 
     Lower is better for both; a point that ties on one and is strictly better on the
     other dominates, so exact duplicates both stay. Sorted by idle_gb_h ascending (then
-    cold_rate). Points with a high reject_rate are still eligible: the front is about
-    the trade-off, and :func:`recommend` applies the limits. Quadratic, which a grid of
-    a few hundred points does not notice.
+    cold_rate). Points over ``max_reject_rate`` are left out, neither on the front nor
+    able to push a point off it: a rejected request is neither a cold start nor kept
+    warm for, so a point that turns requests away looks cheap on both axes precisely
+    because it does not serve them. (Counting rejects as a third axis would not help: the
+    cheapest rejecting point would stay on a three-axis front.) None: every point is
+    eligible. Quadratic, which a grid of a few hundred points does not notice.
     """
-    front = [p for p in points if not any(dominates(q, p) for q in points)]
+    eligible = [p for p in points if not rejects(p, max_reject_rate)]
+    front = [p for p in eligible if not any(dominates(q, p) for q in eligible)]
     return sorted(front, key=lambda p: (p.idle_gb_h, p.cold_rate))
 
 
@@ -200,7 +217,8 @@ def recommend(points: Sequence[Point], target: Target) -> tuple[Point | None, st
     last), then shortest TTL. With an idle budget and no cold-start or p99 limit, the
     lowest cold_rate within the budget (then the same order). When nothing meets the
     target: None, and a reason naming the closest miss (the smallest sum of relative
-    excesses over the missed limits).
+    excesses over the missed limits), what it misses by, and where it misses the 503
+    limit, what would help.
     """
     if not points:
         return None, "no grid points to choose from"
@@ -210,12 +228,23 @@ def recommend(points: Sequence[Point], target: Target) -> tuple[Point | None, st
     if not meeting:
         closest = min(points, key=lambda p: (sum(limit.excess(p) for limit in limits), order(p)))
         misses = ", ".join(limit.miss(closest) for limit in limits if not limit.met(closest))
-        return None, f"no point meets {target.describe_limits()}; closest: {label(closest)} ({misses})"
+        why = _why_rejects(points) if rejects(closest, target.max_reject_rate) else ""
+        return None, f"no point meets {target.describe_limits()}; closest: {label(closest)} ({misses}){why}"
     best = min(meeting, key=order)
     how = "has the fewest cold starts" if target.budget_only else "is the cheapest"
     facts = f"{_gbh(best.idle_gb_h)} idle, cold {_pct(best.cold_rate)}, p99 {_ms(best.p99_ms)}"
     count = f"{len(meeting)} of {len(points)} points"
     return best, f"{label(best)} {how} of the {count} meeting {target.describe_limits()}: {facts}"
+
+
+def _why_rejects(points: Sequence[Point]) -> str:
+    """Why a point turns requests away, and what to try."""
+    largest = max((p.max_workers for p in points), key=_workers_key)
+    more = "" if largest == 0 else f"more workers than the grid's largest N={largest} (--max-workers), "
+    return (
+        "; 503s are requests that waited past the queue timeout for a free worker: "
+        f"try {more}a longer --queue-timeout-s, or check the profile's times"
+    )
 
 
 _COLUMNS = (
@@ -238,8 +267,10 @@ def _table_key(p: Point) -> tuple[str, float, int, float]:
     return (p.keepalive, _workers_key(p.max_workers), p.stem_cells, p.ttl_s)
 
 
-def _row(p: Point, on_front: bool, recommended: bool) -> list[str]:
-    marks = (["*"] if on_front else []) + (["<- recommended"] if recommended else [])
+def _row(p: Point, on_front: bool, recommended: bool, rejecting: bool) -> list[str]:
+    marks = (
+        (["*"] if on_front else []) + (["<- recommended"] if recommended else []) + (["rejects"] if rejecting else [])
+    )
     return [
         p.keepalive,
         "inf" if p.max_workers == 0 else str(p.max_workers),
@@ -256,13 +287,20 @@ def _row(p: Point, on_front: bool, recommended: bool) -> list[str]:
     ]
 
 
-def format_table(points: Sequence[Point], front: Sequence[Point], recommended: Point | None) -> str:
+def format_table(
+    points: Sequence[Point],
+    front: Sequence[Point],
+    recommended: Point | None,
+    max_reject_rate: float | None = MAX_REJECT_RATE,
+) -> str:
     """A plain-text table of every point, one per line, sorted by keepalive, N (unbounded
-    last), then TTL; numbers right-aligned; "*" marks the Pareto front and
-    "<- recommended" the recommended point."""
+    last), then TTL; numbers right-aligned; "*" marks the Pareto front, "<- recommended"
+    the recommended point and "rejects" a point over ``max_reject_rate``."""
     on_front = set(front)
     rows = [list(_COLUMNS)]
-    rows += [_row(p, p in on_front, p == recommended) for p in sorted(points, key=_table_key)]
+    rows += [
+        _row(p, p in on_front, p == recommended, rejects(p, max_reject_rate)) for p in sorted(points, key=_table_key)
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     last = len(_COLUMNS) - 1
 
@@ -282,7 +320,8 @@ def report_json(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as JSON-ready values: every point (in the given order) with its
-    "pareto" flag, the recommended point with reason and target (or None), then ``extra``.
+    "pareto" flag and "rejects" (over the target's 503 rate), the recommended point with
+    reason and target (or None), then ``extra``.
 
     ``extra`` (trace name, seed, ...) may not replace "points" or "recommended".
     """
@@ -290,12 +329,14 @@ def report_json(
     clash = sorted({"points", "recommended"} & extra.keys())
     if clash:
         raise ValueError(f"extra report keys would replace the report's own: {', '.join(clash)}")
-    on_front = set(pareto_front(points))
+    on_front = set(pareto_front(points, target.max_reject_rate))
     chosen = None
     if recommended is not None:
         chosen = {**recommended.to_json(), "reason": reason, "target": target.describe()}
     return {
-        "points": [{**p.to_json(), "pareto": p in on_front} for p in points],
+        "points": [
+            {**p.to_json(), "pareto": p in on_front, "rejects": rejects(p, target.max_reject_rate)} for p in points
+        ],
         "recommended": chosen,
         **extra,
     }
@@ -314,8 +355,9 @@ def _best_adaptive_within(fixed: Point, adaptive: Sequence[Point]) -> Point | No
 
 def _compare_line(fixed: Point, best: Point | None) -> str:
     workers = "inf" if fixed.max_workers == 0 else str(fixed.max_workers)
+    stems = f" stems {fixed.stem_cells}" if fixed.stem_cells else ""
     head = (
-        f"N={workers} TTL {_trim(fixed.ttl_s, 1)} s fixed: "
+        f"N={workers}{stems} TTL {_trim(fixed.ttl_s, 1)} s fixed: "
         f"cold {fixed.cold_rate * 100:.1f} %, {_trim(fixed.idle_gb_h, 4)} GB-h"
     )
     if best is None:
@@ -361,11 +403,13 @@ def plot(
     recommended: Point | None,
     path: str | Path,
     title: str = "",
+    max_reject_rate: float | None = MAX_REJECT_RATE,
 ) -> None:
     """Draw cold-start rate (%) against idle GPU-memory GB-hours as a PNG at ``path``.
 
     One marker per keepalive policy, one colour per max_workers, the Pareto front as a
-    step line, the recommended point circled and annotated. Renders with Agg on a bare
+    step line, the recommended point circled and annotated; points over
+    ``max_reject_rate`` hollow and grey ("rejects > target"). Renders with Agg on a bare
     ``Figure`` (never pyplot), so the process's matplotlib backend is left alone. Writes
     a temporary file beside ``path`` and renames it over, so a reader never sees half a
     PNG. Raises TuneError when matplotlib is missing or the directory does not exist.
@@ -381,19 +425,27 @@ def plot(
         raise TuneError(f"cannot write plot {path}: directory {path.parent} does not exist")
     fig = Figure(figsize=(9, 6), layout="constrained")
     FigureCanvasAgg(fig)
-    _draw(fig, points, front, recommended, title)
+    _draw(fig, points, front, recommended, title, max_reject_rate)
     _save_atomically(fig, path)
 
 
-def _draw(fig: Figure, points: Sequence[Point], front: Sequence[Point], recommended: Point | None, title: str) -> None:
+def _draw(
+    fig: Figure,
+    points: Sequence[Point],
+    front: Sequence[Point],
+    recommended: Point | None,
+    title: str,
+    max_reject_rate: float | None = MAX_REJECT_RATE,
+) -> None:
     ax = fig.add_subplot()
     policies = sorted({p.keepalive for p in points})
     markers = {k: _MARKERS.get(k, _SPARE_MARKERS[i % len(_SPARE_MARKERS)]) for i, k in enumerate(policies)}
-    sizes = sorted({p.max_workers for p in points}, key=_workers_key)
+    serving = [p for p in points if not rejects(p, max_reject_rate)]
+    sizes = sorted({p.max_workers for p in serving}, key=_workers_key)
     colours = {n: f"C{i % 10}" for i, n in enumerate(sizes)}
     for policy in policies:
         for n in sizes:
-            group = [p for p in points if p.keepalive == policy and p.max_workers == n]
+            group = [p for p in serving if p.keepalive == policy and p.max_workers == n]
             if group:
                 ax.scatter(
                     [p.idle_gb_h for p in group],
@@ -403,6 +455,7 @@ def _draw(fig: Figure, points: Sequence[Point], front: Sequence[Point], recommen
                     label=f"{policy} N={'inf' if n == 0 else n}",
                     alpha=0.8,
                 )
+    _draw_rejecting([p for p in points if rejects(p, max_reject_rate)], ax, markers, max_reject_rate)
     if front:
         # Between two front points the best cold rate affordable is the cheaper one's.
         ordered = sorted(front, key=lambda p: (p.idle_gb_h, p.cold_rate))
@@ -425,6 +478,22 @@ def _draw(fig: Figure, points: Sequence[Point], front: Sequence[Point], recommen
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(loc="best", fontsize="small")
+
+
+def _draw_rejecting(points: Sequence[Point], ax: Axes, markers: Mapping[str, str], bound: float | None) -> None:
+    """Points over the 503 bound: hollow grey markers (their policy's shape) under one
+    legend entry, so a cheap corner that only turns requests away does not read as a deal."""
+    text = f"rejects > target (503s > {_pct(bound or 0.0)})"
+    for i, policy in enumerate(sorted({p.keepalive for p in points})):
+        group = [p for p in points if p.keepalive == policy]
+        ax.scatter(
+            [p.idle_gb_h for p in group],
+            [p.cold_rate * 100 for p in group],
+            marker=markers[policy],
+            facecolors="none",
+            edgecolors="grey",
+            label=text if i == 0 else "_nolegend_",
+        )
 
 
 def _save_atomically(fig: Figure, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,22 @@ import pytest
 from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, SpawnWorker, StopWorker
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
+from scheduler.policy import STEM
 from scheduler.pool import INLINE, WarmPool
 from scheduler.settings import Settings
-from scheduler.sim import Grid, Profile, Simulator, percentile, run_grid, simulate
+from scheduler.sim import (
+    GENERAL_PROFILE,
+    Grid,
+    Profile,
+    Simulator,
+    bundle_profile,
+    load_bundle_profile,
+    percentile,
+    run_grid,
+    simulate,
+)
 from scheduler.traces import ModelProfile, Trace
+from scheduler.tuning import TuneError
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
 
@@ -94,6 +107,75 @@ def test_the_grid_gives_a_point_per_setting_in_order() -> None:
     assert speed > 0
     parallel, _ = run_grid(trace((0, "a"), (30, "a"), (31, "b")), grid, Profile(spawn_ms=1000, infer_ms=10), jobs=2)
     assert parallel == points
+
+
+# -- profiles: the general model's, and a bundle's own check --------------------------------------
+
+
+def test_the_general_profile_fixes_every_figure_and_says_them() -> None:
+    g = GENERAL_PROFILE
+    assert g.infer_ms is not None and g.memory_mb is not None  # nothing is left to a trace
+    assert g.runtime_ms == g.spawn_ms - g.load_ms > 0 and g.spawn_s(STEM) == pytest.approx(g.runtime_ms / 1000)
+    described = Profile(spawn_ms=2300, load_ms=130, infer_ms=20, stop_ms=300, memory_mb=700).describe()
+    assert described == "spawn 2300 ms, stem load 130 ms, inference 20 ms, stop 300 ms, worker 700 MB, stem cell 500 MB"
+    assert "inference from the trace" in Profile().describe() and "worker memory from the trace" in Profile().describe()
+
+
+def test_the_general_profile_sets_every_requests_time_whatever_the_trace_says() -> None:
+    result = simulate(trace((0, "a"), (5, "a"), duration_ms=60_000), CoreConfig(2, 30), GENERAL_PROFILE)
+    infer = GENERAL_PROFILE.infer_ms or 0.0
+    assert sorted(result.latencies_ms) == pytest.approx([infer, GENERAL_PROFILE.spawn_ms + infer])  # warm, cold
+
+
+REPORT = {"ok": True, "name": "net", "load_ms": 40.0, "warmup_ms": 60.0, "first_ms": 15.0, "gpu_memory_mb": None}
+
+
+def test_a_bundles_check_replaces_the_models_part_of_the_profile() -> None:
+    profile = bundle_profile({**REPORT, "infer_ms": 5}, estimate_mb=900)
+    assert profile.load_ms == 100  # load + warm-up
+    assert profile.spawn_ms == GENERAL_PROFILE.runtime_ms + 100  # the container and runtime start stays
+    assert profile.infer_ms == 5 and profile.memory_mb == 900  # no GPU measured it: the bundle's estimate
+    assert (profile.stop_ms, profile.stem_memory_mb) == (GENERAL_PROFILE.stop_ms, GENERAL_PROFILE.stem_memory_mb)
+    assert bundle_profile(REPORT).infer_ms == 15  # an older check: its first request
+    assert bundle_profile({**REPORT, "gpu_memory_mb": 713}, estimate_mb=900).memory_mb == 713  # measured wins
+    assert bundle_profile(REPORT).memory_mb == GENERAL_PROFILE.memory_mb  # nothing better known
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"load_ms": None}, "no load_ms"),
+        ({"first_ms": "fast"}, "first_ms is 'fast'"),
+        ({"warmup_ms": -1}, "warmup_ms is -1"),
+        ({"infer_ms": True}, "infer_ms is True"),
+        ({"gpu_memory_mb": float("nan")}, "gpu_memory_mb is nan"),
+        ({"ok": False, "error": {"code": "bad_bundle"}}, "failed its check"),
+    ],
+)
+def test_a_report_that_is_no_check_is_refused_by_key(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(TuneError, match=message):
+        bundle_profile({**REPORT, **change})
+
+
+def test_a_bundle_directory_or_its_report_file_both_load(tmp_path: Path) -> None:
+    (tmp_path / "bundle_report.json").write_text(json.dumps(REPORT))
+    (tmp_path / "model.json").write_text(json.dumps({"name": "net", "gpu_memory_mb": 549}))
+    by_dir, source = load_bundle_profile(tmp_path)
+    by_file, _ = load_bundle_profile(tmp_path / "bundle_report.json")
+    assert by_dir == by_file and by_dir.memory_mb == 549 and by_dir.load_ms == 100
+    assert source.startswith("bundle net (") and "the bundle's estimate" in source
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(None, "no such file"), ("{", "not JSON"), ("[1, 2]", "expected a JSON object, got list"), ("{}", "no load_ms")],
+)
+def test_a_bad_report_file_is_named(tmp_path: Path, text: str | None, message: str) -> None:
+    if text is not None:
+        (tmp_path / "bundle_report.json").write_text(text)
+    with pytest.raises(TuneError, match=message) as caught:
+        load_bundle_profile(tmp_path)
+    assert str(tmp_path / "bundle_report.json") in str(caught.value)
 
 
 # -- the live shell and the simulator drive the same core ---------------------------------------

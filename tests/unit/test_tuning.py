@@ -20,6 +20,7 @@ from scheduler.tuning import (
     pareto_front,
     plot,
     recommend,
+    rejects,
     report_json,
 )
 
@@ -64,10 +65,20 @@ def test_exact_ties_on_both_axes_both_stay() -> None:
     assert set(pareto_front([a, twin])) == {a, twin}
 
 
-def test_points_rejecting_most_requests_are_still_on_the_front() -> None:
+def test_points_over_the_503_bound_are_neither_on_the_front_nor_push_others_off_it() -> None:
     cheap_but_rejecting = pt(n=1, ttl=0, cold=0.4, reject=0.9, gbh=0.0)
+    better_but_rejecting = pt(n=2, ttl=30, cold=0.05, reject=0.02, gbh=0.4)  # beats a on both axes
     a = pt(cold=0.1, gbh=0.5)
-    assert pareto_front([a, cheap_but_rejecting]) == [cheap_but_rejecting, a]
+    points = [a, cheap_but_rejecting, better_but_rejecting]
+    assert pareto_front(points) == [a]  # the bound is 1 % unless told
+    assert pareto_front(points, max_reject_rate=0.05) == [better_but_rejecting]
+    assert pareto_front(points, max_reject_rate=None) == [cheap_but_rejecting, better_but_rejecting]
+    assert [rejects(p) for p in points] == [False, True, True]
+    assert not rejects(pt(reject=0.01))  # at the bound is within it
+
+
+def test_when_every_point_rejects_there_is_no_front() -> None:
+    assert pareto_front([pt(reject=0.5), pt(ttl=10, reject=0.2, gbh=0.1)]) == []
 
 
 def test_front_of_nothing_is_empty() -> None:
@@ -150,14 +161,29 @@ def test_a_point_that_served_nothing_meets_no_latency_limit() -> None:
     assert recommend([served_nothing, P4], Target(max_p99_ms=500))[0] == P4
 
 
-def test_nothing_meets_names_the_closest_miss() -> None:
+def test_nothing_meets_names_the_closest_miss_and_why_it_rejects() -> None:
     # Relative misses of cold <= 1 %: P3 9x, P4 14x, P2 39x, P1 89x; P5 4x on cold
     # plus 4x on 503s = 8x, the closest.
     point, reason = recommend(GRID, Target(max_cold_rate=0.01))
     assert point is None
     assert reason == (
-        "no point meets cold starts <= 1%, 503s <= 1%; closest: fixed N=1 TTL 120 s (cold starts 5% > 1%, 503s 5% > 1%)"
+        "no point meets cold starts <= 1%, 503s <= 1%; "
+        "closest: fixed N=1 TTL 120 s (cold starts 5% > 1%, 503s 5% > 1%); "
+        "503s are requests that waited past the queue timeout for a free worker: "
+        "try more workers than the grid's largest N=2 (--max-workers), a longer --queue-timeout-s, "
+        "or check the profile's times"
     )
+
+
+def test_when_every_point_rejects_the_closest_is_the_fewest_503s_and_never_a_pick() -> None:
+    many = pt(n=8, ttl=600, cold=0.01, reject=0.12, gbh=60)
+    more = pt(n=1, ttl=10, cold=0.0, reject=0.97, gbh=0.01)  # cheapest, fewest cold starts: by serving nothing
+    point, reason = recommend([more, many], Target())
+    assert point is None
+    assert "closest: fixed N=8 TTL 600 s (503s 12% > 1%)" in reason
+    assert "largest N=8" in reason
+    unbounded = pt(n=0, ttl=600, cold=0.01, reject=0.05, gbh=90)
+    assert "more workers" not in recommend([unbounded, many], Target())[1]  # N unbounded already
 
 
 def test_nothing_to_choose_from() -> None:
@@ -174,29 +200,30 @@ R3 = pt("adaptive", n=2, ttl=60, cold=0.1, p50=8, p99=400, idle_s=3600, gbh=0.5)
 R4 = pt("fixed", n=2, ttl=60, cold=0.3, p50=15, p99=1000, idle_s=40, gbh=0.02)  # beaten by R2
 
 
-def test_table_sorts_by_policy_then_workers_unbounded_last_then_ttl_and_marks_front_and_pick() -> None:
+def test_table_sorts_by_policy_then_workers_unbounded_last_then_ttl_and_marks_front_pick_and_rejects() -> None:
     front = pareto_front([R1, R2, R3, R4])
-    assert set(front) == {R1, R2, R3}
+    assert set(front) == {R1, R3}  # R2 rejects 2 % (over the 1 % bound); R4 costs more than R1
     expected = "\n".join(
         [
             "keepalive    N  stems  TTL s  cold %  stem %  503 %  p50 ms  p99 ms  idle w-s  idle GB-h",
             "adaptive     2      0     60   10.00    0.00   0.00     8.0   400.0    3600.0     0.5000  *",
-            "fixed        2      0     30   30.00    0.00   2.00    15.0  1200.0      20.0     0.0100  *",
+            "fixed        2      0     30   30.00    0.00   2.00    15.0  1200.0      20.0     0.0100  rejects",
             "fixed        2      0     60   30.00    0.00   0.00    15.0  1000.0      40.0     0.0200",
             "fixed      inf      0     30   25.00    0.00   0.00    12.5   950.0      10.0     0.0125  * <- recommended",  # noqa: E501
         ]
     )
     assert format_table([R1, R4, R2, R3], front, R1) == expected
+    assert "rejects" not in format_table([R1, R4, R2, R3], front, R1, max_reject_rate=0.05)
 
 
 def test_table_marks_a_recommended_point_off_the_front_and_shows_fractional_ttl() -> None:
     half = pt(n=1, ttl=2.5, cold=0.5, gbh=0.9)
-    table = format_table([R2, half], [R2], half)
+    table = format_table([R4, half], [R4], half)
     rows = table.splitlines()
     assert rows[1].split()[:4] == ["fixed", "1", "0", "2.5"]
     assert rows[1].endswith("0.9000  <- recommended")
-    assert rows[2].endswith("0.0100  *")
-    assert "recommended" not in format_table([R2], [R2], None)
+    assert rows[2].endswith("0.0200  *")
+    assert "recommended" not in format_table([R4], [R4], None)
 
 
 def test_table_of_nothing_is_the_header() -> None:
@@ -246,7 +273,7 @@ def test_report_flags_the_front_and_carries_the_pick_with_reason_and_target() ->
     report = report_json([R1, R4, R3], R3, target, "because", {"trace": "day.jsonl", "seed": 7})
     assert set(report) == {"points", "recommended", "trace", "seed"}
     assert [row["pareto"] for row in report["points"]] == [True, False, True]
-    assert all(set(row) == POINT_KEYS | {"pareto"} for row in report["points"])
+    assert all(set(row) == POINT_KEYS | {"pareto", "rejects"} for row in report["points"])
     assert report["points"][0]["max_workers"] == 0
     assert set(report["recommended"]) == POINT_KEYS | {"reason", "target"}
     assert report["recommended"]["keepalive"] == "adaptive"
@@ -256,9 +283,16 @@ def test_report_flags_the_front_and_carries_the_pick_with_reason_and_target() ->
     json.dumps(report, allow_nan=False)
 
 
+def test_report_flags_rejecting_points_by_the_targets_bound_and_keeps_them_off_the_front() -> None:
+    report = report_json([R1, R2], None, Target(), "nothing")
+    assert [(row["pareto"], row["rejects"]) for row in report["points"]] == [(True, False), (False, True)]
+    loose = report_json([R1, R2], None, Target(max_reject_rate=0.05), "nothing")
+    assert [(row["pareto"], row["rejects"]) for row in loose["points"]] == [(True, False), (True, False)]
+
+
 def test_report_without_a_pick_says_null() -> None:
     report = report_json([R1], None, Target(), "nothing")
-    assert report == {"points": [{**R1.to_json(), "pareto": True}], "recommended": None}
+    assert report == {"points": [{**R1.to_json(), "pareto": True, "rejects": False}], "recommended": None}
     assert '"recommended": null' in json.dumps(report)
 
 
@@ -295,6 +329,14 @@ def test_equal_idle_cost_counts_and_unbounded_reads_inf() -> None:
     assert compare_keepalive(points) == [
         "N=inf TTL 30 s fixed: cold 20.0 %, 0.5 GB-h; adaptive (TTL 45 s) 20.0 % at 0.5 GB-h: same cold-start rate"
     ]
+
+
+def test_compare_lines_name_the_stem_cells_so_two_rows_of_one_n_and_ttl_differ() -> None:
+    from dataclasses import replace
+
+    fixed, adaptive = pt("fixed", n=2, ttl=60, cold=0.2, gbh=0.3), pt("adaptive", n=2, ttl=60, cold=0.1, gbh=0.3)
+    lines = compare_keepalive([fixed, adaptive, replace(fixed, stem_cells=1), replace(adaptive, stem_cells=1)])
+    assert [line.split(" fixed:")[0] for line in lines] == ["N=2 TTL 60 s", "N=2 stems 1 TTL 60 s"]
 
 
 def test_nothing_to_compare_without_both_policies() -> None:
@@ -335,6 +377,36 @@ def test_plot_writes_a_png_and_leaves_matplotlib_alone(tmp_path: Path) -> None:
     assert ("matplotlib.pyplot" in sys.modules) == pyplot_before  # drew without pyplot
     assert not matplotlib.is_interactive()
     assert matplotlib.get_backend().lower() not in _interactive_backends()
+
+
+def test_plot_draws_rejecting_points_hollow_grey_and_off_the_front_line() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+    from scheduler.tuning import _draw
+
+    cheap_rejecting = pt("adaptive", n=1, ttl=10, cold=0.05, reject=0.3, gbh=0.001)
+    points = [R1, R2, R3, R4, cheap_rejecting]
+    front = pareto_front(points)
+    fig = Figure()
+    _draw(fig, points, front, R1, "t")
+    ax = fig.axes[0]
+    drawn = [c for c in ax.collections if isinstance(c, PathCollection)]
+    hollow = [c for c in drawn if not len(c.get_facecolors())]  # the rejecting points and the pick's red ring
+
+    def xy(collections: list[PathCollection]) -> set[tuple[float, float]]:
+        return {(round(x, 6), round(y, 6)) for c in collections for x, y in c.get_offsets().tolist()}
+
+    grey = [c for c in hollow if tuple(c.get_edgecolors()[0][:3]) == pytest.approx((0.5, 0.5, 0.5), abs=0.01)]
+    rejected = xy(grey)
+    assert rejected == {(R2.idle_gb_h, 30.0), (cheap_rejecting.idle_gb_h, 5.0)}
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend.count("rejects > target (503s > 1%)") == 1 and "Pareto front" in legend
+    filled = xy([c for c in drawn if len(c.get_facecolors())])
+    assert filled == {(p.idle_gb_h, round(p.cold_rate * 100, 6)) for p in (R1, R3, R4)}  # each point once, in its kind
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto front"]
+    assert set(line.get_xdata()) == {R1.idle_gb_h, R3.idle_gb_h}  # the front passes no rejecting point
 
 
 def test_plot_without_a_pick_or_points_still_draws(tmp_path: Path) -> None:
