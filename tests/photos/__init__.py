@@ -59,3 +59,32 @@ def sideways(data: bytes, orientation: int = 6, quality: int = 90) -> bytes:
     exif = Image.Exif()
     exif[ORIENTATION] = orientation
     return _save(stored, fmt, quality, exif=exif.tobytes())
+
+
+def photo_tree(root: Path, count: int, seed: int) -> list[Path]:
+    """``count`` photo files under ``root`` in nested folders, what a backfill of camera
+    pictures walks: each a random crop (half to all of each side) of one of the test
+    photos, scaled to a longer side of 256 px to the crop's own (never enlarged), saved
+    as JPEG (quality 70-95) or, one in five, PNG. Deterministic for a ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    sources = []
+    for name in NAMES:
+        with Image.open(PHOTOS / name) as image:
+            sources.append((ImageOps.exif_transpose(image) or image).convert("RGB"))
+    files = []
+    for i in range(count):
+        source = rng.choice(sources)
+        width, height = source.size
+        w, h = round(width * rng.uniform(0.5, 1.0)), round(height * rng.uniform(0.5, 1.0))
+        x, y = rng.randrange(width - w + 1), rng.randrange(height - h + 1)
+        crop = source.crop((x, y, x + w, y + h))
+        longer = rng.randint(min(256, max(w, h)), max(w, h))
+        crop = crop.resize((max(1, round(w * longer / max(w, h))), max(1, round(h * longer / max(w, h)))))
+        fmt = "PNG" if rng.random() < 0.2 else "JPEG"
+        path = root / f"{i % 7:02d}" / f"{i % 3}" / f"photo{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_save(crop, fmt, rng.randint(70, 95)))
+        files.append(path)
+    return files
