@@ -441,3 +441,18 @@ def test_an_onnx_model_warms_up_once_and_only_the_smallest_batch(model_files: di
     )
     assert WarmUpRecorder(load_bundle(onnx_bundle), device="cpu").sizes == [2]
     assert WarmUpRecorder(load_bundle(torch_bundle), device="cpu").sizes == [2, 2, 8, 8]
+
+
+def test_a_broken_onnxruntime_leaves_the_stem_cell_serving_torch(
+    model_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("libonnxruntime.so: cannot open shared object file")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", broken)
+    make_bundle(tmp_path / "ts", model_files["torchscript"], "torchscript")
+    stem = Stem(tmp_path, device="cpu")
+    assert stem.onnxruntime is False and stem.health()["onnxruntime"] is False
+    assert len(stem.load("ts").predict(picture(1), top_k=2).predictions) == 2

@@ -58,6 +58,7 @@ IMAGE = next(iter(demo_images(seed=5).values()))
 def test_a_stem_cell_answers_health_but_no_predictions(client: WorkerClient, stem_server: WorkerServer) -> None:
     health = client.health()
     assert health["status"] == "stem" and health["model"] is None and health["device"] == "cpu"
+    assert health["onnxruntime"] is True  # primed while it waits
     status, _, body = raw_request(stem_server.final_path, "POST", "/predict", IMAGE)
     assert status == 409 and json.loads(body)["error"]["code"] == "not_loaded"
 

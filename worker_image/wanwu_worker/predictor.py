@@ -218,13 +218,14 @@ class Predictor:
         Every size in between is then about as fast on its first run as later (on 2 CPU
         cores, sizes 3 and 7 were 2-3 times slower on their first run without this).
 
-        An ONNX model needs one pass of each: onnxruntime optimises its graph when the
-        session is made, not on the first runs, and the largest batch only grows its
-        arena. For the general model on one thread the two passes of 16 cost 0.5 s of
-        every cold start, to spare the first full batch 0.07-0.14 s (it takes 0.33-0.41 s
-        against 0.26-0.30 s for the next, 2 CPU cores): a cold start waits for the
-        warm-up, a batch can wait."""
-        onnx = self.bundle.format == "onnx"
+        An ONNX model on the CPU needs one pass of each: onnxruntime optimises its graph
+        when the session is made, not on the first runs, and the largest batch only
+        grows its arena. For the general model on one thread the two passes of 16 cost
+        0.5 s of every cold start, to spare the first full batch 0.07-0.14 s (it takes
+        0.33-0.41 s against 0.26-0.30 s for the next, 2 CPU cores): a cold start waits
+        for the warm-up, a batch can wait. On a GPU the CUDA provider searches cuDNN's
+        algorithms for each new shape, so there the largest batch is still warmed."""
+        onnx = self.bundle.format == "onnx" and self.device.type == "cpu"
         passes, batch_passes = (1, 1) if onnx else (3, 2)
         side = max(self.bundle.resize, *self.bundle.crop)
         picture = Image.new("RGB", (side + side // 3, side), (90, 140, 200))

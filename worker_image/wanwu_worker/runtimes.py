@@ -167,8 +167,8 @@ def _onnx(path: Path, device: torch.device, dtype: torch.dtype) -> Model:
 
 # The smallest ONNX model: one Relu on a float tensor of shape [1] (IR version 8, opset 13),
 # as onnx.helper serialises it (tests/unit/test_runtimes.py rebuilds it). A stem cell makes
-# a session of it while it waits, so onnxruntime's environment, thread pools and CPU kernel
-# registry exist before the first real model's load.
+# a session of it while it waits, so the library is loaded and onnxruntime's environment
+# and CPU kernel registry exist before the first real model's load.
 PRIMER_ONNX = (
     b'\x08\x08:3\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x01pZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n'
     b"\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
@@ -176,21 +176,27 @@ PRIMER_ONNX = (
 
 
 def prime_onnxruntime(device: torch.device) -> bool:
-    """Import onnxruntime and run a one-node session: what every ONNX load would
-    otherwise pay first (about 0.1 s on 2 CPU cores, most of it loading the library).
-    False where onnxruntime is not installed; the stem cell serves torch bundles then."""
-    if device.type == "cuda":
-        _preload_cuda_libraries()
+    """Import onnxruntime and run a one-node session on the CPU: what every ONNX load
+    would otherwise pay first (about 0.1 s on 2 CPU cores, most of it loading the
+    library). On a GPU the CUDA provider is still set up by the first real load (not
+    measured: no GPU was at hand). False where onnxruntime is missing or fails here: a
+    stem cell must still serve torch bundles, and an ONNX load then reports the error."""
     try:
         import onnxruntime as ort
+
+        if device.type == "cuda":
+            _preload_cuda_libraries()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(PRIMER_ONNX, sess_options=options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": torch.zeros(1).numpy()})
     except ImportError:
         return False
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(PRIMER_ONNX, sess_options=options, providers=["CPUExecutionProvider"])
-    session.run(None, {"x": torch.zeros(1).numpy()})
+    except Exception as exc:  # noqa: BLE001 - a broken install must not take the stem cell down
+        log.warning("onnxruntime could not be primed (%s: %s); ONNX loads will pay for it", type(exc).__name__, exc)
+        return False
     return True
 
 

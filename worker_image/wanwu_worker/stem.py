@@ -1,7 +1,8 @@
 """A stem cell: a worker with the runtime imported (torch, and onnxruntime with a first
-session made where it is installed; on a GPU, the CUDA context made; Pillow's decoders
-and the preprocessing kernels run once) but no model yet. ``load`` turns it into a worker of any bundle under the models
-root, with the same loading, checks and warm-up as a worker started for that model."""
+CPU session made where it is installed; on a GPU, the CUDA context made; Pillow's
+decoders and the preprocessing kernels run once) but no model yet. ``load`` turns it
+into a worker of any bundle under the models root, with the same loading, checks and
+warm-up as a worker started for that model."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class Stem:
             "device": str(self.device),
             "gpu_memory_mb": gpu_mb,
             "ready_ms": self.ready_ms,
+            "onnxruntime": self.onnxruntime,  # primed while waiting (False: missing, or it failed)
             "threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
