@@ -520,7 +520,7 @@ def _tune_profile(
     "bundle",
     type=click.Path(exists=True),
     callback=_bundle_profile,
-    help="A bundle directory or its bundle_report.json (wanwu bundle create|check): its measured load, "
+    help="A bundle directory or its bundle_report.json (written by wanwu bundle create): its measured load, "
     "warm-up, inference and GPU memory in place of the general model's; flags below still override.",
 )
 @click.option(
@@ -690,7 +690,7 @@ def tune(
         f"\n* on the Pareto front (no other point within the 503 target has fewer cold starts for less idle "
         f"memory); rejects: more 503s than {max_reject_rate * 100:g}%, off the front and never recommended"
     )
-    for line in tuning.compare_keepalive(points):
+    for line in tuning.compare_keepalive(points, max_reject_rate):
         click.echo(line)
     click.echo(f"\nrecommended for {target.describe()}: {reason}")
     click.echo(f"simulator: {speed:,.0f} requests/s of wall time per process")

@@ -117,13 +117,13 @@ Performance):
 ``wanwu tune`` starts from it; ``bundle_profile`` puts a bundle's own check in its place.
 """
 
-_REPORT = "bundle_report.json"  # written beside model.json by `wanwu bundle create|check`
+_REPORT = "bundle_report.json"  # written beside model.json by `wanwu bundle create`
 
 
 def bundle_profile(
     report: Mapping[str, Any], estimate_mb: float | None = None, base: Profile = GENERAL_PROFILE
 ) -> Profile:
-    """``base`` with a bundle's own measurements, the check ``wanwu bundle create|check``
+    """``base`` with a bundle's own measurements, the check ``wanwu bundle create``
     writes to ``bundle_report.json``: a stem cell loads in ``load_ms`` + ``warmup_ms``; a
     new worker starts in base's runtime start (the container and the runtime's imports,
     which a bundle does not change) plus that load; an inference takes ``infer_ms`` (the

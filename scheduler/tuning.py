@@ -342,13 +342,16 @@ def report_json(
     }
 
 
-def _best_adaptive_within(fixed: Point, adaptive: Sequence[Point]) -> Point | None:
-    """The adaptive point with the same max_workers, no dearer than ``fixed``, with the
+def _best_adaptive_within(fixed: Point, adaptive: Sequence[Point], max_reject_rate: float | None) -> Point | None:
+    """The adaptive point with the same max_workers, no dearer than ``fixed`` and within
+    the 503 target (a point that turns requests away is cheap for that reason), with the
     fewest cold starts."""
     cheap = [
         a
         for a in adaptive
-        if (a.max_workers, a.stem_cells) == (fixed.max_workers, fixed.stem_cells) and a.idle_gb_h <= fixed.idle_gb_h
+        if (a.max_workers, a.stem_cells) == (fixed.max_workers, fixed.stem_cells)
+        and a.idle_gb_h <= fixed.idle_gb_h
+        and not rejects(a, max_reject_rate)
     ]
     return min(cheap, key=_fewest_cold_key, default=None)
 
@@ -378,7 +381,7 @@ def _verdict(fewer: float) -> str:
     return "same cold-start rate"
 
 
-def compare_keepalive(points: Sequence[Point]) -> list[str]:
+def compare_keepalive(points: Sequence[Point], max_reject_rate: float | None = MAX_REJECT_RATE) -> list[str]:
     """One line per fixed-TTL point saying how the adaptive policy does at equal or
     lower idle cost and the same max_workers: its best (fewest cold starts) such point
     and the cold-rate difference in percentage points.
@@ -390,7 +393,7 @@ def compare_keepalive(points: Sequence[Point]) -> list[str]:
     if not adaptive:
         return []
     fixed = sorted((p for p in points if p.keepalive == "fixed"), key=_table_key)
-    return [_compare_line(f, _best_adaptive_within(f, adaptive)) for f in fixed]
+    return [_compare_line(f, _best_adaptive_within(f, adaptive, max_reject_rate)) for f in fixed]
 
 
 _MARKERS = {"fixed": "s", "adaptive": "o"}

@@ -437,3 +437,14 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch:
     with pytest.raises(TuneError, match=r"--plot needs matplotlib: pip install 'wanwu\[tune\]'"):
         plot([R1], [R1], None, tmp_path / "tune.png")
     assert not (tmp_path / "tune.png").exists()
+
+
+def test_an_adaptive_point_that_rejects_is_no_comparison() -> None:
+    from dataclasses import replace
+
+    fixed = pt("fixed", n=1, ttl=60, cold=0.5, gbh=10)
+    turned_away = replace(pt("adaptive", n=1, ttl=60, cold=0.3, gbh=5), reject_rate=0.068)
+    assert compare_keepalive([fixed, turned_away]) == [
+        "N=1 TTL 60 s fixed: cold 50.0 %, 10 GB-h; no adaptive point is that cheap"
+    ]
+    assert "fewer cold starts" in compare_keepalive([fixed, turned_away], max_reject_rate=None)[0]
