@@ -360,7 +360,7 @@ def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, col
 
     models = workdir / "formats"
     files = workdir / "format-files"
-    demo = export_builtin_model(IMAGE, MODEL, files)
+    demo = export_builtin_model(IMAGE, DEMO, files)
     net, input_size = rebuild(demo)
     made = {
         "torchscript": demo / "model.pt",
@@ -395,7 +395,7 @@ def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, col
         image = demo_image()
         for fmt, name in FORMAT_BUNDLES.items():
             print(f"format {fmt}: cold starts and warm requests ...", file=sys.stderr)
-            rows = cold_rows(pool, cold_n, name)
+            rows = cold_rows(pool, cold_n, name, image)
             pool.predict(name, image)  # a warm worker for the warm requests
             for _ in range(30):
                 pool.predict(name, image)
@@ -422,7 +422,7 @@ def formats_section(workdir: Path, client: docker.DockerClient, warm_n: int, col
             out[f"ratio_{fmt}_to_torchscript_{key}_p50"] = round(out[fmt][key]["p50"] / base[key]["p50"], 3)
     print("embed against predict through the gateway ...", file=sys.stderr)
     quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
-    with running_gateway(workdir / "embed", client, max_workers="2", **quiet) as gw:
+    with running_gateway(workdir / "embed", client, max_workers="2", default_model=DEMO, **quiet) as gw:
         http = Client(gw.port, demo_image(), DEMO)
         timings: dict[str, list[float]] = {"predict": [], "embed": []}
         routes = {"predict": f"/v1/models/{DEMO}/predict", "embed": "/v1/models/demo-shapes-embed/embed"}
@@ -700,7 +700,7 @@ def throughput(gw: Gateway, workers: int, seconds: float, clients_n: int | None 
     def settled() -> bool:
         """N workers of the model, none starting (a stem cell counts for neither)."""
         states = [(w["model"], w["state"]) for w in json.loads(_get(gw.port, "/v1/pool"))["workers"]]
-        return sum(model == clients[0].route.split("/")[3] for model, _ in states) >= workers and all(
+        return sum(model == MODEL for model, _ in states) >= workers and all(
             state in ("idle", "busy") for _, state in states
         )
 
@@ -992,11 +992,12 @@ def backfill_section(workdir: Path, client: docker.DockerClient, quick: bool, se
             run["worker_memory_mb"] = [
                 _memory_mb(client.api.stats(r["Id"], stream=False)) for r in gw.containers(client)
             ]
-            # The most a worker's cgroup held while it backfilled (cgroup v1 only; page cache included).
-            run["worker_peak_memory_mb"] = [
-                round(client.api.stats(r["Id"], stream=False)["memory_stats"].get("max_usage", 0) / 2**20, 1)
-                for r in gw.containers(client)
+            # The most a worker's cgroup held while it backfilled (page cache included); cgroup v2
+            # keeps no such figure, and it is then None.
+            peaks = [
+                client.api.stats(r["Id"], stream=False)["memory_stats"].get("max_usage") for r in gw.containers(client)
             ]
+            run["worker_peak_memory_mb"] = [None if p is None else round(p / 2**20, 1) for p in peaks]
             run["sequential_predict"] = sequential_predict(gw, files[: min(150, count)])
             if n == 1:
                 limits = [in_process_batched(gw.models_dir, files, 32, threads) for threads in (1, 2)]
@@ -1202,7 +1203,8 @@ def table(results: dict[str, Any]) -> str:
             row(f"  sequential wanwu predict, N={run['workers']}", f"{run['sequential_predict']['images_per_s']:>7.1f}")
             row(
                 "  worker memory after / peak (MB)",
-                f"{', '.join(map(str, run['worker_memory_mb']))} / {', '.join(map(str, run['worker_peak_memory_mb']))}",
+                f"{', '.join(map(str, run['worker_memory_mb']))} / "
+                f"{', '.join('n/a' if p is None else str(p) for p in run['worker_peak_memory_mb'])}",
             )
             cpu = run["cpu_s"]
             row(
@@ -1341,7 +1343,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
-    warm_n, cold_n, baseline_n, seconds = (50, 3, 2, 2.0) if args.quick else (500, 20, 5, 10.0)
     client = engine()
     results: dict[str, Any] = {
         "machine": {
@@ -1352,6 +1353,24 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "make bench" + (" BENCH_ARGS=--quick" if args.quick else ""),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        _run_sections(args, sections, client, results)
+    finally:  # what was measured is kept even when a later section fails
+        for name in (f"bench-{stamp}.json", "latest.json"):
+            (args.out / name).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"wanwu bench on {results['machine']['cpus']} CPUs ({results['command']})")
+    print(table(results))
+    print(f"JSON: {args.out / f'bench-{stamp}.json'}")
+    return 0
+
+
+def _run_sections(
+    args: argparse.Namespace, sections: set[str], client: docker.DockerClient, results: dict[str, Any]
+) -> None:
+    """Run the sections asked for, one after another, into ``results``."""
+    warm_n, cold_n, baseline_n, seconds = (50, 3, 2, 2.0) if args.quick else (500, 20, 5, 10.0)
     if TRACE.is_dir() and "simulator" in sections:
         print("simulator ...", file=sys.stderr)
         results["simulator"] = simulator_speed(args.quick)
@@ -1400,14 +1419,6 @@ def main(argv: list[str] | None = None) -> int:
             results["variants"] = variants.variants_section(workdir / "variants", args.quick)
         if "swarm" in sections:
             results["swarm"] = swarm_section(workdir, client, warm_n, min(cold_n, 10))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (f"bench-{stamp}.json", "latest.json"):
-        (args.out / name).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"wanwu bench on {results['machine']['cpus']} CPUs ({results['command']})")
-    print(table(results))
-    print(f"JSON: {args.out / f'bench-{stamp}.json'}")
-    return 0
 
 
 if __name__ == "__main__":
