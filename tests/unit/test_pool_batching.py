@@ -15,7 +15,7 @@ from scheduler.clock import MonotonicClock
 from scheduler.errors import WanwuError, WorkerRejected
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
-from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, subset_predictions
+from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, split_evenly, subset_predictions
 from scheduler.settings import Settings
 from scheduler.worker_client import Scores
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
@@ -205,24 +205,32 @@ def test_members_with_different_subsets_share_a_call_and_are_each_scored_over_th
     assert sum(p["score"] for p in results[0].predictions) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_a_batch_is_spread_over_the_models_warm_workers_and_no_further(models: Path) -> None:
-    """Two warm workers of the model share a batch of 4 (on the CPU a batched pass costs
-    each image what it costs alone); with one warm worker and free slots, the batch
-    starts nobody: spreading over empty slots would cost a cold start per call."""
+def test_a_batch_smaller_than_the_max_is_spread_over_the_pools_workers(models: Path) -> None:
+    """On the CPU a batched pass costs each image about what it costs alone: 3 images as
+    one call would keep one worker of two busy."""
     backend = FakeBackend()
-    pool = WarmPool(
-        backend,
-        ModelCatalog(models, clock=FakeClock()),
-        Settings(models_dir=models, max_workers=4, stem_cells=0),
-        clock=FakeClock(),
-        gpu=GpuMonitor(()),
-    )
-    pool.start(background=False)
-    try:
-        pool.predict("now", b"1")  # one warm worker of four slots
-        answer = pool.predict_batch("now", [b"1", b"2", b"3", b"4"], top_k=1)
-        assert answer.calls == 1 and not answer.cold_start and len(backend.spawns) == 1
-        first = backend.spawns[0].worker_id
-        assert backend.connections[first].batches == [4]
-    finally:
-        pool.shutdown(grace_s=0)
+    pool = inline_pool(backend, models, max_workers=2)
+    answer = pool.predict_batch("now", [b"1", b"2", b"3"], top_k=1)
+    assert answer.calls == 2
+    (connection,) = backend.connections.values()  # inline: the calls ran one after the other
+    assert connection.batches == [2]  # and one plain predict: a call of one image is one
+    pool.shutdown(grace_s=0)
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "spread", "lengths"),
+    [
+        (10, 4, 2, [4, 3, 3]),
+        (8, 16, 2, [4, 4]),
+        (32, 16, 2, [16, 16]),
+        (32, 16, 4, [8, 8, 8, 8]),
+        (1, 16, 4, [1]),
+        (5, 1, 2, [1, 1, 1, 1, 1]),
+        (3, 16, 8, [1, 1, 1]),
+    ],
+)
+def test_split_evenly(count: int, size: int, spread: int, lengths: list[int]) -> None:
+    items = [bytes([i]) for i in range(count)]
+    chunks = split_evenly(items, size, spread)
+    assert [len(c) for c in chunks] == lengths
+    assert [i for c in chunks for i in c] == items
