@@ -318,19 +318,6 @@ class _Inline(Executor):
 INLINE = _Inline()
 
 
-def split_evenly(items: Sequence[bytes], size: int, spread: int) -> list[Sequence[bytes]]:
-    """``items`` in order as chunks of at most ``size``, at least ``min(spread, len)`` of
-    them, their lengths differing by at most one."""
-    count = max(-(-len(items) // size), min(spread, len(items)))
-    base, extra = divmod(len(items), count)
-    chunks, start = [], 0
-    for index in range(count):
-        end = start + base + (index < extra)
-        chunks.append(items[start:end])
-        start = end
-    return chunks
-
-
 class WarmPool:
     """A pool of at most ``settings.max_workers`` worker containers across models."""
 
@@ -717,16 +704,12 @@ class WarmPool:
     ) -> BatchAnswer:
         """Classify ``images``: split into calls of at most the model's max batch size
         (one image each without batching), run side by side, each queued at
-        ``priority``. One failed call fails only its own images (``BatchAnswer``).
-
-        The calls are as even as they can be and, where there are enough images, as many
-        as the pool has workers: on the CPU a batched pass costs each image about what
-        it costs alone, so 8 images as one call kept one worker of two busy (56 images/s
-        for the general model on 2 cores) where two calls of 4 use both."""
+        ``priority``. One failed call fails only its own images (``BatchAnswer``)."""
         if not images:
             raise ValueError("predict_batch needs at least one image")
         info = self.catalog.get(model)
-        chunks = split_evenly(images, info.max_batch_size, self.core.config.capacity)
+        size = info.max_batch_size
+        chunks = [images[i : i + size] for i in range(0, len(images), size)]
 
         def run(chunk: Sequence[bytes]) -> _Call | WanwuError:
             try:

@@ -15,7 +15,7 @@ from scheduler.clock import MonotonicClock
 from scheduler.errors import WanwuError, WorkerRejected
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
-from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, split_evenly, subset_predictions
+from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, subset_predictions
 from scheduler.settings import Settings
 from scheduler.worker_client import Scores
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
@@ -147,7 +147,7 @@ def inline_pool(backend: FakeBackend, models: Path, **settings: object) -> WarmP
     return pool
 
 
-def test_predict_batch_splits_into_even_calls_of_the_max_batch_size_and_keeps_the_order(models: Path) -> None:
+def test_predict_batch_splits_into_calls_of_the_max_batch_size_and_keeps_the_order(models: Path) -> None:
     backend = FakeBackend()
     pool = inline_pool(backend, models)
     images = [str(i).encode() for i in range(10)]
@@ -155,7 +155,7 @@ def test_predict_batch_splits_into_even_calls_of_the_max_batch_size_and_keeps_th
     answer = pool.predict_batch("now", images, top_k=1)
     assert answer.calls == 3 and answer.cold_start
     (connection,) = backend.connections.values()
-    assert connection.batches == [4, 3, 3]  # at most 4 (the bundle's max), as even as can be
+    assert connection.batches == [4, 4, 2]
     labels = [r["predictions"][0]["label"] if "predictions" in r else r["error"]["code"] for r in answer.results]
     assert labels == ["now:0", "now:1", "now:2", "now:3", "now:4", "not_an_image", "now:6", "now:7", "now:8", "now:9"]
     pool.shutdown(grace_s=0)
@@ -203,34 +203,3 @@ def test_members_with_different_subsets_share_a_call_and_are_each_scored_over_th
     assert results[2].predictions == subset_predictions(logits, everything, listed.labels, 2)
     assert {p["label"] for p in results[2].predictions} == {"丁", "甲"}
     assert sum(p["score"] for p in results[0].predictions) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_a_batch_smaller_than_the_max_is_spread_over_the_pools_workers(models: Path) -> None:
-    """On the CPU a batched pass costs each image about what it costs alone: 3 images as
-    one call would keep one worker of two busy."""
-    backend = FakeBackend()
-    pool = inline_pool(backend, models, max_workers=2)
-    answer = pool.predict_batch("now", [b"1", b"2", b"3"], top_k=1)
-    assert answer.calls == 2
-    (connection,) = backend.connections.values()  # inline: the calls ran one after the other
-    assert connection.batches == [2]  # and one plain predict: a call of one image is one
-    pool.shutdown(grace_s=0)
-
-
-@pytest.mark.parametrize(
-    ("count", "size", "spread", "lengths"),
-    [
-        (10, 4, 2, [4, 3, 3]),
-        (8, 16, 2, [4, 4]),
-        (32, 16, 2, [16, 16]),
-        (32, 16, 4, [8, 8, 8, 8]),
-        (1, 16, 4, [1]),
-        (5, 1, 2, [1, 1, 1, 1, 1]),
-        (3, 16, 8, [1, 1, 1]),
-    ],
-)
-def test_split_evenly(count: int, size: int, spread: int, lengths: list[int]) -> None:
-    items = [bytes([i]) for i in range(count)]
-    chunks = split_evenly(items, size, spread)
-    assert [len(c) for c in chunks] == lengths
-    assert [i for c in chunks for i in c] == items
