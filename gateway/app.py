@@ -730,7 +730,7 @@ def _answer(body: dict[str, Any], timing: dict[str, float] | None = None) -> Res
 
 def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
     """Many images in one request: each is checked on its own, the good ones go to the
-    pool in calls of the model's max batch size, and the answer has one entry per image,
+    pool in calls (``policy.batch_calls``), and the answer has one entry per image,
     in order. A bad image gets its own error; if no image could be answered because the
     pool could not serve any, the request fails as a single one would (503 + Retry-After)."""
     svc = services()

@@ -279,6 +279,21 @@ def _credit(gpus: Sequence[GpuReading], leaving: W) -> list[GpuReading]:
     ]
 
 
+def batch_calls(images: int, max_batch: int, up: int) -> list[int]:
+    """The sizes, in order, of the worker calls that carry a batch of ``images``: at
+    most ``max_batch`` each, as even as they can be, and at least as many as ``up``, the
+    workers of the model that are up (idle or serving), where there are enough images.
+    On the CPU a batched pass costs each image about what it costs alone, so 8 images as
+    one call kept one of two warm workers busy while the other waited. Spreading goes
+    no further than the workers already up: empty slots would mean starting workers
+    (or evicting others) that a warm worker would have served sooner."""
+    if images < 1 or max_batch < 1:
+        raise ValueError(f"a batch of {images} images in calls of at most {max_batch}")
+    count = max(-(-images // max_batch), min(up, images))
+    base, extra = divmod(images, count)
+    return [base + (index < extra) for index in range(count)]
+
+
 def expired(workers: Sequence[W], now: float, limits: Limits, keep_s: Mapping[str, float] | None = None) -> list[str]:
     """Idle workers whose idle time exceeds their keep-alive (``keep_s`` by worker id,
     else their model's TTL), oldest first."""

@@ -69,6 +69,8 @@ from .policy import STEM, State
 from .settings import Settings
 from .worker_client import Scores, WorkerAnswer, WorkerBatchAnswer
 
+_UP = (State.IDLE, State.BUSY)
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -704,12 +706,19 @@ class WarmPool:
     ) -> BatchAnswer:
         """Classify ``images``: split into calls of at most the model's max batch size
         (one image each without batching), run side by side, each queued at
-        ``priority``. One failed call fails only its own images (``BatchAnswer``)."""
+        ``priority``. One failed call fails only its own images (``BatchAnswer``).
+
+        How many calls, of what sizes: ``policy.batch_calls``, over the workers of the
+        model that are up now."""
         if not images:
             raise ValueError("predict_batch needs at least one image")
         info = self.catalog.get(model)
-        size = info.max_batch_size
-        chunks = [images[i : i + size] for i in range(0, len(images), size)]
+        with self._lock:
+            up = sum(1 for w in self.core.workers.values() if w.model == info.name and w.state in _UP)
+        chunks, start = [], 0
+        for size in policy.batch_calls(len(images), info.max_batch_size, up):
+            chunks.append(images[start : start + size])
+            start += size
 
         def run(chunk: Sequence[bytes]) -> _Call | WanwuError:
             try:

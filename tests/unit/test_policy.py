@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from scheduler.policy import (
     GpuReading,
     Limits,
@@ -11,6 +13,7 @@ from scheduler.policy import (
     State,
     Wait,
     WorkerView,
+    batch_calls,
     decide,
     expired,
     projected_used_mb,
@@ -162,3 +165,27 @@ def test_an_idle_gpu_worker_is_reused_before_an_idle_cpu_fallback() -> None:
     cpu_worker = WorkerView("c1", "a", IDLE, last_used=20, cpu_fallback=True)
     assert decide("a", [cpu_worker, gpu_worker], Limits(3, 30)) == Reuse("g1")
     assert decide("a", [cpu_worker], Limits(3, 30)) == Reuse("c1")
+
+
+@pytest.mark.parametrize(
+    ("images", "max_batch", "up", "sizes"),
+    [
+        (10, 4, 0, [4, 3, 3]),  # at most the max, as even as can be
+        (8, 16, 2, [4, 4]),  # two warm workers share a batch the max would give one
+        (8, 16, 1, [8]),
+        (8, 16, 0, [8]),  # nothing up: one call starts one worker
+        (32, 16, 2, [16, 16]),
+        (32, 16, 4, [8, 8, 8, 8]),
+        (3, 16, 8, [1, 1, 1]),  # never more calls than images
+        (5, 1, 2, [1, 1, 1, 1, 1]),  # a model without batching: one image a call
+        (1, 16, 4, [1]),
+    ],
+)
+def test_batch_calls(images: int, max_batch: int, up: int, sizes: list[int]) -> None:
+    assert batch_calls(images, max_batch, up) == sizes
+
+
+@pytest.mark.parametrize(("images", "max_batch"), [(0, 4), (4, 0)])
+def test_batch_calls_refuses_nothing_to_carry(images: int, max_batch: int) -> None:
+    with pytest.raises(ValueError):
+        batch_calls(images, max_batch, 1)

@@ -147,7 +147,7 @@ def inline_pool(backend: FakeBackend, models: Path, **settings: object) -> WarmP
     return pool
 
 
-def test_predict_batch_splits_into_calls_of_the_max_batch_size_and_keeps_the_order(models: Path) -> None:
+def test_predict_batch_splits_into_even_calls_of_the_max_batch_size_and_keeps_the_order(models: Path) -> None:
     backend = FakeBackend()
     pool = inline_pool(backend, models)
     images = [str(i).encode() for i in range(10)]
@@ -155,7 +155,7 @@ def test_predict_batch_splits_into_calls_of_the_max_batch_size_and_keeps_the_ord
     answer = pool.predict_batch("now", images, top_k=1)
     assert answer.calls == 3 and answer.cold_start
     (connection,) = backend.connections.values()
-    assert connection.batches == [4, 4, 2]
+    assert connection.batches == [4, 3, 3]  # at most 4 (the bundle's max), as even as can be
     labels = [r["predictions"][0]["label"] if "predictions" in r else r["error"]["code"] for r in answer.results]
     assert labels == ["now:0", "now:1", "now:2", "now:3", "now:4", "not_an_image", "now:6", "now:7", "now:8", "now:9"]
     pool.shutdown(grace_s=0)
@@ -203,3 +203,26 @@ def test_members_with_different_subsets_share_a_call_and_are_each_scored_over_th
     assert results[2].predictions == subset_predictions(logits, everything, listed.labels, 2)
     assert {p["label"] for p in results[2].predictions} == {"丁", "甲"}
     assert sum(p["score"] for p in results[0].predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_batch_is_spread_over_the_models_warm_workers_and_no_further(models: Path) -> None:
+    """Two warm workers of the model share a batch of 4 (on the CPU a batched pass costs
+    each image what it costs alone); with one warm worker and free slots, the batch
+    starts nobody: spreading over empty slots would cost a cold start per call."""
+    backend = FakeBackend()
+    pool = WarmPool(
+        backend,
+        ModelCatalog(models, clock=FakeClock()),
+        Settings(models_dir=models, max_workers=4, stem_cells=0),
+        clock=FakeClock(),
+        gpu=GpuMonitor(()),
+    )
+    pool.start(background=False)
+    try:
+        pool.predict("now", b"1")  # one warm worker of four slots
+        answer = pool.predict_batch("now", [b"1", b"2", b"3", b"4"], top_k=1)
+        assert answer.calls == 1 and not answer.cold_start and len(backend.spawns) == 1
+        first = backend.spawns[0].worker_id
+        assert backend.connections[first].batches == [4]
+    finally:
+        pool.shutdown(grace_s=0)
