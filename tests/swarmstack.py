@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import docker
 import requests
 
 from tests import swarmnet
@@ -109,11 +110,11 @@ class Swarm:
         nodes = {n["ID"]: n["Description"]["Hostname"] for n in self.manager.api.nodes()}
         for service in self.manager.api.services(filters={"label": f"wanwu.pool={self.pool_id}"}):
             labels = service["Spec"]["Labels"]
-            running = [
-                t
-                for t in self.manager.api.tasks(filters={"service": service["ID"]})
-                if t["Status"]["State"] == "running"
-            ]
+            try:
+                tasks = self.manager.api.tasks(filters={"service": service["ID"]})
+            except docker.errors.NotFound:  # removed since it was listed (the gateway replaced the worker)
+                continue
+            running = [t for t in tasks if t["Status"]["State"] == "running"]
             task = running[0] if running else None
             out[labels["wanwu.model"]] = {
                 "node": nodes.get(task["NodeID"]) if task else None,

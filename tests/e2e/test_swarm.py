@@ -232,21 +232,27 @@ def test_a_node_killed_mid_traffic_loses_its_workers_and_every_request_is_answer
             results.append((sent, status, time.monotonic() - sent))
 
     with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
-            pool.submit(traffic)
-        time.sleep(2)
-        killed_at = time.monotonic()
-        swarm.cluster.kill(victim)
-        down_s = swarm.cluster.wait_node(victim, "down", 60)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            now = swarm.workers().get("demo-shapes")
-            if now and now["node"] == f"wanwu-{survivor}" and any(s == 200 and t > killed_at for t, s, _ in results):
-                break
-            time.sleep(0.2)
-        recovered_s = time.monotonic() - killed_at
-        time.sleep(2)
-        stop.set()
+        try:
+            for _ in range(4):
+                pool.submit(traffic)
+            time.sleep(2)
+            killed_at = time.monotonic()
+            swarm.cluster.kill(victim)
+            down_s = swarm.cluster.wait_node(victim, "down", 60)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                now = swarm.workers().get("demo-shapes")
+                if (
+                    now
+                    and now["node"] == f"wanwu-{survivor}"
+                    and any(s == 200 and t > killed_at for t, s, _ in results)
+                ):
+                    break
+                time.sleep(0.2)
+            recovered_s = time.monotonic() - killed_at
+            time.sleep(2)
+        finally:  # the traffic must stop however this ends, or leaving the pool waits for it forever
+            stop.set()
     failed = [r for r in results if r[1] != 200]
     during = [r for r in results if r[0] + r[2] > killed_at]
     print(
