@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,6 +16,9 @@ from scheduler.keepalive import POLICIES as KEEPALIVE_POLICIES
 from scheduler.settings import Settings
 
 from .client import request_json as _request
+
+if TYPE_CHECKING:  # the simulator is imported only by the commands that need it
+    from scheduler.sim import Profile
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -436,7 +439,7 @@ def _figure_or_trace(ctx: click.Context, param: click.Parameter, raw: str | None
     return number
 
 
-def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None) -> tuple[Any, str] | None:
+def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None) -> tuple[Profile, str] | None:
     """``--profile PATH``: (the bundle's Profile, where it came from), or None."""
     if raw is None:
         return None
@@ -450,41 +453,6 @@ def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None)
 
 
 _PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "stem_memory_mb")
-
-
-def _tune_profile(
-    bundle: tuple[Any, str] | None,
-    access_log: bool,
-    infer_ms: float | str | None,
-    memory_mb: float | str | None,
-    figures: dict[str, float | None],
-) -> tuple[Any, str]:
-    """The Profile ``wanwu tune`` simulates, and where it came from in words: flags over
-    --profile over the general model, except that an access log's inference is its own
-    (it holds the model's times) unless --infer-ms or --profile says otherwise; "trace"
-    leaves a figure to the trace, model by model."""
-    from dataclasses import replace
-
-    from scheduler.sim import GENERAL_PROFILE
-
-    base, source = bundle or (GENERAL_PROFILE, "the general model (make bench, 2 vCPUs)")
-
-    def figure(flag: float | str | None, default: float | None) -> float | None:
-        return default if flag is None else None if flag == "trace" else float(flag)
-
-    given = {name: value for name, value in figures.items() if value is not None}
-    flags = [
-        name for name, value in {**given, "infer_ms": infer_ms, "memory_mb": memory_mb}.items() if value is not None
-    ]
-    if flags:
-        source += ", with " + ", ".join("--" + name.replace("_", "-") for name in flags)
-    profile = replace(
-        base,
-        **given,
-        infer_ms=figure(infer_ms, None if access_log and bundle is None else base.infer_ms),
-        memory_mb=figure(memory_mb, base.memory_mb),
-    )
-    return profile, source
 
 
 @cli.command()
@@ -604,7 +572,7 @@ def tune(
     ttl: list[float],
     keepalive: list[str],
     stems: list[int],
-    bundle: tuple[Any, str] | None,
+    bundle: tuple[Profile, str] | None,
     load_ms: float | None,
     stem_memory_mb: float | None,
     spawn_ms: float | None,
@@ -645,7 +613,7 @@ def tune(
 
     from scheduler import tuning
     from scheduler.core import CoreConfig
-    from scheduler.sim import Grid, run_grid
+    from scheduler.sim import Grid, resolve_profile, run_grid
     from scheduler.traces import load_trace
 
     loaded = load_trace(trace, max_per_day=max_per_day, minutes=minutes, seed=seed)
@@ -654,7 +622,7 @@ def tune(
     target = tuning.Target(max_cold_rate, max_p99_ms, max_reject_rate, max_idle_gb_h)
     access_log = not Path(trace).is_dir()
     figures = {"spawn_ms": spawn_ms, "load_ms": load_ms, "stop_ms": stop_ms, "stem_memory_mb": stem_memory_mb}
-    profile, source = _tune_profile(bundle, access_log, infer_ms, memory_mb, figures)
+    profile, source = resolve_profile(bundle, access_log, infer_ms, memory_mb, figures)
     if profile.memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
         click.echo("wanwu tune: the trace has no memory figures, so idle GB-hours are 0; pass --memory-mb", err=True)
     grid = Grid(workers, ttl, keepalive, stems)

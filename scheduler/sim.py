@@ -160,6 +160,38 @@ def bundle_profile(
     )
 
 
+def resolve_profile(
+    bundle: tuple[Profile, str] | None,
+    access_log: bool,
+    infer_ms: float | str | None,
+    memory_mb: float | str | None,
+    figures: Mapping[str, float | None],
+) -> tuple[Profile, str]:
+    """The Profile ``wanwu tune`` simulates, and where it came from in words: flags
+    (``figures``, ``infer_ms``, ``memory_mb``; None where not given) over ``bundle`` (a
+    bundle's profile and its source) over the general model, except that an access
+    log's inference is its own (it holds the model's times) unless ``infer_ms`` or a
+    bundle says otherwise; "trace" leaves a figure to the trace, model by model."""
+    base, source = bundle or (GENERAL_PROFILE, "the general model (make bench, 2 vCPUs)")
+
+    def figure(flag: float | str | None, default: float | None) -> float | None:
+        return default if flag is None else None if flag == "trace" else float(flag)
+
+    given: dict[str, Any] = {name: value for name, value in figures.items() if value is not None}
+    flags = [
+        name for name, value in {**given, "infer_ms": infer_ms, "memory_mb": memory_mb}.items() if value is not None
+    ]
+    if flags:
+        source += ", with " + ", ".join("--" + name.replace("_", "-") for name in flags)
+    profile = replace(
+        base,
+        **given,
+        infer_ms=figure(infer_ms, None if access_log and bundle is None else base.infer_ms),
+        memory_mb=figure(memory_mb, base.memory_mb),
+    )
+    return profile, source
+
+
 def load_bundle_profile(path: str | Path, base: Profile = GENERAL_PROFILE) -> tuple[Profile, str]:
     """:func:`bundle_profile` of a bundle directory or its ``bundle_report.json`` (the
     estimate from the model.json beside it), and where its figures came from in words.
