@@ -1,4 +1,5 @@
-"""A TTL cache of answers keyed by the SHA-256 of the image bytes, the model and what
+"""A TTL cache of answers keyed by the SHA-256 of the image bytes, the model, its
+bundle's digest (a replaced bundle's answers are never served for the new one) and what
 was asked of it (top_k and a label subset, or an embedding).
 Identical uploads (retries, duplicate frames) are answered without touching a worker."""
 

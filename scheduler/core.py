@@ -17,6 +17,8 @@ Events (methods, each taking ``now``):
     tick          time passed (TTL reaping, pre-warming, batches whose wait is over),
                   with fresh GPU readings
     configure     settings changed
+    retire        a model's bundle was replaced (or removed): its idle workers stop now,
+                  busy and starting ones once their requests finish; none is reused
     close         shutting down: refuse new requests
     stop_all      stop every worker (the end of a shutdown)
 
@@ -67,7 +69,7 @@ from .errors import BackendUnavailable, CapacityExhausted, ModelUnavailable, Wan
 from .keepalive import KeepAlive, Window, make
 from .policy import STEM, State
 
-REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "load_failed", "shutdown")
+REAP_REASONS = ("ttl", "gpu_pressure", "evicted", "crashed", "timeout", "load_failed", "replaced", "shutdown")
 INTERACTIVE, BATCH = "interactive", "batch"
 PRIORITIES = (INTERACTIVE, BATCH)
 UNBOUNDED = sys.maxsize
@@ -177,6 +179,7 @@ class Worker:
     keep_s: float = 0.0  # how long it may stay idle, decided when it went idle
     adopted: bool = False  # a stem cell that loads or serves a model
     cpu_fallback: bool = False  # a CPU worker started because no GPU had room (holds no GPU memory)
+    retired: bool = False  # its model's bundle was replaced while it ran: stopped once its request is done
 
     @property
     def stem(self) -> bool:
@@ -325,6 +328,12 @@ class PoolCore:
             # A stem cell reports what its allocator holds, not the CUDA context: keep the estimate.
             worker.gpu_mb = max(worker.gpu_mb, float(gpu_mb)) if worker.stem else float(gpu_mb)
         commands: list[Command] = []
+        if worker.retired and not self.closing and worker.state is not State.STOPPING:
+            # It may have loaded the old bundle: its request waits on for a fresh start.
+            waiting = self._request(worker.reserved_for)
+            if waiting is not None:
+                waiting.spawning = None
+            return [self._stop(worker, "replaced", now), *self._dispatch(now)]
         if worker.state is State.STOPPING or self.closing:
             commands.append(self._stop(worker, "shutdown", now))
             waiting = self._request(worker.reserved_for)
@@ -388,7 +397,9 @@ class PoolCore:
             return []
         commands: list[Command] = []
         window = self.window(worker.model)
-        if ok and worker.dead is None and not self.closing:
+        if ok and worker.retired and worker.dead is None:
+            commands.append(self._stop(worker, "replaced", now))
+        elif ok and worker.dead is None and not self.closing:
             self._idle(worker, now, window.keep_s)
         elif not ok or worker.dead is not None:
             commands.append(self._stop(worker, reason if not ok else "crashed", now))
@@ -451,6 +462,20 @@ class PoolCore:
             if worker.state is State.IDLE and not worker.stem:
                 self._idle(worker, worker.last_used, self.window(worker.model).keep_s)
         return self._trim_stems(now) + self._dispatch(now)
+
+    def retire(self, model: str, now: float) -> list[Command]:
+        """``model``'s bundle changed: no worker that may hold the old one serves again.
+        Idle ones stop now; busy and starting ones are marked and stop when done."""
+        commands: list[Command] = []
+        for worker in list(self.workers.values()):
+            if worker.model != model or worker.state is State.STOPPING:
+                continue
+            if worker.state is State.IDLE:
+                commands.append(self._stop(worker, "replaced", now))
+            else:
+                worker.retired = True
+        self.prewarm_at.pop(model, None)
+        return commands + self._dispatch(now)
 
     def close(self, now: float) -> list[Command]:
         """Refuse new requests; waiters without a start under way fail now."""

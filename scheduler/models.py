@@ -2,14 +2,24 @@
 
 Bundles are validated with the worker's own loader (``wanwu_worker.bundle``, which
 does not import torch), so the gateway refuses a bad bundle with the same message the
-worker would print. The directory is rescanned when an unknown name is asked for, at
-most every few seconds, so a new bundle needs no restart.
+worker would print. The directory is rescanned when an unknown name is asked for and on
+every ``poll`` (the pool's reaper calls it), at most every few seconds, so a new,
+removed or replaced bundle needs no restart.
+
+Each served bundle carries a ``digest`` of its files' contents: its identity. A rescan
+re-reads a bundle only when one of its files' ``lstat`` changed (name, inode, size,
+mtime, ctime), and a bundle whose digest changed is a new version of the model (the
+version counter moves; the pool retires the workers of the old one and the result
+cache's keys hold the digest, so no answer of the old bundle is served after it).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +56,7 @@ class ModelInfo:
     confidence_threshold: float | None = None  # a top score below it is not confident
     language: str | None = None  # the language of the labels, if the bundle says
     translations: Mapping[str, Translation] = field(default_factory=dict)
+    digest: str = ""  # the bundle's identity: a hash of its files' contents (``bundle_digest``)
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -74,7 +85,7 @@ class ModelInfo:
         return self.batching.max_batch_size if self.batching is not None else 1
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
+    def from_bundle(cls, bundle: Bundle, digest: str = "") -> ModelInfo:
         return cls(
             bundle.name,
             bundle.path.resolve(),
@@ -93,7 +104,42 @@ class ModelInfo:
             bundle.confidence_threshold,
             bundle.language,
             dict(bundle.translations),
+            digest,
         )
+
+
+Signature = tuple[tuple[str, int, int, int, int, int], ...]
+
+
+def signature(directory: Path) -> Signature:
+    """What a bundle directory looks like to ``lstat``: each entry's name, mode, inode,
+    size, mtime and ctime (the directory's own first). Equal signatures: nothing to re-read."""
+
+    def row(name: str, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
+        return (name, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    rows = [row(".", os.lstat(directory))]
+    with os.scandir(directory) as entries:
+        rows += sorted(row(e.name, e.stat(follow_symlinks=False)) for e in entries)
+    return tuple(rows)
+
+
+def bundle_digest(directory: Path) -> str:
+    """SHA-256 over the names and contents of the bundle's regular files (hidden ones
+    and anything else left out), read without following links: the bundle's identity."""
+    digest = hashlib.sha256()
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False))
+    for name in names:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                continue
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+            digest.update(b"\0")
+    return digest.hexdigest()[:32]
 
 
 class ModelCatalog:
@@ -104,41 +150,71 @@ class ModelCatalog:
         self._models: dict[str, ModelInfo] = {}
         self.problems: dict[str, str] = {}
         self._scanned_at = float("-inf")
+        self._seen: dict[str, tuple[Signature, ModelInfo | str]] = {}  # directory name -> what its last scan found
         self._lock = threading.Lock()
-        self.version = 0  # bumped whenever the set of served models changes
+        self.version = 0  # bumped whenever the served models change (came, went or were replaced)
         self.refresh()
 
     def refresh(self) -> None:
         """Rescan the directory. A bundle that fails validation is left out and its
-        problem is kept in ``problems`` (and logged once)."""
+        problem is kept in ``problems`` (and logged once); a bundle whose files did not
+        change since the last scan is not read again."""
         models: dict[str, ModelInfo] = {}
         problems: dict[str, str] = {}
+        seen: dict[str, tuple[Signature, ModelInfo | str]] = {}
         if self.models_dir.is_dir():
             for entry in sorted(self.models_dir.iterdir()):
-                if entry.name.startswith(".") or not (entry / "model.json").is_file():
+                if entry.name.startswith("."):
                     continue  # hidden: a bundle still being written
                 try:
-                    info = ModelInfo.from_bundle(load_bundle(entry))
-                except BundleError as exc:
-                    problems[entry.name] = str(exc)
-                    continue
-                if info.name == STEM:
-                    problems[entry.name] = f"{entry}: the name {STEM!r} is reserved for stem cells"
-                    continue
-                if info.name != entry.name:
-                    problems[entry.name] = (
-                        f"{entry / 'model.json'}: field 'name' is {info.name!r}; must match the directory name"
-                    )
-                    continue
-                models[info.name] = info
+                    sig = signature(entry)
+                except OSError:
+                    continue  # not a directory, or gone since the listing
+                if not any(row[0] == "model.json" for row in sig):
+                    continue  # not a bundle
+                known = self._seen.get(entry.name)
+                outcome = known[1] if known is not None and known[0] == sig else self._scan(entry)
+                seen[entry.name] = (sig, outcome)
+                if isinstance(outcome, str):
+                    problems[entry.name] = outcome
+                else:
+                    models[outcome.name] = outcome
         with self._lock:
             for name, problem in problems.items():
                 if self.problems.get(name) != problem:
                     log.error("model bundle %s is invalid and not served: %s", name, problem)
+            for name, info in models.items():
+                old = self._models.get(name)
+                if old is not None and old.digest != info.digest:
+                    log.info("model bundle %s was replaced (digest %s -> %s)", name, old.digest, info.digest)
             if models != self._models:
                 self.version += 1
-            self._models, self.problems = models, problems
+            self._models, self.problems, self._seen = models, problems, seen
             self._scanned_at = self._now()
+
+    def _scan(self, entry: Path) -> ModelInfo | str:
+        """One bundle directory read and validated: its ModelInfo, or its problem."""
+        try:
+            info = ModelInfo.from_bundle(load_bundle(entry), bundle_digest(entry))
+        except BundleError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        if info.name == STEM:
+            return f"model.json: field 'name' is {STEM!r}, which is reserved for stem cells"
+        if info.name != entry.name:
+            return f"model.json: field 'name' is {info.name!r}; must match the directory name"
+        return info
+
+    def poll(self) -> bool:
+        """Rescan if the last scan is older than the rescan interval (the pool's reaper
+        calls this, so changed bundles are noticed without a request naming them).
+        Returns whether it rescanned."""
+        with self._lock:
+            stale = self._now() - self._scanned_at >= self._rescan_after
+        if stale:
+            self.refresh()
+        return stale
 
     def get(self, name: str) -> ModelInfo:
         with self._lock:
@@ -152,7 +228,7 @@ class ModelCatalog:
             problem = self.problems.get(name)
             if problem:
                 raise UnknownModel(f"model {name!r} is not served: {problem}")
-            raise UnknownModel(f"no model named {name!r} in {self.models_dir}")
+            raise UnknownModel(f"no model named {name!r}")
         return info
 
     def all(self) -> list[ModelInfo]:

@@ -178,10 +178,11 @@ def _shape(entry: dict[str, Any], top_k: int, subset: LabelSubset | None, scores
     if subset is not None:
         if scores is None or entry.get("logits_of") != scores.digest:
             # The worker loaded another version of the bundle than the catalog knows
-            # (replaced while it ran): its scores are of other labels. Fail loudly.
+            # (replaced while it ran, before the catalog's rescan retired it): its scores
+            # are of other labels. Fail loudly.
             raise WorkerCrashed(
                 "the worker's raw scores are not of the labels asked for: its bundle differs from the "
-                "gateway's catalog (was the bundle replaced? restart the gateway or wait for the worker to go)"
+                "gateway's catalog (the bundle was replaced; the worker is retired at the next rescan)"
             )
         shaped["predictions"] = subset_predictions(entry.get("logits"), scores.labels, subset.labels, top_k)
     elif isinstance(entry.get("predictions"), list):
@@ -353,6 +354,7 @@ class WarmPool:
             else ThreadPoolExecutor(max(4, settings.max_workers * 2), thread_name_prefix="wanwu-batch")
         )
         self._catalog_version = catalog.version
+        self._digests = {m.name: m.digest for m in catalog.all()}  # each served bundle's identity, as last fed
         self._ttl_overrides: dict[str, float] = {}  # per-model TTLs set at run time (reconfigure)
         self.stem_problem: str | None = None  # why stem cells cannot work here (set by the factory)
         self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4])
@@ -544,9 +546,15 @@ class WarmPool:
 
     def _feed(self, name: str, *args: Any) -> list[Command]:
         actions: list[Command] = []
-        if self.catalog.version != self._catalog_version:  # bundles came or went: new TTLs and estimates
+        if self.catalog.version != self._catalog_version:  # bundles came, went or were replaced
             self._catalog_version = self.catalog.version
-            actions = self._feed("configure", self._core_config(), self.clock.now())
+            now = self.clock.now()
+            digests = {m.name: m.digest for m in self.catalog.all()}
+            for model in sorted(name for name, digest in self._digests.items() if digests.get(name) != digest):
+                log.info("model %s: its bundle was replaced or removed; retiring its workers", model)
+                actions += self._feed("retire", model, now)
+            self._digests = digests
+            actions += self._feed("configure", self._core_config(), now)  # new TTLs and estimates
         commands: list[Command] = getattr(self.core, name)(*args)
         if self.recorder is not None:
             self.recorder(name, args, commands)
@@ -1002,6 +1010,7 @@ class WarmPool:
         least recently used first; start pre-warmed workers that are due. Returns the
         (worker id, reason) pairs stopped."""
         readings = self.gpu.readings() if readings is None else readings
+        self.catalog.poll()  # a replaced bundle's workers are retired by the feed below
         now = self.clock.now() if now is None else now
         with self._lock:
             commands = self._feed("tick", now, readings)

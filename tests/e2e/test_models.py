@@ -6,8 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import docker
@@ -148,3 +152,57 @@ def test_backfill_with_an_embedding_model_writes_one_vector_per_file(gateway: Ga
         vector = line["embedding"]
         assert line["dim"] == 64 and len(vector) == 64  # type: ignore[arg-type]
         assert math.fsum(v * v for v in vector) == pytest.approx(1.0, abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_a_bundle_replaced_with_bundle_create_force_is_served_as_replaced(
+    docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """The reproduction from the issue: the same picture, after ``wanwu bundle create
+    --force`` with the labels reversed, comes back with the new label within the
+    catalog's rescan interval, without a restart, though the cache and a warm worker
+    held the old answer."""
+    files = tmp_path / "files"
+    demo = export_builtin_model(IMAGE, "demo-shapes", files)
+    labels = (demo / "labels.txt").read_text(encoding="utf-8").split()
+    reversed_labels = files / "reversed.txt"
+    reversed_labels.write_text("\n".join(reversed(labels)) + "\n", encoding="utf-8")
+    models = tmp_path / "gateway" / "models"
+    models.mkdir(parents=True)
+    models.chmod(0o755)
+    config = json.loads((demo / "model.json").read_text(encoding="utf-8"))
+
+    def create(labels_file: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "gateway.cli", "bundle", "create", "shapes"]
+        command += ["--model", str(demo / "model.pt"), "--labels", str(labels_file), "--out", str(models / "shapes")]
+        command += ["--format", "torchscript", "--input-size", str(config["input_size"][1])]
+        command += ["--resize", str(config["resize"]), "--mean", ",".join(map(str, config["mean"]))]
+        command += ["--std", ",".join(map(str, config["std"])), *extra]
+        env = {**os.environ, "WANWU_WORKER_IMAGE": IMAGE, "WANWU_MODELS_DIR": str(models)}
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    create(demo / "labels.txt")
+    picture = demo_images(seed=71)["红色圆形"]
+    settings = {"max_workers": "1", "stem_cells": "0", "default_model": "shapes", "idle_ttl_s": "300"}
+    with running_gateway(tmp_path / "gateway", docker_client, **settings) as gw:
+
+        def ask() -> dict[str, object]:
+            answer = requests.post(
+                f"{gw.url}/v1/models/shapes/predict", files={"image": ("x.png", picture)}, timeout=60
+            )
+            assert answer.status_code == 200, answer.text
+            body: dict[str, object] = answer.json()
+            return body
+
+        assert ask()["result"] == "红色圆形"
+        assert ask()["cached"] is True
+        (old,) = gw.containers(docker_client)
+        create(reversed_labels, "--force")
+        swapped = labels[len(labels) - 1 - labels.index("红色圆形")]
+        deadline = time.monotonic() + 30  # the rescan interval (5 s), a reaper pass and a cold start
+        while (body := ask())["result"] != swapped and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert body["result"] == swapped and body["cached"] is False, body
+        assert old["Id"] not in {c["Id"] for c in gw.containers(docker_client)}  # the old worker was retired
+        served = requests.get(f"{gw.url}/v1/pool", timeout=10).json()
+        assert served["reaps"]["replaced"] == 1, served["reaps"]
