@@ -8,16 +8,27 @@
      "timing_ms": {"queue": 0.1, "spawn": 0.0, "worker": 2.1, "total": 4.0}}
 
 ``ts`` is when the request arrived (Unix seconds). Set ``WANWU_ACCESS_LOG`` to a path.
+
+Every line is one JSON object: JSON escapes control characters, and the Unicode line
+separators (which some readers split on) are escaped too, so no value a client sent (a
+model name with a newline in it) can start a line of its own. A write that fails (a
+full disk) is logged, at most once a minute, and counted; the request is answered as
+if the log had been written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from scheduler.errors import ConfigError
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 60.0  # a failing log is reported at most this often
 
 
 class JsonAccessLog:
@@ -29,11 +40,26 @@ class JsonAccessLog:
             raise ConfigError(f"WANWU_ACCESS_LOG={str(path)!r}: cannot open it for appending: {exc}") from exc
         self.path = path
         self._lock = threading.Lock()
+        self.failures = 0  # writes that failed
+        self._reported = -REPORT_EVERY_S
 
-    def write(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
+    def write(self, entry: dict[str, Any]) -> bool:
+        """Append ``entry``; False (and a logged error) if the file would not take it."""
+        line = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+        line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
         with self._lock:
-            self._file.write(line)
+            try:
+                self._file.write(line)
+                return True
+            except (OSError, ValueError) as exc:  # ValueError: closed during shutdown
+                self.failures += 1
+                now = time.monotonic()
+                report, error = now - self._reported >= REPORT_EVERY_S, exc
+                if report:
+                    self._reported = now
+        if report:
+            log.error("access log %s: a write failed (%d so far): %s", self.path, self.failures, error)
+        return False
 
     def close(self) -> None:
         with self._lock:

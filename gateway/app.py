@@ -40,7 +40,7 @@ import uuid
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,25 @@ class ClientGate:
             return sum(self._held.values())
 
 
+NOT_READY = "failing; the gateway's log and `wanwu doctor` say why"
+
+
+class ReadinessLog:
+    """Logs each readiness check's detail when it changes (a probe every few seconds
+    would otherwise repeat it): the details /readyz no longer gives to anyone asking."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[bool, str]] = {}
+
+    def report(self, checks: dict[str, tuple[bool, str]]) -> None:
+        with self._lock:
+            changed = {name: check for name, check in checks.items() if self._last.get(name) != check}
+            self._last = dict(checks)
+        for name, (ok, detail) in changed.items():
+            (log.info if ok else log.warning)("readiness check %s: %s: %s", name, "ok" if ok else "failing", detail)
+
+
 @dataclass
 class Services:
     """What the routes use; built by ``create_app`` or injected by tests."""
@@ -182,6 +201,7 @@ class Services:
     access_log: JsonAccessLog | None = None
     gate: ClientGate | None = None
     trusted: tuple[Network, ...] = ()
+    readiness: ReadinessLog = field(default_factory=ReadinessLog)
 
 
 def services() -> Services:
@@ -190,21 +210,46 @@ def services() -> Services:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+    """An HTTP error answer. ``message`` is what the client reads; ``detail`` (server-side
+    failures) is what the gateway's log gets under the request id, never the client."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.detail = detail
+
+
+# What a client reads for each server-side failure: no worker names, images, paths,
+# versions or log lines (those go to the gateway's log under the request id).
+PUBLIC_MESSAGES = {
+    "no_capacity": "no worker was free in time; retry after the Retry-After delay",
+    "model_unavailable": "the model's workers are failing to start; retry after the Retry-After delay",
+    "backend_unavailable": "the worker backend is not available; retry after the Retry-After delay",
+    "worker_start_timeout": "the model's worker did not start in time",
+    "worker_timeout": "the model's worker did not answer in time",
+    "worker_start_failed": "the model's worker failed to start",
+    "worker_failed": "the model's worker failed to answer",
+    "internal": "internal error",
+}
+SEE_LOG = "; the operator finds the details in the gateway's log under this request id"
 
 
 def translate(exc: WanwuError) -> ApiError:
-    """The one place scheduler errors become HTTP errors."""
+    """The one place scheduler errors become HTTP errors. A client error keeps its own
+    message (it is about the client's input); a server-side one gets its code's public
+    message and carries the real one as ``detail`` for the log."""
     if isinstance(exc, WorkerRejected):
         return ApiError(exc.status if 400 <= exc.status < 500 else 400, exc.code, str(exc))
     for kind, status, code in STATUS:
         if isinstance(exc, kind):
+            if status < 500:
+                return ApiError(status, code, str(exc))
             retry = getattr(exc, "retry_after_s", None)
             if status == 503 and retry is None:
                 retry = 5.0
-            return ApiError(status, code, str(exc), retry)
+            return ApiError(status, code, PUBLIC_MESSAGES[code] + SEE_LOG, retry, detail=str(exc))
     raise AssertionError("unreachable: WanwuError is the last entry")
 
 
@@ -346,7 +391,7 @@ def _register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("%s unhandled error in %s %s", g.get("request_id"), request.method, request.path)
         return _error_response(500, "internal", "internal error; see the gateway log")
 
     @app.post("/predict")
@@ -416,9 +461,15 @@ def _register(app: Flask) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response:
-        checks = services().pool.readiness()
+        svc = services()
+        checks = svc.pool.readiness()
         ready = all(ok for ok, _ in checks.values())
-        body = {"ready": ready, "checks": {name: {"ok": ok, "detail": detail} for name, (ok, detail) in checks.items()}}
+        svc.readiness.report(checks)
+        # The details (engine version, image, paths) are the operator's: the log and `wanwu doctor`.
+        body = {
+            "ready": ready,
+            "checks": {name: {"ok": ok, "detail": "ok" if ok else NOT_READY} for name, (ok, _) in checks.items()},
+        }
         response = jsonify(body)
         response.status_code = 200 if ready else 503
         return response
@@ -502,8 +553,8 @@ def _failed(exc: ApiError | WanwuError, label: str, model: str) -> ApiError:
     (the model, once known to exist); a server-side one is logged."""
     error = exc if isinstance(exc, ApiError) else translate(exc)
     services().metrics.requests.labels(label, error.code).inc()
-    if error.status >= 500 and not isinstance(exc, ApiError):
-        log.warning("%s %s: %s", g.get("request_id"), model, exc)
+    if error.detail is not None:
+        log.warning("%s %s: %s", g.get("request_id"), model, error.detail)
     return error
 
 
@@ -659,7 +710,7 @@ def _predict(model: str, raw_allowed: bool, task: str = CLASSIFY) -> Response:
         image = _read_upload(raw_allowed)
         _check_upload(image, svc.settings)
         # Cache-Control: no-cache asks for a fresh answer from a worker (wanwu replay sends it).
-        key = svc.cache.key(image, info.name, *asked.cache_key())
+        key = svc.cache.key(image, info.name, info.digest, *asked.cache_key())
         cached = None if request.cache_control.no_cache else svc.cache.get(key)
         if cached is not None:
             svc.metrics.cache_hits.labels(info.name).inc()
@@ -790,8 +841,10 @@ def _predict_batch(model: str, task: str = CLASSIFY) -> Response:
         # client backs off on Retry-After instead of reading per-image errors.
         worst = failures[0]
         svc.metrics.requests.labels(info.name, worst.code).inc()
-        log.warning("%s %s: batch of %d failed: %s", g.get("request_id"), model, len(entries), worst.message)
+        log.warning("%s %s: batch of %d failed: %s", g.get("request_id"), model, len(entries), worst.detail)
         raise worst
+    for detail in dict.fromkeys(f.detail for f in failures if f.detail is not None):
+        log.warning("%s %s: part of a batch failed: %s", g.get("request_id"), model, detail)
     svc.metrics.requests.labels(info.name, "ok").inc()
     g.cold_start = answer.cold_start if answer is not None else False
     g.cached = False

@@ -10,11 +10,18 @@ changing whether a body is valid by the description:
 - ``model_ttl_s`` names the served model: the description cannot list the models a
   gateway serves, and any other name is rightly a 400. The value kept is an invalid one
   if the body had one, so a negative case stays negative.
+
+One check of our own runs on every answer (``no_internals``): no answer gives away a
+path on the gateway's machine, a worker's image, a version or a traceback, unless the
+request itself sent that text (a label or model name echoed back in a 400 or 404).
+``WANWU_TEST_INTERNALS`` (os.pathsep-separated) names this gateway's own directories.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any
 
 import schemathesis
@@ -22,6 +29,37 @@ import schemathesis
 SETTINGS = "/v1/pool/settings"
 SERVED_MODEL = "demo-shapes"
 MAX_STEM_CELLS = 1
+
+
+GENERIC_INTERNALS = (
+    r"Traceback \(most recent call last\)",
+    r'File "[^"]+", line \d+',
+    r"site-packages",
+    r"/(?:tmp|var|run|root|home|work|proc|opt|srv|usr)/[\w.-]+",
+    r"wanwu-worker:\w+",
+    r"wanwu-base:\w+",
+    r"\bengine \d+\.\d+",
+    r"\btorch \d+\.\d+",
+    r"\bPython 3\.\d+",
+)
+
+
+def _internals() -> re.Pattern[str]:
+    own = [re.escape(p) for p in os.environ.get("WANWU_TEST_INTERNALS", "").split(os.pathsep) if p]
+    return re.compile("|".join([*own, *GENERIC_INTERNALS]))
+
+
+INTERNALS = _internals()
+
+
+@schemathesis.check
+def no_internals(ctx: Any, response: Any, case: schemathesis.Case) -> None:
+    """No answer carries a path, image, version or traceback the request did not send."""
+    sent = repr((case.path, case.path_parameters, case.query, case.headers, case.cookies, case.body))
+    answer = response.text + "\n" + "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+    for match in INTERNALS.finditer(answer):
+        if match.group() not in sent:
+            raise AssertionError(f"the answer gives away {match.group()!r}: {answer[:500]}")
 
 
 @schemathesis.hook

@@ -7,7 +7,8 @@
 3. Schemathesis, run against a real gateway (``wanwu serve`` with the process backend)
    over HTTP, finds nothing the description does not say: each status documented,
    bodies, headers and content types as described, no 5xx but the 502/503/504 the
-   model endpoints document. The run's counts are printed (``pytest -rP`` or ``-s``)
+   model endpoints document, and no answer giving away a path, an image, a version or
+   a traceback (``no_internals`` in ``openapi_hooks.py``). The run's counts are printed (``pytest -rP`` or ``-s``)
    and written to ``schemathesis-counts.json`` in the test's tmp directory.
 
 ``WANWU_SCHEMATHESIS_ARGS`` adds arguments to the schemathesis run, e.g.
@@ -121,7 +122,8 @@ def test_schemathesis_finds_the_gateway_as_described(tmp_path: Path, docker_clie
     }
     started = time.monotonic()
     with running_gateway(workdir, docker_client, **settings) as gw:
-        run = _schemathesis(gw.url, tmp_path / "schemathesis")
+        internals = [str(workdir), str(tmp_path), str(gw.models_dir), str(gw.socket_dir), str(ROOT)]
+        run = _schemathesis(gw.url, tmp_path / "schemathesis", internals)
         log = gw.log
     counts = _counts(run, time.monotonic() - started)
     saved = tmp_path / "schemathesis-counts.json"
@@ -216,7 +218,7 @@ def _empty_report(output: str) -> dict[str, Any]:
     return {"failures": [], "errors": [{"title": title, "count": 1}], "operations": {}, "test_cases": {}}
 
 
-def _schemathesis(url: str, reports: Path) -> _Run:
+def _schemathesis(url: str, reports: Path, internals: list[str]) -> _Run:
     reports.mkdir(parents=True, exist_ok=True)
     config = reports / "schemathesis.toml"
     config.write_text(_config(reports / "cache"), encoding="utf-8")
@@ -251,7 +253,10 @@ def _schemathesis(url: str, reports: Path) -> _Run:
         *shlex.split(os.environ.get("WANWU_SCHEMATHESIS_ARGS", "")),
     ]
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_LIMIT_S, check=False)
+        env = {**os.environ, "WANWU_TEST_INTERNALS": os.pathsep.join(internals)}  # for the no_internals check
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(f"schemathesis ran past {RUN_LIMIT_S} s:\n{output[-20000:]}")

@@ -147,10 +147,15 @@ def test_no_capacity_is_503_with_retry_after(client: FlaskClient, app: Flask) ->
     pool.release(lease)
 
 
-def test_worker_failures_map_to_502_and_504(client: FlaskClient, backend: FakeBackend) -> None:
+def test_worker_failures_map_to_502_and_504(
+    client: FlaskClient, backend: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
     backend.fail_next_spawns("demo-shapes", error=WorkerStartError("exited with status 2; last log lines: boom"))
     response = post(client)
-    assert response.status_code == 502 and "boom" in response.get_json()["error"]["message"]
+    error = response.get_json()["error"]
+    assert response.status_code == 502 and error["code"] == "worker_start_failed"
+    assert "boom" not in error["message"]  # the worker's log lines are the operator's, not the client's
+    assert any(error["request_id"] in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
     backend.outcomes["other"].extend(["timeout", "timeout"])
     response = post(client, url="/v1/models/other/predict")
     assert response.status_code == 504 and response.get_json()["error"]["code"] == "worker_timeout"

@@ -207,7 +207,7 @@ def test_models_lists_task_subsets_and_fallback(client: FlaskClient) -> None:
 
 
 def test_raw_scores_of_other_labels_fail_loudly_rather_than_mislabel(
-    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker still running a replaced bundle answers scores of other labels: its
     digest differs from the catalog's, and the request fails rather than mislabel."""
@@ -216,5 +216,6 @@ def test_raw_scores_of_other_labels_fail_loudly_rather_than_mislabel(
     real = fakes.fake_scores
     monkeypatch.setattr(fakes, "fake_scores", lambda scores: {**real(scores), "logits_of": "0" * 16} if scores else {})
     response = post(client, "/v1/models/shapes/predict?subset=圆形")
-    assert response.status_code == 502 and "bundle differs" in response.get_json()["error"]["message"]
+    assert response.status_code == 502 and response.get_json()["error"]["code"] == "worker_failed"
+    assert any("bundle differs" in r.getMessage() for r in caplog.records)  # the operator learns why
     assert post(client, "/v1/models/shapes/predict").status_code == 200  # scoring over all labels is unaffected

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .bundle import load_bundle
 from .errors import WorkerError
+from .logs import configure as configure_logging
 from .preprocess import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -280,10 +281,10 @@ def _nvml_free() -> dict[str, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("WANWU_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s wanwu-worker %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        os.environ.get("WANWU_LOG_LEVEL", "INFO").upper(),
+        "%(asctime)s %(levelname)s wanwu-worker %(name)s: %(message)s",
+        sys.stderr,
     )
     if args.mode == "predict" and not 1 <= args.top_k <= 1000:
         print(f"wanwu-worker: --top-k is {args.top_k}; expected 1..1000", file=sys.stderr)
