@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wanwu_worker.bundle import FORMATS, PRECISIONS, TASKS, Bundle, load_bundle, read_labels
+from wanwu_worker.bundle import (
+    FORMATS,
+    MAX_METADATA_BYTES,
+    PRECISIONS,
+    TASKS,
+    Bundle,
+    load_bundle,
+    read_bundle_file,
+    read_labels,
+)
 from wanwu_worker.errors import BundleError
 
 from scheduler.backends.base import Backend
@@ -114,10 +123,15 @@ def model_json(spec: Spec) -> dict[str, Any]:
 
 
 def _read_subsets(path: Path) -> Any:
+    """The --subsets file: the user's own path (a link there is followed), read as a
+    bundle file is (a regular file, at most model.json's cap)."""
+    real = path.resolve()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_bundle_file(real.parent, real.name, MAX_METADATA_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise BundleCreateError(f"{path}: subsets file is missing") from None
+    except BundleError as exc:
+        raise BundleCreateError(f"{real.parent}/{exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleCreateError(f"{path}: not valid JSON: {exc}") from exc
 
@@ -145,11 +159,13 @@ def create(
     if spec.labels is None and spec.task == "classify":
         raise BundleCreateError("a classify bundle needs --labels (a UTF-8 file, one label per line)")
     config = model_json(spec)  # before anything is written: argument errors come first
-    if spec.labels is not None:
+    # --labels is the user's own path: a link there is followed, to a regular file.
+    labels = spec.labels.resolve() if spec.labels is not None else None
+    if labels is not None:
         try:
-            read_labels(spec.labels)
+            read_labels(labels)
         except BundleError as exc:
-            raise BundleCreateError(str(exc)) from None
+            raise BundleCreateError(f"{labels.parent}/{exc}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=out.parent))
     try:
@@ -158,8 +174,8 @@ def create(
         if config["format"] == "onnx":
             for data in onnx_external_data(spec.model):
                 shutil.copyfile(data, stage / data.name)
-        if spec.labels is not None:
-            shutil.copyfile(spec.labels, stage / "labels.txt")
+        if labels is not None:
+            shutil.copyfile(labels, stage / "labels.txt")
         _write_json(stage / "model.json", config)
         _readable(stage)  # the check runs as the worker's user
         _, report = _checked(stage, backend, device, progress)
@@ -217,7 +233,7 @@ def create_pretrained(
             raise BundleCreateError(f"the builder left something other than a bundle of plain files at {built}")
         _readable(built)
         _, report = _checked(built, backend, device, progress)
-        config = json.loads((built / "model.json").read_text(encoding="utf-8"))
+        config = json.loads(read_bundle_file(built, "model.json", MAX_METADATA_BYTES).decode("utf-8"))
         _record(built, config, report, None)
         _readable(built)
         try:
@@ -311,8 +327,8 @@ def _checked(
     """The bundle as validated on this host, and the worker's report on it."""
     try:
         bundle = load_bundle(directory)
-    except BundleError as exc:
-        raise BundleCreateError(str(exc)) from None
+    except BundleError as exc:  # it names the file within the bundle; the user wants the directory too
+        raise BundleCreateError(f"{directory}/{exc}") from None
     where = f"GPU {device}" if device else "the CPU"
     progress(f"loading the model in the worker on {where} (load, warm-up, one request)")
     started = time.monotonic()
@@ -335,7 +351,7 @@ def _record(stage: Path, config: dict[str, Any], report: dict[str, Any], overrid
     else:
         # The model file and any external weights beside it (everything but the metadata).
         metadata = {"model.json", "labels.txt", REPORT}
-        size_mb = sum(p.stat().st_size for p in stage.iterdir() if p.name not in metadata) / 2**20
+        size_mb = sum(p.lstat().st_size for p in stage.iterdir() if p.name not in metadata) / 2**20
         config["gpu_memory_mb"] = CONTEXT_MB + math.ceil(2 * size_mb)
         method = (
             f"estimated without a GPU: {CONTEXT_MB} MB of CUDA context plus twice the model's files "

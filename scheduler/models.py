@@ -16,16 +16,14 @@ cache's keys hold the digest, so no answer of the old bundle is served after it)
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wanwu_worker.bundle import Batching, Bundle, Translation, load_bundle
+from wanwu_worker.bundle import Batching, Bundle, Translation, bundle_digest, load_bundle
 from wanwu_worker.errors import BundleError
 
 from .clock import Clock, MonotonicClock
@@ -122,24 +120,6 @@ def signature(directory: Path) -> Signature:
     with os.scandir(directory) as entries:
         rows += sorted(row(e.name, e.stat(follow_symlinks=False)) for e in entries)
     return tuple(rows)
-
-
-def bundle_digest(directory: Path) -> str:
-    """SHA-256 over the names and contents of the bundle's regular files (hidden ones
-    and anything else left out), read without following links: the bundle's identity."""
-    digest = hashlib.sha256()
-    with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False))
-    for name in names:
-        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                continue
-            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-            digest.update(b"\0")
-    return digest.hexdigest()[:32]
 
 
 class ModelCatalog:

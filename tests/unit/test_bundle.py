@@ -308,5 +308,5 @@ def test_a_translated_group_name_may_not_be_a_label(bundle_dir: Path) -> None:
 def test_a_labels_file_that_is_a_directory_is_a_bundle_error(bundle_dir: Path) -> None:
     (bundle_dir / "labels_en.txt").mkdir()
     edit_json(bundle_dir, lambda c: c.update(translations={"en": {"labels": "labels_en.txt"}}))
-    with pytest.raises(BundleError, match=r"labels_en\.txt: labels file is missing"):
+    with pytest.raises(BundleError, match=r"labels_en\.txt: is a directory; bundle files must be regular files"):
         load_bundle(bundle_dir)

@@ -2,13 +2,27 @@
 (TorchScript ``model.pt``, torch.export ``model.pt2`` or ``model.onnx``) and a UTF-8
 ``labels.txt`` (optional for ``task: embed``). ``load_bundle`` validates all of it without
 importing torch, so every problem is reported with the file and field at fault before a
-model is loaded."""
+model is loaded.
+
+A bundle is trusted no further than its own directory. Every file in it must be a
+regular file (no symbolic links, FIFOs, sockets or devices; subdirectories are allowed
+and never read) no larger than its cap: ``MAX_METADATA_BYTES`` for model.json,
+``MAX_LABELS_BYTES`` for a labels file, ``MAX_MODEL_BYTES`` for the model file and
+anything else (an ONNX model's external weights). Files are opened relative to the
+bundle directory without following links (``open_bundle_file``). Messages name a file
+relative to the bundle (``labels.txt: ...``): the gateway shows them to HTTP clients,
+which must not learn server paths."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +33,12 @@ FORMATS = ("torchscript", "export", "onnx")
 MODEL_FILES = {"torchscript": "model.pt", "export": "model.pt2", "onnx": "model.onnx"}
 TASKS = ("classify", "embed")
 PRECISIONS = ("fp32", "fp16")
+MAX_METADATA_BYTES = 2**20  # model.json (1 MiB)
 MAX_LABELS_BYTES = 64 * 2**20  # a labels file larger than this is refused, not read
+MAX_MODEL_BYTES = 8 * 2**30  # the model file, and any other file in a bundle (8 GiB)
+# O_NOFOLLOW: a link is refused, not followed; O_NONBLOCK: opening a FIFO cannot block.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NOT_REGULAR = "bundle files must be regular files inside the bundle"
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,126 @@ class Bundle:
 
 
 def _err(path: Path, field: str, problem: str) -> BundleError:
-    return BundleError(f"{path}: field '{field}' {problem}")
+    return BundleError(f"{path.name}: field '{field}' {problem}")
+
+
+def _mb(size: int) -> str:
+    return f"{size // 2**30} GB" if size >= 2**30 else f"{size // 2**20} MB"
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+@contextlib.contextmanager
+def _directory(root: Path, missing: str) -> Iterator[int]:
+    """The bundle directory, open; BundleError ``missing`` if there is none. ``root``
+    itself may be a link (the operator chose where a bundle's name under the models
+    directory points, e.g. to the current version); the files in it may not."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(missing) from None
+    except OSError as exc:
+        raise BundleError(f"{root.absolute().name}: directory cannot be read: {exc.strerror or exc}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_bundle_file(dir_fd: int, name: str, cap: int, what: str) -> int:
+    """Open file ``name`` of the bundle directory open at ``dir_fd`` for reading and
+    return its descriptor: a regular file of at most ``cap`` bytes, never reached through
+    a link (O_NOFOLLOW), never a FIFO (O_NONBLOCK: checked after an open that cannot
+    block) or device (refused by ``lstat`` before it is opened). ``what`` names the kind
+    of file in the over-size message. Raises FileNotFoundError if it is missing, else
+    BundleError naming ``name``; a caller reading the file reads at most ``cap`` + 1
+    bytes (a /proc file says its size is 0)."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise BundleError(f"{name!r}: not a file name inside the bundle")
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise BundleError(f"{name}: is {_kind(mode)}; {_NOT_REGULAR}")
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise BundleError(f"{name}: is a symbolic link; {_NOT_REGULAR}") from None
+        raise BundleError(f"{name}: {what} cannot be read: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{name}: is {_kind(info.st_mode)}; {_NOT_REGULAR}")
+        if info.st_size > cap:
+            raise BundleError(f"{name}: {what} is over {_mb(cap)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read(dir_fd: int, name: str, cap: int, what: str) -> bytes:
+    """The contents of bundle file ``name`` (see ``open_bundle_file``)."""
+    with os.fdopen(open_bundle_file(dir_fd, name, cap, what), "rb") as handle:
+        try:
+            data = handle.read(cap + 1)
+        except OSError as exc:
+            raise BundleError(f"{name}: {what} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise BundleError(f"{name}: {what} is over {_mb(cap)}")
+    return data
+
+
+def read_bundle_file(directory: Path, name: str, cap: int, what: str = "file") -> bytes:
+    """The contents of file ``name`` in bundle ``directory``, read as ``open_bundle_file``
+    opens it. Raises FileNotFoundError if the file is missing, else BundleError naming
+    ``name`` (``directory`` missing included)."""
+    with _directory(directory, f"{name}: missing") as dir_fd:
+        return _read(dir_fd, name, cap, what)
+
+
+def _check_files(dir_fd: int) -> None:
+    """Every entry in the bundle is a regular file within the general cap, or a
+    directory (never read): files nothing here reads by name, such as an ONNX model's
+    external weights, are still opened by the model's runtime."""
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise BundleError(f"{entry.name}: is {_kind(info.st_mode)}; {_NOT_REGULAR}")
+            if info.st_size > MAX_MODEL_BYTES:
+                raise BundleError(f"{entry.name}: file is over {_mb(MAX_MODEL_BYTES)}")
+
+
+def _check_model_file(dir_fd: int, fmt: str) -> None:
+    try:
+        os.close(open_bundle_file(dir_fd, MODEL_FILES[fmt], MAX_MODEL_BYTES, "model file"))
+    except FileNotFoundError:
+        raise BundleError(f"{MODEL_FILES[fmt]}: missing (model.json 'format' is {fmt})") from None
+
+
+def check_model_file(bundle: Bundle) -> None:
+    """Check again, just before a worker loads ``bundle.model_file`` by its path, that
+    it and every other file in the bundle are regular files within their caps (a link
+    swapped in since ``load_bundle`` would be followed by the runtime). Raises BundleError."""
+    with _directory(bundle.path, _not_a_bundle(bundle.path)) as dir_fd:
+        _check_model_file(dir_fd, bundle.format)
+        _check_files(dir_fd)
 
 
 def _require(cfg: dict[str, Any], path: Path, field: str) -> Any:
@@ -141,15 +279,13 @@ def _batching(cfg: dict[str, Any], path: Path) -> Batching | None:
     return Batching(size, float(wait))
 
 
-def _labels(cfg: dict[str, Any], root: Path, meta: Path, task: str) -> tuple[str, ...]:
+def _labels(cfg: dict[str, Any], dir_fd: int, meta: Path, task: str) -> tuple[str, ...]:
     """The bundle's labels. Required for classify (default file labels.txt); an embed
     bundle reads them only if 'labels' names a file or labels.txt exists."""
     labels_name = cfg.get("labels", "labels.txt")
     if not isinstance(labels_name, str) or not labels_name or "/" in labels_name or labels_name.startswith("."):
         raise _err(meta, "labels", f"is {labels_name!r}; expected a file name inside the bundle")
-    if task == "embed" and "labels" not in cfg and not (root / labels_name).is_file():
-        return ()
-    return read_labels(root / labels_name)
+    return _read_labels(dir_fd, labels_name, required=task != "embed" or "labels" in cfg)
 
 
 def _subsets(cfg: dict[str, Any], meta: Path, task: str, labels: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -248,7 +384,7 @@ def _language(cfg: dict[str, Any], meta: Path) -> str | None:
 
 
 def _translations(
-    cfg: dict[str, Any], root: Path, meta: Path, labels: tuple[str, ...], groups: dict[str, tuple[str, ...]]
+    cfg: dict[str, Any], dir_fd: int, meta: Path, labels: tuple[str, ...], groups: dict[str, tuple[str, ...]]
 ) -> dict[str, Translation]:
     """'translations': {"en": {"labels": FILE, "groups": {group: name}}}: one label per
     class in the same order, and a name for every group."""
@@ -267,9 +403,9 @@ def _translations(
         name = entry.get("labels")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise _err(meta, f"{where}.labels", f"is {name!r}; expected a file name inside the bundle")
-        translated = read_labels(root / name)
+        translated = _read_labels(dir_fd, name)
         if len(translated) != len(labels):
-            raise BundleError(f"{root / name}: has {len(translated)} labels; the labels file has {len(labels)}")
+            raise BundleError(f"{name}: has {len(translated)} labels; the labels file has {len(labels)}")
         names = entry.get("groups", {})
         if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
             raise _err(meta, f"{where}.groups", "expected an object of group name to its translation")
@@ -284,43 +420,58 @@ def _translations(
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
-    """Read a labels file: UTF-8, one non-empty label per line, no duplicates."""
+    """Read a labels file: UTF-8, one non-empty label per line, no duplicates; a regular
+    file (``path`` itself not a link) of at most MAX_LABELS_BYTES. Messages name the
+    file by ``path.name``."""
+    with _directory(path.parent, f"{path.name}: labels file is missing") as dir_fd:
+        return _read_labels(dir_fd, path.name)
+
+
+def _read_labels(dir_fd: int, name: str, required: bool = True) -> tuple[str, ...]:
+    """The labels in file ``name`` of the bundle at ``dir_fd`` (``read_labels``); () if
+    it is missing and not ``required``."""
     try:
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        if path.stat().st_size > MAX_LABELS_BYTES:
-            raise BundleError(f"{path}: labels file is over {MAX_LABELS_BYTES // 2**20} MB")
-        text = path.read_text(encoding="utf-8")
+        text = _read(dir_fd, name, MAX_LABELS_BYTES, "labels file").decode("utf-8")
     except FileNotFoundError:
-        raise BundleError(f"{path}: labels file is missing") from None
-    except OSError as exc:
-        raise BundleError(f"{path}: labels file cannot be read: {exc.strerror or exc}") from None
+        if not required:
+            return ()
+        raise BundleError(f"{name}: labels file is missing") from None
     except UnicodeDecodeError as exc:
-        raise BundleError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise BundleError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not labels:
-        raise BundleError(f"{path}: no labels")
+        raise BundleError(f"{name}: no labels")
     seen: set[str] = set()
     for number, label in enumerate(labels, 1):
         if label in seen:
-            raise BundleError(f"{path}: label {label!r} on line {number} is a duplicate")
+            raise BundleError(f"{name}: label {label!r} on line {number} is a duplicate")
         seen.add(label)
     return labels
 
 
 def load_bundle(directory: str | Path) -> Bundle:
     """Read and validate the bundle in ``directory``; raise BundleError naming the
-    file and field at fault. The model file is checked for presence, not loaded."""
+    file (relative to the bundle) and field at fault. The model file is checked (a
+    regular file within its cap), not loaded."""
     root = Path(directory)
+    with _directory(root, _not_a_bundle(root)) as dir_fd:
+        return _load(root, dir_fd)
+
+
+def _not_a_bundle(root: Path) -> str:
+    return f"model.json: missing (is {root.absolute().name} a model bundle?)"
+
+
+def _load(root: Path, dir_fd: int) -> Bundle:
     meta = root / "model.json"
     try:
-        cfg = json.loads(meta.read_text(encoding="utf-8"))
+        cfg = json.loads(_read(dir_fd, meta.name, MAX_METADATA_BYTES, "file").decode("utf-8"))
     except FileNotFoundError:
-        raise BundleError(f"{meta}: missing (is {root} a model bundle?)") from None
+        raise BundleError(_not_a_bundle(root)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{meta}: not valid JSON: {exc}") from exc
+        raise BundleError(f"{meta.name}: not valid JSON: {exc}") from exc
     if not isinstance(cfg, dict):
-        raise BundleError(f"{meta}: expected a JSON object, got {type(cfg).__name__}")
+        raise BundleError(f"{meta.name}: expected a JSON object, got {type(cfg).__name__}")
 
     name = _require(cfg, meta, "name")
     if not isinstance(name, str) or not name or "/" in name:
@@ -343,7 +494,7 @@ def load_bundle(directory: str | Path) -> Bundle:
     if isinstance(gpu_mb, bool) or not isinstance(gpu_mb, int) or gpu_mb < 0:
         raise _err(meta, "gpu_memory_mb", f"is {gpu_mb!r}; expected an integer >= 0")
 
-    labels = _labels(cfg, root, meta, task)
+    labels = _labels(cfg, dir_fd, meta, task)
     groups = _groups(cfg, meta, task, labels)
     subsets = {**groups, **_subsets(cfg, meta, task, labels)}
     bundle = Bundle(
@@ -366,12 +517,29 @@ def load_bundle(directory: str | Path) -> Bundle:
         embedding_dim=_embedding_dim(cfg, meta, task),
         groups=groups,
         confidence_threshold=_threshold(cfg, meta, task),
-        translations=_translations(cfg, root, meta, labels, groups),
+        translations=_translations(cfg, dir_fd, meta, labels, groups),
         language=_language(cfg, meta),
     )
-    if not bundle.model_file.is_file():
-        raise BundleError(f"{bundle.model_file}: missing (model.json 'format' is {fmt})")
+    _check_model_file(dir_fd, fmt)
+    _check_files(dir_fd)
     return bundle
+
+
+def bundle_digest(directory: Path) -> str:
+    """SHA-256 over the names and contents of the bundle's files (hidden ones left out),
+    each opened as ``open_bundle_file`` opens it: the bundle's identity, which changes
+    when any file it serves from changes. Raises BundleError as the opener does."""
+    digest = hashlib.sha256()
+    with _directory(directory, _not_a_bundle(directory)) as dir_fd:
+        with os.scandir(dir_fd) as entries:
+            names = sorted(e.name for e in entries if not (e.name.startswith(".") or e.is_dir(follow_symlinks=False)))
+        for name in names:
+            with os.fdopen(open_bundle_file(dir_fd, name, MAX_MODEL_BYTES, "file"), "rb") as handle:
+                digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                digest.update(b"\0")
+    return digest.hexdigest()[:32]
 
 
 def labels_digest(labels: tuple[str, ...] | list[str]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .bundle import Bundle
+from .bundle import Bundle, check_model_file
 from .errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ def load_model(bundle: Bundle, device: torch.device, dtype: torch.dtype) -> Mode
         "export": _export,
         "onnx": _onnx,
     }
+    # The runtimes open the file by its path: check again, just before, that neither it
+    # nor a file beside it (ONNX external weights) became a link out of the bundle.
+    check_model_file(bundle)
     return loaders[bundle.format](bundle.model_file, device, dtype)
 
 
