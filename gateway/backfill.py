@@ -11,9 +11,14 @@ command resumes it. Every file ends up in the results exactly once:
   last line without its newline is the remains of a write cut short: it is truncated
   away, so its file is redone and appears once.
 - In a run each file is in one batch, and a line is written only once a file has its
-  final answer (a result, an error that retrying cannot fix, or a transient error that
-  outlasted ``--max-retries``). What is being retried, or
-  still in flight when the job stops, is not written, so a rerun redoes it.
+  final answer (a result, or an error that retrying cannot fix). What is being retried,
+  what failed transiently more than ``--max-retries`` times (counted in the summary as
+  left for the next run), and what is still in flight when the job stops, is not
+  written, so a rerun redoes it.
+- The options that shape a line (model, top_k, lang) are kept beside the results, in
+  ``<results>.options.json``; resuming with others is refused (``OptionsMismatch``).
+- The directory is fsynced once the results file (or the options file) is created, so
+  the file's name survives a power cut as its lines do.
 - The lines of one answer are written whole with one ``write`` to a file opened with
   ``O_APPEND``; a second Ctrl-C waits for a write in progress before leaving. Only a
   process killed in the middle of a write can leave a partial line, and only at the end,
@@ -34,8 +39,8 @@ import stat
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Full, Queue
@@ -56,11 +61,18 @@ PRIORITY_HEADER = "X-Wanwu-Priority"
 PART_OVERHEAD = 512  # bytes of multipart headers and boundary per image, besides its name
 ANSWER_EXTRAS = ("groups", "confident")  # what an answer may carry beside its predictions, kept per file
 RESUME_HINT = "rerun the same command to resume"
+OPTIONS_SUFFIX = ".options.json"  # beside the results: what they were made with
+OPTIONS_VERSION = 1
+CONTENT_OPTIONS = {"model": "--model", "top_k": "--top-k", "lang": "--lang"}  # what shapes a line, and its flag
 
 
 class BackfillError(WanwuError):
     """The backfill cannot go on: a bad source or results file, an unknown model, or a
     request the gateway refuses as a whole."""
+
+
+class OptionsMismatch(BackfillError):
+    """The results file was made with other options than the ones given now."""
 
 
 class _Stopped(Exception):
@@ -169,26 +181,73 @@ class Recovered:
     ignored_lines: int  # complete lines that are not a JSON object with a "file"
     truncated_bytes: int  # the partial last line cut away
 
+    @property
+    def has_lines(self) -> bool:
+        return bool(self.done) or self.ignored_lines > 0
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync ``directory``, so that a file created or renamed in it survives a power cut."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # some file systems cannot fsync a directory; the lines still are
+        log.warning("cannot fsync the directory %s: %s", directory, exc)
+
+
+def changed_options(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Each option that shapes a line and differs, as ``--top-k 5 then, 3 now``."""
+    return [
+        f"{flag} {_shown(recorded.get(key))} then, {_shown(now.get(key))} now"
+        for key, flag in CONTENT_OPTIONS.items()
+        if recorded.get(key) != now.get(key)
+    ]
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
 
 class ResultsFile:
     """The JSON-lines results of a job: read on start (and repaired), appended to in
-    whole lines, fsynced every ``fsync_interval_s`` and on close."""
+    whole lines, fsynced every ``fsync_interval_s`` and on close. Beside it,
+    ``<path>.options.json`` keeps the options its lines were made with."""
 
-    def __init__(self, path: str, fsync_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: str,
+        fsync_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sync_dir: Callable[[str], None] = fsync_directory,
+    ) -> None:
         self.path = path
+        self.options_path = path + OPTIONS_SUFFIX
         self.fsync_interval_s = fsync_interval_s
         self._clock = clock
+        self._sync_dir = sync_dir
+        self._directory = os.path.dirname(os.path.abspath(path))
         self._fd = -1
         self._lock = threading.Lock()  # one write at a time, and none after close
         self._dirty = False
         self._synced_at = 0.0
 
+    @property
+    def own_paths(self) -> tuple[str, ...]:
+        """The files this writes, which a source that holds them must not take for images."""
+        return self.path, self.options_path, self.options_path + ".tmp"
+
     def open(self) -> Recovered:
         """Take the file for this job, read which files it has, and cut a partial last line."""
+        created = not os.path.lexists(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise BackfillError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+        if created:
+            self._sync_dir(self._directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,6 +263,41 @@ class ResultsFile:
         self._fd = fd
         self._synced_at = self._clock()
         return recovered
+
+    def recorded_options(self) -> dict[str, Any] | None:
+        """The options the lines were made with; None where none were kept."""
+        try:
+            with open(self.options_path, encoding="utf-8") as handle:
+                raw = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BackfillError(f"cannot read {self.options_path}: {exc.strerror or exc}") from exc
+        except ValueError:  # not JSON, or not UTF-8
+            raw = None
+        if not isinstance(raw, dict):
+            raise BackfillError(
+                f"{self.options_path} is not a record of backfill options; remove it to resume {self.path} "
+                "with the options given now"
+            )
+        return raw
+
+    def record_options(self, options: Mapping[str, Any]) -> None:
+        """Keep ``options`` beside the results: written whole (a temporary file, fsynced,
+        renamed over the old one), so a crash leaves the old record or the new one."""
+        temporary = self.options_path + ".tmp"
+        record = {"version": OPTIONS_VERSION, **options}
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.options_path)
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(temporary)
+            raise BackfillError(f"cannot write {self.options_path}: {exc.strerror or exc}") from exc
+        self._sync_dir(self._directory)
 
     def append(self, lines: Sequence[bytes]) -> bool:
         """Write ``lines`` (each ending in a newline) with one write; False once closed."""
@@ -398,6 +492,7 @@ class Summary:
     skipped: int = 0  # already in the results file
     done: int = 0  # lines written now (results and errors)
     failed: int = 0  # error lines written now
+    retry_later: Counter[str] = field(default_factory=Counter)  # files left for the next run, by error code
     labels: Counter[str] = field(default_factory=Counter)  # top-1 labels written now
     elapsed_s: float = 0.0
     ignored_lines: int = 0
@@ -415,14 +510,22 @@ class Summary:
         return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
+    def left_for_next_run(self) -> int:
+        """Files whose transient errors outlasted ``--max-retries``: not written, so a rerun retries them."""
+        return self.retry_later.total()
+
+    @property
     def exit_status(self) -> int:
-        """0 all good, 1 error lines or a fatal error, 3 unreachable, 130 interrupted."""
+        """0 all good, 1 error lines or a fatal error, 3 unreachable, 4 files left for the
+        next run, 130 interrupted (2, usage errors, is click's)."""
         if self.fatal:
             return 1
         if self.unreachable:
             return 3
         if self.interrupted:
             return 130
+        if self.left_for_next_run:
+            return 4
         return 1 if self.failed else 0
 
     def ranked_labels(self) -> list[tuple[str, int]]:
@@ -437,6 +540,8 @@ class Summary:
             "done": self.done,
             "failed": self.failed,
             "left": self.left,
+            "left_for_next_run": self.left_for_next_run,
+            "left_for_next_run_by_code": dict(sorted(self.retry_later.items(), key=lambda kv: (-kv[1], kv[0]))),
             "images_per_s": round(self.images_per_s, 2),
             "elapsed_s": round(self.elapsed_s, 3),
             "labels": dict(self.ranked_labels()),
@@ -453,6 +558,12 @@ class Summary:
             f"{self.done} done now, {self.failed} failed now, {self.left} left",
             f"  {self.images_per_s:.1f} images/s over {_duration(self.elapsed_s)} with {self.model or '-'}",
         ]
+        if self.left_for_next_run:
+            codes = ", ".join(f"{code} {count}" for code, count in self.retry_later.most_common())
+            lines.append(
+                f"  {self.left_for_next_run} left for the next run: their transient errors ({codes}) outlasted "
+                "--max-retries; rerun the same command to retry them"
+            )
         if self.ignored_lines:
             lines.append(f"  {self.ignored_lines} unreadable lines in {self.output} were ignored")
         if self.labels:
@@ -589,12 +700,13 @@ class Backfill:
         except _Stopped:
             summary.total, summary.interrupted = len(self.source.keys), True
             return summary
-        own = self.source.key_of(self.results.path)  # --glob '*' must not take the results for an image
-        keys = [key for key in self.source.keys if key != own] if own in self.source.keys else self.source.keys
+        own = {self.source.key_of(path) for path in self.results.own_paths}  # --glob '*' must not take them
+        keys = [key for key in self.source.keys if key not in own]
         summary.model, summary.total = model, len(keys)
         recovered = self.results.open()
         started = self._clock()
         try:
+            self._settle_options(recovered, self._content_options(model, top_k))
             if recovered.truncated_bytes:
                 self.say(
                     f"wanwu backfill: {self.results.path} ended in a partial line ({recovered.truncated_bytes} bytes, "
@@ -625,6 +737,31 @@ class Backfill:
             self.reporter.progress(summary, force=True)
         self.reporter.finish()
         return summary
+
+    def _content_options(self, model: str, top_k: int) -> dict[str, Any]:
+        """The options that shape a line, as sent: an embedding has no top_k or lang."""
+        params = self._params(top_k)
+        return {"model": model, "top_k": params.get("top_k"), "lang": params.get("lang")}
+
+    def _settle_options(self, recovered: Recovered, now: dict[str, Any]) -> None:
+        """Refuse to add lines made with other options; keep these where nothing is written yet."""
+        if not recovered.has_lines:
+            self.results.record_options(now)
+            return
+        recorded = self.results.recorded_options()
+        if recorded is None:  # made by a wanwu that kept no options, or a copy of the lines alone
+            self.say(
+                f"wanwu backfill: {self.results.path} has no record of the options it was made with "
+                f"({self.results.options_path}); resuming it as made with these, and keeping them"
+            )
+            self.results.record_options(now)
+            return
+        changed = changed_options(recorded, now)
+        if changed:
+            raise OptionsMismatch(
+                f"{self.results.path} was made with other options ({'; '.join(changed)}; "
+                f"recorded in {self.results.options_path}): resume with the same ones, or write to another --out"
+            )
 
     def discover(self) -> tuple[str, int, Limits]:
         """The model (given or the gateway's default), top_k within its labels, and the limits."""
@@ -781,7 +918,8 @@ class Backfill:
 
     def _settle(self, session: requests.Session, items: list[Item], model: str, top_k: int) -> None:
         """Send ``items`` until each has its line, or the job stops (then they are redone
-        next run). 503s are retried for ever; the rest a bounded number of times."""
+        next run). 503s are retried for ever; other transient failures ``--max-retries``
+        times, then the files are left for the next run (no line)."""
         work = [items]
         busy = failures = unreachable = 0
         while work and not self._stop.is_set():
@@ -813,7 +951,8 @@ class Backfill:
             elif reply.kind == "retry":
                 failures += 1
                 if failures > self.options.max_retries:
-                    self._write([_error_line(i.key, reply.code, reply.message) for i in chunk])
+                    log.debug("%d files: %s %s; left for the next run", len(chunk), reply.code, reply.message)
+                    self._leave(Counter({reply.code: len(chunk)}))
                 else:
                     work.append(chunk)
                     self._pause(failures - 1)
@@ -847,11 +986,13 @@ class Backfill:
         return judge(response.status_code, body, response.headers.get("Retry-After"), model)
 
     def _answered(self, chunk: list[Item], results: Sequence[Any]) -> list[Item]:
-        """Write the final answers of a 200; return the images to send again."""
+        """Write the final answers of a 200; return the images to send again (those whose
+        retryable errors outlasted ``--max-retries`` are left for the next run)."""
         by_index: dict[Any, dict[str, Any]] = {r.get("index"): r for r in results if isinstance(r, dict)}
         lines: list[bytes] = []
         labels: list[str] = []
         retry: list[Item] = []
+        given_up: Counter[str] = Counter()  # files left for the next run, by error code
         for index, item in enumerate(chunk):
             result = by_index.get(index, {})
             predictions, error = result.get("predictions"), result.get("error")
@@ -875,10 +1016,12 @@ class Backfill:
                 code, message = str(error.get("code", "error")), str(error.get("message", ""))
             item.attempts += 1
             if item.attempts > self.options.max_retries:
-                lines.append(_error_line(item.key, code, f"{message} (after {item.attempts} tries)"))
+                given_up[code] += 1
+                log.debug("%s: %s %s (after %d tries); left for the next run", item.key, code, message, item.attempts)
             else:
                 retry.append(item)
         self._write(lines, labels)
+        self._leave(given_up)
         return retry
 
     def _write(self, lines: list[bytes], labels: Sequence[str] = ()) -> None:
@@ -891,6 +1034,13 @@ class Backfill:
             summary.done += len(lines)
             summary.failed += len(lines) - len(labels)
             summary.labels.update(label for label in labels if label)
+
+    def _leave(self, counts: Counter[str]) -> None:
+        """Count files given no line (by error code): their failure is transient, so the
+        next run retries them."""
+        if counts:
+            with self._lock:
+                self._summary.retry_later.update(counts)
 
     def _pause(self, attempt: int, floor_s: float = 0.0) -> None:
         self._wait(self._backoff.delay(attempt, floor_s, self._rand()))

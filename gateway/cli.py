@@ -10,6 +10,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from wanwu_worker.logs import configure as configure_logging
 
 from scheduler.errors import WanwuError
 from scheduler.keepalive import POLICIES as KEEPALIVE_POLICIES
@@ -41,10 +42,7 @@ def _reports_errors(func: F) -> F:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(verbose: bool) -> None:
     """wanwu (万物识别): image recognition from a warm pool of worker containers."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if verbose else logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @cli.group()
@@ -284,6 +282,36 @@ def _model_ttl(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     return ttls
 
 
+def _token_in_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # any user of this machine sees the command line (ps, /proc) and the shell history
+        raise click.BadParameter(
+            "the admin token does not go on the command line, where other users see it: "
+            "set WANWU_ADMIN_TOKEN, or put it in a file only you can read and give --token-file PATH",
+            ctx,
+            param,
+        )
+
+
+def _admin_token(token_file: str | None) -> str:
+    """The admin token from ``token_file`` (stripped), or else WANWU_ADMIN_TOKEN."""
+    import os
+    from pathlib import Path
+
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise click.BadParameter(f"cannot read {token_file}: {reason}", param_hint="--token-file") from None
+        if not token:
+            raise click.BadParameter(f"{token_file} is empty", param_hint="--token-file")
+        return token
+    token = os.environ.get("WANWU_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise click.UsageError("give the admin token in WANWU_ADMIN_TOKEN or in a file named by --token-file")
+    return token
+
+
 @pool.command("set")
 @_url_option
 @click.option("--max-workers", type=click.IntRange(1), default=None, help="Pool capacity N.")
@@ -299,8 +327,12 @@ def _model_ttl(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 )
 @click.option("--persist", is_flag=True, help="Also keep the change across restarts (the gateway's state file).")
 @click.option(
-    "--token", envvar="WANWU_ADMIN_TOKEN", required=True, help="The gateway's admin token [WANWU_ADMIN_TOKEN]."
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    envvar="WANWU_ADMIN_TOKEN_FILE",
+    help="A file holding the gateway's admin token [WANWU_ADMIN_TOKEN_FILE]; else WANWU_ADMIN_TOKEN.",
 )
+@click.option("--token", hidden=True, expose_value=False, callback=_token_in_argv)
 @_reports_errors
 def pool_set(
     url: str,
@@ -310,11 +342,16 @@ def pool_set(
     stem_cells: int | None,
     model_ttl: dict[str, float | None],
     persist: bool,
-    token: str,
+    token_file: str | None,
 ) -> None:
-    """Change the pool's settings without a restart, e.g. `wanwu pool set --max-workers 3`."""
+    """Change the pool's settings without a restart, e.g. `wanwu pool set --max-workers 3`.
+
+    The admin token comes from the file --token-file names, or else from the
+    environment (WANWU_ADMIN_TOKEN), never from the command line."""
     import getpass
     import socket
+
+    token = _admin_token(token_file)
 
     body: dict[str, Any] = {
         key: value
@@ -769,7 +806,13 @@ def replay(
 
 @cli.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON-lines results; a rerun resumes it.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSON-lines results; a rerun resumes it. OUT.options.json beside it keeps the --model, --top-k and --lang "
+    "its lines were made with; resuming with others is refused (exit 2).",
+)
 @_url_option
 @click.option("--model", default=None, help="Model name [default: the gateway's default].")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
@@ -801,8 +844,8 @@ def replay(
     default=8,
     show_default=True,
     type=click.IntRange(0, 10000),
-    help="Retries of an unreachable gateway (then exit 3), of a failed request and of an image's retryable error; "
-    "503s are retried for ever.",
+    help="Retries of an unreachable gateway (then exit 3), of a failed request and of an image's retryable error "
+    "(then its files get no line and are left for the next run: exit 4); 503s are retried for ever.",
 )
 @click.option(
     "--fsync-interval",
@@ -854,8 +897,15 @@ def backfill(
     running gateway at batch priority, one JSON line per file in --out.
 
     Rerunning the same command resumes: files already in --out are skipped, and a run
-    stopped at any moment (Ctrl-C, a crash) leaves no file twice. Exit status: 0 done,
-    1 some files got error lines, 3 the gateway is unreachable, 130 interrupted.
+    stopped at any moment (Ctrl-C, a crash) leaves no file twice. Files whose transient
+    errors outlast --max-retries get no line, so a rerun retries them. Resuming with
+    another --model, --top-k or --lang than OUT.options.json records is refused; a --out
+    with lines but no OUT.options.json (from an older wanwu) is resumed with a warning,
+    and the options given now are recorded.
+
+    Exit status: 0 done, 1 some files got error lines (or the job stopped on an error),
+    2 usage errors (other options than --out was made with), 3 the gateway is unreachable,
+    4 some files are left for the next run (rerun to retry them), 130 interrupted.
     """
     import json
     import os
@@ -863,7 +913,7 @@ def backfill(
 
     if nice:
         os.nice(nice)
-    from .backfill import RESUME_HINT, Backfill, Options, Reporter, ResultsFile, Source, interrupts
+    from .backfill import RESUME_HINT, Backfill, Options, OptionsMismatch, Reporter, ResultsFile, Source, interrupts
     from .client import GatewayUnreachable
 
     reporter = Reporter(sys.stderr, show_progress=not quiet, interval_s=progress_interval_s)
@@ -875,6 +925,8 @@ def backfill(
         )
         with interrupts(job, stop):
             summary = job.run(stop)
+    except OptionsMismatch as exc:
+        raise click.UsageError(str(exc)) from exc
     except GatewayUnreachable as exc:
         click.echo(f"wanwu backfill: {exc}", err=True)
         sys.exit(3)
@@ -892,6 +944,8 @@ def backfill(
         click.echo(f"wanwu backfill: {summary.unreachable}", err=True)
     elif summary.interrupted:
         click.echo(f"interrupted: {RESUME_HINT}", err=True)
+    elif summary.left_for_next_run:
+        click.echo(f"incomplete: {summary.left_for_next_run} files left for the next run; {RESUME_HINT}", err=True)
     sys.exit(summary.exit_status)
 
 

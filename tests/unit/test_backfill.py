@@ -33,11 +33,14 @@ from gateway.backfill import (
     BackfillError,
     Backoff,
     Options,
+    OptionsMismatch,
     Reporter,
     ResultsFile,
     Source,
     Summary,
+    changed_options,
     format_progress,
+    fsync_directory,
     walk,
 )
 from gateway.cli import cli
@@ -296,6 +299,14 @@ def test_the_results_file_inside_the_source_is_not_taken_for_an_image(tmp_path: 
     assert summary.total == 3 and summary.exit_status == 0
 
 
+def test_the_options_sidecar_is_not_taken_for_an_image_either(tmp_path: Path, stub: Stub) -> None:
+    src = labelled(tmp_path, 2)
+    job(src, tmp_path / "out.jsonl", stub, glob="*").run()
+    assert (tmp_path / "out.jsonl.options.json").exists()
+    again = job(src, tmp_path / "out.jsonl", stub, glob="*").run()
+    assert (again.total, again.skipped, again.exit_status) == (2, 2, 0)
+
+
 def test_only_one_job_writes_a_results_file(tmp_path: Path) -> None:
     first = ResultsFile(str(tmp_path / "out.jsonl"))
     first.open()
@@ -316,6 +327,95 @@ def test_a_name_that_is_not_utf8_is_written_as_valid_json_and_resumed(tmp_path: 
     assert job(src, out, stub).run().skipped == 1
 
 
+# The options a results file was made with
+
+
+def sidecar(out: Path) -> dict[str, Any]:
+    return dict(json.loads(Path(f"{out}.options.json").read_text(encoding="utf-8")))
+
+
+def test_the_options_that_shape_a_line_are_kept_beside_the_results(tmp_path: Path, stub: Stub) -> None:
+    out = tmp_path / "out.jsonl"
+    job(labelled(tmp_path / "src", 3), out, stub, top_k=3, lang="en").run()
+    assert sidecar(out) == {"version": 1, "model": "demo-shapes", "top_k": 3, "lang": "en"}
+    assert len(records(out)) == 3  # the options are not a line of the results
+
+
+def test_resuming_with_other_options_is_refused_naming_each_change(tmp_path: Path, stub: Stub) -> None:
+    src, out = labelled(tmp_path / "src", 6), tmp_path / "out.jsonl"
+    stop = threading.Event()
+    stub.on_batch = lambda count: stop.set()
+    job(src, out, stub, top_k=3, concurrency=1).run(stop)
+    written, sent = out.read_bytes(), len(stub.batches)
+    assert 0 < len(records(out)) < 6
+    stub.on_batch = None
+    with pytest.raises(OptionsMismatch) as refused:
+        job(src, out, stub, top_k=2, lang="en").run()
+    message = str(refused.value)
+    assert "--top-k 3 then, 2 now" in message and "--lang unset then, en now" in message
+    assert "--model" not in message and f"{out}.options.json" in message
+    with pytest.raises(OptionsMismatch, match="--model demo-shapes then, other now; --top-k 3 then, 2 now"):
+        job(src, out, stub, model="other").run()  # other has two labels: top_k is capped at 2
+    assert out.read_bytes() == written and len(stub.batches) == sent  # nothing sent, nothing written
+    assert sidecar(out)["top_k"] == 3
+    summary = job(src, out, stub, top_k=3, model="demo-shapes").run()  # the same options, named or not
+    assert_each_once(out, {f"img{i:03d}.png" for i in range(6)})
+    assert (summary.skipped + summary.done, summary.exit_status) == (6, 0)
+
+
+def test_the_cli_refuses_other_options_as_a_usage_error(tmp_path: Path, stub: Stub) -> None:
+    src, out = labelled(tmp_path / "src", 2), tmp_path / "o.jsonl"
+    args = ["backfill", str(src), "--out", str(out), "--url", stub.url, "--quiet"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    refused = CliRunner().invoke(cli, [*args, "--top-k", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert "Error:" in refused.stderr and "--top-k 5 then, 2 now" in refused.stderr
+
+
+def test_a_results_file_without_options_is_resumed_with_a_warning_and_gets_them(tmp_path: Path, stub: Stub) -> None:
+    src, out = labelled(tmp_path / "src", 3), tmp_path / "out.jsonl"
+    out.write_text('{"file": "img000.png", "predictions": []}\n')  # made before the options were kept
+    stream = StringIO()
+    summary = job(src, out, stub, top_k=2, stream=stream).run()
+    assert (summary.skipped, summary.done) == (1, 2)
+    assert "no record of the options" in stream.getvalue()
+    assert sidecar(out) == {"version": 1, "model": "demo-shapes", "top_k": 2, "lang": None}
+
+
+def test_an_empty_results_file_takes_the_options_given_now(tmp_path: Path, stub: Stub) -> None:
+    src, out = labelled(tmp_path / "src", 2), tmp_path / "out.jsonl"
+    job(src, out, stub, top_k=3).run()
+    out.unlink()  # starting over: the old options no longer say anything
+    job(src, out, stub, top_k=2).run()
+    assert sidecar(out)["top_k"] == 2 and len(records(out)) == 2
+    Path(f"{out}.options.json").write_text("[]")
+    with pytest.raises(BackfillError, match="not a record of backfill options"):
+        job(src, out, stub, top_k=2).run()
+
+
+def test_the_directory_is_fsynced_when_the_results_or_their_options_are_created(tmp_path: Path) -> None:
+    synced: list[str] = []
+    results = ResultsFile(str(tmp_path / "out.jsonl"), sync_dir=synced.append)
+    results.open()
+    assert synced == [str(tmp_path)]  # the new file's name is on disk before any line
+    results.record_options({"model": "m", "top_k": 1, "lang": None})
+    assert synced == [str(tmp_path)] * 2  # and so is the renamed sidecar
+    results.close()
+    ResultsFile(str(tmp_path / "out.jsonl"), sync_dir=synced.append).open()
+    assert len(synced) == 2  # an existing file: nothing new in the directory
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.options.json"]  # no temporary left
+    fsync_directory(str(tmp_path))  # the real one, on a real directory
+
+
+def test_changed_options_compares_only_what_shapes_a_line() -> None:
+    then = {"version": 1, "model": "a", "top_k": 5, "lang": None}
+    assert changed_options(then, {"model": "a", "top_k": 5, "lang": None}) == []
+    assert changed_options(then, {"model": "b", "top_k": 5, "lang": "en"}) == [
+        "--model a then, b now",
+        "--lang unset then, en now",
+    ]
+
+
 # Failures
 
 
@@ -330,16 +430,37 @@ def test_503_is_retried_after_retry_after_until_the_job_completes(tmp_path: Path
     assert "keeps answering 503 no_capacity" in stream.getvalue()
 
 
-def test_retryable_image_errors_are_retried_and_the_rest_written(tmp_path: Path, stub: Stub) -> None:
-    src = images(tmp_path / "src", {"a.png": "flaky:2:绿色圆形", "b.png": "bad", "c.png": "stuck", "d.png": "蓝色圆形"})
+def test_retryable_image_errors_are_retried_then_left_for_the_next_run(tmp_path: Path, stub: Stub) -> None:
+    src = images(
+        tmp_path / "src",
+        {"a.png": "flaky:2:绿色圆形", "b.png": "bad", "c.png": "flaky:5:蓝色方形", "d.png": "蓝色圆形"},
+    )
     out = tmp_path / "out.jsonl"
     summary = job(src, out, stub, max_retries=3).run()
-    got = assert_each_once(out, {"a.png", "b.png", "c.png", "d.png"})
+    got = assert_each_once(out, {"a.png", "b.png", "d.png"})  # c.png outlasted the retries: no line
     assert got["a.png"]["predictions"][0]["label"] == "绿色圆形"
     assert got["b.png"] == {"file": "b.png", "error": {"code": "not_an_image", "message": "no"}}
-    assert got["c.png"]["error"]["code"] == "worker_failed"
     assert stub.seen == Counter({"a.png": 3, "b.png": 1, "c.png": 4, "d.png": 1})
-    assert (summary.done, summary.failed, summary.exit_status) == (4, 2, 1)
+    assert (summary.done, summary.failed, summary.left, summary.exit_status) == (3, 1, 1, 4)
+    assert summary.to_json()["left_for_next_run"] == 1
+    assert summary.to_json()["left_for_next_run_by_code"] == {"worker_failed": 1}
+    assert "1 left for the next run" in "\n".join(summary.describe())
+    again = job(src, out, stub, max_retries=3).run()  # resuming retries it (and it gets through now)
+    got = assert_each_once(out, {"a.png", "b.png", "c.png", "d.png"})
+    assert got["c.png"]["predictions"][0]["label"] == "蓝色方形"
+    assert (again.skipped, again.done, again.left, again.exit_status) == (3, 1, 0, 0)
+
+
+def test_a_request_failing_past_max_retries_leaves_its_files_for_the_next_run(tmp_path: Path, stub: Stub) -> None:
+    bad_gateway = {"error": {"code": "http_502", "message": "bad gateway"}}
+    stub.script.extend([(502, bad_gateway, {})] * 2)
+    src, out = labelled(tmp_path / "src", 2), tmp_path / "out.jsonl"
+    summary = job(src, out, stub, concurrency=1, max_retries=1).run()
+    assert records(out) == [] and len(stub.batches) == 2
+    assert (summary.done, summary.failed, summary.left, summary.exit_status) == (0, 0, 2, 4)
+    again = job(src, out, stub, concurrency=1, max_retries=1).run()
+    assert_each_once(out, {"img000.png", "img001.png"})
+    assert (again.done, again.exit_status) == (2, 0)
 
 
 def test_an_unreadable_file_gets_an_error_line_and_the_rest_go_on(tmp_path: Path, stub: Stub) -> None:
@@ -456,6 +577,19 @@ def test_the_cli_prints_a_summary_with_label_counts_and_writes_it_as_json(tmp_pa
     assert "4 done now, 1 failed now" in result.stderr and "top-1 labels" in result.stderr
     again = CliRunner().invoke(cli, [*args[:-1], "--quiet"])
     assert again.exit_code == 0 and "4 skipped" in again.stderr
+
+
+def test_the_cli_exits_4_when_files_are_left_for_the_next_run(tmp_path: Path, stub: Stub) -> None:
+    src = images(tmp_path / "src", {"a.png": "蓝色方形", "b.png": "flaky:1:红色圆形"})
+    args = ["backfill", str(src), "--out", str(tmp_path / "o.jsonl"), "--url", stub.url, "--max-retries", "0"]
+    result = CliRunner().invoke(cli, [*args, "--summary-json", str(tmp_path / "s.json")])
+    assert result.exit_code == 4, result.output
+    report = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert (report["done"], report["failed"], report["left"], report["left_for_next_run"]) == (1, 0, 1, 1)
+    assert "1 left for the next run" in result.stderr and "rerun the same command" in result.stderr
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert [r["file"] for r in records(tmp_path / "o.jsonl")] == ["a.png", "b.png"]
 
 
 def test_progress_reads_done_total_rate_eta_skipped_and_failed() -> None:
