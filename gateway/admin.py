@@ -3,25 +3,33 @@
 per-model TTLs without a restart, as a settings-changed event of the pool's core.
 
 Without a token configured the PATCH answers 403 and says how to enable it; a missing or
-wrong token is 401 (compared in constant time). Every change is logged (who, old, new),
-kept in the last 20 changes shown by GET, and counted in metrics. With ``"persist":
-true`` the settings after the change are written to the state file (``state_path``:
-``WANWU_STATE_FILE``, default ``$XDG_STATE_HOME/wanwu/<pool id>.json``); at start the
-gateway applies that file over its configuration and logs that it did.
+wrong token is 401 (compared in constant time). A client (an address, an IPv6 /64, or
+behind a trusted proxy the address it forwards) that sends a wrong token again and again
+is held off: 429 with Retry-After, before its token is even looked at (``AuthThrottle``).
+Every change is logged (who, old, new), kept in the last 20 changes shown by GET, and
+counted in metrics. With ``"persist": true`` the settings after the change are written
+to the state file (``state_path``: ``WANWU_STATE_FILE``, default
+``$XDG_STATE_HOME/wanwu/<pool id>.json``), durably: a crash leaves the old file or the
+new one, whole. At start the gateway applies that file over its configuration and logs
+that it did.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from cachetools import TTLCache
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from scheduler.errors import ConfigError, UnknownModel
@@ -39,19 +47,78 @@ MAX_TTL_S = 7 * 86400.0  # a week: longer is "never", and an idle GPU for that l
 
 
 class AdminError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class AuthThrottle:
+    """Slows down guessing the admin token, per client key.
+
+    The first ``free`` wrong tokens from a client cost nothing; from then on each one
+    holds the client off for a delay that doubles, from ``first_delay_s`` up to
+    ``max_delay_s``. While held off, a client is refused before its token is compared,
+    so a right guess then tells it nothing. A client is forgotten ``forget_s`` after its
+    last wrong token, or at once on a right one. At most ``max_clients`` are remembered
+    (the least recently failed go first). ``clock`` is any monotonic seconds function.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        free: int = 5,
+        first_delay_s: float = 1.0,
+        max_delay_s: float = 60.0,
+        forget_s: float = 600.0,
+        max_clients: int = 10_000,
+    ) -> None:
+        if forget_s < max_delay_s:
+            raise ValueError("forget_s must be at least max_delay_s: a held-off client would be forgotten")
+        self.clock = clock
+        self.free, self.first_delay_s, self.max_delay_s = free, first_delay_s, max_delay_s
+        # client -> (wrong tokens so far, held off until)
+        self._failed: TTLCache[str, tuple[int, float]] = TTLCache(max_clients, forget_s, timer=clock)
+        self._lock = threading.Lock()
+
+    def wait_s(self, client: str) -> float:
+        """Seconds before ``client`` may try a token again; 0: now."""
+        with self._lock:
+            entry = self._failed.get(client)
+            return 0.0 if entry is None else max(0.0, entry[1] - self.clock())
+
+    def failed(self, client: str) -> float:
+        """Count a wrong token from ``client``; returns how long it is now held off."""
+        with self._lock:
+            count = self._failed.get(client, (0, 0.0))[0] + 1
+            over = count - self.free
+            delay = 0.0 if over < 0 else min(self.max_delay_s, self.first_delay_s * 2.0 ** min(over, 62))
+            self._failed[client] = (count, self.clock() + delay)
+        return delay
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failed.pop(client, None)
 
 
 class Admin:
-    """Changes the pool's settings at run time and keeps their history."""
+    """Changes the pool's settings at run time and keeps their history. ``throttle``
+    (default: one on the pool's clock) slows token guessing; ``fsync`` is how the state
+    file reaches the disk."""
 
-    def __init__(self, settings: Settings, pool: WarmPool, on_change: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: WarmPool,
+        on_change: Callable[[str], None] | None = None,
+        throttle: AuthThrottle | None = None,
+        fsync: Callable[[int], None] = os.fsync,
+    ) -> None:
         self.token = settings.admin_token
         self.state_path = settings.state_path
         self.pool = pool
         self.on_change = on_change  # called with each changed key (metrics)
+        self.throttle = throttle or AuthThrottle(pool.clock.now)
+        self.fsync = fsync
         self.changes: deque[dict[str, Any]] = deque(maxlen=20)
         self._lock = threading.Lock()  # one change (and state-file write) at a time
 
@@ -61,11 +128,14 @@ class Admin:
         return {
             "settings": self.pool.runtime_settings(),
             "admin": "enabled" if self.token else "disabled",
-            "state_file": str(self.state_path) if self.state_path.is_file() else None,
+            # Its name only: where it lives is the operator's (the log and `wanwu doctor` say).
+            "state_file": self.state_path.name if self.state_path.is_file() else None,
             "changes": list(self.changes),
         }
 
-    def authorize(self, header: str | None) -> None:
+    def authorize(self, header: str | None, client: str) -> None:
+        """Let ``client`` (its key: gateway.app.peer_key) change settings with the
+        Authorization ``header``, or raise the AdminError to answer."""
         if not self.token:
             raise AdminError(
                 403,
@@ -73,9 +143,21 @@ class Admin:
                 "changing settings at run time is off: start the gateway with WANWU_ADMIN_TOKEN set "
                 "(a long random string) and send it as 'Authorization: Bearer <token>'",
             )
+        wait = self.throttle.wait_s(client)
+        if wait > 0:
+            raise AdminError(
+                429,
+                "too_many_requests",
+                f"{client} sent wrong admin tokens too often; try again in {math.ceil(wait)} s",
+                retry_after=wait,
+            )
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            held = self.throttle.failed(client)
+            if held:
+                log.warning("settings: %s sent a wrong admin token again; held off for %.0f s", client, held)
             raise AdminError(401, "unauthorized", "send the admin token as 'Authorization: Bearer <token>'")
+        self.throttle.succeeded(client)
 
     # -- changing ---------------------------------------------------------------------
 
@@ -161,9 +243,7 @@ class Admin:
         }
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.state_path.with_suffix(".partial")
-            partial.write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(partial, self.state_path)
+            write_durably(self.state_path, json.dumps(state, indent=2, ensure_ascii=False) + "\n", self.fsync)
         except OSError as exc:
             raise AdminError(
                 500,
@@ -195,6 +275,30 @@ class Admin:
             log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
             return
         log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
+
+
+def write_durably(path: Path, text: str, fsync: Callable[[int], None] = os.fsync) -> None:
+    """Replace ``path`` with ``text`` so that a crash or a power cut at any point leaves
+    the old file or the new one, whole: the new content is on the disk before the rename,
+    and the rename (the directory) is on the disk before this returns."""
+    partial = path.with_suffix(".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync(directory)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a filesystem that cannot sync a directory
+            raise
+    finally:
+        os.close(directory)
 
 
 def _check_type(key: str, value: Any) -> None:
@@ -230,7 +334,17 @@ def _error(exc: AdminError) -> Response:
     response.status_code = exc.status
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="wanwu"'
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return response
+
+
+def _client() -> str:
+    """Who sends this request, as the per-client bounds count clients."""
+    from .app import client_address, peer_key, services  # not at the top: gateway.app imports this module
+
+    forwarded = request.headers.get("X-Forwarded-For")
+    return peer_key(client_address(request.remote_addr or "", forwarded, services().trusted))
 
 
 @bp.get("/v1/pool/settings")
@@ -242,7 +356,7 @@ def get_settings() -> Response:
 def patch_settings() -> Response:
     keeper = admin()
     try:
-        keeper.authorize(request.headers.get("Authorization"))
+        keeper.authorize(request.headers.get("Authorization"), _client())
         if not request.is_json:
             raise AdminError(415, "unsupported_media_type", "send the settings as application/json")
         try:

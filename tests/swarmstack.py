@@ -5,6 +5,7 @@ Used by tests/e2e/test_swarm.py and the bench's swarm section."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import time
 import uuid
@@ -23,6 +24,8 @@ from tests.images import demo_images
 
 GATEWAY_IMAGE = "wanwu-gateway:latest"
 STACK = ROOT / "deploy" / "swarm" / "stack.yml"
+ENCRYPTED = ROOT / "deploy" / "swarm" / "encrypted.yml"  # over STACK where the kernel has IPsec
+ADMIN_SECRET = "wanwu-admin-token"  # the stack's external secret (WANWU_ADMIN_TOKEN_SECRET's default)
 GPU_MB = 16384
 EMBED = "demo-shapes-embed"
 IMAGE_BYTES = next(iter(demo_images().values()))
@@ -31,10 +34,14 @@ IMAGE_BYTES = next(iter(demo_images().values()))
 class Swarm:
     """The cluster, the gateway's address through a relay, and the stack's settings."""
 
-    def __init__(self, cluster: swarmnet.SwarmCluster, models: Path, url: str) -> None:
+    def __init__(
+        self, cluster: swarmnet.SwarmCluster, models: Path, url: str, admin_token: str, encrypted: bool
+    ) -> None:
         self.cluster = cluster
         self.models = models
         self.url = url
+        self.admin_token = admin_token  # the gateway's, from the stack's Docker secret
+        self.encrypted = encrypted  # whether the worker network is deployed encrypted (ENCRYPTED)
         self.pool_id = ""
 
     @property
@@ -57,7 +64,8 @@ class Swarm:
             **{f"WANWU_{key.upper()}": value for key, value in settings.items()},
         }
         command = ["docker", "-H", self.cluster.manager.base_url, "stack", "deploy", "--resolve-image", "never"]
-        subprocess.run([*command, "-c", str(STACK), "wanwu"], env=env, check=True, capture_output=True, timeout=60)
+        files = ["-c", str(STACK), *(["-c", str(ENCRYPTED)] if self.encrypted else [])]
+        subprocess.run([*command, *files, "wanwu"], env=env, check=True, capture_output=True, timeout=60)
         self.wait_gateway(lambda pool: self.gateway_pool_id() == self.pool_id, "the new gateway")
 
     def gateway_pool_id(self) -> str | None:
@@ -138,6 +146,7 @@ def running_swarm(timings: dict[str, float] | None = None) -> Iterator[Swarm]:
     image built from this checkout and loaded on the manager, the worker image on every
     node; torn down afterwards, leaving nothing. ``timings`` gets the phases' seconds."""
     from scheduler.backends.docker_image import build_gateway_image
+    from scheduler.backends.docker_swarm import probe_ipsec
 
     timings = {} if timings is None else timings
     swarmnet.clean_leftovers()
@@ -164,8 +173,12 @@ def running_swarm(timings: dict[str, float] | None = None) -> Iterator[Swarm]:
         spec = gpu_node["Spec"]
         spec["Labels"] = {**spec.get("Labels", {}), "wanwu.gpu-memory-mb": str(GPU_MB)}
         manager.api.update_node(cluster.node_id("n3"), gpu_node["Version"]["Index"], spec)
+        admin_token = secrets.token_hex(32)
+        manager.secrets.create(name=ADMIN_SECRET, data=admin_token.encode())
+        encrypted, why = probe_ipsec()  # the nodes run on this machine's kernel
+        print(f"\nswarm worker network: {'encrypted' if encrypted else 'NOT encrypted'} ({why})")
         with cluster.relay(cluster.manager.address, 8080) as (host, port):
-            yield Swarm(cluster, models, f"http://{host}:{port}")
+            yield Swarm(cluster, models, f"http://{host}:{port}", admin_token, encrypted)
             subprocess.run(
                 ["docker", "-H", cluster.manager.base_url, "stack", "rm", "wanwu"], capture_output=True, timeout=60
             )

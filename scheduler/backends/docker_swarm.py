@@ -9,6 +9,9 @@ the local Docker backend:
   shares. Every request carries the worker's own secret, a Docker secret made at spawn
   and removed with the worker, so nothing else on that network can use a worker. The
   service has no virtual IP (``dnsrr``): the gateway talks to the task's own address.
+  Where every node's kernel has IPsec, the stack creates it ``encrypted`` with
+  deploy/swarm/encrypted.yml (``probe_ipsec`` says whether a kernel has it); a network
+  without that option is used with a warning, as traffic between nodes is then clear.
 - **Hardening.** As the local backend: read-only root, a tmpfs /tmp, uid 10001, every
   capability dropped, memory, CPU and pids limits, the bundle mounted read-only. The
   memory limit is also reserved, so swarm places on a node no more workers than its
@@ -40,12 +43,15 @@ the local Docker backend:
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
+import os
+import re
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +91,56 @@ POLL_S = 0.5  # how often watch() reads the manager
 UNPLACED_GRACE_S = 5.0  # a task swarm can place on no node fails after this, not the spawn timeout
 LOST_NODE_STATES = ("down", "disconnected")  # not "unknown": every node is, for a moment, after a leader change
 DONE_STATES = ("complete", "shutdown", "failed", "rejected", "orphaned", "remove")
+
+
+# What Docker's encrypted overlay needs of the kernel: ESP security associations with
+# AES-GCM, programmed over xfrm netlink, and iptables' policy match (it drops VXLAN
+# packets of an encrypted network that arrive unencrypted). Build option -> module.
+IPSEC_KERNEL = {
+    "CONFIG_XFRM_USER": "xfrm_user",
+    "CONFIG_INET_ESP": "esp4",
+    "CONFIG_CRYPTO_GCM": "gcm",
+    "CONFIG_NETFILTER_XT_MATCH_POLICY": "xt_policy",
+}
+
+
+def ipsec_support(config: str | None, modules: Collection[str]) -> tuple[bool, str]:
+    """Whether a kernel can carry an ``encrypted`` overlay, and why: from its build
+    configuration (``config``: /proc/config.gz or /boot/config-*, as text) or, without
+    one, the modules it has loaded, built in or installed. A kernel that says nothing
+    counts as unable: traffic that cannot be encrypted between nodes would be dropped,
+    so the network stays unencrypted (with a warning) rather than dark."""
+    if config is not None:
+        built = dict(re.findall(r"^(CONFIG_\w+)=(\S+)", config, re.MULTILINE))
+        missing = [option for option in IPSEC_KERNEL if built.get(option) not in ("y", "m")]
+        if missing:
+            return False, f"the kernel is built without {', '.join(missing)}"
+        return True, f"the kernel is built with {', '.join(IPSEC_KERNEL)}"
+    absent = [module for module in IPSEC_KERNEL.values() if module not in modules]
+    if absent:
+        return False, f"no kernel configuration to read, and no module {', '.join(absent)}"
+    return True, f"the kernel has {', '.join(IPSEC_KERNEL.values())}"
+
+
+def probe_ipsec(root: Path = Path("/"), release: str | None = None) -> tuple[bool, str]:
+    """``ipsec_support`` of the running kernel (``root``: where /proc, /sys, /boot and
+    /lib are). Nodes that share this kernel, as the test swarm's do, share the answer;
+    other hosts must be asked on their own."""
+    release = release or os.uname().release
+    for path in (root / "proc" / "config.gz", root / "boot" / f"config-{release}"):
+        try:
+            raw = path.read_bytes()
+            return ipsec_support(gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode(), ())
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile):
+            continue
+    modules = {p.name for p in (root / "sys" / "module").glob("*")}
+    for listing in ("modules.builtin", "modules.dep"):  # what `modprobe -n` reads
+        try:
+            text = (root / "lib" / "modules" / release / listing).read_text()
+        except OSError:
+            continue
+        modules |= {name.replace("-", "_") for name in re.findall(r"([\w-]+)\.ko\b", text)}
+    return ipsec_support(None, modules)
 
 
 class _NodeLost(WorkerStartError):
@@ -141,8 +197,10 @@ class SwarmBackend:
         constraints: tuple[str, ...] = (),
         gpu_resource: str = "NVIDIA-GPU",
         client: docker.DockerClient | None = None,
+        ipsec: Callable[[], tuple[bool, str]] = probe_ipsec,
     ) -> None:
         self.image = image
+        self.ipsec = ipsec  # whether this kernel could encrypt the worker network, and why
         self.pool_id = pool_id
         self.network = network
         self.limits = limits or ContainerLimits()
@@ -184,9 +242,10 @@ class SwarmBackend:
         try:
             info = self.client.api.inspect_network(self.network)
         except docker.errors.NotFound:
+            encrypted = "--opt encrypted " if self.ipsec()[0] else ""
             raise WorkerStartError(
                 f"the worker network {self.network!r} does not exist: create it with `docker network create "
-                f"--driver overlay --internal {self.network}` or deploy deploy/swarm/stack.yml",
+                f"--driver overlay --internal {encrypted}{self.network}` or deploy deploy/swarm/stack.yml",
                 "network",
             ) from None
         except ENGINE_ERRORS as exc:
@@ -199,6 +258,17 @@ class SwarmBackend:
             )
         if not info.get("Internal"):
             log.warning("the worker network %s is not --internal: workers on it have a route out", self.network)
+        if "encrypted" not in (info.get("Options") or {}):
+            able, why = self.ipsec()
+            log.warning(
+                "the worker network %s is not encrypted: requests, answers and worker secrets cross between nodes "
+                "in the clear (%s; %s)",
+                self.network,
+                why,
+                "deploy with -c deploy/swarm/encrypted.yml where every node's kernel can"
+                if able
+                else "other hosts' kernels may differ: deploy/swarm/README.md, Encryption",
+            )
         self._network_id = str(info["Id"])
         return self._network_id
 

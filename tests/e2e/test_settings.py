@@ -20,7 +20,7 @@ from tests.images import demo_images
 from tests.integration.pools import make_slow_bundle, white_png
 
 pytestmark = pytest.mark.docker
-TOKEN = "e2e-admin-token"
+TOKEN = "e2e-admin-token-long-enough"
 
 
 def models(workdir: Path) -> None:
