@@ -9,9 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.backends.base import Backend
+from scheduler.backends.base import WORKER_UID, Backend, prepare_private_dir
 from scheduler.backends.factory import build_backend
-from scheduler.errors import WanwuError
+from scheduler.errors import BackendUnavailable, WanwuError
 from scheduler.settings import Settings
 
 
@@ -127,17 +127,19 @@ def _gpus(settings: Settings, backend: Backend) -> Check:
 
 
 def _socket_dir(settings: Settings) -> Check:
+    """The socket directory is the gateway's own and private (``prepare_private_dir``)."""
     path = settings.socket_dir
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        prepare_private_dir(path)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
+    except BackendUnavailable as exc:
+        return Check("socket dir", False, str(exc), "set WANWU_SOCKET_DIR to a directory only the gateway's user owns")
     except OSError as exc:
         return Check("socket dir", False, f"{path}: {exc.strerror}", "set WANWU_SOCKET_DIR to a writable, short path")
-    if settings.backend == "process":
-        mode = "worker directories are mode 0700, owned by the gateway's user"
-    elif os.geteuid() == 0:
-        mode = "root: worker directories are handed to uid 10001"
+    user = settings.worker_user if settings.backend == "process" else ""
+    if os.geteuid() != 0 or user == "gateway":
+        mode = "mode 0700, the gateway's; workers run as the gateway's user"
     else:
-        mode = "not root: worker directories are mode 0777"
+        mode = f"mode 0700, the gateway's; workers run as uid {user or WORKER_UID}, each in its own 0700 directory"
     return Check("socket dir", True, f"{path} ({mode})")

@@ -22,9 +22,20 @@ from .errors import ConfigError
 from .keepalive import POLICIES as KEEPALIVE_POLICIES
 
 
-def _default_socket_root() -> Path:
-    # Short paths: a Unix socket path must fit in 108 bytes.
-    return Path("/run/wanwu") if os.geteuid() == 0 else Path(f"/tmp/wanwu-{os.geteuid()}")
+def _default_socket_root(euid: int | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    # Short paths: a Unix socket path must fit in 108 bytes. Root: /run/wanwu (its own
+    # XDG_RUNTIME_DIR is 0700, closed to the process backend's workers); another user: its
+    # XDG_RUNTIME_DIR if that is its own, else /tmp/wanwu-<uid>. The backends make the
+    # directory and refuse one that is not this user's or that others may write.
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0:
+        return Path("/run/wanwu")
+    runtime = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR", "")
+    try:
+        owned = os.path.isabs(runtime) and os.lstat(runtime).st_uid == euid and os.path.isdir(runtime)
+    except OSError:
+        owned = False
+    return Path(runtime) / "wanwu" if owned else Path(f"/tmp/wanwu-{euid}")
 
 
 def _default_models_dir() -> Path:
@@ -39,6 +50,7 @@ class Settings:
 
     backend: str = "docker"  # docker | process | swarm: what runs the workers (scheduler/backends/factory.py)
     worker_python: str = ""  # the process backend's worker interpreter; empty: the gateway's own
+    worker_user: str = ""  # the process backend's worker uid; empty: 10001 under root, else the gateway's
     max_workers: int = 2
     idle_ttl_s: float = 30.0
     keepalive: str = "adaptive"
@@ -88,6 +100,7 @@ class Settings:
     access_log: str = ""  # a path: one JSON line per request (wanwu tune reads it); empty: off
     # The bearer token of PATCH /v1/pool/settings; empty: the admin endpoints answer 403.
     admin_token: str = field(default="", repr=False)
+    admin_token_file: str = ""  # a file holding the admin token (a Docker secret); read at load
     state_file: str = ""  # where persisted runtime settings live; empty: $XDG_STATE_HOME/wanwu/<pool id>.json
 
     @classmethod
@@ -116,6 +129,9 @@ class Settings:
                     raise ConfigError(f"unknown setting {name!r}")
                 values[name], origin[name] = raw, "--" + name.replace("_", "-")
         parsed = {name: _parse(name, raw, origin[name]) for name, raw in values.items()}
+        if parsed.get("admin_token_file"):
+            parsed["admin_token"] = _read_admin_token(parsed, origin)
+            origin["admin_token"] = f"{origin['admin_token_file']} ({parsed['admin_token_file']})"
         settings = cls(**parsed)
         settings._check(origin, values)
         return settings
@@ -193,6 +209,12 @@ class Settings:
                 raise fail("trusted_proxies", f"{proxy!r} is not an address or a CIDR network") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        size = len(self.admin_token.encode("utf-8"))
+        if 0 < size < MIN_ADMIN_TOKEN_BYTES:  # named and measured, never shown
+            raise ConfigError(
+                f"{origin.get('admin_token', 'WANWU_ADMIN_TOKEN')}: the admin token is {size} bytes, fewer than "
+                f"{MIN_ADMIN_TOKEN_BYTES}; use a long random one, e.g. `openssl rand -hex 32` (or none: admin off)"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -227,6 +249,25 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+MIN_ADMIN_TOKEN_BYTES = 16  # a short token is guessed however slowly 401s are answered
+
+
+def _read_admin_token(parsed: Mapping[str, Any], origin: Mapping[str, str]) -> str:
+    """The admin token from ``admin_token_file``, stripped (a secret made with
+    ``echo`` or ``openssl rand`` ends in a newline). Errors name the key and the path,
+    never the file's content."""
+    path, where = Path(parsed["admin_token_file"]).expanduser(), origin["admin_token_file"]
+    if parsed.get("admin_token"):
+        raise ConfigError(f"{origin['admin_token']} and {where} are both set: give the admin token one way")
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}={str(path)!r}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}={str(path)!r}: not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"{where}={str(path)!r}: the file is empty")
+    return token
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

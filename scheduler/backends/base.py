@@ -8,6 +8,8 @@ touching the pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import WanwuError, WorkerCrashed, WorkerStartError, WorkerStartTimeout, WorkerTimeout
+from ..errors import BackendUnavailable, WanwuError, WorkerCrashed, WorkerStartError, WorkerStartTimeout, WorkerTimeout
 from ..policy import STEM
 from ..worker_client import Scores, WorkerAnswer, WorkerBatchAnswer, WorkerClient
 
@@ -141,6 +143,127 @@ class Backend(Protocol):
 
 
 BUILDER = ("-m", "wanwu_worker.general.build")  # what ``build_bundle`` runs
+WORKER_UID = 10001  # the worker image's user (USER 10001:10001); a root gateway's process workers too
+
+
+# -- directories the gateway keeps sockets in, and what a worker's uid may touch ----------
+
+
+def private_dir_problem(info: os.stat_result, euid: int) -> str | None:
+    """Why a directory (its ``lstat``) may not hold the sockets of a gateway running as
+    ``euid``, or None: it must be a real directory, this user's, writable by nobody else
+    (else another local user could have made it, or swap what is inside)."""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != euid:
+        return f"is owned by uid {info.st_uid}, not by this gateway's uid {euid}"
+    if info.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def ancestor_problem(info: os.stat_result, euid: int) -> str | None:
+    """Why a directory above a socket directory lets another user replace what is below
+    it, or None: it must be root's or ours, and writable by others only if sticky (/tmp)."""
+    if info.st_uid not in (0, euid):
+        return f"is owned by uid {info.st_uid}"
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        return f"is writable by others without the sticky bit (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def prepare_private_dir(path: Path, mode: int = 0o700) -> None:
+    """Make ``path`` (a socket root or a pool's directory) if it is missing, check that it
+    and every directory above it are safe (see the two functions above), and set its mode
+    to ``mode``. Raises BackendUnavailable naming the path and what is wrong."""
+    path = Path(os.path.abspath(path))
+    euid = os.geteuid()
+    fix = "remove it, or set WANWU_SOCKET_DIR to a directory of the gateway's user"
+    try:
+        path.mkdir(parents=True, mode=mode, exist_ok=True)
+        for parent in reversed(path.parents):
+            problem = ancestor_problem(os.stat(parent), euid)
+            if problem:
+                raise BackendUnavailable(f"the socket directory {path} is under {parent}, which {problem}: {fix}")
+        # Opened without following a link, then checked and changed through the same descriptor.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if os.path.islink(path):
+            reason = "is a symbolic link"
+        elif os.path.lexists(path) and not os.path.isdir(path):
+            reason = "is not a directory"
+        else:
+            reason = f"cannot be made or opened: {exc.strerror or exc}"
+        raise BackendUnavailable(f"the socket directory {path} {reason}: {fix}") from exc
+    try:
+        info = os.fstat(fd)
+        problem = private_dir_problem(info, euid)
+        if problem:
+            raise BackendUnavailable(f"the socket directory {path} {problem}: {fix}")
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def permits(info: os.stat_result, uid: int, gid: int, want: int) -> bool:
+    """Whether the mode bits of ``info`` give a process of ``uid`` and ``gid`` (and no
+    other group) every access in ``want`` (os.R_OK | os.W_OK | os.X_OK). Root may do
+    anything; ACLs are not read."""
+    if uid == 0:
+        return True
+    shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+    return (info.st_mode >> shift) & want == want
+
+
+def access_problem(path: Path, uid: int, gid: int, want: int = os.R_OK | os.X_OK) -> str | None:
+    """Why ``uid`` could not reach ``path`` with ``want``: the first directory on the way
+    (as written, and with links resolved) it may not search, or ``path`` itself; None if
+    it can."""
+    path = Path(os.path.abspath(path))
+    for route in dict.fromkeys((path, Path(os.path.realpath(path)))):
+        for directory in reversed(route.parents):
+            try:
+                info = os.stat(directory)
+            except OSError as exc:
+                return f"{directory}: {exc.strerror or exc}"
+            if not permits(info, uid, gid, os.X_OK):
+                return f"{directory} ({_describe(info)}) is not searchable by uid {uid}"
+        try:
+            info = os.stat(route)
+        except OSError as exc:
+            return f"{route}: {exc.strerror or exc}"
+        if not permits(info, uid, gid, want):
+            return f"{route} ({_describe(info)}) does not give uid {uid} {_bits(want)}"
+    return None
+
+
+def writable_path(root: Path, uid: int, gid: int, limit: int = 10_000) -> Path | None:
+    """The first of ``root`` and what lies below it (links not followed, at most ``limit``
+    entries) that ``uid`` could change, by mode bits; None if it can change none."""
+    paths = [root]
+    for directory, dirs, files in os.walk(root):
+        paths.extend(Path(directory) / name for name in (*dirs, *files))
+        if len(paths) >= limit:
+            break
+    for path in paths[:limit]:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISLNK(info.st_mode) and permits(info, uid, gid, os.W_OK):
+            return path
+    return None
+
+
+def _describe(info: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}"
+
+
+def _bits(want: int) -> str:
+    return "".join(letter if want & bit else "-" for bit, letter in ((os.R_OK, "r"), (os.W_OK, "w"), (os.X_OK, "x")))
 
 
 def check_report(output: str, who: str, stderr: str = "") -> dict[str, Any]:

@@ -42,8 +42,10 @@ from .base import (
     Started,
     check_report,
     load_model,
+    prepare_private_dir,
     wait_ready,
 )
+from .base import WORKER_UID as WORKER_UID  # named here too: docker_swarm imports it from this module
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ SOCKET_DIR_IN_CONTAINER = "/run/wanwu"
 MODEL_DIR_IN_CONTAINER = "/model"
 MODELS_DIR_IN_CONTAINER = "/models"  # a stem cell's view of every bundle
 STEM_LABEL = "wanwu.stem"
-WORKER_UID = 10001
 
 # What a call to an engine raises when the engine refuses, fails or cannot be reached.
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
@@ -86,6 +87,7 @@ class WorkerSpec:
     limits: ContainerLimits = field(default_factory=ContainerLimits)
     environment: dict[str, str] = field(default_factory=dict)
     stem: bool = False  # model_dir is the whole models directory, mounted at /models
+    user: str = field(default_factory=lambda: container_user())
 
     @property
     def name(self) -> str:
@@ -124,16 +126,31 @@ def container_name(pool_id: str, worker_id: str) -> str:
     return f"wanwu-{pool_id}-{worker_id}"
 
 
-def prepare_socket_dir(path: Path) -> None:
-    """Create the worker's socket directory so the container's non-root user can bind
-    its socket there, and nobody else on the host can reach it."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(path, WORKER_UID, WORKER_UID)
-        os.chmod(path, 0o700)
-    else:
-        # Without root the directory cannot be handed to the worker's uid.
-        os.chmod(path, 0o777)
+def container_user(euid: int | None = None, egid: int | None = None) -> str:
+    """The user a worker container runs as: the image's (uid 10001) under a root gateway;
+    else the gateway's own uid and gid, the only user besides root that can bind a socket
+    in a directory of the gateway's that nobody else may enter (any uid but 0 is
+    unprivileged inside the container)."""
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0:
+        return f"{WORKER_UID}:{WORKER_UID}"
+    return f"{euid}:{os.getegid() if egid is None else egid}"
+
+
+def _container_uid() -> int:
+    return int(container_user().split(":")[0])
+
+
+def prepare_socket_dir(path: Path, user: str | None = None) -> None:
+    """Create the worker's socket directory, mode 0700 and owned by the user its
+    container runs as (``container_user()``), so the worker can bind its socket there and
+    nobody else on the host but root can reach it. A directory left there is replaced."""
+    uid, gid = (int(part) for part in (user or container_user()).split(":"))
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    os.chmod(path, 0o700)  # the umask may have taken bits away, never added: this is exact
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        os.chown(path, uid, gid)
 
 
 def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str, Any]:
@@ -149,7 +166,7 @@ def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str,
         "network_mode": "none",
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
-        "user": f"{WORKER_UID}:{WORKER_UID}",
+        "user": spec.user,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "mem_limit": limits.memory,
@@ -236,24 +253,25 @@ def run_builder(
         raise ImageBuildError(f"building a bundle in {image} failed:\n{tail}")
 
 
-def stem_mount_problem(models_dir: Path) -> str | None:
-    """Why stem cells (uid 10001) could not reach bundles through the models directory,
-    or None. They open ``/models/<name>``, so the directory must be searchable by them."""
+def stem_mount_problem(models_dir: Path, uid: int = WORKER_UID) -> str | None:
+    """Why stem cells (``uid``: 10001, or a non-root gateway's own) could not reach bundles
+    through the models directory, or None. They open ``/models/<name>``, so the directory
+    must be searchable by them."""
     try:
         info = models_dir.stat()
     except OSError as exc:
         return f"stem cells cannot use the models directory {models_dir}: {exc.strerror or exc}"
-    searchable = info.st_mode & (0o100 if info.st_uid == WORKER_UID else 0o001)
+    searchable = info.st_mode & (0o100 if info.st_uid == uid else 0o001)
     if not searchable:
         return (
-            f"stem cells need the models directory {models_dir} searchable by the worker user (uid {WORKER_UID}): "
+            f"stem cells need the models directory {models_dir} searchable by the worker user (uid {uid}): "
             f"chmod o+x {models_dir}, or set WANWU_STEM_CELLS=0"
         )
     return None
 
 
 def _check_readable_by_workers(models_dir: Path, worker_id: str) -> None:
-    problem = stem_mount_problem(models_dir)
+    problem = stem_mount_problem(models_dir, _container_uid())
     if problem:
         raise WorkerStartError(problem, worker_id)
 
@@ -296,10 +314,19 @@ class DockerBackend:
         return self._client
 
     def ping(self) -> None:
+        """Raise BackendUnavailable unless the engine answers and the socket directory is
+        this user's and private."""
+        self._prepare_socket_root()
         try:
             self.client.ping()
         except ENGINE_ERRORS as exc:
             raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+
+    def _prepare_socket_root(self) -> None:
+        # The engine (root) bind-mounts each worker's directory, so nothing above it needs
+        # to be open to the worker's user.
+        prepare_private_dir(self.socket_root.parent)
+        prepare_private_dir(self.socket_root)
 
     def image_present(self) -> bool:
         try:
@@ -341,7 +368,8 @@ class DockerBackend:
             _check_readable_by_workers(request.model_dir, request.worker_id)
         spec = self._spec(request)
         started = time.monotonic()
-        prepare_socket_dir(spec.socket_dir)
+        self._prepare_socket_root()
+        prepare_socket_dir(spec.socket_dir, spec.user)
         try:
             container = self.client.containers.run(**run_options(spec))
         except docker.errors.ImageNotFound as exc:
@@ -430,7 +458,7 @@ class DockerBackend:
         return export_builtin_model(self.image, name, models_dir)
 
     def stem_problem(self, models_dir: Path) -> str | None:
-        return stem_mount_problem(models_dir)
+        return stem_mount_problem(models_dir, _container_uid())
 
     def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
         """Run the bundle builder in a one-shot container of the worker image, as locked
@@ -452,7 +480,8 @@ class DockerBackend:
             limits=self.limits,
             environment=self.environment,
         )
-        prepare_socket_dir(spec.socket_dir)
+        self._prepare_socket_root()
+        prepare_socket_dir(spec.socket_dir, spec.user)
         container = None
         try:
             container = self.client.containers.run(**run_options(spec, ["check"]))

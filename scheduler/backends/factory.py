@@ -43,7 +43,7 @@ def build_backend(settings: Settings) -> Backend:
             environment=worker_environment(settings),
         )
     if settings.backend == "process":
-        from .process import ProcessBackend
+        from .process import ProcessBackend, parse_worker_user
 
         try:
             memory = parse_size(settings.worker_memory)
@@ -56,6 +56,7 @@ def build_backend(settings: Settings) -> Backend:
             ProcessLimits(memory, settings.worker_pids, settings.worker_cpus or None),
             settings.spawn_timeout_s,
             environment=worker_environment(settings),
+            worker_uid=parse_worker_user(settings.worker_user),
         )
     if settings.backend == "swarm":
         from .docker import ContainerLimits

@@ -253,13 +253,30 @@ class Cgroups:
         return text
 
 
-def wrapper(cgroups: list[Path], address_space_bytes: int | None) -> list[str]:
-    """``sh -c`` that joins the cgroups, sets RLIMIT_AS and execs the command after it."""
+def wrapper(cgroups: list[Path], address_space_bytes: int | None, user: DropTo | None = None) -> list[str]:
+    """``sh -c`` that joins the cgroups, sets RLIMIT_AS and execs the command after it;
+    with ``user``, through ``setpriv`` as that uid and gid, with no other groups and no
+    way back to privileges (no_new_privs). The cgroups are joined while still root: a
+    process cannot move itself into a cgroup once it is unprivileged."""
     lines = [f"echo $$ > {shlex.quote(str(path / 'cgroup.procs'))}" for path in cgroups]
     if address_space_bytes:
         lines.append(f"ulimit -v {address_space_bytes // 1024}")
-    lines.append('exec "$@"')
+    if user is None:
+        lines.append('exec "$@"')
+    else:
+        drop = f"--reuid={user.uid} --regid={user.gid} --clear-groups --no-new-privs"
+        lines.append(f'exec {shlex.quote(user.setpriv)} {drop} -- "$@"')
     return ["/bin/sh", "-c", " && ".join(lines), "wanwu-worker"]
+
+
+@dataclass(frozen=True)
+class DropTo:
+    """The unprivileged user a root gateway runs process workers as, and the ``setpriv``
+    (util-linux) that switches to it."""
+
+    uid: int
+    gid: int
+    setpriv: str = "setpriv"
 
 
 def process_start_time(pid: int) -> int | None:

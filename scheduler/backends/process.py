@@ -2,18 +2,29 @@
 GPU box where containers are not allowed, or a laptop.
 
 Each worker is ``python -m wanwu_worker serve`` from ``WANWU_WORKER_PYTHON`` (default:
-the gateway's own interpreter) in its own session and process group, with its own
-directory ``socket_root/<pool id>/<worker id>`` holding its Unix socket, its log and a
-record (``worker.json``: pid, the process's start time and the boot id). Stopping sends
-SIGTERM to the group, then SIGKILL after a grace period. A watcher reports exits as the
-Docker backend reports container deaths. At start, workers an earlier run of the same
+the gateway's own interpreter) in its own session and process group. The pool's
+directory ``socket_root/<pool id>`` (the gateway's, checked like the Docker backend's)
+holds, per worker, a directory ``<worker id>/`` of the worker's own (its Unix socket, its
+HOME) and, beside it and out of the worker's reach, its log ``<worker id>.log`` and a
+record ``<worker id>.json`` (pid, the process's start time and the boot id). Stopping
+sends SIGTERM to the group, then SIGKILL after a grace period. A watcher reports exits as
+the Docker backend reports container deaths. At start, workers an earlier run of the same
 pool id left behind are found through their records and killed; a pid is killed only if
 the process still has the recorded start time, so a reused pid is never hit.
 
-This is NOT isolation. Workers run as the gateway's user, see its files and network, and
-share its kernel namespaces. Limits come from a cgroup where the host allows one, else
-RLIMIT_AS for CPU workers (``limits.py``). GPUs are given with CUDA_VISIBLE_DEVICES; a
-worker without a device sees none.
+Who a worker runs as: under a root gateway, uid and gid 10001 (the worker image's user)
+with no other groups and no_new_privs, switched by ``setpriv`` after joining its cgroups;
+the interpreter, the worker package and the bundles must be readable by that uid, and no
+bundle (nor the models directory) writable by it: a worker that could change a bundle is
+not started. Under any other user, the workers run as that user (it cannot switch). Either
+way a worker gets a clean environment (``kept_environment``): never the gateway's
+settings or secrets.
+
+This is NOT container isolation. Workers see the host's files (what their uid may read)
+and network and share its kernel namespaces; workers of one gateway share one uid, so they
+can reach each other. Limits come from a cgroup where the host allows one, else RLIMIT_AS
+for CPU workers (``limits.py``). GPUs are given with CUDA_VISIBLE_DEVICES; a worker
+without a device sees none.
 """
 
 from __future__ import annotations
@@ -29,28 +40,34 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailable, ImageBuildError, WorkerStartError, WorkerStartTimeout
+from ..errors import BackendUnavailable, ConfigError, ImageBuildError, WorkerStartError, WorkerStartTimeout
 from ..worker_client import WorkerClient
 from .base import (
     BUILDER,
+    WORKER_UID,
     ExitCallback,
     ManagedWorker,
     SpawnRequest,
     Started,
+    access_problem,
     check_report,
     load_model,
+    permits,
+    prepare_private_dir,
     wait_ready,
+    writable_path,
 )
-from .limits import Cgroups, ProcessLimits, boot_id, is_same_process, process_start_time, wrapper
+from .limits import Cgroups, DropTo, ProcessLimits, boot_id, is_same_process, process_start_time, wrapper
 
 log = logging.getLogger(__name__)
 
-RECORD = "worker.json"
+RECORD = ".json"  # <worker id>.json beside the worker's directory
+LEGACY_RECORD = "worker.json"  # inside it, as earlier versions kept it
 # The built-in bundles, each pair made by one command of the worker interpreter (a
 # classify bundle and its embed bundle, in that order) and how long that takes here.
 BUILTIN_MODELS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
@@ -60,8 +77,13 @@ BUILTIN_MODELS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
         "about a minute",
     ),
 }
-LOG = "worker.log"
+LOG = ".log"  # <worker id>.log beside the worker's directory
 SOCKET = "worker.sock"
+# What a worker keeps of the gateway's environment: where programs, libraries and Python
+# packages are, the locale, and GPU and thread knobs. Nothing else: not the gateway's
+# settings (WANWU_*, the admin token among them) nor whatever credentials it was given.
+KEPT_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
+KEPT_PREFIXES = ("LC_", "PYTHON", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "PYTORCH_", "TORCH_")
 
 
 @dataclass
@@ -90,6 +112,30 @@ class _Record:
         return is_same_process(self.pid, self.start_time, self.boot_id)
 
 
+def kept_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environ`` a worker is given (see KEPT_NAMES and KEPT_PREFIXES)."""
+    return {key: value for key, value in environ.items() if key in KEPT_NAMES or key.startswith(KEPT_PREFIXES)}
+
+
+def default_worker_uid(euid: int) -> int:
+    """Who a gateway running as ``euid`` runs workers as: uid 10001 (the worker image's
+    user) if it is root, else itself (an unprivileged process cannot switch users)."""
+    return WORKER_UID if euid == 0 else euid
+
+
+def parse_worker_user(text: str) -> int | None:
+    """``WANWU_WORKER_USER``: a uid, ``gateway`` (the gateway's own uid: root's, under
+    root), or empty for ``default_worker_uid``'s choice (None)."""
+    text = text.strip()
+    if not text:
+        return None
+    if text == "gateway":
+        return os.geteuid()
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"WANWU_WORKER_USER={text!r}: expected a uid, gateway, or nothing (uid 10001 under root)")
+
+
 def worker_package_root() -> Path:
     """The directory that holds the ``wanwu_worker`` package (put on the worker's
     PYTHONPATH, so an interpreter without wanwu installed can run it)."""
@@ -113,6 +159,7 @@ class ProcessBackend:
         environment: dict[str, str] | None = None,
         stop_grace_s: float = 2.0,
         cgroups: Cgroups | None = None,
+        worker_uid: int | None = None,
     ) -> None:
         self.pool_id = pool_id
         self.root = socket_root / pool_id
@@ -124,27 +171,104 @@ class ProcessBackend:
         self.environment = environment or {}
         self.stop_grace_s = stop_grace_s
         self.cgroups = cgroups if cgroups is not None else Cgroups(pool_id)
+        # Workers run as worker_uid (default: default_worker_uid); another uid than the
+        # gateway's is switched to with setpriv, and its gid is the same number.
+        euid = os.geteuid()
+        self.worker_uid = default_worker_uid(euid) if worker_uid is None else worker_uid
+        self.drop = None if self.worker_uid == euid else DropTo(self.worker_uid, self.worker_uid, _setpriv())
+        # The worker must pass through the socket root and the pool's directory to its own.
+        self.dir_mode = 0o700 if self.drop is None else 0o711
         self._children: dict[str, _Child] = {}
         self._lock = threading.Lock()
         self._probe: tuple[bool, str] | None = None
         self._probe_lock = threading.Lock()
         self._closed = False
-        log.info("process workers: %s", self.cgroups.describe(self.limits))
+        log.info("process workers: %s; %s", self.describe_user(), self.cgroups.describe(self.limits))
 
     # -- starting --------------------------------------------------------------------
 
     def ping(self) -> None:
-        """Raise BackendUnavailable unless the worker interpreter can be run."""
+        """Raise BackendUnavailable unless the worker interpreter can be run, the socket
+        directory is this user's and private, and (under root) the worker's uid can run
+        the interpreter and reach its socket directory."""
         python = shutil.which(self.python)
         if python is None or not os.access(python, os.X_OK):
             raise BackendUnavailable(f"the worker interpreter {self.python} (WANWU_WORKER_PYTHON) is not executable")
+        self._prepare_root()
+        problem = self._user_problem()
+        if problem:
+            raise BackendUnavailable(problem)
 
-    @staticmethod
-    def _base_environment() -> dict[str, str]:
-        """The gateway's environment without its own WANWU_* settings (an admin token
-        among them), with the worker package first on PYTHONPATH, and no GPU unless one
-        is given (like a container without a device request)."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("WANWU_")}
+    def describe_user(self) -> str:
+        if self.drop is None:
+            return f"workers run as the gateway's own user (uid {self.worker_uid}): not separated from it"
+        return f"workers run as uid {self.drop.uid}, gid {self.drop.gid} (the gateway is root)"
+
+    def _prepare_root(self) -> None:
+        prepare_private_dir(self.root.parent, self.dir_mode)
+        prepare_private_dir(self.root, self.dir_mode)
+
+    def _user_problem(self) -> str | None:
+        """Why workers cannot run as ``worker_uid`` here, or None."""
+        if self.drop is None:
+            return None
+        uid, gid = self.drop.uid, self.drop.gid
+        if os.geteuid() != 0:
+            return f"workers can run as uid {uid} only under a root gateway; this one runs as uid {os.geteuid()}"
+        if shutil.which(self.drop.setpriv) is None:
+            return f"starting workers as uid {uid} needs setpriv (util-linux), which is not installed"
+        python = Path(os.path.abspath(shutil.which(self.python) or self.python))
+        needed = [python, worker_package_root()]
+        config = python.parent.parent / "pyvenv.cfg"  # a venv: its base interpreter's files too
+        with contextlib.suppress(OSError, ValueError):
+            home = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line)
+            needed.append(Path(home["home"].strip()) if "home" in home else python.parent)
+        for path in needed:
+            problem = access_problem(path, uid, gid)
+            if problem:
+                return (
+                    f"uid {uid} (the workers' user under a root gateway) cannot run the worker interpreter "
+                    f"{self.python} (WANWU_WORKER_PYTHON): {problem}; install one where uid {uid} can read it"
+                )
+        # Made and checked for this user by ping(); `wanwu doctor` only looks.
+        problem = access_problem(self.root.parent, uid, gid, os.X_OK) if self.root.parent.exists() else None
+        if problem:
+            return (
+                f"uid {uid} (the workers' user) cannot reach the socket directory {self.root.parent}: {problem}; "
+                "set WANWU_SOCKET_DIR under directories others may search (e.g. /run/wanwu)"
+            )
+        return None
+
+    def _bundle_problem(self, model_dir: Path, stem: bool) -> str | None:
+        """Why a worker (as ``worker_uid``) may not be given ``model_dir``: it cannot read
+        it, or it could change it or the models directory; None when it may."""
+        if self.drop is None:
+            return None
+        uid, gid = self.drop.uid, self.drop.gid
+        problem = access_problem(model_dir, uid, gid)
+        if problem:
+            what = "the models directory" if stem else "its bundle"
+            return f"uid {uid} (the workers' user) cannot read {what}: {problem}"
+        models_dir = model_dir if stem else model_dir.parent
+        try:
+            open_dir = permits(os.stat(models_dir), uid, gid, os.W_OK)
+            writable = models_dir if open_dir else writable_path(model_dir, uid, gid)
+        except OSError as exc:
+            return f"cannot check {models_dir}: {exc.strerror or exc}"
+        if writable is not None:
+            return (
+                f"uid {uid} (the workers' user) could change {writable}: bundles and the models directory must be "
+                f"read-only to workers (owned by root, chmod go-w)"
+            )
+        return None
+
+    def _base_environment(self, home: str | None = None) -> dict[str, str]:
+        """What every run of the worker interpreter gets: ``kept_environment`` of the
+        gateway's, the worker package first on PYTHONPATH, no GPU unless one is given
+        (like a container without a device request), and ``home`` as HOME if given."""
+        env = kept_environment(os.environ)
+        if home is not None:
+            env["HOME"] = home
         path = [str(worker_package_root()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -153,7 +277,7 @@ class ProcessBackend:
         return env
 
     def _environment(self, request: SpawnRequest, directory: Path) -> dict[str, str]:
-        env = self._base_environment()
+        env = self._base_environment(str(directory) if self.drop else None)
         env.update(self.environment)
         env.update(
             {
@@ -171,22 +295,29 @@ class ProcessBackend:
         return env
 
     def spawn(self, request: SpawnRequest) -> Started:
+        self._prepare_root()
+        problem = self._bundle_problem(request.model_dir, request.stem)
+        if problem:
+            message = f"worker {request.worker_id} (model {request.model}) not started: {problem}"
+            raise WorkerStartError(message, request.worker_id)
         directory = self.root / request.worker_id
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True, mode=0o700)
+        self._clear(request.worker_id)
+        directory.mkdir(mode=0o700)
+        if self.drop is not None:  # made by root in root's directory: no link can be in the way
+            os.chown(directory, self.drop.uid, self.drop.gid)
         started = time.monotonic()
         try:
             groups = self.cgroups.create(request.worker_id, self.limits)
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            self._clear(request.worker_id)
             message = f"cannot make the cgroup of worker {request.worker_id}: {exc}"
             raise WorkerStartError(message, request.worker_id) from exc
         # RLIMIT_AS only where no cgroup bounds memory, and never under CUDA (see limits.py).
         bounded = "memory" in self.cgroups.bases
         address_space = self.limits.memory_bytes if not bounded and not request.device else None
-        command = [*wrapper(groups, address_space), self.python, "-m", "wanwu_worker", "serve"]
+        command = [*wrapper(groups, address_space, self.drop), self.python, "-m", "wanwu_worker", "serve"]
         try:
-            with open(directory / LOG, "ab") as output, self._lock:
+            with self._open_private(self._log(request.worker_id), os.O_APPEND) as output, self._lock:
                 # Started and registered in one step: a stop() from the pool (a shutdown
                 # while this worker starts) finds it and kills it.
                 process = subprocess.Popen(
@@ -202,7 +333,7 @@ class ProcessBackend:
                 self._children[request.worker_id] = child
         except OSError as exc:
             self.cgroups.remove(groups)
-            shutil.rmtree(directory, ignore_errors=True)
+            self._clear(request.worker_id)
             raise WorkerStartError(
                 f"cannot start worker {request.worker_id} with {self.python}: {exc}", request.worker_id
             ) from exc
@@ -231,15 +362,34 @@ class ProcessBackend:
             "cgroups": [str(path) for path in child.cgroups],
             "python": self.python,
         }
-        partial = child.directory / (RECORD + ".new")
-        partial.write_text(json.dumps(record) + "\n")
-        partial.replace(child.directory / RECORD)
+        partial = self.root / f"{child.worker_id}{RECORD}.new"
+        with self._open_private(partial, os.O_TRUNC) as handle:
+            handle.write((json.dumps(record) + "\n").encode())
+        partial.replace(self._record(child.worker_id))
+
+    def _record(self, worker_id: str) -> Path:
+        return self.root / f"{worker_id}{RECORD}"
+
+    def _log(self, worker_id: str) -> Path:
+        return self.root / f"{worker_id}{LOG}"
+
+    @staticmethod
+    def _open_private(path: Path, flags: int) -> Any:
+        """``path`` opened to write (made mode 0600 if missing), never through a link."""
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o600), "ab")
+
+    def _clear(self, worker_id: str) -> None:
+        """Remove the worker's directory, record and log."""
+        shutil.rmtree(self.root / worker_id, ignore_errors=True)  # fd-based: a link in it is not followed
+        for path in (self._record(worker_id), self.root / f"{worker_id}{RECORD}.new", self._log(worker_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _wait_ready(self, child: _Child, deadline: float) -> dict[str, Any]:
         def check(now: float) -> None:
             status = child.process.poll()
             if status is not None:
-                logs = self._logs(child.directory)
+                logs = self._logs(self._log(child.worker_id))
                 why = self._exit_reason(child, status)
                 self.stop(child.worker_id)
                 raise WorkerStartError(
@@ -248,7 +398,7 @@ class ProcessBackend:
                     child.worker_id,
                 )
             if now >= deadline:
-                logs = self._logs(child.directory)
+                logs = self._logs(self._log(child.worker_id))
                 self.stop(child.worker_id)
                 raise WorkerStartTimeout(
                     f"worker {child.worker_id} (model {child.model}, {self.python}) was not ready within "
@@ -270,9 +420,9 @@ class ProcessBackend:
         return f"was killed by {name}"
 
     @staticmethod
-    def _logs(directory: Path, lines: int = 20) -> str:
+    def _logs(path: Path, lines: int = 20) -> str:
         try:
-            with open(directory / LOG, "rb") as handle:
+            with open(path, "rb") as handle:
                 handle.seek(0, os.SEEK_END)
                 handle.seek(max(0, handle.tell() - 64 * 1024))
                 tail = handle.read().decode("utf-8", "replace").rstrip().splitlines()[-lines:]
@@ -292,7 +442,6 @@ class ProcessBackend:
             child = self._children.pop(worker_id, None)
             if child is not None:
                 child.stopping = True
-        directory = self.root / worker_id
         if child is not None:
             self._terminate(child.process)
             self.cgroups.kill_members(child.cgroups)
@@ -302,10 +451,10 @@ class ProcessBackend:
             if last:
                 self.cgroups.close()
         else:
-            record = self._read_record(directory)
+            record = self._read_record(worker_id)
             if record is not None:
                 self._kill_record(record)
-        shutil.rmtree(directory, ignore_errors=True)
+        self._clear(worker_id)
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         # Signals go to the group only while its leader is unreaped, so its pid (the
@@ -334,10 +483,19 @@ class ProcessBackend:
         self.cgroups.kill_members(record.cgroups)
         self.cgroups.remove(record.cgroups)
 
-    @staticmethod
-    def _read_record(directory: Path) -> _Record | None:
+    def _read_record(self, worker_id: str) -> _Record | None:
+        """The worker's record; one an earlier version kept inside the worker's directory
+        counts only if that directory is this user's (a worker's own directory may hold
+        anything the worker wrote there)."""
+        path = self._record(worker_id)
+        if not path.exists():
+            legacy = self.root / worker_id
+            with contextlib.suppress(OSError):
+                info = legacy.lstat()
+                if legacy.is_dir() and not legacy.is_symlink() and info.st_uid == os.geteuid():
+                    path = legacy / LEGACY_RECORD
         try:
-            data = json.loads((directory / RECORD).read_text())
+            data = json.loads(path.read_text())
             return _Record(
                 str(data["worker_id"]),
                 str(data["model"]),
@@ -349,14 +507,21 @@ class ProcessBackend:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _found(self) -> list[str]:
+        """The worker ids the pool's directory holds anything of."""
+        names = [entry.name for entry in self.root.iterdir()] if self.root.is_dir() else []
+        for suffix in (f"{RECORD}.new", RECORD, LOG):
+            names = [name.removesuffix(suffix) for name in names]
+        return sorted(set(names))
+
     def list_workers(self) -> list[ManagedWorker]:
         with self._lock:
             children = list(self._children.values())
         workers = [ManagedWorker(c.worker_id, c.model, c.process.poll() is None) for c in children]
         known = {c.worker_id for c in children}
-        for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if directory.name not in known:
-                record = self._read_record(directory)
+        for worker_id in self._found():
+            if worker_id not in known:
+                record = self._read_record(worker_id)
                 if record is not None:
                     workers.append(ManagedWorker(record.worker_id, record.model, record.alive()))
         return workers
@@ -366,14 +531,14 @@ class ProcessBackend:
         removed = []
         with self._lock:
             known = set(self._children)
-        for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if directory.name in known:
+        for worker_id in self._found():
+            if worker_id in known:
                 continue
-            record = self._read_record(directory)
+            record = self._read_record(worker_id)
             if record is not None:
                 self._kill_record(record)
                 removed.append(record.worker_id)
-            shutil.rmtree(directory, ignore_errors=True)
+            self._clear(worker_id)
         self.cgroups.remove_leftovers()
         return removed
 
@@ -398,31 +563,40 @@ class ProcessBackend:
             return
         child.reported = True
         why = self._exit_reason(child, status)
-        # The directory (and the log) goes when the pool stops the dead worker: say it now.
-        tail = self._logs(child.directory, 5)
+        # The log goes when the pool stops the dead worker: say it now.
+        tail = self._logs(self._log(child.worker_id), 5)
         log.warning("worker %s (model %s) %s; last log lines:\n%s", child.worker_id, child.model, why, tail)
         on_exit(child.worker_id, "killed: out of memory" if "out of memory" in why else why)
 
     # -- checks ----------------------------------------------------------------------
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
-        """Whether the worker interpreter runs the worker package with torch (checked
-        once: it imports torch), and which limits apply."""
+        """Whether the worker interpreter runs the worker package with torch as the
+        workers' user (checked once: it imports torch), who that is, and which limits
+        apply."""
         with self._probe_lock:  # one probe at a time; a failure is tried again next time
             probe = self._probe or self._run_probe()
             if probe[0]:
                 self._probe = probe
-        return {"worker_python": probe, "limits": (True, self.cgroups.describe(self.limits))}
+        problem = self._user_problem()
+        user = (False, problem) if problem else (True, self.describe_user())
+        return {"worker_python": probe, "worker_user": user, "limits": (True, self.cgroups.describe(self.limits))}
 
     def _run_probe(self) -> tuple[bool, str]:
+        problem = self._user_problem()
+        if problem:
+            return False, problem
         script = (
             "import json, torch, wanwu_worker; "
             "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.device_count()]))"
         )
+        env = self._base_environment("/tmp" if self.drop else None)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         try:
             result = subprocess.run(
-                [self.python, "-c", script],
-                env={**self._base_environment(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")},
+                [*wrapper([], None, self.drop), self.python, "-c", script],
+                env=env,
+                cwd="/" if self.drop else None,  # the gateway's may be closed to the worker's uid
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -483,7 +657,10 @@ class ProcessBackend:
         return models_dir / name
 
     def stem_problem(self, models_dir: Path) -> str | None:
-        return None  # workers run as the gateway's user: they read what it reads
+        if self.drop is None:
+            return None  # workers run as the gateway's user: they read what it reads
+        problem = access_problem(models_dir, self.drop.uid, self.drop.gid)
+        return f"stem cells (uid {self.drop.uid}) cannot read the models directory: {problem}" if problem else None
 
     def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
         """Run the bundle builder with the worker interpreter."""
@@ -503,12 +680,17 @@ class ProcessBackend:
             raise ImageBuildError(f"building a bundle with {self.python} failed:\n{tail}")
 
     def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
-        """Run the worker's ``check`` with the worker interpreter, with a CPU worker's
-        address-space limit (no cgroup: it is one short-lived process)."""
-        env = {**self._base_environment(), **self.environment, "CUDA_VISIBLE_DEVICES": device or ""}
+        """Run the worker's ``check`` with the worker interpreter, as the workers' user
+        (the bundle is not trusted yet), with a CPU worker's address-space limit (no
+        cgroup: it is one short-lived process)."""
+        problem = self._bundle_problem(bundle_dir.resolve(), stem=False)
+        if problem:
+            raise WorkerStartError(f"cannot check {bundle_dir}: {problem}", "bundle-check")
+        env = {**self._base_environment("/tmp" if self.drop else None), **self.environment}
+        env["CUDA_VISIBLE_DEVICES"] = device or ""
         limit = None if device else self.limits.memory_bytes
         command = [
-            *wrapper([], limit),
+            *wrapper([], limit, self.drop),
             self.python,
             "-m",
             "wanwu_worker",
@@ -518,7 +700,14 @@ class ProcessBackend:
         ]
         try:
             result = subprocess.run(
-                command, env=env, capture_output=True, text=True, errors="replace", timeout=timeout, check=False
+                command,
+                env=env,
+                cwd="/" if self.drop else None,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise WorkerStartError(f"checking {bundle_dir} with {self.python} failed: {exc}", "bundle-check") from exc
@@ -532,6 +721,10 @@ class ProcessBackend:
             left = bool(self._children)
         if not left:
             self.cgroups.close()
+
+
+def _setpriv() -> str:
+    return shutil.which("setpriv") or "setpriv"
 
 
 def _signal_group(group: int, signum: signal.Signals) -> None:

@@ -236,15 +236,21 @@ def backends_section(workdir: Path, client: docker.DockerClient, warm_n: int, co
     quiet = {"cache_enabled": "false", "idle_ttl_s": "600", "log_level": "WARNING", "queue_timeout_s": "60"}
     out: dict[str, Any] = {"cold_requests": cold_n, "warm_requests": warm_n}
     for kind in ("docker", "process"):
+        # Process workers as the gateway's user: this machine's interpreter lives under /root.
+        user = {"worker_user": "gateway"} if kind == "process" else {}
         print(f"backend {kind}: cold starts ...", file=sys.stderr)
-        with bench_pool(workdir / f"bk-{kind}", f"bk{kind}", DEMO, backend=kind, max_workers=1, stem_cells=0) as pool:
+        with bench_pool(
+            workdir / f"bk-{kind}", f"bk{kind}", DEMO, backend=kind, max_workers=1, stem_cells=0, **user
+        ) as pool:
             rows = cold_rows(pool, cold_n, DEMO, demo_image())
-        with bench_pool(workdir / f"bs-{kind}", f"bs{kind}", DEMO, backend=kind, max_workers=1, stem_cells=1) as pool:
+        with bench_pool(
+            workdir / f"bs-{kind}", f"bs{kind}", DEMO, backend=kind, max_workers=1, stem_cells=1, **user
+        ) as pool:
             stems = [total for total, _ in stem_starts(pool, cold_n, DEMO, demo_image())]
         print(f"backend {kind}: warm path ...", file=sys.stderr)
         export_builtin_model(IMAGE, DEMO, workdir / f"bw-{kind}" / "models")
         with running_gateway(
-            workdir / f"bw-{kind}", client, backend=kind, max_workers="1", default_model=DEMO, **quiet
+            workdir / f"bw-{kind}", client, backend=kind, max_workers="1", default_model=DEMO, **quiet, **user
         ) as gw:
             warm = warm_path(gw, warm_n, DEMO, demo_image())
         out[kind] = {

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.docker  # the demo bundle is copied out of the worker i
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-TOKEN = "t0ken"
+TOKEN = "t0ken-for-the-dashboard"
 WAIT_MS = 10_000  # the page polls every 2 s
 
 
@@ -82,7 +82,13 @@ def workdir(tmp_path: Path, docker_client: docker.DockerClient) -> Path:
 def test_the_dashboard_shows_the_pool_and_changes_a_setting(
     workdir: Path, docker_client: docker.DockerClient, browser: Browser, tmp_path: Path
 ) -> None:
-    settings = {"backend": "process", "stem_cells": "0", "admin_token": TOKEN, "max_workers": "2"}
+    settings = {
+        "backend": "process",
+        "worker_user": "gateway",  # uid 10001 is test_process_backend.py's
+        "stem_cells": "0",
+        "admin_token": TOKEN,
+        "max_workers": "2",
+    }
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     status = page.locator("#status")
     with running_gateway(workdir, docker_client, **settings) as gw:

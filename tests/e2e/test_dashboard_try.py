@@ -137,7 +137,7 @@ def shows(page: Page, answer: dict[str, Any]) -> None:
 def test_try_a_photo_picked_dropped_and_refused(
     workdir: Path, docker_client: docker.DockerClient, browser: Browser, tmp_path: Path
 ) -> None:
-    settings = {"backend": "process", "stem_cells": "0", "max_workers": "2"}
+    settings = {"backend": "process", "worker_user": "gateway", "stem_cells": "0", "max_workers": "2"}
     pictures = list(demo_images().values())
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     # Listened for from the start: the browser intercepts file choosers only once told

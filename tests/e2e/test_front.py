@@ -158,6 +158,7 @@ def test_sigterm_while_the_default_model_is_prepared_stops_the_gateway(tmp_path:
     env = {
         **os.environ,
         "WANWU_BACKEND": "process",
+        "WANWU_WORKER_USER": "gateway",  # uid 10001 is test_process_backend.py's
         "WANWU_MODELS_DIR": str(models),
         "WANWU_POOL_ID": "sigterm" + str(os.getpid()),
         "WANWU_SOCKET_DIR": str(tmp_path / "s"),

@@ -115,6 +115,7 @@ def test_schemathesis_finds_the_gateway_as_described(tmp_path: Path, docker_clie
     demo_bundle_dir(workdir / "models")
     settings = {
         "backend": "process",
+        "worker_user": "gateway",  # uid 10001 is test_process_backend.py's
         "stem_cells": "0",
         "max_workers": "2",
         "admin_token": TOKEN,

@@ -1,12 +1,16 @@
 """The gateway with WANWU_BACKEND=process: workers are local processes, served over
 HTTP like containers; a gateway killed with SIGKILL leaves its workers running, and the
-next gateway of the same pool id kills them before it serves."""
+next gateway of the same pool id kills them before it serves. Under root (as here) the
+workers run as uid 10001, so their interpreter and bundles must be open to that uid:
+the gateway's directories are made under /tmp (tmp_path is root's alone)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -15,28 +19,47 @@ import requests
 
 from tests.gatewayproc import kill_hard, running_gateway
 from tests.images import demo_images, truncated_png
-from tests.workerprocs import worker_processes
+from tests.workerprocs import (
+    open_directory,
+    process_environment,
+    process_ids,
+    python_for_workers,
+    run_as,
+    worker_processes,
+)
 
 pytestmark = pytest.mark.docker  # the demo bundle is copied out of the worker image
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, docker_client: docker.DockerClient) -> Path:
+def workdir(docker_client: docker.DockerClient) -> Iterator[Path]:
     """Gateway directories whose models directory holds the demo bundle already (with
-    the process backend `wanwu serve` would train it: a minute)."""
+    the process backend `wanwu serve` would train it: a minute), open to uid 10001."""
     from tests.dockerutil import demo_bundle_dir
 
-    for name in ("models", "first/models", "second/models"):
-        demo_bundle_dir(tmp_path / name)
-    return tmp_path
+    path = open_directory("wanwu-e2e-")
+    try:
+        for name in ("models", "first/models", "second/models"):
+            demo_bundle_dir(path / name)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def python(workdir: Path) -> str:
+    """The worker interpreter: one uid 10001 can run (under root)."""
+    return python_for_workers(workdir) if os.geteuid() == 0 else ""
 
 
 def predict(url: str, data: bytes) -> requests.Response:
     return requests.post(url + "/v1/models/demo-shapes/predict", files={"image": ("a.png", data)}, timeout=60)
 
 
-def test_a_process_worker_serves_and_survives_a_bad_upload(workdir: Path, docker_client: docker.DockerClient) -> None:
-    settings = {"backend": "process", "stem_cells": "0", "max_workers": "1"}
+def test_a_process_worker_serves_and_survives_a_bad_upload(
+    workdir: Path, python: str, docker_client: docker.DockerClient
+) -> None:
+    settings = {"backend": "process", "stem_cells": "0", "max_workers": "1", "worker_python": python}
     with running_gateway(workdir, docker_client, **settings) as gw:
         label, image = next(iter(demo_images(seed=5).items()))
         first = predict(gw.url, image)
@@ -56,9 +79,17 @@ def test_a_process_worker_serves_and_survives_a_bad_upload(workdir: Path, docker
     assert worker_processes(gw.pool_id) == []  # SIGTERM to the gateway stopped its worker
 
 
-def test_workers_of_a_sigkilled_gateway_die_with_the_next(workdir: Path, docker_client: docker.DockerClient) -> None:
+def test_workers_of_a_sigkilled_gateway_die_with_the_next(
+    workdir: Path, python: str, docker_client: docker.DockerClient
+) -> None:
     sockets = tempfile.mkdtemp(prefix="wg-", dir="/tmp")
-    settings = {"backend": "process", "stem_cells": "0", "pool_id": "pk" + os.urandom(3).hex(), "socket_dir": sockets}
+    settings = {
+        "backend": "process",
+        "stem_cells": "0",
+        "pool_id": "pk" + os.urandom(3).hex(),
+        "socket_dir": sockets,
+        "worker_python": python,
+    }
     image = next(iter(demo_images().values()))
     with running_gateway(workdir / "first", docker_client, **settings) as first:
         assert predict(first.url, image).status_code == 200
@@ -74,3 +105,29 @@ def test_workers_of_a_sigkilled_gateway_die_with_the_next(workdir: Path, docker_
             (fresh,) = worker_processes(second.pool_id)
             assert fresh.worker_id != orphan.worker_id
     assert worker_processes(first.pool_id) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a gateway changes its workers' user only as root")
+def test_a_root_gateways_worker_is_uid_10001_without_its_secrets_or_write_access_to_bundles(
+    workdir: Path, python: str, docker_client: docker.DockerClient
+) -> None:
+    token = "an-admin-token-of-32-characters!"
+    secrets = {"WANWU_ADMIN_TOKEN": token, "GATEWAY_ONLY_SECRET": "a credential the gateway was given"}
+    settings = {"backend": "process", "stem_cells": "0", "max_workers": "1", "worker_python": python}
+    with running_gateway(workdir, docker_client, environment=secrets, **settings) as gw:
+        assert predict(gw.url, next(iter(demo_images().values()))).status_code == 200
+        (worker,) = worker_processes(gw.pool_id)
+        assert process_ids(worker.pid) == (10001, 10001, [])  # not the gateway's uid 0, and no groups
+        assert process_environment(gw.process.pid)["WANWU_ADMIN_TOKEN"] == token
+        env = process_environment(worker.pid)
+        assert not set(secrets) & set(env), "the worker was given the gateway's secrets"
+        # Nor can it read them where the gateway keeps them: its /proc is not the worker's.
+        assert run_as(worker.pid, "cat", f"/proc/{gw.process.pid}/environ").returncode != 0
+        # It reads its bundle, and can change neither it nor the models directory.
+        bundle = gw.models_dir / "demo-shapes"
+        assert run_as(worker.pid, "cat", str(bundle / "model.json")).returncode == 0
+        for target in (bundle / "model.json", bundle / "new", gw.models_dir / "new"):
+            assert run_as(worker.pid, "touch", str(target)).returncode != 0, f"the worker could write {target}"
+        # The socket it answers on is its own alone.
+        socket = gw.socket_dir / gw.pool_id / worker.worker_id / "worker.sock"
+        assert oct(socket.stat().st_mode & 0o777) == "0o600" and socket.stat().st_uid == 10001

@@ -197,6 +197,7 @@ def gateway_settings(ctx: Context, tag: str, **overrides: str) -> dict[str, str]
     ctx.socket_root.mkdir(parents=True, exist_ok=True)
     settings = {
         "WANWU_BACKEND": "process",
+        "WANWU_WORKER_USER": "gateway",  # the GPU side, not the privilege drop (tests/e2e covers that)
         "WANWU_MODELS_DIR": str(ctx.models_dir),
         "WANWU_SOCKET_DIR": str(ctx.socket_root / tag),
         "WANWU_POOL_ID": Gateway.new_pool_id(tag),

@@ -146,6 +146,11 @@ class PoolFactory:
             "stem_cells": 0,  # the whole-worker path; stem cells: test_stem.py
             "worker_memory": "1g",
         }
+        if self.backend == "process":
+            # The machinery under test, as the gateway's user: a root gateway's workers run as
+            # uid 10001, which this machine's interpreter (under /root) may not be open to;
+            # tests/e2e/test_process_backend.py covers that user.
+            values["worker_user"] = "gateway"
         values.update(overrides)
         return Settings(
             backend=self.backend,

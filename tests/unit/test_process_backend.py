@@ -144,7 +144,10 @@ def backend(tmp_path: Path, python: str, timeout: float = 5.0) -> ProcessBackend
     own = tmp_path / "self_cgroup"
     own.write_text("0::/\n")
     cgroups = Cgroups("unit", root=tmp_path / "no-cgroups", self_cgroup=own)
-    return ProcessBackend("unit", tmp_path / "sockets", python, ProcessLimits(), timeout, cgroups=cgroups)
+    # As the test's own user: these are about starts that fail (uid 10001: test_process_user.py).
+    return ProcessBackend(
+        "unit", tmp_path / "sockets", python, ProcessLimits(), timeout, cgroups=cgroups, worker_uid=os.geteuid()
+    )
 
 
 def test_a_worker_that_exits_while_starting_reports_its_status_and_log(tmp_path: Path) -> None:
@@ -166,7 +169,7 @@ def test_a_worker_that_never_answers_is_killed_at_the_deadline(tmp_path: Path) -
 def test_the_worker_is_told_its_model_socket_and_no_gpu_and_not_the_gateways_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("WANWU_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("WANWU_ADMIN_TOKEN", "a-secret-admin-token")
     dump = tmp_path / "env.txt"
     python = fake_python(tmp_path, f"env > {dump}; exit 1")
     with pytest.raises(WorkerStartError):
@@ -208,6 +211,9 @@ def test_doctor_checks_what_the_process_backend_needs(monkeypatch: pytest.Monkey
     monkeypatch.setenv("WANWU_BACKEND", "process")
     monkeypatch.setenv("WANWU_SOCKET_DIR", str(tmp_path / "s"))
     monkeypatch.setenv("WANWU_MODELS_DIR", str(tmp_path / "models"))
+    # Workers as the test's user: under root they would be uid 10001, which cannot read a
+    # tmp_path (nor, here, an interpreter under /root); that is test_process_user.py's.
+    monkeypatch.setenv("WANWU_WORKER_USER", "gateway")
     checks = {check.name: check for check in run_checks()}
     assert "docker engine" not in checks
     assert checks["backend"].detail == "process"

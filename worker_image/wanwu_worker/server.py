@@ -149,8 +149,9 @@ class WorkerServer(_Serving, socketserver.ThreadingMixIn, socketserver.UnixStrea
             if os.path.exists(stale):
                 os.unlink(stale)
         super().__init__(temp, Handler)
-        # The host side may run as another user; the directory itself guards access.
-        os.chmod(temp, 0o666)
+        # Only this user, and root: the gateway connects as one of the two (it runs the
+        # worker as itself, or hands the directory to the worker's uid as root).
+        os.chmod(temp, 0o600)
         os.replace(temp, path)
 
     def server_close(self) -> None:
