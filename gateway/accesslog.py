@@ -10,7 +10,7 @@
 ``ts`` is when the request arrived (Unix seconds). Set ``WANWU_ACCESS_LOG`` to a path.
 
 Every line is one JSON object: JSON escapes control characters, and the Unicode line
-separators (which some readers split on) are escaped too, so no value a client sent (a
+separators and NEL (which some readers split on) are escaped too, so no value a client sent (a
 model name with a newline in it) can start a line of its own. A write that fails (a
 full disk) is logged, at most once a minute, and counted; the request is answered as
 if the log had been written.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 from scheduler.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_SEPARATORS = re.compile("[\x85\u2028\u2029]")  # lines to some readers (str.splitlines); JSON lets them be raw
 REPORT_EVERY_S = 60.0  # a failing log is reported at most this often
 
 
@@ -46,7 +48,7 @@ class JsonAccessLog:
     def write(self, entry: dict[str, Any]) -> bool:
         """Append ``entry``; False (and a logged error) if the file would not take it."""
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-        line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+        line = _SEPARATORS.sub(lambda m: f"\\u{ord(m.group()):04x}", line) + "\n"
         with self._lock:
             try:
                 self._file.write(line)

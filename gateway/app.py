@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from wanwu_worker.errors import InputError
@@ -288,6 +289,12 @@ def create_app(
     return app
 
 
+def _logged(text: str) -> str:
+    """A path or model name for the text access log, percent-encoded as on the wire: a
+    client's space or ``=`` cannot add a field to its own line (``model=x cached=True``)."""
+    return quote(text, safe="/:@!$&'()*+,;~-._")
+
+
 def _error_response(status: int, code: str, message: str, retry_after: float | None = None) -> Response:
     response = jsonify({"error": {"code": code, "message": message, "request_id": g.get("request_id")}})
     response.status_code = status
@@ -337,9 +344,9 @@ def _register(app: Flask) -> None:
             "total_ms=%.1f",
             g.get("request_id"),
             request.method,
-            request.path,
+            _logged(request.path),
             response.status_code,
-            g.get("model") or "-",
+            _logged(g.get("model") or "-"),
             g.get("cold_start"),
             g.get("cached"),
             timing.get("queue", 0.0),

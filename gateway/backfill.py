@@ -517,16 +517,17 @@ class Summary:
     @property
     def exit_status(self) -> int:
         """0 all good, 1 error lines or a fatal error, 3 unreachable, 4 files left for the
-        next run, 130 interrupted (2, usage errors, is click's)."""
+        next run (only when no file got an error line: those need a person, a rerun does
+        not), 130 interrupted (2, usage errors, is click's)."""
         if self.fatal:
             return 1
         if self.unreachable:
             return 3
         if self.interrupted:
             return 130
-        if self.left_for_next_run:
-            return 4
-        return 1 if self.failed else 0
+        if self.failed:
+            return 1
+        return 4 if self.left_for_next_run else 0
 
     def ranked_labels(self) -> list[tuple[str, int]]:
         return sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0]))

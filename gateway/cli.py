@@ -905,7 +905,8 @@ def backfill(
 
     Exit status: 0 done, 1 some files got error lines (or the job stopped on an error),
     2 usage errors (other options than --out was made with), 3 the gateway is unreachable,
-    4 some files are left for the next run (rerun to retry them), 130 interrupted.
+    4 some files are left for the next run (rerun to retry them) and none got an error
+    line (1 wins), 130 interrupted.
     """
     import json
     import os

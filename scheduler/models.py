@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wanwu_worker.bundle import Batching, Bundle, Translation, bundle_digest, load_bundle
+from wanwu_worker.bundle import MAX_ENTRIES, Batching, Bundle, Translation, bundle_digest, load_bundle
 from wanwu_worker.errors import BundleError
 
 from .clock import Clock, MonotonicClock
@@ -110,15 +110,26 @@ Signature = tuple[tuple[str, int, int, int, int, int], ...]
 
 
 def signature(directory: Path) -> Signature:
-    """What a bundle directory looks like to ``lstat``: each entry's name, mode, inode,
-    size, mtime and ctime (the directory's own first). Equal signatures: nothing to re-read."""
+    """What a bundle directory looks like to ``lstat``, at every level (links not
+    followed): each entry's path, mode, inode, size, mtime and ctime, the directory's own
+    first. Equal signatures: nothing to re-read. Raises OSError if it is no directory."""
 
     def row(name: str, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
         return (name, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     rows = [row(".", os.lstat(directory))]
-    with os.scandir(directory) as entries:
-        rows += sorted(row(e.name, e.stat(follow_symlinks=False)) for e in entries)
+    with os.scandir(directory) as top:  # raises for a file or a missing directory
+        names = [e.name for e in top]
+    for name in sorted(names):
+        rows.append(row(name, os.lstat(directory / name)))
+    for root, dirs, files in os.walk(directory):  # subdirectories; links are not followed
+        if root == str(directory):
+            continue
+        relative = os.path.relpath(root, directory)
+        for name in sorted(dirs + files):
+            rows.append(row(f"{relative}/{name}", os.lstat(os.path.join(root, name))))
+        if len(rows) > MAX_ENTRIES + 1:
+            break  # load_bundle refuses such a bundle; its signature need not grow further
     return tuple(rows)
 
 
@@ -130,15 +141,30 @@ class ModelCatalog:
         self._models: dict[str, ModelInfo] = {}
         self.problems: dict[str, str] = {}
         self._scanned_at = float("-inf")
+        self._scanning = threading.Lock()  # held by the one scan under way
+        self._asked_at = float("-inf")  # the last rescan an unknown name asked for
         self._seen: dict[str, tuple[Signature, ModelInfo | str]] = {}  # directory name -> what its last scan found
         self._lock = threading.Lock()
         self.version = 0  # bumped whenever the served models change (came, went or were replaced)
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self, wait: bool = True) -> bool:
         """Rescan the directory. A bundle that fails validation is left out and its
         problem is kept in ``problems`` (and logged once); a bundle whose files did not
-        change since the last scan is not read again."""
+        change since the last scan is not read again. One scan runs at a time: with
+        ``wait`` False, a call while another scans returns at once (False), so requests
+        naming unknown models cannot pile up re-reads of a large changed bundle."""
+        if not self._scanning.acquire(blocking=wait):
+            return False
+        try:
+            with self._lock:
+                self._scanned_at = self._now()  # from the start: callers meanwhile see it fresh
+            self._scan_all()
+        finally:
+            self._scanning.release()
+        return True
+
+    def _scan_all(self) -> None:
         models: dict[str, ModelInfo] = {}
         problems: dict[str, str] = {}
         seen: dict[str, tuple[Signature, ModelInfo | str]] = {}
@@ -170,7 +196,6 @@ class ModelCatalog:
             if models != self._models:
                 self.version += 1
             self._models, self.problems, self._seen = models, problems, seen
-            self._scanned_at = self._now()
 
     def _scan(self, entry: Path) -> ModelInfo | str:
         """One bundle directory read and validated: its ModelInfo, or its problem."""
@@ -192,15 +217,18 @@ class ModelCatalog:
         Returns whether it rescanned."""
         with self._lock:
             stale = self._now() - self._scanned_at >= self._rescan_after
-        if stale:
-            self.refresh()
-        return stale
+        return stale and self.refresh(wait=False)
 
     def get(self, name: str) -> ModelInfo:
         with self._lock:
             info = self._models.get(name)
-            stale = self._now() - self._scanned_at >= self._rescan_after
-        if info is None and stale:
+            # Unknown names rescan on their own clock: the reaper's polls must not keep a
+            # bundle copied in a moment ago unknown for a rescan interval.
+            now = self._now()
+            ask = info is None and now - self._asked_at >= self._rescan_after
+            if ask:
+                self._asked_at = now
+        if ask:
             self.refresh()
             with self._lock:
                 info = self._models.get(name)

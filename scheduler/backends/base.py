@@ -174,15 +174,22 @@ def ancestor_problem(info: os.stat_result, euid: int) -> str | None:
     return None
 
 
-def prepare_private_dir(path: Path, mode: int = 0o700) -> None:
-    """Make ``path`` (a socket root or a pool's directory) if it is missing, check that it
-    and every directory above it are safe (see the two functions above), and set its mode
-    to ``mode``. Raises BackendUnavailable naming the path and what is wrong."""
+def prepare_private_dir(path: Path, mode: int = 0o700, adjust: bool = False) -> None:
+    """Make ``path`` (a socket root or a pool's directory) with ``mode`` if it is missing,
+    and check that it and every directory above it are safe (see the two functions
+    above). An existing directory keeps its mode unless ``adjust`` (the pool's own
+    directory): a socket root the operator named may be a shared one such as /run, which
+    is never changed. Raises BackendUnavailable naming the path and what is wrong."""
     path = Path(os.path.abspath(path))
     euid = os.geteuid()
     fix = "remove it, or set WANWU_SOCKET_DIR to a directory of the gateway's user"
     try:
-        path.mkdir(parents=True, mode=mode, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=mode)
+            adjust = True  # ours: the umask may have taken bits off
+        except FileExistsError:
+            pass
         for parent in reversed(path.parents):
             problem = ancestor_problem(os.stat(parent), euid)
             if problem:
@@ -202,7 +209,7 @@ def prepare_private_dir(path: Path, mode: int = 0o700) -> None:
         problem = private_dir_problem(info, euid)
         if problem:
             raise BackendUnavailable(f"the socket directory {path} {problem}: {fix}")
-        if stat.S_IMODE(info.st_mode) != mode:
+        if adjust and stat.S_IMODE(info.st_mode) != mode:
             os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -241,14 +248,15 @@ def access_problem(path: Path, uid: int, gid: int, want: int = os.R_OK | os.X_OK
 
 
 def writable_path(root: Path, uid: int, gid: int, limit: int = 10_000) -> Path | None:
-    """The first of ``root`` and what lies below it (links not followed, at most ``limit``
-    entries) that ``uid`` could change, by mode bits; None if it can change none."""
+    """The first of ``root`` and what lies below it (links not followed) that ``uid``
+    could change, by mode bits; None if it can change none. ValueError past ``limit``
+    entries: what was not looked at is not called safe."""
     paths = [root]
     for directory, dirs, files in os.walk(root):
         paths.extend(Path(directory) / name for name in (*dirs, *files))
-        if len(paths) >= limit:
-            break
-    for path in paths[:limit]:
+        if len(paths) > limit:
+            raise ValueError(f"{root} holds more than {limit} files and directories")
+    for path in paths:
         try:
             info = os.lstat(path)
         except OSError:

@@ -326,7 +326,7 @@ class DockerBackend:
         # The engine (root) bind-mounts each worker's directory, so nothing above it needs
         # to be open to the worker's user.
         prepare_private_dir(self.socket_root.parent)
-        prepare_private_dir(self.socket_root)
+        prepare_private_dir(self.socket_root, adjust=True)
 
     def image_present(self) -> bool:
         try:

@@ -57,6 +57,7 @@ def build_backend(settings: Settings) -> Backend:
             settings.spawn_timeout_s,
             environment=worker_environment(settings),
             worker_uid=parse_worker_user(settings.worker_user),
+            models_dir=settings.models_dir,
         )
     if settings.backend == "swarm":
         from .docker import ContainerLimits

@@ -160,8 +160,10 @@ class ProcessBackend:
         stop_grace_s: float = 2.0,
         cgroups: Cgroups | None = None,
         worker_uid: int | None = None,
+        models_dir: Path | None = None,
     ) -> None:
         self.pool_id = pool_id
+        self.models_dir = models_dir  # as configured (unresolved): checked read-only to workers too
         self.root = socket_root / pool_id
         # Absolute: workers start in their own directory, where a relative path fails.
         found = shutil.which(python or sys.executable)
@@ -206,7 +208,7 @@ class ProcessBackend:
 
     def _prepare_root(self) -> None:
         prepare_private_dir(self.root.parent, self.dir_mode)
-        prepare_private_dir(self.root, self.dir_mode)
+        prepare_private_dir(self.root, self.dir_mode, adjust=True)
 
     def _user_problem(self) -> str | None:
         """Why workers cannot run as ``worker_uid`` here, or None."""
@@ -230,6 +232,17 @@ class ProcessBackend:
                     f"uid {uid} (the workers' user under a root gateway) cannot run the worker interpreter "
                     f"{self.python} (WANWU_WORKER_PYTHON): {problem}; install one where uid {uid} can read it"
                 )
+        # The root gateway imports the same worker package: if a worker could change it, or
+        # the interpreter's directory, it could run code as root.
+        package = worker_package_root() / "wanwu_worker"
+        try:
+            writable = writable_path(package, uid, gid) or next(
+                (p for p in (python, python.parent) if permits(os.stat(p), uid, gid, os.W_OK)), None
+            )
+        except (OSError, ValueError) as exc:
+            return f"cannot check that uid {uid} cannot change {package} and {python}: {exc}"
+        if writable is not None:
+            return f"uid {uid} (the workers' user) could change {writable}, which a root gateway runs: chmod go-w"
         # Made and checked for this user by ping(); `wanwu doctor` only looks.
         problem = access_problem(self.root.parent, uid, gid, os.X_OK) if self.root.parent.exists() else None
         if problem:
@@ -251,10 +264,12 @@ class ProcessBackend:
             return f"uid {uid} (the workers' user) cannot read {what}: {problem}"
         models_dir = model_dir if stem else model_dir.parent
         try:
-            open_dir = permits(os.stat(models_dir), uid, gid, os.W_OK)
-            writable = models_dir if open_dir else writable_path(model_dir, uid, gid)
-        except OSError as exc:
-            return f"cannot check {models_dir}: {exc.strerror or exc}"
+            # The models directory as named too: a bundle's name may be a link into another.
+            listed = [models_dir] if self.models_dir is None else [self.models_dir, models_dir]
+            open_dir = next((d for d in listed if permits(os.stat(d), uid, gid, os.W_OK)), None)
+            writable = open_dir if open_dir is not None else writable_path(model_dir, uid, gid)
+        except (OSError, ValueError) as exc:
+            return f"cannot check {models_dir}: {exc}"
         if writable is not None:
             return (
                 f"uid {uid} (the workers' user) could change {writable}: bundles and the models directory must be "
@@ -269,6 +284,10 @@ class ProcessBackend:
         env = kept_environment(os.environ)
         if home is not None:
             env["HOME"] = home
+        if self.drop is not None:
+            # No per-user site-packages under the shared uid's HOME (/tmp for a probe):
+            # anyone could plant a usercustomize.py there and run code in every worker.
+            env["PYTHONNOUSERSITE"] = "1"
         path = [str(worker_package_root()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         env["CUDA_VISIBLE_DEVICES"] = ""

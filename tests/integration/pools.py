@@ -171,7 +171,7 @@ class PoolFactory:
 
     def running(self, pool: WarmPool | str, all: bool = False) -> list[Running]:  # noqa: A002 - docker's word
         """The pool's workers: running ones, or with ``all`` also exited containers and
-        worker directories a process left behind."""
+        workers whose directory, record or log a process left behind."""
         pool_id = pool if isinstance(pool, str) else pool.settings.pool_id
         if self.backend == "docker":
             rows = self.client.api.containers(all=all, filters={"label": f"{POOL_LABEL}={pool_id}"})
@@ -179,7 +179,9 @@ class PoolFactory:
         found = [Running(w.worker_id, w.model) for w in worker_processes(pool_id)]
         if all and (self.sockets / pool_id).is_dir():
             alive = {w.worker_id for w in found}
-            found += [Running(d.name, "?") for d in (self.sockets / pool_id).iterdir() if d.name not in alive]
+            # Each worker leaves its directory, and beside it <id>.json and <id>.log.
+            left = sorted({entry.name.split(".", 1)[0] for entry in (self.sockets / pool_id).iterdir()} - alive)
+            found += [Running(worker_id, "?") for worker_id in left]
         return found
 
     def kill(self, pool: WarmPool, worker_id: str) -> None:

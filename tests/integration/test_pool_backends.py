@@ -105,7 +105,8 @@ from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 models, sockets, pool_id, image, backend = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[6]
 settings = Settings(
-    backend=backend, models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image, stem_cells=0
+    backend=backend, models_dir=models, socket_dir=sockets, pool_id=pool_id, worker_image=image, stem_cells=0,
+    worker_user="gateway" if backend == "process" else "",  # as PoolFactory.settings
 )
 pool = WarmPool(build_backend(settings), ModelCatalog(models), settings)
 pool.start()

@@ -225,3 +225,17 @@ def test_the_worker_checks_the_model_file_again_before_loading_it(tiny_bundle: P
     (copy / "model.pt").symlink_to(tmp_path / "outside.pt")
     with pytest.raises(BundleError, match=rf"^model\.pt: is a symbolic link; {NOT_REGULAR}$"):
         load_model(bundle, torch.device("cpu"), torch.float32)
+
+
+def test_a_fifo_or_link_in_a_subdirectory_makes_the_bundle_invalid(tmp_path: Path) -> None:
+    """Subdirectories are held to the same rules as the top level (ONNX external weights
+    may be read from one)."""
+    fifo = make_bundle(tmp_path, "fifo")
+    (fifo / "d").mkdir()
+    os.mkfifo(fifo / "d" / "w.bin")
+    linked = make_bundle(tmp_path, "linked")
+    (linked / "d").mkdir()
+    (linked / "d" / "w.bin").symlink_to("/etc/hostname")
+    for bundle in (fifo, linked):
+        with pytest.raises(BundleError, match=r"^d/w\.bin: is a (FIFO|symbolic link); bundle files must be regular"):
+            load_bundle(bundle)

@@ -157,7 +157,7 @@ def test_a_client_error_keeps_its_specific_message(setup: tuple[FlaskClient, Lea
 
 
 def test_a_newline_in_a_model_name_cannot_forge_a_log_line(
-    setup: tuple[FlaskClient, LeakyBackend, WarmPool, Path], tmp_path: Path
+    setup: tuple[FlaskClient, LeakyBackend, WarmPool, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     client, _, _, _ = setup
     out = io.StringIO()
@@ -170,11 +170,18 @@ def test_a_newline_in_a_model_name_cannot_forge_a_log_line(
     try:
         post(client, "/v1/models/" + forged.replace("\n", "%0A") + "/predict")
         client.get("/v1/models/a%E2%80%A8b%1B[31m/predict")
+        post(client, "/v1/models/y cached=True model=z/predict")
     finally:
         logger.removeHandler(handler)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2, lines  # one record, one line: the forged one is inside it
-    assert "x\\n2026-12-07" in lines[0] and "\\u2028" in lines[1] and "\\x1b" in lines[1]
+    assert len(lines) == 3, lines  # one record, one line: the forged one is inside it
+    assert "x%0A2026-12-07" in lines[0] and "%E2%80%A8" in lines[1] and "%1B" in lines[1]
+    # Nor can a space add a field to its own line: the path and model are percent-encoded.
+    assert "y%20cached%3DTrue%20model%3Dz" in lines[2] and " cached=True model=z" not in lines[2]
+    assert "cached=True" not in lines[2].replace("cached=None", "")
+    # The records of other loggers carry the name as the client sent it, escaped on output.
+    warned = [r for r in caplog.records if r.name == "gateway.app" and "x\n2026" in r.getMessage()]
+    assert all("\n" not in EscapingFormatter("%(message)s").format(r) for r in warned)
 
 
 def test_escape_writes_every_control_character_as_an_escape() -> None:

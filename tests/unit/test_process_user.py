@@ -104,6 +104,7 @@ def test_under_root_a_worker_runs_as_10001_with_a_clean_environment(
     assert "WANWU_ADMIN_TOKEN" not in env and "GATEWAY_ONLY" not in env
     assert env["HOME"] == str(shared / "sockets" / "unit" / "w1")  # its own directory, not the gateway's home
     assert env["WANWU_MODEL_DIR"] == str(shared / "models" / "m")
+    assert env["PYTHONNOUSERSITE"] == "1"  # no usercustomize.py from a HOME others may write
 
 
 @as_root
@@ -184,3 +185,15 @@ def test_workers_as_the_gateway_itself_when_told(shared: Path) -> None:
     with pytest.raises(WorkerStartError, match="exited with status 3"):
         processes.spawn(SpawnRequest("w1", "m", shared / "models" / "m"))
     assert (out / "uid").read_text().strip() == "0"
+
+
+@as_root
+def test_an_interpreter_workers_could_change_is_refused(shared: Path) -> None:
+    """A root gateway runs the same interpreter and worker package: one its workers could
+    rewrite would run their code as root."""
+    bin_dir = shared / "bin"
+    bin_dir.mkdir()
+    python = fake_python(bin_dir, "exit 3")
+    bin_dir.chmod(0o777)
+    with pytest.raises(BackendUnavailable, match=rf"uid {WORKER_UID} .* could change {bin_dir}, which a root gateway"):
+        backend(shared, python).ping()

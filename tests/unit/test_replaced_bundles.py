@@ -169,3 +169,32 @@ def test_a_removed_bundle_retires_its_workers(tmp_path: Path) -> None:
         assert (worker, "replaced") in pool.reap()
     finally:
         pool.shutdown(grace_s=0)
+
+
+def test_a_change_in_a_subdirectory_or_a_hidden_file_is_a_new_version(tmp_path: Path) -> None:
+    """An ONNX model's external weights may sit in a subdirectory or under a hidden name:
+    the runtime reads them, so they are part of the bundle's identity."""
+    bundle = make_bundle(tmp_path, "m")
+    (bundle / "weights").mkdir()
+    (bundle / "weights" / "w.bin").write_bytes(b"one")
+    (bundle / ".w.bin").write_bytes(b"one")
+    clock = FakeClock()
+    catalog = ModelCatalog(tmp_path, rescan_after_s=1.0, clock=clock)
+    seen = {catalog.get("m").digest}
+    for changed in (bundle / "weights" / "w.bin", bundle / ".w.bin"):
+        changed.write_bytes(b"two")
+        clock.advance(1.0)
+        catalog.poll()
+        seen.add(catalog.get("m").digest)
+    assert len(seen) == 3
+
+
+def test_moving_bytes_between_files_changes_the_digest(tmp_path: Path) -> None:
+    from wanwu_worker.bundle import bundle_digest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "a.txt").write_bytes(b"p\nq")
+    (a / "b.txt").write_bytes(b"r")
+    (b / "a.txt").write_bytes(b"p\nq\0b.txt\0r")
+    assert bundle_digest(a) != bundle_digest(b)

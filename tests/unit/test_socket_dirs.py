@@ -48,10 +48,19 @@ def test_a_missing_socket_directory_is_made_private(tmp_path: Path) -> None:
     assert mode(tmp_path / "open") == 0o711
 
 
-def test_a_directory_of_ours_left_readable_is_closed(tmp_path: Path) -> None:
+def test_a_named_socket_root_keeps_its_mode_and_a_pool_directory_of_ours_is_closed(tmp_path: Path) -> None:
+    """WANWU_SOCKET_DIR may name a shared directory such as /run: it is checked, never
+    changed. The pool's own directory in it is set to the mode asked for."""
     (tmp_path / "s").mkdir(mode=0o755)
+    (tmp_path / "s").chmod(0o755)
     prepare_private_dir(tmp_path / "s")
-    assert mode(tmp_path / "s") == 0o700
+    assert mode(tmp_path / "s") == 0o755
+    (tmp_path / "s" / "pool").mkdir(mode=0o755)
+    (tmp_path / "s" / "pool").chmod(0o755)
+    prepare_private_dir(tmp_path / "s" / "pool", adjust=True)
+    assert mode(tmp_path / "s" / "pool") == 0o700
+    prepare_private_dir(tmp_path / "new", 0o711)
+    assert mode(tmp_path / "new") == 0o711  # made here: the umask does not decide
 
 
 def test_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:

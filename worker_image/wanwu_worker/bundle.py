@@ -5,8 +5,9 @@ importing torch, so every problem is reported with the file and field at fault b
 model is loaded.
 
 A bundle is trusted no further than its own directory. Every file in it must be a
-regular file (no symbolic links, FIFOs, sockets or devices; subdirectories are allowed
-and never read) no larger than its cap: ``MAX_METADATA_BYTES`` for model.json,
+regular file (no symbolic links, FIFOs, sockets or devices; subdirectories are allowed,
+held to the same rules at every level, since an ONNX model's external weights may sit
+in one) no larger than its cap: ``MAX_METADATA_BYTES`` for model.json,
 ``MAX_LABELS_BYTES`` for a labels file, ``MAX_MODEL_BYTES`` for the model file and
 anything else (an ONNX model's external weights). Files are opened relative to the
 bundle directory without following links (``open_bundle_file``). Messages name a file
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,19 +190,56 @@ def read_bundle_file(directory: Path, name: str, cap: int, what: str = "file") -
         return _read(dir_fd, name, cap, what)
 
 
+MAX_ENTRIES = 10_000  # files and directories a bundle may hold, all levels
+MAX_DEPTH = 8  # directories within directories
+
+
+def _tree(dir_fd: int, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """Every entry under the bundle directory open at ``dir_fd``, at every level, without
+    following links: (its path relative to the bundle, its directory's descriptor, its
+    name, its lstat), sorted by name within a directory. A subdirectory is opened with
+    O_NOFOLLOW, so a link swapped in for one is refused, not followed."""
+    with os.scandir(dir_fd) as listing:
+        entries = sorted((e.name, e.stat(follow_symlinks=False)) for e in listing)
+    for name, info in entries:
+        yield prefix + name, dir_fd, name, info
+        if stat.S_ISDIR(info.st_mode):
+            if depth + 1 > MAX_DEPTH:
+                raise BundleError(f"{prefix + name}: directories nest deeper than {MAX_DEPTH}")
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                raise BundleError(f"{prefix + name}: directory cannot be read: {exc.strerror or exc}") from None
+            try:
+                yield from _tree(sub, f"{prefix}{name}/", depth + 1)
+            finally:
+                os.close(sub)
+
+
+def _files(dir_fd: int) -> Iterator[tuple[str, int, str]]:
+    """Every file of the bundle, at every level (see ``_tree``), as (path relative to
+    the bundle, its directory's descriptor, its name); BundleError for anything that is
+    not a regular file or a directory, a file over ``MAX_MODEL_BYTES``, or more than
+    ``MAX_ENTRIES`` entries."""
+    for count, (path, parent, name, info) in enumerate(_tree(dir_fd), 1):
+        if count > MAX_ENTRIES:
+            raise BundleError(f"the bundle holds more than {MAX_ENTRIES} files and directories")
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path}: is {_kind(info.st_mode)}; {_NOT_REGULAR}")
+        if info.st_size > MAX_MODEL_BYTES:
+            raise BundleError(f"{path}: file is over {_mb(MAX_MODEL_BYTES)}")
+        yield path, parent, name
+
+
 def _check_files(dir_fd: int) -> None:
-    """Every entry in the bundle is a regular file within the general cap, or a
-    directory (never read): files nothing here reads by name, such as an ONNX model's
-    external weights, are still opened by the model's runtime."""
-    with os.scandir(dir_fd) as entries:
-        for entry in entries:
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                raise BundleError(f"{entry.name}: is {_kind(info.st_mode)}; {_NOT_REGULAR}")
-            if info.st_size > MAX_MODEL_BYTES:
-                raise BundleError(f"{entry.name}: file is over {_mb(MAX_MODEL_BYTES)}")
+    """Every entry in the bundle, at every level, is a regular file within the general
+    cap or a directory: files nothing here reads by name, such as an ONNX model's
+    external weights (which may sit in a subdirectory), are still opened by the model's
+    runtime."""
+    for _ in _files(dir_fd):
+        pass
 
 
 def _check_model_file(dir_fd: int, fmt: str) -> None:
@@ -526,19 +565,20 @@ def _load(root: Path, dir_fd: int) -> Bundle:
 
 
 def bundle_digest(directory: Path) -> str:
-    """SHA-256 over the names and contents of the bundle's files (hidden ones left out),
-    each opened as ``open_bundle_file`` opens it: the bundle's identity, which changes
-    when any file it serves from changes. Raises BundleError as the opener does."""
+    """SHA-256 over every file of the bundle, at every level, hidden ones included: each
+    one's path and contents, both prefixed with their length (so no two bundles share a
+    digest by moving bytes between files), each opened as ``open_bundle_file`` opens it.
+    The bundle's identity: it changes when any file a worker could read changes. Raises
+    BundleError as ``_files`` and the opener do."""
     digest = hashlib.sha256()
     with _directory(directory, _not_a_bundle(directory)) as dir_fd:
-        with os.scandir(dir_fd) as entries:
-            names = sorted(e.name for e in entries if not (e.name.startswith(".") or e.is_dir(follow_symlinks=False)))
-        for name in names:
-            with os.fdopen(open_bundle_file(dir_fd, name, MAX_MODEL_BYTES, "file"), "rb") as handle:
-                digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        for path, parent, name in _files(dir_fd):
+            encoded = path.encode("utf-8", "surrogateescape")
+            digest.update(struct.pack(">Q", len(encoded)) + encoded)
+            with os.fdopen(open_bundle_file(parent, name, MAX_MODEL_BYTES, "file"), "rb") as handle:
+                digest.update(struct.pack(">Q", os.fstat(handle.fileno()).st_size))
                 while chunk := handle.read(1 << 20):
                     digest.update(chunk)
-                digest.update(b"\0")
     return digest.hexdigest()[:32]
 
 

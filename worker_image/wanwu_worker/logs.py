@@ -2,8 +2,8 @@
 
 A model name, a file name or a header value can carry a newline; logged as is, it
 writes a line of its own that looks like any other record (a forged access-log line).
-``EscapingFormatter`` escapes control characters (C0, DEL, C1, and the Unicode line and
-paragraph separators) in every formatted record, so each record is one line; an
+``EscapingFormatter`` escapes control characters (C0, DEL, C1, the Unicode line and
+paragraph separators and the bidirectional controls) in every formatted record, so each record is one line; an
 exception's traceback keeps its lines, each indented, so no line of it can start like a
 record. The gateway and the worker both log through it.
 """
@@ -15,7 +15,9 @@ import re
 from types import TracebackType
 from typing import TextIO
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0, DEL, C1, the line and paragraph separators, and the bidirectional controls (which
+# make a line read otherwise than it is written).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
