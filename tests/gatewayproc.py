@@ -96,7 +96,13 @@ def running_gateway(
     (containers, or processes with ``backend="process"``)."""
     pool_id = settings.pop("pool_id", None) or "gw" + uuid.uuid4().hex[:6]
     port = free_port()
-    sockets = Path(settings.pop("socket_dir", "") or tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
+    given = settings.pop("socket_dir", "")
+    sockets = Path(given or tempfile.mkdtemp(prefix="wg-", dir="/tmp"))
+    if not given:
+        # Searchable, not listable, by others (as /run is): a root gateway's process workers
+        # (uid 10001) reach their own directories in it. The gateway never chmods a root it
+        # was given.
+        sockets.chmod(0o711)
     workdir.mkdir(parents=True, exist_ok=True)
     models = workdir / "models"
     log = workdir / f"gateway-{pool_id}.log"

@@ -83,6 +83,7 @@ def test_workers_of_a_sigkilled_gateway_die_with_the_next(
     workdir: Path, python: str, docker_client: docker.DockerClient
 ) -> None:
     sockets = tempfile.mkdtemp(prefix="wg-", dir="/tmp")
+    os.chmod(sockets, 0o711)  # workers as uid 10001 pass through it to their own directories
     settings = {
         "backend": "process",
         "stem_cells": "0",
