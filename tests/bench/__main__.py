@@ -1328,6 +1328,12 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"simulator ({sim['requests']} requests to {sim['models']} models, one process)")
         for policy in ("fixed", "adaptive"):
             row(f"{policy}, N=8, TTL 60 s", f"{sim[policy]['requests_per_s']:>7} req/s  ({sim[policy]['wall_s']} s)")
+    scale = results.get("sim_scale")
+    if scale:
+        lines.append("simulator at scale (the sample's functions copied, unbounded N, TTL 60 s, one process)")
+        for r in scale["rows"]:
+            row(f"{r['models']} models, {r['requests']} requests", f"{r['requests_per_s']:>7} req/s  ({r['wall_s']} s)")
+        row("largest / smallest (bar: >= 0.8)", f"{scale['largest_over_smallest']:.2f}x")
     return "\n".join(lines)
 
 
@@ -1337,8 +1343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
         "--only",
-        default="simulator,core,front,backfill,backends,formats,general,variants,swarm",
-        help="sections, comma-separated: simulator, core (the general model: warm path, cold and stem starts, "
+        default="simulator,sim_scale,core,front,backfill,backends,formats,general,variants,swarm",
+        help="sections, comma-separated: simulator, sim_scale (the simulator over 50, 500 and 5,000 models), "
+        "core (the general model: warm path, cold and stem starts, "
         "throughput, predict:batch, worker threads, footprint), front "
         "(the warm path's added latency behind waitress and behind gunicorn, in turns), backfill (photos, the "
         "general model), "
@@ -1380,6 +1387,12 @@ def _run_sections(
     if TRACE.is_dir() and "simulator" in sections:
         print("simulator ...", file=sys.stderr)
         results["simulator"] = simulator_speed(args.quick)
+    if TRACE.is_dir() and "sim_scale" in sections:
+        from tests.bench.scale import bench_trace, scale_speed
+
+        print("simulator at 50, 500 and 5,000 models ...", file=sys.stderr)
+        trace, thin = bench_trace(args.quick)
+        results["sim_scale"] = scale_speed(trace, thin=thin)
     with tempfile.TemporaryDirectory(prefix="wanwu-bench-") as tmp:
         workdir = Path(tmp)
         if "core" in sections:

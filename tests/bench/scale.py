@@ -1,0 +1,106 @@
+"""Synthetic traces of many models for the simulator's speed at scale (``make bench``'s
+``sim_scale`` section).
+
+``replicated(trace, copies, thin)`` plays ``copies`` copies of a trace side by side over
+its whole span: copy k's functions are renamed ``name~k``, shifted in time by their own
+offset, their request durations scaled by a factor drawn in [0.8, 1.25] (seeded); each
+keeps one in ``copies * thin`` of its arrivals (at least one), each moved by up to ±1 s.
+So 1, 10 and 100 copies of the 50-function sample are about the same number of requests
+to 50, 500 and 5,000 models over a day: what changes is how many models (and, with
+unbounded N, how many workers) the pool holds.
+
+    python -m tests.bench.scale [--quick]    # the three rates and their ratio, as the bench runs them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import replace
+from typing import Any
+
+from scheduler.traces import ModelProfile, Trace
+
+SCALES = (1, 10, 100)  # copies of the 50-function sample: 50, 500 and 5,000 models
+JITTER_S = 1.0  # each arrival moves by up to this much
+SPEED = (0.8, 1.25)  # a copy's durations are the original's times a factor in this range
+
+
+def replicated(trace: Trace, copies: int, thin: int = 1, seed: int = 0) -> Trace:
+    """``copies`` copies of ``trace`` side by side over its whole span, each under new
+    names (``name~k``; one copy keeps the names), shifted in time by its own offset (round
+    the end), its durations scaled by a factor in ``SPEED``. Each copy keeps every
+    ``copies * thin``-th arrival of each function, from a random phase, and at least one
+    (so every function of every copy arrives, and the requests stay about the trace's
+    over ``thin``); each arrival moves by up to ``JITTER_S``. Seeded."""
+    if copies < 1 or thin < 1:
+        raise ValueError(f"copies is {copies} and thin {thin}; expected 1 or more")
+    rng = random.Random(seed)
+    span, step = trace.span_s, copies * thin
+    by_model: dict[str, list[float]] = {}
+    for t, name in trace.arrivals:
+        by_model.setdefault(name, []).append(t)
+    arrivals: list[tuple[float, str]] = []
+    profiles: dict[str, ModelProfile] = {}
+    for k in range(copies):
+        offset, factor = (0.0 if copies == 1 else rng.uniform(0.0, span)), rng.uniform(*SPEED)
+        for name, times in by_model.items():
+            new = name if copies == 1 else f"{name}~{k}"
+            old = trace.profiles[name]
+            profiles[new] = replace(old, name=new, duration_ms=tuple((p, d * factor) for p, d in old.duration_ms))
+            kept = times[rng.randrange(step) :: step] or [rng.choice(times)]
+            for t in kept:
+                moved = (t + offset) % span if span else t
+                arrivals.append((min(max(0.0, moved + rng.uniform(-JITTER_S, JITTER_S)), span), new))
+    arrivals.sort()
+    return Trace(tuple(arrivals), profiles, span, f"{trace.source} x{copies}/{thin}")
+
+
+def scale_speed(trace: Trace, scales: tuple[int, ...] = SCALES, thin: int = 1) -> dict[str, Any]:
+    """Requests per second of wall time the simulator replays ``replicated(trace, k)``
+    for each k (one process, unbounded N, fixed keep-alive of 60 s), and the ratio of the
+    largest's rate to the smallest's (bar: >= 0.8)."""
+    from scheduler.core import CoreConfig
+    from scheduler.sim import Profile, simulate
+
+    rows = []
+    for copies in scales:
+        synthetic = replicated(trace, copies, thin)
+        result = simulate(synthetic, CoreConfig(capacity=0, default_ttl_s=60), Profile(infer_ms=5))
+        rows.append(
+            {
+                "models": len(synthetic.models()),
+                "requests": result.requests,
+                "wall_s": round(result.wall_s, 2),
+                "requests_per_s": round(result.requests / result.wall_s),
+            }
+        )
+    return {"rows": rows, "largest_over_smallest": round(rows[-1]["requests_per_s"] / rows[0]["requests_per_s"], 2)}
+
+
+def bench_trace(quick: bool) -> tuple[Trace, int]:
+    """What the bench replicates, and by how much it thins: the whole sample thinned to a
+    tenth (about 56,000 requests at every scale; 100 unthinned copies of a day took over
+    15 minutes), or with ``quick`` its low-QPS functions (at most 1,440 a day), unthinned."""
+    from scheduler.traces import load_trace
+    from tests.bench.__main__ import TRACE
+
+    if quick:
+        return load_trace(TRACE, max_per_day=1440), 1
+    return load_trace(TRACE), 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the sample's low-QPS functions only (1,440 a day)")
+    args = parser.parse_args(argv)
+    trace, thin = bench_trace(args.quick)
+    json.dump(scale_speed(trace, thin=thin), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
