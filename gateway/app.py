@@ -67,7 +67,8 @@ from scheduler.errors import (
     WorkerTimeout,
 )
 from scheduler.models import CLASSIFY, EMBED, ModelCatalog, ModelInfo
-from scheduler.pool import LabelSubset, WarmPool
+from scheduler.pool import WarmPool
+from scheduler.scoring import LabelSubset
 from scheduler.settings import Settings
 
 from .accesslog import JsonAccessLog

@@ -572,10 +572,10 @@ _PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "
 @click.option("--queue-max", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--tick-s",
-    default=1.0,
+    default=0.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="The reaper's interval (WANWU_REAP_INTERVAL_S); 0: keep-alive ends are exact.",
+    help="Keep-alive ends noticed only on multiples of this; 0: exact, as the live pool's timer ticks.",
 )
 @click.option(
     "--max-cold-rate", type=click.FloatRange(0, 1), default=None, help="Target: at most this cold-start rate."

@@ -219,7 +219,8 @@ def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str,
         },
         interactive_reserve_s=float(live.get("interactive_reserve_s", 10.0)),
     )
-    result = simulate(trace, config, profile, float(live["queue_timeout_s"]), float(live.get("reap_interval_s", 1.0)))
+    # The live pool ticks at its core's exact wake-ups (the reaper's interval only paces GPU readings).
+    result = simulate(trace, config, profile, float(live["queue_timeout_s"]))
     m = result.metrics()
     return {
         "requests": result.requests,

@@ -24,19 +24,13 @@ Rules (DESIGN.md, "The pool"):
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-STEM = "(stem)"  # the model of a stem cell: a container with the runtime ready and no model
+from .workers import STEM, State
 
-
-class State(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    STOPPING = "stopping"
+__all__ = ["STEM", "State"]  # re-exported: what the policy reads of a worker's life is defined there
 
 
 class Worker(Protocol):
@@ -133,6 +127,44 @@ Decision = Reuse | Adopt | Spawn | Wait | Reject
 W = TypeVar("W", bound=Worker)
 
 
+class Indexed(Protocol[W]):
+    """The workers as the policy looks them up (the core's ``Workers`` index, or
+    ``Listed`` over a plain sequence): by model and state, by state, and idle ones in
+    eviction order, so a decision costs O(log n) in the workers held, not a scan."""
+
+    def __len__(self) -> int: ...
+    def of(self, model: str, state: State) -> Iterator[W]: ...
+    def in_state(self, state: State) -> Iterator[W]: ...
+    def oldest_idle(self) -> W | None: ...
+    def idle_lru(self) -> list[W]: ...
+
+
+class Listed(Generic[W]):
+    """``Indexed`` over a sequence of workers, by scanning it (tests, small pools)."""
+
+    def __init__(self, workers: Sequence[W]) -> None:
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def of(self, model: str, state: State) -> Iterator[W]:
+        return (w for w in self.workers if w.model == model and w.state is state)
+
+    def in_state(self, state: State) -> Iterator[W]:
+        return (w for w in self.workers if w.state is state)
+
+    def oldest_idle(self) -> W | None:
+        return next(iter(self.idle_lru()), None)
+
+    def idle_lru(self) -> list[W]:
+        return _lru(self.in_state(State.IDLE))
+
+
+def indexed(workers: Sequence[W] | Indexed[W]) -> Indexed[W]:
+    return Listed(workers) if isinstance(workers, Sequence) else workers
+
+
 def _lru(workers: Iterable[W]) -> list[W]:
     """Least recently used first, stem cells before all (they go first when a slot is needed)."""
     return sorted(workers, key=lambda w: (w.model != STEM, w.last_used, w.id))
@@ -142,7 +174,7 @@ def _idle(workers: Iterable[W]) -> list[W]:
     return [w for w in workers if w.state is State.IDLE]
 
 
-def projected_used_mb(reading: GpuReading, workers: Sequence[W], estimates: Mapping[str, float]) -> float:
+def projected_used_mb(reading: GpuReading, workers: Iterable[W], estimates: Mapping[str, float]) -> float:
     """GPU memory in use once every starting worker on the device has loaded: a reading
     does not yet show what a starting worker is about to allocate."""
     starting = sum(
@@ -152,7 +184,7 @@ def projected_used_mb(reading: GpuReading, workers: Sequence[W], estimates: Mapp
 
 
 def _place(
-    workers: Sequence[W],
+    starting: Sequence[W],
     estimate_mb: float,
     gpus: Sequence[GpuReading],
     estimates: Mapping[str, float],
@@ -167,7 +199,7 @@ def _place(
     best: tuple[int, float, str, tuple[str, ...]] | None = None
     for gpu in gpus:
         ceiling = limits.high_watermark * gpu.total_mb
-        used = projected_used_mb(gpu, workers, estimates)
+        used = projected_used_mb(gpu, starting, estimates)
         victims: list[str] = []
         for victim in evictable:
             if used + estimate_mb <= ceiling:
@@ -184,7 +216,7 @@ def _place(
 
 def decide(
     model: str,
-    workers: Sequence[W],
+    workers: Sequence[W] | Indexed[W],
     limits: Limits,
     gpus: Sequence[GpuReading] = (),
     estimates: Mapping[str, float] | None = None,
@@ -194,16 +226,16 @@ def decide(
     """What to do for one request for ``model`` given the pool as it is now;
     ``stem_ok``: an idle stem cell may load it; ``cpu_fallback``: a CPU worker may
     serve it when no GPU has room (only with GPUs: without, every worker is a CPU one)."""
+    pool = indexed(workers)
     estimates = estimates or {}
-    idle = State.IDLE
-    own_idle = [w for w in workers if w.state is idle and w.model == model]
+    own_idle = list(pool.of(model, State.IDLE))
     if own_idle:  # a GPU worker before a CPU fallback, then the most recently used
         return Reuse(max(own_idle, key=lambda w: (not w.cpu_fallback, w.last_used, w.id)).id)
     if stem_ok:
-        stem = _stem_for(model, workers, limits, gpus, estimates)
+        stem = _stem_for(model, pool, limits, gpus, estimates)
         if stem is not None:
             return Adopt(stem.id)
-    room = limits.capacity - len(workers)
+    room = limits.capacity - len(pool)
     if room > 0 and not gpus:
         return Spawn()  # the common case on CPU: nothing to place, nobody to evict
 
@@ -212,7 +244,7 @@ def decide(
     # A GPU worker of the model that is starting or busy serves the next request sooner
     # than a CPU worker started for it, and would lose its traffic to the CPU one after.
     if cpu_fallback and any(
-        w.model == model and not w.cpu_fallback and w.state in (State.STARTING, State.BUSY) for w in workers
+        not w.cpu_fallback for state in (State.STARTING, State.BUSY) for w in pool.of(model, state)
     ):
         cpu_fallback = False
     if never_fits and not cpu_fallback:
@@ -220,14 +252,15 @@ def decide(
             f"model {model} needs {estimate:g} MB of GPU memory; no GPU has that much under the high watermark"
         )
 
-    others_idle = _lru(w for w in workers if w.state is idle and w.model != model)
+    # Own idle workers there are none (they would have been reused): every idle one is another model's.
+    starting = list(pool.in_state(State.STARTING)) if gpus else []
     if room <= 0:
-        if not others_idle:
+        first = pool.oldest_idle()
+        if first is None:
             return Wait("every worker is busy or starting")
-        first, rest = others_idle[0], others_idle[1:]
         # The evicted worker's memory is free for the new one.
-        freed = [w for w in workers if w.id != first.id]
-        placed = None if never_fits else _place(freed, estimate, _credit(gpus, first), estimates, limits, rest)
+        rest = pool.idle_lru()[1:] if gpus else []
+        placed = None if never_fits else _place(starting, estimate, _credit(gpus, first), estimates, limits, rest)
         if placed is None:
             if not cpu_fallback:
                 return Wait(f"model {model} does not fit in GPU memory yet")
@@ -236,7 +269,8 @@ def decide(
         device, more = placed
         return Spawn(device, (first.id, *more))
 
-    placed = None if never_fits else _place(workers, estimate, gpus, estimates, limits, others_idle)
+    others_idle = pool.idle_lru() if gpus else []
+    placed = None if never_fits else _place(starting, estimate, gpus, estimates, limits, others_idle)
     if placed is None:
         if cpu_fallback:
             return Spawn(cpu_fallback=True)
@@ -246,15 +280,18 @@ def decide(
 
 
 def _stem_for(
-    model: str, workers: Sequence[W], limits: Limits, gpus: Sequence[GpuReading], estimates: Mapping[str, float]
+    model: str, pool: Indexed[W], limits: Limits, gpus: Sequence[GpuReading], estimates: Mapping[str, float]
 ) -> W | None:
     """An idle stem cell the model fits on (its GPU keeps the stem's context and gains
     the model's estimate), most recently started first."""
-    stems = [w for w in workers if w.state is State.IDLE and w.model == STEM]
+    stems = list(pool.of(STEM, State.IDLE))
+    if not stems:
+        return None
     estimate = estimates.get(model, 0.0)
+    starting = list(pool.in_state(State.STARTING)) if gpus else []
     for stem in sorted(stems, key=lambda w: (w.last_used, w.id), reverse=True):
         reading = next((g for g in gpus if g.device == stem.device), None)
-        if reading is None or projected_used_mb(reading, workers, estimates) + estimate <= (
+        if reading is None or projected_used_mb(reading, starting, estimates) + estimate <= (
             limits.high_watermark * reading.total_mb
         ):
             return stem
@@ -262,12 +299,18 @@ def _stem_for(
 
 
 def room_for(
-    model: str, workers: Sequence[W], limits: Limits, gpus: Sequence[GpuReading], estimates: Mapping[str, float]
+    model: str,
+    workers: Sequence[W] | Indexed[W],
+    limits: Limits,
+    gpus: Sequence[GpuReading],
+    estimates: Mapping[str, float],
 ) -> Spawn | None:
     """A spawn for ``model`` that needs no eviction (room and GPU memory to spare), or None."""
-    if len(workers) >= limits.capacity:
+    pool = indexed(workers)
+    if len(pool) >= limits.capacity:
         return None
-    placed = _place(workers, estimates.get(model, 0.0), gpus, estimates, limits, [])
+    starting = list(pool.in_state(State.STARTING)) if gpus else []
+    placed = _place(starting, estimates.get(model, 0.0), gpus, estimates, limits, [])
     return None if placed is None else Spawn(placed[0])
 
 

@@ -37,14 +37,33 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
-from .core import CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
+from .core import CoreConfig, PoolCore
+from .errors import WorkerCrashed
+from .events import (
+    Arrive,
+    Command,
+    Configure,
+    Event,
+    Expire,
+    Fail,
+    Grant,
+    LoadWorker,
+    Ready,
+    Released,
+    RemoveStray,
+    Retry,
+    SpawnWorker,
+    Stopped,
+    StopWorker,
+    Tick,
+)
 from .policy import STEM, GpuReading, State
 from .traces import Trace
 from .tuning import Point, TuneError
 
-_READY, _DONE, _STOPPED, _EXPIRE, _TICK = range(5)
+_READY, _DONE, _STOPPED, _EXPIRE, _TICK, _CONFIGURE = range(6)
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class Profile:
     stem_spawn_ms: float | None = None  # a stem cell's own start; None: spawn_ms - load_ms
     gpus: Mapping[str, float] = field(default_factory=dict)  # device -> total MB; empty: no GPUs
     cpu_slowdown: float = 8.0  # inference on a CPU fallback worker against a GPU worker (assumed)
+    failure_rate: float = 0.0  # the share of worker calls that crash (the core tries them again)
 
     def spawn_s(self, model: str) -> float:
         if model == STEM:
@@ -239,6 +259,8 @@ class SimResult:
     stem_starts: int = 0  # cold starts a stem cell served
     fallback_serves: int = 0  # requests served by CPU fallback workers
     rejected: int = 0
+    retries: int = 0  # requests a failed call sent round to another worker
+    failed: int = 0  # requests that failed on a worker every try
     prewarms: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     idle_worker_s: float = 0.0
@@ -257,6 +279,8 @@ class SimResult:
             "fallback_rate": self.fallback_serves / self.requests if self.requests else 0.0,
             "cold_rate": self.cold_starts / self.requests if self.requests else 0.0,
             "reject_rate": self.rejected / self.requests if self.requests else 0.0,
+            "retries": self.retries,
+            "failure_rate": self.failed / self.requests if self.requests else 0.0,
             "p50_ms": percentile(ordered, 0.50),
             "p99_ms": percentile(ordered, 0.99),
             "idle_worker_s": self.idle_worker_s,
@@ -272,9 +296,10 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 class Simulator:
-    """One run of ``trace`` through a ``PoolCore`` (module doc). ``tick_s``: how often
-    the live pool's reaper runs (keep-alive ends are noticed at the next tick); None:
-    at once."""
+    """One run of ``trace`` through a ``PoolCore`` (module doc). ``tick_s``: ticks come
+    only on multiples of it (keep-alive ends are noticed at the next one); None: at
+    once, as the live pool's timer ticks. ``changes``: settings an operator changes
+    during the run, as (time, config) pairs (``wanwu pool set`` on the live pool)."""
 
     def __init__(
         self,
@@ -284,6 +309,7 @@ class Simulator:
         queue_timeout_s: float = 10.0,
         tick_s: float | None = None,
         seed: int = 0,
+        changes: Sequence[tuple[float, CoreConfig]] = (),
     ) -> None:
         self.trace, self.profile = trace, profile
         config = replace(config, tick_s=tick_s or 0.0)
@@ -299,17 +325,22 @@ class Simulator:
         self._arrived: dict[int, float] = {}
         self._idle_since: dict[str, tuple[float, str]] = {}  # worker -> (idle since, model)
         self._call_ms: dict[str, float] = {}  # worker -> how long its current call takes
+        self._calls: dict[str, tuple[int, ...]] = {}  # worker -> the requests its current call carries
+        self._latency: dict[int, float] = {}  # request -> its latency, once its call succeeds
         self._cpu: set[str] = set()  # CPU fallback workers (no GPU memory, slower inference)
         self._next_tick = math.inf
         self.result = SimResult()
-        self.log: list[tuple[str, tuple[Any, ...], list[Any]]] | None = None  # (event, args, commands) if kept
+        for at, change in changes:
+            estimates = {**config.estimates_mb, **change.estimates_mb}
+            self._push(at, _CONFIGURE, replace(change, tick_s=config.tick_s, estimates_mb=estimates))
+        self.log: list[tuple[Event, list[Command]]] | None = None  # (event, commands) if kept
 
     def run(self) -> SimResult:
         started = time.perf_counter()
         arrivals = self.trace.arrivals
         heap, result = self._heap, self.result
         i, now = 0, 0.0
-        self._carry_out(self._feed("tick", now), now)  # as the live pool's start: stem cells begin
+        self._carry_out(self._feed(Tick(now)), now)  # as the live pool's start: stem cells begin
         while i < len(arrivals) or heap:
             if i < len(arrivals) and (not heap or arrivals[i][0] <= heap[0][0]):
                 now, model = arrivals[i]
@@ -317,9 +348,9 @@ class Simulator:
                 request_id = result.requests = i
                 self._arrived[request_id] = now
                 deadline = now + self.queue_timeout_s
-                commands = self._feed("arrive", request_id, model, now, deadline)
-                if request_id in self._arrived:  # still waiting: it may time out
-                    self._push(deadline, _EXPIRE, request_id)
+                commands = self._feed(Arrive(request_id, model, now, deadline))
+                if not any(isinstance(c, Grant | Fail) and c.request_id == request_id for c in commands):
+                    self._push(deadline, _EXPIRE, (request_id, 1))  # still waiting: it may time out
             else:
                 now, _, kind, payload = heapq.heappop(heap)
                 commands = self._event(kind, payload, now)
@@ -333,39 +364,57 @@ class Simulator:
 
     # -- events ----------------------------------------------------------------------
 
-    def _event(self, kind: int, payload: Any, now: float) -> list[Any]:
+    def _event(self, kind: int, payload: Any, now: float) -> list[Command]:
         if kind == _TICK:
             if now < self._next_tick:
                 return []  # a tick that a later schedule made stale
             self._next_tick = math.inf
-            return self._feed("tick", now)
+            return self._feed(Tick(now))
         if kind == _READY:
             worker_id, spawn_ms = payload
-            return self._feed("ready", worker_id, now, spawn_ms)
+            return self._feed(Ready(worker_id, now, spawn_ms))
         if kind == _DONE:
-            return self._feed("released", payload, now)
+            return self._done(payload, now)
+        if kind == _CONFIGURE:
+            return self._feed(Configure(payload, now))
         if kind == _STOPPED:
             self._cpu.discard(payload)
-            return self._feed("stopped", payload, now)
-        return self._feed("expire", payload, now)
+            return self._feed(Stopped(payload, now))
+        request_id, attempt = payload
+        return self._feed(Expire(request_id, now, attempt))
 
-    def _feed(self, name: str, *args: Any) -> list[Any]:
+    def _done(self, worker_id: str, now: float) -> list[Command]:
+        """A worker call ends: it succeeds, or (``failure_rate``) its worker crashes on it."""
+        requests = self._calls.pop(worker_id, ())
+        rate = self.profile.failure_rate
+        if rate > 0 and self._rng.random() < rate:
+            error = WorkerCrashed(f"worker {worker_id} crashed (simulated)", worker_id)
+            for request_id in requests:
+                self._latency.pop(request_id, None)
+            return self._feed(Released(worker_id, now, ok=False, reason="crashed", error=error))
+        for request_id in requests:
+            self.result.latencies_ms.append(self._latency.pop(request_id))
+            self.result.served += 1
+            self._arrived.pop(request_id, None)
+        return self._feed(Released(worker_id, now))
+
+    def _feed(self, event: Event) -> list[Command]:
         if self.profile.gpus:
             self.core.readings = self._readings()
-        commands: list[Any] = getattr(self.core, name)(*args)
+        commands = self.core.handle(event)
         if self.log is not None:
-            self.log.append((name, args, commands))
-        if name in ("released", "ready"):
-            worker = self.core.workers.get(args[0])
-            if worker is not None and worker.state is State.IDLE and args[0] not in self._idle_since:
-                self._idle_since[args[0]] = (args[1], worker.model)
+            self.log.append((event, commands))
+        if isinstance(event, Released | Ready):
+            worker = self.core.workers.get(event.worker_id)
+            if worker is not None and worker.state is State.IDLE and event.worker_id not in self._idle_since:
+                self._idle_since[event.worker_id] = (event.now, worker.model)
         return commands
 
-    def _carry_out(self, commands: list[Any], now: float) -> None:
+    def _carry_out(self, commands: list[Command], now: float) -> None:
         result, profile = self.result, self.profile
         for command in commands:
             if isinstance(command, Grant):
-                arrived = self._arrived.pop(command.request_id)
+                arrived = self._arrived[command.request_id]
                 if not command.batch or command.request_id == command.batch[0]:
                     # One worker call per batch; it lasts as long as its slowest member would alone.
                     self._busy(command.worker_id, now)
@@ -373,15 +422,21 @@ class Simulator:
                     if command.cpu_fallback:
                         infer_ms *= profile.cpu_slowdown
                     self._call_ms[command.worker_id] = infer_ms
+                    self._calls[command.worker_id] = command.batch or (command.request_id,)
                     self._push(now + infer_ms / 1000, _DONE, command.worker_id)
-                result.served += 1
                 result.cold_starts += command.cold_start
                 result.stem_starts += command.start == "stem"
                 result.fallback_serves += command.cpu_fallback
-                result.latencies_ms.append((now - arrived) * 1000 + self._call_ms[command.worker_id])
+                self._latency[command.request_id] = (now - arrived) * 1000 + self._call_ms[command.worker_id]
+            elif isinstance(command, Retry):
+                result.retries += 1
+                self._push(command.deadline, _EXPIRE, (command.request_id, command.attempt))
             elif isinstance(command, Fail):
                 self._arrived.pop(command.request_id, None)
-                result.rejected += 1
+                if isinstance(command.error, WorkerCrashed):
+                    result.failed += 1
+                else:
+                    result.rejected += 1
             elif isinstance(command, SpawnWorker):
                 for victim in command.evict:
                     self._busy(victim, now)
@@ -403,6 +458,10 @@ class Simulator:
             elif isinstance(command, StopWorker):
                 self._busy(command.worker_id, now)
                 self._push(now + profile.stop_ms / 1000, _STOPPED, command.worker_id)
+            elif isinstance(command, RemoveStray):
+                pass  # a simulated engine never loses a container
+            else:
+                assert_never(command)
 
     def _infer_ms(self, model: str) -> float:
         if self.profile.infer_ms is not None:

@@ -12,6 +12,7 @@ from typing import ClassVar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler import events as ev
 from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
 from scheduler.errors import WorkerStartError
 from scheduler.policy import STEM, State
@@ -31,7 +32,7 @@ class Shell:
         self.spawns: list[SpawnWorker] = []
         self.loads: list[LoadWorker] = []
         self._ids = itertools.count(1)
-        self.carry_out(self.core.tick(self.now))  # as the live pool's start: stem cells begin
+        self.carry_out(self.core.handle(ev.Tick(self.now)))  # as the live pool's start: stem cells begin
 
     def carry_out(self, commands: list[Command]) -> None:
         for command in commands:
@@ -58,18 +59,18 @@ class Shell:
     def arrive(self, model: str, wait_s: float = 60.0) -> int:
         request_id = next(self._ids)
         self.waiting[request_id] = self.now + wait_s
-        self.carry_out(self.core.arrive(request_id, model, self.now, self.now + wait_s))
+        self.carry_out(self.core.handle(ev.Arrive(request_id, model, self.now, self.now + wait_s)))
         return request_id
 
     def ready(self, worker_id: str) -> None:
-        self.carry_out(self.core.ready(worker_id, self.now, 100.0))
+        self.carry_out(self.core.handle(ev.Ready(worker_id, self.now, 100.0)))
 
     def release(self, worker_id: str, ok: bool = True) -> None:
-        self.carry_out(self.core.released(worker_id, self.now, ok=ok))
+        self.carry_out(self.core.handle(ev.Released(worker_id, self.now, ok=ok)))
 
     def configure(self, capacity: int, stem_cells: int) -> None:
         config = replace(self.core.config, capacity=capacity, stem_cells=stem_cells)
-        self.carry_out(self.core.configure(config, self.now))
+        self.carry_out(self.core.handle(ev.Configure(config, self.now)))
 
     def advance(self, seconds: float) -> None:
         """Time passes: waiters past their deadline expire, then a tick."""
@@ -77,8 +78,8 @@ class Shell:
         for request_id, deadline in sorted(self.waiting.items(), key=lambda item: item[1]):
             if deadline <= self.now:
                 self.waiting.pop(request_id)
-                self.carry_out(self.core.expire(request_id, self.now))
-        self.carry_out(self.core.tick(self.now))
+                self.carry_out(self.core.handle(ev.Expire(request_id, self.now)))
+        self.carry_out(self.core.handle(ev.Tick(self.now)))
 
     def drain(self) -> None:
         """Bring every start up, finish every request and every stop, until nothing is
@@ -91,7 +92,7 @@ class Shell:
             elif busy:
                 self.release(busy[0])
             elif stopping:
-                self.carry_out(self.core.stopped(stopping[0], self.now))
+                self.carry_out(self.core.handle(ev.Stopped(stopping[0], self.now)))
             elif self.waiting:  # a held batch, or a waiter nothing can serve yet
                 due = min(self.waiting.values())
                 wake = self.core.next_wakeup()
@@ -282,13 +283,15 @@ class OnWorker:
         if self.kind == "ready":
             shell.ready(worker_id)
         elif self.kind == "start_failed":
-            shell.carry_out(core.start_failed(worker_id, now, WorkerStartError(f"worker {worker_id} exited with 1")))
+            shell.carry_out(
+                core.handle(ev.StartFailed(worker_id, now, WorkerStartError(f"worker {worker_id} exited with 1")))
+            )
         elif self.kind == "release":
             shell.release(worker_id, ok=self.ok)
         elif self.kind == "crash":
-            shell.carry_out(core.died(worker_id, now, "exit 137"))
+            shell.carry_out(core.handle(ev.Died(worker_id, now, "exit 137")))
         else:
-            shell.carry_out(core.stopped(worker_id, now))
+            shell.carry_out(core.handle(ev.Stopped(worker_id, now)))
 
 
 Event = Arrive | Configure | Tick | OnWorker

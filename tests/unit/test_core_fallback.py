@@ -14,6 +14,7 @@ import pytest
 from scheduler.backends.docker import WorkerSpec, run_options
 from scheduler.core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
 from scheduler.errors import CapacityExhausted
+from scheduler.events import Arrive, Expire, Ready, Released, Retry, Stopped, Tick
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
 from scheduler.policy import GpuReading, State
@@ -35,15 +36,15 @@ FULL = [GpuReading("0", 8000, 10_000)]  # 8000 + 4000 > 9000 (the high watermark
 
 def core(readings: list[GpuReading], **changes: object) -> PoolCore:
     pool = PoolCore(replace(CONFIG, **changes), id_prefix="w")  # type: ignore[arg-type]
-    assert pool.tick(0.0, readings) == []
+    assert pool.handle(Tick(0.0, readings)) == []
     return pool
 
 
 def start(pool: PoolCore, request_id: int, model: str, now: float) -> tuple[SpawnWorker, Grant]:
     """A request that starts a worker and gets it (busy until released)."""
-    (spawn,) = pool.arrive(request_id, model, now, now + 10)
+    (spawn,) = pool.handle(Arrive(request_id, model, now, now + 10))
     assert isinstance(spawn, SpawnWorker) and spawn.request_id == request_id
-    (grant,) = pool.ready(spawn.worker_id, now + 1, spawn_ms=1000.0)
+    (grant,) = pool.handle(Ready(spawn.worker_id, now + 1, spawn_ms=1000.0))
     assert isinstance(grant, Grant) and grant.cold_start
     return spawn, grant
 
@@ -73,10 +74,10 @@ def test_a_fallback_model_that_fits_goes_on_the_gpu() -> None:
 
 def test_a_model_without_the_flag_waits_or_is_rejected_as_before() -> None:
     pool = core(FULL, estimates_mb={**CONFIG.estimates_mb, "giant": 20_000})
-    assert pool.arrive(1, "plain", 0.0, 5.0) == []  # waits for GPU memory
-    (fail,) = pool.expire(1, 5.0)
+    assert pool.handle(Arrive(1, "plain", 0.0, 5.0)) == []  # waits for GPU memory
+    (fail,) = pool.handle(Expire(1, 5.0))
     assert isinstance(fail, Fail) and isinstance(fail.error, CapacityExhausted)
-    (reject,) = pool.arrive(2, "giant", 6.0, 16.0)
+    (reject,) = pool.handle(Arrive(2, "giant", 6.0, 16.0))
     assert isinstance(reject, Fail) and "no GPU has that much" in str(reject.error)
     assert pool.counters["cpu_fallbacks"] == 0 and not pool.workers
 
@@ -85,12 +86,12 @@ def test_at_n_a_fallback_takes_an_idle_workers_slot_never_a_busy_ones() -> None:
     pool = core(FREE, capacity=2)
     start(pool, 1, "plain", 0.0)  # busy on the GPU
     other, _ = start(pool, 2, "small", 1.0)
-    pool.tick(2.0, FULL)
-    assert pool.arrive(3, "big", 2.5, 7.5) == []  # both busy: no slot to take
-    (fail,) = pool.expire(3, 7.5)
+    pool.handle(Tick(2.0, FULL))
+    assert pool.handle(Arrive(3, "big", 2.5, 7.5)) == []  # both busy: no slot to take
+    (fail,) = pool.handle(Expire(3, 7.5))
     assert isinstance(fail, Fail) and isinstance(fail.error, CapacityExhausted)
-    assert pool.released(other.worker_id, 8.0) == []  # now idle: its slot may go, as for a GPU start
-    (spawn,) = pool.arrive(4, "big", 9.0, 19.0)
+    assert pool.handle(Released(other.worker_id, 8.0)) == []  # now idle: its slot may go, as for a GPU start
+    (spawn,) = pool.handle(Arrive(4, "big", 9.0, 19.0))
     assert spawn == SpawnWorker(spawn.worker_id, "big", None, (other.worker_id,), 4, cpu_fallback=True)
     assert pool.counters["cpu_fallbacks"] == 1 and pool.reaps["evicted"] == 1
 
@@ -98,30 +99,30 @@ def test_at_n_a_fallback_takes_an_idle_workers_slot_never_a_busy_ones() -> None:
 def test_a_waiting_request_gets_a_cpu_worker_once_a_slot_frees() -> None:
     pool = core(FULL, capacity=1)
     busy, _ = start(pool, 1, "huge", 0.0)  # the one slot, on the CPU
-    assert pool.arrive(2, "big", 2.0, 12.0) == []  # no slot: it waits
-    (stop,) = pool.released(busy.worker_id, 3.0, ok=False)
-    assert isinstance(stop, StopWorker)
-    (spawn,) = pool.stopped(busy.worker_id, 3.5)
+    assert pool.handle(Arrive(2, "big", 2.0, 12.0)) == []  # no slot: it waits
+    stop, retry = pool.handle(Released(busy.worker_id, 3.0, ok=False))
+    assert isinstance(stop, StopWorker) and isinstance(retry, Retry) and retry.request_id == 1  # it waits behind 2
+    (spawn,) = pool.handle(Stopped(busy.worker_id, 3.5))
     assert isinstance(spawn, SpawnWorker) and spawn.cpu_fallback and spawn.request_id == 2
 
 
 def test_an_idle_stem_cell_gives_its_slot_to_a_fallback() -> None:
     pool = core(FULL, capacity=1, stem_cells=1, estimates_mb={**CONFIG.estimates_mb, "(stem)": 500})
-    (stem,) = pool.tick(0.5, [GpuReading("0", 1000, 10_000)])
+    (stem,) = pool.handle(Tick(0.5, [GpuReading("0", 1000, 10_000)]))
     assert isinstance(stem, SpawnWorker) and stem.model == "(stem)"
-    assert pool.ready(stem.worker_id, 1.0, 500.0) == []
-    pool.tick(2.0, FULL)
-    (spawn,) = pool.arrive(1, "big", 3.0, 13.0)
+    assert pool.handle(Ready(stem.worker_id, 1.0, 500.0)) == []
+    pool.handle(Tick(2.0, FULL))
+    (spawn,) = pool.handle(Arrive(1, "big", 3.0, 13.0))
     assert spawn == SpawnWorker("w0002", "big", None, (stem.worker_id,), 1, cpu_fallback=True)
-    (grant,) = pool.ready(spawn.worker_id, 4.0, 1000.0)
+    (grant,) = pool.handle(Ready(spawn.worker_id, 4.0, 1000.0))
     assert isinstance(grant, Grant) and grant.cpu_fallback and grant.start == "container"  # not a stem load
 
 
 def test_an_idle_fallback_worker_is_reused() -> None:
     pool = core(FULL)
     spawn, _ = start(pool, 1, "big", 0.0)
-    pool.released(spawn.worker_id, 2.0)
-    (grant,) = pool.arrive(2, "big", 3.0, 13.0)
+    pool.handle(Released(spawn.worker_id, 2.0))
+    (grant,) = pool.handle(Arrive(2, "big", 3.0, 13.0))
     assert isinstance(grant, Grant) and grant.worker_id == spawn.worker_id
     assert grant.cpu_fallback and not grant.cold_start and grant.start == "warm"
     assert pool.counters["cpu_fallbacks"] == 1 and pool.counters["warm_hits"] == 1
@@ -129,14 +130,14 @@ def test_an_idle_fallback_worker_is_reused() -> None:
 
 def test_no_fallback_while_a_gpu_worker_of_the_model_starts_or_serves() -> None:
     pool = core(FREE)
-    (spawn,) = pool.arrive(1, "big", 0.0, 30.0)
+    (spawn,) = pool.handle(Arrive(1, "big", 0.0, 30.0))
     assert spawn.device == "0"
-    pool.tick(0.5, FULL)  # its start fills the GPU
-    assert pool.arrive(2, "big", 0.6, 30.0) == []  # waits for it rather than start on the CPU
-    grants = pool.ready(spawn.worker_id, 1.0, spawn_ms=1000.0)
+    pool.handle(Tick(0.5, FULL))  # its start fills the GPU
+    assert pool.handle(Arrive(2, "big", 0.6, 30.0)) == []  # waits for it rather than start on the CPU
+    grants = pool.handle(Ready(spawn.worker_id, 1.0, spawn_ms=1000.0))
     assert [g.request_id for g in grants] == [1]
-    assert pool.arrive(3, "big", 1.1, 30.0) == []  # it is busy: the next one waits for it too
-    assert [g.request_id for g in pool.released(spawn.worker_id, 1.2)] == [2]
+    assert pool.handle(Arrive(3, "big", 1.1, 30.0)) == []  # it is busy: the next one waits for it too
+    assert [g.request_id for g in pool.handle(Released(spawn.worker_id, 1.2))] == [2]
     assert pool.counters["cpu_fallbacks"] == 0
 
 
@@ -144,43 +145,43 @@ def test_an_idle_gpu_worker_is_preferred_over_an_idle_fallback() -> None:
     pool = core(FULL)
     cpu, _ = start(pool, 1, "big", 0.0)  # no GPU room: on the CPU
     assert cpu.cpu_fallback
-    pool.tick(1.5, FREE)  # the GPU frees while it serves
+    pool.handle(Tick(1.5, FREE))  # the GPU frees while it serves
     gpu, _ = start(pool, 2, "big", 2.0)
     assert gpu.device == "0" and not gpu.cpu_fallback
-    pool.released(gpu.worker_id, 4.0)
-    pool.released(cpu.worker_id, 5.0)  # the most recently used, but on the CPU
-    (grant,) = pool.arrive(3, "big", 6.0, 16.0)
+    pool.handle(Released(gpu.worker_id, 4.0))
+    pool.handle(Released(cpu.worker_id, 5.0))  # the most recently used, but on the CPU
+    (grant,) = pool.handle(Arrive(3, "big", 6.0, 16.0))
     assert isinstance(grant, Grant) and grant.worker_id == gpu.worker_id and not grant.cpu_fallback
-    (grant,) = pool.arrive(4, "big", 6.0, 16.0)  # the GPU one is busy: the CPU one serves
+    (grant,) = pool.handle(Arrive(4, "big", 6.0, 16.0))  # the GPU one is busy: the CPU one serves
     assert isinstance(grant, Grant) and grant.worker_id == cpu.worker_id and grant.cpu_fallback
 
 
 def test_an_idle_fallback_worker_is_reaped_by_ttl() -> None:
     pool = core(FULL)
     spawn, _ = start(pool, 1, "big", 0.0)
-    pool.released(spawn.worker_id, 2.0)
-    assert pool.tick(20.0, FULL) == []
-    (stop,) = pool.tick(32.5, FULL)
+    pool.handle(Released(spawn.worker_id, 2.0))
+    assert pool.handle(Tick(20.0, FULL)) == []
+    (stop,) = pool.handle(Tick(32.5, FULL))
     assert stop == StopWorker(spawn.worker_id, "big", "ttl", 30.5)
     assert pool.reaps["ttl"] == 1
 
 
 def test_a_fallback_worker_holds_no_gpu_memory() -> None:
     pool = core(FULL)
-    (spawn,) = pool.arrive(1, "big", 0.0, 10.0)
+    (spawn,) = pool.handle(Arrive(1, "big", 0.0, 10.0))
     assert isinstance(spawn, SpawnWorker)
-    pool.ready(spawn.worker_id, 1.0, 1000.0, gpu_mb=1234.0)  # whatever its health says
+    pool.handle(Ready(spawn.worker_id, 1.0, 1000.0, gpu_mb=1234.0))  # whatever its health says
     assert pool.workers[spawn.worker_id].gpu_mb == 0.0
-    pool.released(spawn.worker_id, 2.0)
+    pool.handle(Released(spawn.worker_id, 2.0))
     # GPU pressure stops idle workers on that GPU only: a CPU worker frees nothing there.
-    assert pool.tick(3.0, [GpuReading("0", 9800, 10_000)]) == []
+    assert pool.handle(Tick(3.0, [GpuReading("0", 9800, 10_000)])) == []
     assert pool.workers[spawn.worker_id].state is State.IDLE
 
 
 def test_a_prewarm_never_starts_a_cpu_worker() -> None:
     pool = core(FULL, keepalive="adaptive")
     pool.prewarm_at["big"] = 1.0
-    assert pool.tick(2.0, FULL) == [] and pool.counters["prewarms"] == 0
+    assert pool.handle(Tick(2.0, FULL)) == [] and pool.counters["prewarms"] == 0
 
 
 def test_without_gpu_readings_nothing_changes() -> None:

@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from wanwu_worker.bundle import labels_digest
 
-from scheduler.pool import subset_predictions
+from scheduler.scoring import subset_predictions
 from scheduler.settings import Settings
 from scheduler.worker_client import Scores
 from tests.images import demo_images

@@ -15,7 +15,8 @@ from scheduler.clock import MonotonicClock
 from scheduler.errors import WanwuError, WorkerRejected
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
-from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool, subset_predictions
+from scheduler.pool import BATCH, INLINE, LabelSubset, PoolAnswer, WarmPool
+from scheduler.scoring import subset_predictions
 from scheduler.settings import Settings
 from scheduler.worker_client import Scores
 from tests.unit.fakes import FakeBackend, FakeClock, make_bundle

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from scheduler.core import CoreConfig, Grant, PoolCore, SpawnWorker, StopWorker
+from scheduler.events import Arrive, Ready, Released, Retire, Stopped
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
 from scheduler.policy import State
@@ -33,28 +34,28 @@ def replace_labels(bundle: Path, labels: tuple[str, ...]) -> None:
 
 def test_retire_stops_idle_workers_now_and_busy_ones_when_their_request_is_done() -> None:
     core = PoolCore(CoreConfig(capacity=3, default_ttl_s=60), id_prefix="w")
-    (spawn1,) = core.arrive(1, "m", 0.0, 10.0)
-    core.ready(spawn1.worker_id, 0.0, 10.0)  # type: ignore[union-attr]
-    core.released(spawn1.worker_id, 1.0)  # type: ignore[union-attr]
-    (spawn2,) = core.arrive(2, "m", 1.0, 11.0)
+    (spawn1,) = core.handle(Arrive(1, "m", 0.0, 10.0))
+    core.handle(Ready(spawn1.worker_id, 0.0, 10.0))  # type: ignore[union-attr]
+    core.handle(Released(spawn1.worker_id, 1.0))  # type: ignore[union-attr]
+    (spawn2,) = core.handle(Arrive(2, "m", 1.0, 11.0))
     assert isinstance(spawn2, Grant)  # the idle one is reused: busy now
-    (spawn3,) = core.arrive(3, "m", 1.0, 11.0)
+    (spawn3,) = core.handle(Arrive(3, "m", 1.0, 11.0))
     assert isinstance(spawn3, SpawnWorker)  # a second one is starting
-    (other,) = core.arrive(4, "n", 1.0, 11.0)
+    (other,) = core.handle(Arrive(4, "n", 1.0, 11.0))
     assert isinstance(other, SpawnWorker)
 
-    commands = core.retire("m", 2.0)
+    commands = core.handle(Retire("m", 2.0))
     assert commands == []  # none of m's is idle: the busy and the starting one are marked
     assert core.workers[spawn1.worker_id].retired and core.workers[spawn3.worker_id].retired  # type: ignore[union-attr]
     assert not core.workers[other.worker_id].retired
 
-    done = core.released(spawn1.worker_id, 3.0)  # type: ignore[union-attr]
+    done = core.handle(Released(spawn1.worker_id, 3.0))  # type: ignore[union-attr]
     assert StopWorker(spawn1.worker_id, "m", "replaced", None) in done  # type: ignore[union-attr]
     # The starting one may hold the old bundle: it stops, and its request gets a fresh start.
-    up = core.ready(spawn3.worker_id, 3.0, 10.0)  # type: ignore[union-attr]
+    up = core.handle(Ready(spawn3.worker_id, 3.0, 10.0))  # type: ignore[union-attr]
     assert StopWorker(spawn3.worker_id, "m", "replaced", None) in up  # type: ignore[union-attr]
     assert not any(isinstance(c, Grant) for c in up)
-    fresh = core.stopped(spawn1.worker_id, 3.5) + core.stopped(spawn3.worker_id, 3.5)  # type: ignore[union-attr]
+    fresh = core.handle(Stopped(spawn1.worker_id, 3.5)) + core.handle(Stopped(spawn3.worker_id, 3.5))  # type: ignore[union-attr]
     (start,) = [c for c in fresh if isinstance(c, SpawnWorker)]
     assert start.request_id == 3 and start.model == "m"
     assert core.reaps["replaced"] == 2
@@ -62,13 +63,13 @@ def test_retire_stops_idle_workers_now_and_busy_ones_when_their_request_is_done(
 
 def test_retire_stops_an_idle_worker_at_once_and_a_new_request_starts_a_new_one() -> None:
     core = PoolCore(CoreConfig(capacity=2, default_ttl_s=60), id_prefix="w")
-    (spawn,) = core.arrive(1, "m", 0.0, 10.0)
-    core.ready(spawn.worker_id, 0.0, 10.0)  # type: ignore[union-attr]
-    core.released(spawn.worker_id, 1.0)  # type: ignore[union-attr]
-    (stop,) = core.retire("m", 2.0)
+    (spawn,) = core.handle(Arrive(1, "m", 0.0, 10.0))
+    core.handle(Ready(spawn.worker_id, 0.0, 10.0))  # type: ignore[union-attr]
+    core.handle(Released(spawn.worker_id, 1.0))  # type: ignore[union-attr]
+    (stop,) = core.handle(Retire("m", 2.0))
     assert isinstance(stop, StopWorker) and stop.reason == "replaced" and stop.idle_s == 1.0
     assert core.workers[spawn.worker_id].state is State.STOPPING  # type: ignore[union-attr]
-    (again,) = core.arrive(2, "m", 2.0, 12.0)
+    (again,) = core.handle(Arrive(2, "m", 2.0, 12.0))
     assert isinstance(again, SpawnWorker) and again.worker_id != spawn.worker_id  # type: ignore[union-attr]
 
 

@@ -8,17 +8,12 @@ from typing import Any
 
 import pytest
 
-from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, SpawnWorker, StopWorker
-from scheduler.gpu import GpuMonitor
-from scheduler.models import ModelCatalog
+from scheduler.core import CoreConfig
 from scheduler.policy import STEM
-from scheduler.pool import INLINE, WarmPool
-from scheduler.settings import Settings
 from scheduler.sim import (
     GENERAL_PROFILE,
     Grid,
     Profile,
-    Simulator,
     bundle_profile,
     load_bundle_profile,
     percentile,
@@ -27,7 +22,6 @@ from scheduler.sim import (
 )
 from scheduler.traces import ModelProfile, Trace
 from scheduler.tuning import TuneError
-from tests.unit.fakes import FakeBackend, FakeClock, make_bundle
 
 
 def trace(*arrivals: tuple[float, str], memory_mb: float = 1024.0, duration_ms: float = 100.0) -> Trace:
@@ -176,93 +170,3 @@ def test_a_bad_report_file_is_named(tmp_path: Path, text: str | None, message: s
     with pytest.raises(TuneError, match=message) as caught:
         load_bundle_profile(tmp_path)
     assert str(tmp_path / "bundle_report.json") in str(caught.value)
-
-
-# -- the live shell and the simulator drive the same core ---------------------------------------
-
-
-def normalise(commands: list[Command]) -> list[tuple[Any, ...]]:
-    """Commands without what the two shells name differently (worker ids, their start-up breakdowns)."""
-    names: dict[str, str] = {}
-
-    def name(worker_id: str) -> str:
-        return names.setdefault(worker_id, f"worker{len(names) + 1}")
-
-    shaped: list[tuple[Any, ...]] = []
-    for c in commands:
-        if isinstance(c, SpawnWorker):
-            shaped.append(("spawn", name(c.worker_id), c.model, tuple(name(v) for v in c.evict), c.request_id))
-        elif isinstance(c, StopWorker):
-            shaped.append(("stop", name(c.worker_id), c.model, c.reason, c.idle_s))
-        elif isinstance(c, LoadWorker):
-            shaped.append(("load", name(c.worker_id), c.model, c.request_id))
-        elif isinstance(c, Grant):
-            shaped.append(("grant", c.request_id, name(c.worker_id), c.model, c.cold_start, c.queue_ms, c.start))
-        elif isinstance(c, Fail):
-            shaped.append(("fail", c.request_id, type(c.error).__name__, str(c.error)))
-    return shaped
-
-
-SCHEDULE = [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (5, "c"), (40, "b"), (41, "a"), (43, "c"), (80, "b")]
-# Long enough for adaptive windows: a every 10 s, b now and then.
-PERIODIC = sorted([(t, "a") for t in range(0, 250, 10)] + [(t, "b") for t in (7, 33, 95, 96, 183)])
-
-
-@pytest.mark.parametrize(
-    ("keepalive", "schedule", "ttl", "stems"),
-    [
-        ("fixed", SCHEDULE, 30, 0),
-        ("adaptive", PERIODIC, 2, 0),
-        ("fixed", SCHEDULE, 30, 1),
-        ("adaptive", PERIODIC, 2, 1),
-    ],
-    ids=["fixed", "adaptive", "stem-cells", "adaptive-stem-cells"],
-)
-def test_a_recorded_run_gives_the_same_commands_live_and_simulated(
-    tmp_path: Path, keepalive: str, schedule: list[tuple[int, str]], ttl: float, stems: int
-) -> None:
-    for model in ("a", "b", "c"):
-        make_bundle(tmp_path, model)
-    clock = FakeClock(start=0.0)
-    settings = Settings(
-        models_dir=tmp_path, max_workers=2, idle_ttl_s=ttl, queue_timeout_s=5, keepalive=keepalive, stem_cells=stems
-    )
-    pool = WarmPool(FakeBackend(), ModelCatalog(tmp_path, clock=clock), settings, clock, GpuMonitor(()), INLINE)
-    live: list[Command] = []
-    pool.recorder = lambda name, args, commands: live.extend(commands)
-    pool.start(background=False)
-    # Requests come half-way between the reaper's ticks (every second): no ties, which
-    # the two shells would order differently only because starts take no time here.
-    arrivals = [(t + 0.5, m) for t, m in schedule]
-    for second in range(0, 301):
-        while arrivals and arrivals[0][0] < second:
-            clock.t, model = arrivals.pop(0)
-            pool.predict(model, b"x")
-        clock.t = float(second)
-        pool.reap(readings=[])
-    pool.shutdown(grace_s=0)
-
-    config = CoreConfig(2, ttl, queue_max=settings.queue_max, retry_after_s=5, keepalive=keepalive, stem_cells=stems)
-    simulator = Simulator(
-        trace(*[(t + 0.5, m) for t, m in schedule]),
-        config,
-        Profile(spawn_ms=0, stop_ms=0, infer_ms=0, load_ms=0),
-        queue_timeout_s=5,
-        tick_s=1.0,
-    )
-    simulator.log = []
-    simulator.run()
-    simulated = [c for _, _, commands in simulator.log for c in commands]
-
-    expected = normalise(live)[: len(simulated)]  # live goes on to its shutdown
-    assert normalise(simulated) == expected
-    kinds = [c[0] for c in expected]
-    assert kinds.count("grant") == len(schedule) and kinds.count("stop") >= 5
-    assert any(c[0] == "stop" and c[3] == "ttl" for c in expected)  # TTL reaps
-    if stems:
-        assert any(c[0] == "grant" and c[6] == "stem" for c in expected)  # a stem cell served a miss
-        assert any(c[0] == "load" and c[3] is None for c in expected) or keepalive == "fixed"  # a pre-warm load
-    elif keepalive == "fixed":
-        assert any(c[0] == "spawn" and c[3] for c in expected)  # an eviction happened
-    else:
-        assert any(c[0] == "spawn" and c[4] is None for c in expected)  # a pre-warm happened

@@ -14,6 +14,19 @@ from wanwu_worker.stem import Stem
 
 from scheduler.core import CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
 from scheduler.errors import ModelUnavailable, WorkerStartError
+from scheduler.events import (
+    Arrive,
+    Close,
+    Configure,
+    Died,
+    Expire,
+    Ready,
+    Released,
+    StartFailed,
+    StopAll,
+    Stopped,
+    Tick,
+)
 from scheduler.gpu import GpuMonitor
 from scheduler.models import ModelCatalog
 from scheduler.policy import STEM, State
@@ -107,19 +120,19 @@ def core(**changes: object) -> PoolCore:
 
 
 def ready_stem(pool: PoolCore, now: float = 0.0) -> str:
-    (spawn,) = pool.tick(now)
+    (spawn,) = pool.handle(Tick(now))
     assert isinstance(spawn, SpawnWorker) and spawn.model == STEM and spawn.request_id is None
-    assert pool.ready(spawn.worker_id, now + 1, 1000.0) == []
+    assert pool.handle(Ready(spawn.worker_id, now + 1, 1000.0)) == []
     return spawn.worker_id
 
 
 def test_a_miss_loads_the_model_into_a_stem_cell_and_a_replacement_starts() -> None:
     pool = core(capacity=3)
     stem = ready_stem(pool)
-    load, replacement = pool.arrive(1, "a", 2.0, 12.0)
+    load, replacement = pool.handle(Arrive(1, "a", 2.0, 12.0))
     assert load == LoadWorker(stem, "a", 1)
     assert isinstance(replacement, SpawnWorker) and replacement.model == STEM
-    (grant,) = pool.ready(stem, 2.2, 200.0, {"load": 150.0, "warmup": 40.0})
+    (grant,) = pool.handle(Ready(stem, 2.2, 200.0, {"load": 150.0, "warmup": 40.0}))
     assert isinstance(grant, Grant) and grant.cold_start and grant.start == "stem" and grant.spawn_ms == 200.0
     assert pool.counters["stem_starts"] == 1 and pool.counters["cold_starts"] == 1
     assert pool.workers[stem].model == "a"
@@ -128,44 +141,46 @@ def test_a_miss_loads_the_model_into_a_stem_cell_and_a_replacement_starts() -> N
 def test_stem_cells_count_in_n_and_go_first_when_a_slot_is_needed() -> None:
     pool = core(capacity=2)
     stem = ready_stem(pool)
-    pool.arrive(1, "a", 2.0, 12.0)  # a takes the stem cell; one slot left for a new stem
-    pool.ready(stem, 2.2, 200.0)
+    pool.handle(Arrive(1, "a", 2.0, 12.0))  # a takes the stem cell; one slot left for a new stem
+    pool.handle(Ready(stem, 2.2, 200.0))
     new_stem = next(w for w in pool.workers.values() if w.model == STEM)
-    pool.ready(new_stem.id, 3.0, 1000.0)
-    pool.released(stem, 3.1)
+    pool.handle(Ready(new_stem.id, 3.0, 1000.0))
+    pool.handle(Released(stem, 3.1))
     assert len(pool.workers) == 2
-    (load,) = pool.arrive(2, "b", 4.0, 14.0)  # b adopts the new stem; no room for another
+    (load,) = pool.handle(Arrive(2, "b", 4.0, 14.0))  # b adopts the new stem; no room for another
     assert load == LoadWorker(new_stem.id, "b", 2) and len(pool.workers) == 2
-    pool.ready(new_stem.id, 4.2, 200.0)
-    pool.released(new_stem.id, 4.3)
-    (spawn,) = pool.arrive(3, "c", 5.0, 15.0)  # full, no stem: evict the LRU idle (a)
+    pool.handle(Ready(new_stem.id, 4.2, 200.0))
+    pool.handle(Released(new_stem.id, 4.3))
+    (spawn,) = pool.handle(Arrive(3, "c", 5.0, 15.0))  # full, no stem: evict the LRU idle (a)
     assert isinstance(spawn, SpawnWorker) and spawn.evict == (stem,)
 
 
 def test_an_idle_stem_cell_is_evicted_before_any_model_worker() -> None:
     pool = core(capacity=2, stem_models=frozenset({"a"}))  # b is not in the models directory
-    spawn, stem_spawn = pool.arrive(1, "a", 0.0, 10.0)  # no stem yet: a container, and a stem in the spare slot
+    spawn, stem_spawn = pool.handle(Arrive(1, "a", 0.0, 10.0))  # no stem yet: a container, and a stem in the spare slot
     assert spawn.model == "a" and isinstance(stem_spawn, SpawnWorker) and stem_spawn.model == STEM
-    pool.ready(spawn.worker_id, 1.0, 1000.0)
-    pool.released(spawn.worker_id, 1.5)  # a idle since 1.5: older than the stem
-    pool.ready(stem_spawn.worker_id, 2.0, 1000.0)
-    (evicting,) = pool.arrive(2, "b", 3.0, 13.0)
+    pool.handle(Ready(spawn.worker_id, 1.0, 1000.0))
+    pool.handle(Released(spawn.worker_id, 1.5))  # a idle since 1.5: older than the stem
+    pool.handle(Ready(stem_spawn.worker_id, 2.0, 1000.0))
+    (evicting,) = pool.handle(Arrive(2, "b", 3.0, 13.0))
     assert isinstance(evicting, SpawnWorker) and evicting.evict == (stem_spawn.worker_id,)
 
 
 def test_a_model_that_fails_to_load_stops_the_stem_cell_and_gets_a_container_instead() -> None:
     pool = core(capacity=3)
     stem = ready_stem(pool)
-    pool.arrive(1, "a", 2.0, 12.0)
+    pool.handle(Arrive(1, "a", 2.0, 12.0))
     error = WorkerStartError("stem cell w0001 could not load a: bad_bundle: model.pt is broken")
-    commands = pool.start_failed(stem, 2.5, error)
+    commands = pool.handle(StartFailed(stem, 2.5, error))
     assert commands[0] == StopWorker(stem, "a", "load_failed")
     (spawn,) = [c for c in commands if isinstance(c, SpawnWorker) and c.model == "a"]
     assert spawn.request_id == 1 and not any(isinstance(c, Fail) for c in commands)  # it waits on
     assert pool.workers[stem].state is State.STOPPING and pool.reaps["load_failed"] == 1
     container_error = WorkerStartError("worker exited with status 2 while starting: not a loadable TorchScript")
-    assert Fail(1, container_error) in pool.start_failed(spawn.worker_id, 3.0, container_error)  # broken after all
-    (fail,) = [c for c in pool.arrive(2, "a", 3.1, 13.1) if isinstance(c, Fail)]
+    assert Fail(1, container_error) in pool.handle(
+        StartFailed(spawn.worker_id, 3.0, container_error)
+    )  # broken after all
+    (fail,) = [c for c in pool.handle(Arrive(2, "a", 3.1, 13.1)) if isinstance(c, Fail)]
     assert isinstance(fail.error, ModelUnavailable)  # backs off like any failed start
     assert pool.counters["load_failures"] == 1 and pool.counters["spawn_failures"] == 1
 
@@ -173,21 +188,21 @@ def test_a_model_that_fails_to_load_stops_the_stem_cell_and_gets_a_container_ins
 def test_stem_cells_are_not_reaped_by_ttl_but_are_stopped_on_shutdown() -> None:
     pool = core()
     stem = ready_stem(pool)
-    assert pool.tick(10_000.0) == [] and pool.next_wakeup() is None
-    pool.close(10_001.0)
-    assert pool.stop_all(10_001.0) == [StopWorker(stem, STEM, "shutdown", 10_000.0)]
+    assert pool.handle(Tick(10_000.0)) == [] and pool.next_wakeup() is None
+    pool.handle(Close(10_001.0))
+    assert pool.handle(StopAll(10_001.0)) == [StopWorker(stem, STEM, "shutdown", 10_000.0)]
 
 
 def test_models_a_stem_cell_cannot_see_start_their_own_container() -> None:
     pool = core(capacity=3, stem_models=frozenset({"a"}))
     ready_stem(pool)
-    (spawn,) = pool.arrive(1, "linked", 2.0, 12.0)
+    (spawn,) = pool.handle(Arrive(1, "linked", 2.0, 12.0))
     assert isinstance(spawn, SpawnWorker) and spawn.model == "linked"
 
 
 def test_no_stem_cells_when_turned_off() -> None:
     pool = core(stem_cells=0)
-    assert pool.tick(0.0) == []
+    assert pool.handle(Tick(0.0)) == []
 
 
 # -- the live shell over the fake backend ---------------------------------------------------------
@@ -243,39 +258,39 @@ def test_a_stem_cell_still_starting_keeps_its_slot_until_it_is_up_then_goes_firs
     # Stopping a container while another thread still creates it could leave N + 1
     # containers for a moment (the hypothesis machine found that): it is evicted once up.
     pool = core(capacity=1, stem_models=frozenset())
-    (stem,) = pool.tick(0.0)
-    assert pool.arrive(1, "linked", 0.5, 10.5) == []
-    (spawn,) = pool.ready(stem.worker_id, 1.0, 1000.0)
+    (stem,) = pool.handle(Tick(0.0))
+    assert pool.handle(Arrive(1, "linked", 0.5, 10.5)) == []
+    (spawn,) = pool.handle(Ready(stem.worker_id, 1.0, 1000.0))
     assert isinstance(spawn, SpawnWorker) and spawn.model == "linked" and spawn.evict == (stem.worker_id,)
 
 
 def test_a_request_joins_a_load_nobody_waits_for_instead_of_taking_another_stem_cell() -> None:
     pool = core(capacity=4, stem_cells=2)
-    first, second = pool.tick(0.0)
-    pool.ready(first.worker_id, 1.0, 1000.0)
-    pool.ready(second.worker_id, 1.0, 1000.0)
-    (load,) = [c for c in pool.arrive(1, "a", 2.0, 2.1) if isinstance(c, LoadWorker)]
-    pool.expire(1, 2.1)
-    assert [c for c in pool.arrive(2, "a", 2.2, 12.2) if isinstance(c, LoadWorker)] == []  # it joins that load
-    (grant,) = pool.ready(load.worker_id, 2.4, 200.0)[:1]
+    first, second = pool.handle(Tick(0.0))
+    pool.handle(Ready(first.worker_id, 1.0, 1000.0))
+    pool.handle(Ready(second.worker_id, 1.0, 1000.0))
+    (load,) = [c for c in pool.handle(Arrive(1, "a", 2.0, 2.1)) if isinstance(c, LoadWorker)]
+    pool.handle(Expire(1, 2.1))
+    assert [c for c in pool.handle(Arrive(2, "a", 2.2, 12.2)) if isinstance(c, LoadWorker)] == []  # it joins that load
+    (grant,) = pool.handle(Ready(load.worker_id, 2.4, 200.0))[:1]
     assert isinstance(grant, Grant) and grant.request_id == 2 and grant.start == "stem"
 
 
 def test_a_stem_cell_that_dies_waiting_backs_off_the_next_one() -> None:
     pool = core()
     stem = ready_stem(pool)
-    assert pool.died(stem, 5.0, "exit 139") == [StopWorker(stem, STEM, "crashed", 4.0)]
-    assert pool.stopped(stem, 5.1) == []  # no replacement during the backoff
+    assert pool.handle(Died(stem, 5.0, "exit 139")) == [StopWorker(stem, STEM, "crashed", 4.0)]
+    assert pool.handle(Stopped(stem, 5.1)) == []  # no replacement during the backoff
     assert pool.backoff[STEM].failures == 1 and pool.counters["spawn_failures"] == 1
-    (replacement,) = pool.tick(6.5)
+    (replacement,) = pool.handle(Tick(6.5))
     assert isinstance(replacement, SpawnWorker) and replacement.model == STEM
 
 
 def test_configure_keeps_stem_cells_off_the_ttl_and_trims_them_to_the_new_count() -> None:
     pool = core(capacity=4, stem_cells=2)
-    for spawn in pool.tick(0.0):
-        pool.ready(spawn.worker_id, 1.0, 1000.0)
-    assert pool.configure(replace(CONFIG, capacity=4, stem_cells=2, default_ttl_s=5), 2.0) == []
-    assert pool.next_wakeup() is None and pool.tick(100.0) == []  # still no TTL for stem cells
-    (trimmed,) = pool.configure(replace(CONFIG, capacity=4, stem_cells=1), 101.0)
+    for spawn in pool.handle(Tick(0.0)):
+        pool.handle(Ready(spawn.worker_id, 1.0, 1000.0))
+    assert pool.handle(Configure(replace(CONFIG, capacity=4, stem_cells=2, default_ttl_s=5), 2.0)) == []
+    assert pool.next_wakeup() is None and pool.handle(Tick(100.0)) == []  # still no TTL for stem cells
+    (trimmed,) = pool.handle(Configure(replace(CONFIG, capacity=4, stem_cells=1), 101.0))
     assert isinstance(trimmed, StopWorker) and trimmed.model == STEM and trimmed.reason == "evicted"
