@@ -18,8 +18,8 @@ from scheduler.settings import Settings
 
 from .client import request_json as _request
 
-if TYPE_CHECKING:  # the simulator is imported only by the commands that need it
-    from scheduler.sim import Profile
+if TYPE_CHECKING:  # the simulator and its profiles are imported only by the commands that need them
+    from scheduler.profiles import Profile
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -447,11 +447,11 @@ def _trace_options(func: F) -> F:
 
 class _ProfileFigure(click.Option):
     """A ``wanwu tune`` option that defaults to the profile's figure: the general model's
-    (scheduler.sim.GENERAL_PROFILE, shown in --help and read only then, so the CLI starts
+    (scheduler.profiles.GENERAL_PROFILE, shown in --help and read only then, so the CLI starts
     without the simulator) or --profile's."""
 
     def get_help_extra(self, ctx: click.Context) -> Any:
-        from scheduler.sim import GENERAL_PROFILE
+        from scheduler.profiles import GENERAL_PROFILE
 
         extra = super().get_help_extra(ctx)
         name = self.name or ""
@@ -480,7 +480,7 @@ def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None)
     """``--profile PATH``: (the bundle's Profile, where it came from), or None."""
     if raw is None:
         return None
-    from scheduler.sim import load_bundle_profile
+    from scheduler.profiles import load_bundle_profile
     from scheduler.tuning import TuneError
 
     try:
@@ -568,6 +568,14 @@ _PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "
     help="GPU memory a worker holds; 'trace': each model's from the trace (an Azure trace's mem.csv is "
     "its functions' host memory, not a model's GPU memory; an access log has none).",
 )
+@click.option(
+    "--failure-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    help="The share of worker calls that crash or time out: the core tries such a request once more on "
+    "another worker, as the live pool does, so the replay shows what retries cost.",
+)
 @click.option("--queue-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--queue-max", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -616,6 +624,7 @@ def tune(
     stop_ms: float | None,
     infer_ms: float | str | None,
     memory_mb: float | str | None,
+    failure_rate: float,
     queue_timeout_s: float,
     queue_max: int,
     tick_s: float,
@@ -650,7 +659,8 @@ def tune(
 
     from scheduler import tuning
     from scheduler.core import CoreConfig
-    from scheduler.sim import Grid, resolve_profile, run_grid
+    from scheduler.profiles import resolve_profile
+    from scheduler.sim import Grid, run_grid
     from scheduler.traces import load_trace
 
     loaded = load_trace(trace, max_per_day=max_per_day, minutes=minutes, seed=seed)
@@ -658,7 +668,13 @@ def tune(
         raise tuning.TuneError(f"{trace}: no requests left to replay (check --max-per-day and --minutes)")
     target = tuning.Target(max_cold_rate, max_p99_ms, max_reject_rate, max_idle_gb_h)
     access_log = not Path(trace).is_dir()
-    figures = {"spawn_ms": spawn_ms, "load_ms": load_ms, "stop_ms": stop_ms, "stem_memory_mb": stem_memory_mb}
+    figures = {
+        "spawn_ms": spawn_ms,
+        "load_ms": load_ms,
+        "stop_ms": stop_ms,
+        "stem_memory_mb": stem_memory_mb,
+        "failure_rate": failure_rate or None,
+    }
     profile, source = resolve_profile(bundle, access_log, infer_ms, memory_mb, figures)
     if profile.memory_mb is None and not any(p.memory_mb for p in loaded.profiles.values()):
         click.echo("wanwu tune: the trace has no memory figures, so idle GB-hours are 0; pass --memory-mb", err=True)

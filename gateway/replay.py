@@ -23,7 +23,8 @@ import requests
 
 from scheduler.core import CoreConfig
 from scheduler.errors import WanwuError
-from scheduler.sim import Profile, percentile, simulate
+from scheduler.profiles import Profile
+from scheduler.sim import percentile, simulate
 from scheduler.traces import Trace, load_trace
 
 from .client import request_json

@@ -13,7 +13,7 @@ request waits at most for one batch's inference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .events import BATCH, INTERACTIVE
@@ -32,6 +32,104 @@ class Request:
     attempt: int = 1  # its try: 2 once a worker failed it and it waits for another
     wait_s: float = 0.0  # how long it may wait for a worker, each try
     tries: int = 2  # how many workers may try it
+    seq: int = 0  # its place in the queue (set when queued)
+
+
+class WaitQueue:
+    """The requests waiting, indexed so that serving them costs what can be served, not
+    how many wait: by priority in queue order, by (model, priority), and apart, per
+    model, those whose start is under way ("parked": only a free worker of their model
+    or a failed start changes anything for them). Iterating gives queue order."""
+
+    def __init__(self) -> None:
+        self._all: dict[int, Request] = {}  # id -> request, in queue order
+        self._in: dict[str, dict[int, Request]] = {INTERACTIVE: {}, BATCH: {}}  # by priority, in queue order
+        self._open: dict[str, dict[int, Request]] = {INTERACTIVE: {}, BATCH: {}}  # no start under way
+        self._parked: dict[str, dict[int, Request]] = {}  # model -> requests whose start is under way
+        self._of: dict[tuple[str, str], dict[int, Request]] = {}  # (model, priority) -> requests
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._all.values()))
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Iterable) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def add(self, request: Request) -> None:
+        self._seq += 1
+        request.seq = self._seq
+        self._all[request.id] = request
+        self._of.setdefault((request.model, request.priority), {})[request.id] = request
+        self._in[request.priority][request.id] = request
+        self._place(request)
+
+    def remove(self, request: Request) -> None:
+        del self._all[request.id]
+        group = self._of[(request.model, request.priority)]
+        del group[request.id]
+        if not group:
+            del self._of[(request.model, request.priority)]
+        del self._in[request.priority][request.id]
+        self._displace(request)
+
+    def park(self, request: Request, worker_id: str | None) -> None:
+        """``request`` waits for the start of ``worker_id`` (None: for none)."""
+        queued = request.id in self._all
+        if queued:
+            self._displace(request)
+        request.spawning = worker_id
+        if queued:
+            self._place(request)
+
+    def count(self, priority: str) -> int:
+        return len(self._in[priority])
+
+    def opened(self) -> bool:
+        """Whether a request waits with no start under way for it."""
+        return bool(self._open[INTERACTIVE] or self._open[BATCH])
+
+    def of(self, model: str, priority: str) -> Iterator[Request]:
+        """The requests for ``model`` at ``priority``, in queue order."""
+        return iter(list(self._of.get((model, priority), {}).values()))
+
+    def waits(self, model: str, priority: str) -> bool:
+        return bool(self._of.get((model, priority)))
+
+    def first(self, priority: str) -> Request | None:
+        return next(iter(self._in[priority].values()), None)
+
+    def parked(self, model: str) -> bool:
+        return bool(self._parked.get(model))
+
+    def parked_models(self) -> list[str]:
+        return list(self._parked)
+
+    def candidates(self, models: Iterable[str]) -> list[Request]:
+        """In the order they are served (interactive first, FIFO within a priority):
+        every request with no start under way, and the parked ones of ``models``."""
+        chosen = [*self._open[INTERACTIVE].values(), *self._open[BATCH].values()]
+        chosen += [r for model in models for r in self._parked.get(model, {}).values()]
+        return sorted(chosen, key=lambda r: (r.priority != INTERACTIVE, r.seq))
+
+    def _place(self, request: Request) -> None:
+        if request.spawning is None:
+            self._open[request.priority][request.id] = request
+        else:
+            self._parked.setdefault(request.model, {})[request.id] = request
+
+    def _displace(self, request: Request) -> None:
+        if request.spawning is None:
+            del self._open[request.priority][request.id]
+        else:
+            group = self._parked[request.model]
+            del group[request.id]
+            if not group:
+                del self._parked[request.model]
 
 
 def in_order(queue: Sequence[Request]) -> list[Request]:

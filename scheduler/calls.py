@@ -28,6 +28,7 @@ from .errors import (
     WorkerRejected,
     WorkerTimeout,
 )
+from .events import Grant
 from .models import ModelCatalog, ModelInfo
 from .policy import State
 from .scoring import LabelSubset, label_scores, shape, slices
@@ -177,6 +178,7 @@ class Calls:
     core: PoolCore
     _lock: threading.Lock
     _calls: Executor | None  # predict_batch's calls run side by side on it; None: one after another
+    _waiters: dict[int, _Waiter]  # every request a thread waits on, by id
 
     if TYPE_CHECKING:  # WarmPool's own (scheduler.pool)
 
@@ -196,6 +198,30 @@ class Calls:
         def release(
             self, lease: Lease, ok: bool = True, reason: str = "crashed", error: WanwuError | None = None
         ) -> None: ...
+
+    def _lease(self, grant: Grant, connection: Connection, batches: dict[tuple[int, ...], _Batch]) -> Lease:
+        """The lease ``grant`` gives its request; the members of one dynamic batch share
+        a ``_Batch`` (made for the first, while every member still waits)."""
+        batch = None
+        if grant.batch:
+            batch = batches.get(grant.batch)
+            if batch is None:
+                batch = batches[grant.batch] = _Batch([self._waiters[i] for i in grant.batch])
+        return Lease(
+            grant.worker_id,
+            grant.model,
+            connection,
+            grant.cold_start,
+            grant.queue_ms,
+            grant.spawn_ms,
+            dict(grant.spawn_breakdown),
+            grant.start,
+            batch,
+            grant.batch.index(grant.request_id) if grant.batch else 0,
+            cpu_fallback=grant.cpu_fallback,
+            request_id=grant.request_id,
+            attempt=grant.attempt,
+        )
 
     def predict(
         self,

@@ -175,7 +175,7 @@ class PoolCore(Rules):
         if self.closing:
             return Fail(request.id, BackendUnavailable("the pool is shutting down"))
         # Each priority has its own room: waiting batch work never turns interactive requests away.
-        waiting = self._waiting[request.priority]
+        waiting = self.queue.count(request.priority)
         if waiting >= max(1, self.config.queue_max):
             self.counters["rejected"] += 1
             error = CapacityExhausted(f"the wait queue is full ({waiting} requests)", self.config.retry_after_s)
@@ -238,7 +238,8 @@ class PoolCore(Rules):
             return Fail(request.id, error)
         request.attempt += 1
         request.deadline, request.enqueued = now + request.wait_s, now
-        request.spawning, request.done = None, False
+        request.done = False
+        self.queue.park(request, None)
         refused = self._admit(request, now)
         if refused is not None:
             return refused
@@ -252,6 +253,8 @@ class PoolCore(Rules):
         worker, now = self.workers.get(event.worker_id), event.now
         if worker is None:  # stopped while it was starting (a shutdown): stop what came up
             return [StopWorker(event.worker_id, "", "shutdown")]
+        if worker.state not in (State.STARTING, State.STOPPING):
+            return []  # a second report of a start already seen: nothing starts twice
         self.backoff.pop(worker.model, None)
         worker.spawn_ms = event.spawn_ms
         worker.spawn_breakdown = dict(event.breakdown or {})
@@ -267,7 +270,7 @@ class PoolCore(Rules):
         if worker.retired and not self.closing and worker.state is not State.STOPPING:
             # It may have loaded the old bundle: its request waits on for a fresh start.
             if waiting is not None:
-                waiting.spawning = None
+                self.queue.park(waiting, None)
             return [self._stop(worker, "replaced", now), *self._dispatch(now)]
         if worker.state is State.STOPPING or self.closing:
             commands: list[Command] = [self._stop(worker, "shutdown", now)]
@@ -282,7 +285,8 @@ class PoolCore(Rules):
             self._idle(worker, now, self.window(worker.model).keep_s)
         if waiting is not None and waiting.priority == BATCH and self._interactive_waits(worker.model):
             # Interactive waiters go first, even for a worker started for batch work.
-            waiting.spawning = worker.reserved_for = None
+            worker.reserved_for = None
+            self.queue.park(waiting, None)
         elif waiting is not None:  # it waited for a start: take its companions without more waiting
             # (even over a lowered N: its request has waited for it; it stops when idle)
             commands += self._hand_over_batch(self._members(waiting, now, hold=False) or [waiting], worker, now)
@@ -292,8 +296,8 @@ class PoolCore(Rules):
         """A worker did not become ready: its model backs off (1 s, doubling to the
         maximum) and the request it was started for gets the error."""
         worker, now, error = self.workers.get(event.worker_id), event.now, event.error
-        if worker is None:
-            return []
+        if worker is None or worker.state not in (State.STARTING, State.STOPPING):
+            return []  # gone, or a start already seen to succeed
         commands: list[Command] = []
         waiting = self._waiting_request(worker.reserved_for)
         if worker.adopted and worker.state is State.STARTING:
@@ -304,7 +308,7 @@ class PoolCore(Rules):
             self.counters["load_failures"] += 1
             self._back_off(self._stemless, worker.model, now, error)
             if waiting is not None:
-                waiting.spawning = None  # it waits on: dispatch starts a container for it
+                self.queue.park(waiting, None)  # it waits on: dispatch starts a container for it
             return commands + self._dispatch(now)
         self.workers.move(worker, None)  # the backend has already removed a container that failed to start
         self.counters["spawn_failures"] += 1
@@ -328,8 +332,8 @@ class PoolCore(Rules):
 
     def _stopped(self, event: Stopped) -> list[Command]:
         worker = self.workers.get(event.worker_id)
-        if worker is None:
-            return []
+        if worker is None or worker.state is not State.STOPPING:
+            return []  # only a worker the core stopped is gone: any other report is stray
         self.workers.move(worker, None)
         return self._dispatch(event.now)
 

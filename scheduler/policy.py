@@ -162,6 +162,8 @@ class Listed(Generic[W]):
 
 
 def indexed(workers: Sequence[W] | Indexed[W]) -> Indexed[W]:
+    if isinstance(workers, list | tuple):  # the common case first: an ABC check costs more than a decision
+        return Listed(workers)
     return Listed(workers) if isinstance(workers, Sequence) else workers
 
 

@@ -1,35 +1,22 @@
 """The warm pool: the live shell around the pool core (``scheduler.core``).
 
-The core decides everything (queue, FIFO order, deadlines, reservations, eviction,
-backoff, keep-alive) from events; this shell feeds it events under one lock, with real
-time, and carries out its commands: grants and failures wake the waiting thread, spawns
-and stops run after the lock is released, on an executor, so several spawns can run at
-once and no Docker call ever holds up another request. Requests that cannot be served
-at once wait until a worker is released or started, or their deadline passes
-(CapacityExhausted: the gateway's 503 + Retry-After).
+The core decides everything from events; this shell keeps the lock, the threads, the
+leases and the I/O. It feeds the core events under one lock, with real time, and carries
+out its commands: grants, retries and failures wake the waiting thread; starts and stops
+run after the lock is released, on an executor, so several can run at once and no Docker
+call holds up another request. A timer thread ticks the core at its next wake-up (a
+keep-alive ending, a pre-warm, a held batch), exactly; the reaper thread reads GPU memory
+and polls the models directory every ``WANWU_REAP_INTERVAL_S``.
 
-Dynamic batching: when the core grants several requests one worker call (``Grant.batch``),
-the first member's thread sends every member's images in one ``/predict_batch`` call and
-hands each member its own results; the others wait for that.
-
-Time: a timer thread sleeps until the core's next wake-up (``next_wakeup``: a keep-alive
-ending, a pre-warm, a held batch) or until an event moves it earlier, and ticks the core
-then, exactly. The reaper thread reads the GPUs' memory and polls the models directory
-every ``reap_interval_s`` (``WANWU_REAP_INTERVAL_S``) and ticks the core with the
-readings; nothing else waits for it.
+Beside it: ``calls`` (worker calls on leases: ``predict``, ``predict_batch``, dynamic
+batches), ``starts`` (carrying out starts and stops), ``snapshot`` (what it reports),
+``scoring`` (shaping answers: top_k, label subsets).
 
     pool = WarmPool(backend, catalog, settings)
     pool.start()                      # remove this pool id's leftovers, start threads
-    answer = pool.predict("demo-shapes", image_bytes, top_k=5)
-    answers = pool.predict_batch("demo-shapes", [a, b, c], priority="batch")
+    answer = pool.predict("general", image_bytes, top_k=5)
+    answers = pool.predict_batch("general", [a, b, c], priority="batch")
     pool.shutdown()                   # drain, then remove every container of this pool
-
-The rest of the pool lives beside it: ``scheduler.calls`` (the request path on a lease:
-``predict``, ``predict_batch``, retries and dynamic batches), ``scheduler.starts``
-(carrying out the core's start and stop commands), ``scheduler.snapshot`` (what
-``snapshot()`` reports) and ``scheduler.scoring`` (shaping a worker's answer: top_k and
-label subsets). ``WarmPool`` inherits the first two; this module keeps the live shell:
-the lock, the threads, the leases, feeding the core and applying its commands.
 """
 
 from __future__ import annotations
@@ -42,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, assert_never
 
+from . import events as ev
 from . import policy
 from .backends.base import Backend, Connection
 from .calls import BatchAnswer, Calls, Lease, PoolAnswer, _Batch, _Waiter
@@ -49,33 +37,14 @@ from .clock import Clock, MonotonicClock
 from .core import BATCH, INTERACTIVE, PRIORITIES, REAP_REASONS, PoolCore
 from .coreconfig import CoreConfig, core_config
 from .errors import WanwuError, WorkerTimeout
-from .events import (
-    Arrive,
-    Close,
-    Command,
-    Configure,
-    Died,
-    Event,
-    Expire,
-    Fail,
-    Grant,
-    LoadWorker,
-    Reconcile,
-    Released,
-    RemoveStray,
-    Retry,
-    SpawnWorker,
-    StopAll,
-    StopWorker,
-    Tick,
-)
+from .events import Command, Event
 from .gpu import GpuMonitor, GpuReader
 from .models import ModelCatalog
 from .policy import State
 from .scoring import LabelSubset
 from .settings import Settings
-from .snapshot import PoolSnapshot, WorkerInfo, take_snapshot
-from .starts import Action, Starts
+from .snapshot import PoolSnapshot, WorkerInfo, readiness, runtime_settings, take_snapshot
+from .starts import INLINE, Action, Starts
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +61,6 @@ __all__ = [
     "WarmPool",
     "WorkerInfo",
 ]
-
-
-class _Inline(Executor):
-    """Runs submitted work at once in the caller's thread (deterministic tests)."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        fn(*args, **kwargs)
-        return None
-
-
-INLINE = _Inline()
 
 
 class WarmPool(Calls, Starts):
@@ -205,7 +163,7 @@ class WarmPool(Calls, Starts):
                     self._sleeping_until = None
                     continue
                 try:
-                    actions = self._event(Tick(now))  # as wake(), with the lock already held
+                    actions = self._event(ev.Tick(now))  # as wake(), with the lock already held
                     self._lock.release()
                     try:
                         self._run(actions)
@@ -220,7 +178,7 @@ class WarmPool(Calls, Starts):
         stop every worker of this pool."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         with self._lock:
-            self._event(Close(self.clock.now()))
+            self._event(ev.Close(self.clock.now()))
             deadline = self.clock.now() + grace
             while self.core.in_flight():
                 left = deadline - self.clock.now()
@@ -228,7 +186,7 @@ class WarmPool(Calls, Starts):
                     log.warning("shutdown grace of %.1f s is over with requests still in flight", grace)
                     break
                 self._idle_or_gone.wait(min(left, 0.1))
-            actions = self._event(StopAll(self.clock.now()))
+            actions = self._event(ev.StopAll(self.clock.now()))
         self._stop.set()
         with self._lock:
             self._wake.notify_all()
@@ -268,7 +226,7 @@ class WarmPool(Calls, Starts):
             self.settings, self._ttl_overrides = settings, ttl
             self._grow_executors(settings.max_workers)
             after = self._runtime_settings()
-            actions = self._event(Configure(self._core_config(), self.clock.now()))
+            actions = self._event(ev.Configure(self._core_config(), self.clock.now()))
         self._run(actions)
         changed = {key: (before[key], after[key]) for key in after if before[key] != after[key]}
         if changed:
@@ -290,14 +248,7 @@ class WarmPool(Calls, Starts):
         self._sized_for = workers
 
     def _runtime_settings(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "max_workers": s.max_workers,
-            "idle_ttl_s": s.idle_ttl_s,
-            "keepalive": s.keepalive,
-            "stem_cells": s.stem_cells,
-            "model_ttl_s": dict(sorted(self._ttl_overrides.items())),
-        }
+        return runtime_settings(self.settings, self._ttl_overrides)
 
     # -- the core, under the lock ------------------------------------------------------
 
@@ -311,7 +262,7 @@ class WarmPool(Calls, Starts):
         if self.catalog.version != self._catalog_version:  # bundles came, went or were replaced
             self._catalog_version = self.catalog.version
             digests = {m.name: m.digest for m in self.catalog.all()}
-            commands += self._feed(Configure(self._core_config(), self.clock.now(), digests))
+            commands += self._feed(ev.Configure(self._core_config(), self.clock.now(), digests))
         handled = self.core.handle(event)
         if self.recorder is not None:
             self.recorder(event, handled)
@@ -321,45 +272,26 @@ class WarmPool(Calls, Starts):
         actions: list[Action] = []
         batches: dict[tuple[int, ...], _Batch] = {}
         for command in commands:
-            if isinstance(command, Grant):
-                batch = None
-                if command.batch:
-                    batch = batches.get(command.batch)
-                    if batch is None:  # its first member: every member is still waiting
-                        batch = batches[command.batch] = _Batch([self._waiters[i] for i in command.batch])
+            if isinstance(command, ev.Grant):
                 waiter = self._waiters[command.request_id]
-                waiter.lease = Lease(
-                    command.worker_id,
-                    command.model,
-                    self._connections[command.worker_id],
-                    command.cold_start,
-                    command.queue_ms,
-                    command.spawn_ms,
-                    dict(command.spawn_breakdown),
-                    command.start,
-                    batch,
-                    command.batch.index(command.request_id) if command.batch else 0,
-                    cpu_fallback=command.cpu_fallback,
-                    request_id=command.request_id,
-                    attempt=command.attempt,
-                )
+                waiter.lease = self._lease(command, self._connections[command.worker_id], batches)
                 waiter.event.set()
-            elif isinstance(command, Retry):
+            elif isinstance(command, ev.Retry):
                 waiter = self._waiters[command.request_id]
                 waiter.attempt, waiter.deadline = command.attempt, command.deadline
                 log.warning("trying request %d again on another worker after: %s", command.request_id, command.error)
-            elif isinstance(command, Fail):
+            elif isinstance(command, ev.Fail):
                 waiter = self._waiters.pop(command.request_id)
                 waiter.error = command.error
                 waiter.event.set()
-            elif isinstance(command, SpawnWorker):
+            elif isinstance(command, ev.SpawnWorker):
                 actions.append(self._later(self._spawn_job, command))
-            elif isinstance(command, LoadWorker):
+            elif isinstance(command, ev.LoadWorker):
                 actions.append(self._later(self._load_job, command))
-            elif isinstance(command, StopWorker):
+            elif isinstance(command, ev.StopWorker):
                 self._log_stop(command)
                 actions.append(self._later(self._stop_job, command))
-            elif isinstance(command, RemoveStray):
+            elif isinstance(command, ev.RemoveStray):
                 log.info("removing container of worker %s, which this pool no longer tracks", command.worker_id)
                 actions.append(self._later(self._stop_container, command.worker_id, "stray"))
             else:
@@ -409,7 +341,7 @@ class WarmPool(Calls, Starts):
         with self._lock:
             waiter = _Waiter(next(self._request_ids), deadline, images=images, top_k=top_k, subset=subset)
             self._waiters[waiter.request_id] = waiter
-            arrive = Arrive(waiter.request_id, info.name, self.clock.now(), deadline, len(images), priority, tries)
+            arrive = ev.Arrive(waiter.request_id, info.name, self.clock.now(), deadline, len(images), priority, tries)
             actions = self._event(arrive)
         self._run(actions)
         return waiter
@@ -422,7 +354,7 @@ class WarmPool(Calls, Starts):
             actions: list[Action] = []
             with self._lock:
                 if not waiter.event.is_set():
-                    actions = self._event(Expire(waiter.request_id, self.clock.now(), waiter.attempt))
+                    actions = self._event(ev.Expire(waiter.request_id, self.clock.now(), waiter.attempt))
                 lease, error = waiter.lease, waiter.error
                 if lease is not None:  # taken: a failed call's Retry re-arms it for the next Grant
                     waiter.lease = None
@@ -449,7 +381,7 @@ class WarmPool(Calls, Starts):
             if ok:  # its requests are answered (a failed call's are sent round again, or fail)
                 for request_id in lease.request_ids():
                     self._waiters.pop(request_id, None)
-            actions = self._event(Released(lease.worker_id, self.clock.now(), ok, reason, error))
+            actions = self._event(ev.Released(lease.worker_id, self.clock.now(), ok, reason, error))
         self._run(actions)
 
     # -- reaping and events -----------------------------------------------------------
@@ -462,15 +394,15 @@ class WarmPool(Calls, Starts):
         self.catalog.poll()  # a replaced bundle's workers are retired by the feed below
         now = self.clock.now() if now is None else now
         with self._lock:
-            commands = self._feed(Tick(now, readings))
+            commands = self._feed(ev.Tick(now, readings))
             actions = self._apply(commands)
         self._run(actions)
-        return [(c.worker_id, c.reason) for c in commands if isinstance(c, StopWorker)]
+        return [(c.worker_id, c.reason) for c in commands if isinstance(c, ev.StopWorker)]
 
     def wake(self) -> None:
         """Tick the core now (what the timer thread does at the core's next wake-up)."""
         with self._lock:
-            actions = self._event(Tick(self.clock.now()))
+            actions = self._event(ev.Tick(self.clock.now()))
         self._run(actions)
 
     def on_worker_exit(self, worker_id: str, reason: str) -> None:
@@ -479,7 +411,7 @@ class WarmPool(Calls, Starts):
             worker = self.core.workers.get(worker_id)
             if worker is not None and worker.state is State.IDLE:
                 log.warning("worker %s (model %s) died while idle: %s", worker_id, worker.model, reason)
-            actions = self._event(Died(worker_id, self.clock.now(), reason))
+            actions = self._event(ev.Died(worker_id, self.clock.now(), reason))
         self._run(actions)
 
     def reconcile(self) -> None:
@@ -492,22 +424,14 @@ class WarmPool(Calls, Starts):
             log.warning("cannot reconcile with the engine: %s", exc)
             return
         with self._lock:
-            actions = self._event(Reconcile({w.worker_id: w.running for w in listed}, self.clock.now()))
+            actions = self._event(ev.Reconcile({w.worker_id: w.running for w in listed}, self.clock.now()))
         self._run(actions)
 
     # -- introspection ----------------------------------------------------------------
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
         """The backend's checks, the default model's bundle, and whether we are open."""
-        checks = self.backend.readiness()
-        try:
-            model = self.catalog.get(self.settings.default_model)
-            checks["model"] = (True, f"{model.name} ({model.path})")
-        except WanwuError as exc:
-            checks["model"] = (False, str(exc))
-        closing = self.core.closing
-        checks["pool"] = (not closing, "shutting down" if closing else "accepting requests")
-        return checks
+        return readiness(self.backend, self.catalog, self.settings, self.core.closing)
 
     def snapshot(self) -> PoolSnapshot:
         """The pool as it is now: its workers, queue, counters and live settings."""

@@ -20,7 +20,6 @@ like any other (an idle GPU worker of its model goes first), and its grants say
 
 from __future__ import annotations
 
-import collections
 import heapq
 import itertools
 import math
@@ -66,7 +65,7 @@ class Rules:
     def __init__(self, config: CoreConfig, id_prefix: str = "w") -> None:
         self.config = config
         self.workers = Workers()
-        self.queue: collections.deque[Request] = collections.deque()  # waiting, in arrival order
+        self.queue = batching.WaitQueue()  # waiting, in queue order
         self.requests: dict[int, Request] = {}  # every request the core holds: waiting or in flight
         self.serving: dict[str, tuple[int, ...]] = {}  # worker -> the requests of its call in flight
         self.backoff: dict[str, Backoff] = {}
@@ -89,7 +88,7 @@ class Rules:
         self._batch_due: dict[tuple[str, str], float] = {}  # (model, priority) -> when its held batch goes
         self._reserve_until: float | None = None  # when batch work held back by the reserve may go
         self._last_interactive = -math.inf
-        self._waiting = dict.fromkeys((INTERACTIVE, BATCH), 0)
+        self._freed: set[str] = set()  # models that got a free worker while requests of theirs were parked
 
     # -- serving waiters -------------------------------------------------------------
 
@@ -107,9 +106,11 @@ class Rules:
         decided: dict[str, policy.Decision] = {}
         held: set[tuple[str, str]] = set()  # (model, priority) batches waiting for more members
         kept: set[str] = set()  # their idle workers: to any other request they look busy
-        for request in batching.in_order(self.queue):
+        for request in self.queue.candidates(self._attention()):
             if request.done or (request.model, request.priority) in held:
                 continue
+            if request.spawning is not None and not self.readings and not self.workers.has(request.model, State.IDLE):
+                continue  # its start is under way and no worker of its model is free: nothing to decide
             batch = request.priority == BATCH
             if batch and (request.model, INTERACTIVE) in held:
                 continue  # that worker is being held for an interactive batch
@@ -145,7 +146,8 @@ class Rules:
                 continue  # its start is under way
             elif (starting := self._unreserved_start(request.model)) is not None:
                 # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
-                starting.reserved_for, request.spawning = request.id, starting.id
+                starting.reserved_for = request.id
+                self.queue.park(request, starting.id)
             elif batch and not self._batch_may_take(now, len(kept)):
                 continue
             elif isinstance(decision, policy.Spawn):
@@ -181,10 +183,20 @@ class Rules:
         idle.sort(key=lambda w: (w.last_used, w.id), reverse=True)
         return [self._stop(worker, "evicted", now) for worker in idle[:surplus]]
 
+    def _attention(self) -> list[str]:
+        """The models whose parked requests a dispatch must look at: with GPU readings
+        every one (a reading may reject a model), else those with a free worker."""
+        if self.readings:
+            return self.queue.parked_models()
+        for model in list(self._freed):
+            if not (self.queue.parked(model) and self.workers.has(model, State.IDLE)):
+                self._freed.discard(model)
+        return sorted(self._freed)
+
     def _interactive_waits(self, model: str | None = None) -> bool:
         if model is None:
-            return self._waiting[INTERACTIVE] > 0
-        return any(r.priority == INTERACTIVE and r.model == model for r in self.queue)
+            return self.queue.count(INTERACTIVE) > 0
+        return self.queue.waits(model, INTERACTIVE)
 
     def _batch_may_take(self, now: float, kept: int = 0) -> bool:
         """Whether batch work may take a slot (``batching.batch_may_take``)."""
@@ -207,7 +219,7 @@ class Rules:
         if spec is None:
             return [head]
         busy = self.workers.has(head.model, State.BUSY)
-        members, due = batching.members(self.queue, head, spec, now, hold, busy)
+        members, due = batching.members(self.queue.of(head.model, head.priority), head, spec, now, hold, busy)
         if due is None:
             return members
         key = (head.model, head.priority)
@@ -237,9 +249,7 @@ class Rules:
         self.counters["cold_starts" if cold else "warm_hits"] += 1
         if request.priority == BATCH:
             self.counters["batch_priority_grants"] += 1
-        elif self._waiting[BATCH] and any(
-            r.priority == BATCH and r.enqueued < request.enqueued and not r.done for r in self.queue
-        ):
+        elif (first := self.queue.first(BATCH)) is not None and first.enqueued < request.enqueued:
             self.counters["queue_jumps"] += 1
         self._dequeue(request)
         spawn_ms = worker.spawn_ms if cold else 0.0
@@ -263,9 +273,8 @@ class Rules:
         )
 
     def _enqueue(self, request: Request) -> None:
-        self.queue.append(request)
+        self.queue.add(request)
         self.requests[request.id] = request
-        self._waiting[request.priority] += 1
 
     def _dequeue(self, request: Request) -> None:
         """``request`` leaves the queue (granted, failed or expired); a granted one stays
@@ -273,7 +282,6 @@ class Rules:
         if not request.done:
             request.done = True
             self.queue.remove(request)
-            self._waiting[request.priority] -= 1
 
     def _fail(self, request: Request, error: WanwuError) -> Fail:
         self._dequeue(request)
@@ -298,7 +306,7 @@ class Rules:
         worker.gpu_mb += self.config.estimates_mb.get(model, 0.0)
         worker.reserved_for = None if request is None else request.id
         if request is not None:
-            request.spawning = stem_id
+            self.queue.park(request, stem_id)
         return LoadWorker(stem_id, model, None if request is None else request.id)
 
     def _refill_stems(self, now: float) -> list[Command]:
@@ -306,7 +314,7 @@ class Rules:
         request waiting for a slot, a full pool or stems failing to start come first."""
         if self.closing or self.config.stem_cells <= 0:
             return []
-        if any(r.spawning is None for r in self.queue):
+        if self.queue.opened():
             return []
         backoff = self.backoff.get(STEM)
         if backoff is not None and backoff.until > now:
@@ -356,7 +364,7 @@ class Rules:
         )
         self.workers.add(worker)
         if request is not None:
-            request.spawning = worker.id
+            self.queue.park(request, worker.id)
         if decision.cpu_fallback:
             self.counters["cpu_fallbacks"] += 1
         request_id = None if request is None else request.id
@@ -373,8 +381,20 @@ class Rules:
     def _idle(self, worker: Worker, now: float, keep_s: float) -> None:
         if worker.state is not State.IDLE:
             self.workers.move(worker, State.IDLE, at=now)
+            if self.queue.parked(worker.model):
+                self._freed.add(worker.model)
         worker.keep_s = keep_s
-        heapq.heappush(self._expiry, (now + keep_s, worker.id, now))
+        self._expire_at(now + keep_s, worker, now)
+
+    def _expire_at(self, at: float, worker: Worker, since: float) -> None:
+        """``worker`` (idle since ``since``) is due at ``at``. Entries of workers reused
+        since go stale; once most are, the heap is rebuilt (a worker kept for ever, or
+        for long, would otherwise leave one behind each time it is used)."""
+        expiry = self._expiry
+        heapq.heappush(expiry, (at, worker.id, since))
+        if len(expiry) > 2 * self.workers.counting(State.IDLE) + 64:
+            self._expiry = [entry for entry in expiry if self._current(entry)]
+            heapq.heapify(self._expiry)
 
     def _current(self, entry: tuple[float, str, float]) -> bool:
         """Whether an expiry entry still describes an idle worker (not reused since)."""
@@ -399,7 +419,7 @@ class Rules:
         due = self._last_arrival.get(worker.model, now) + window.prewarm_s - lead
         if due <= now + lead:  # no time to stop and start again: keep it through the pre-warm window too
             worker.keep_s = window.prewarm_s + window.keep_s
-            heapq.heappush(self._expiry, (now + worker.keep_s, worker.id, now))
+            self._expire_at(now + worker.keep_s, worker, now)
             return []
         self.prewarm_at[worker.model] = due
         heapq.heappush(self._prewarms, (due, worker.model))
@@ -471,4 +491,4 @@ class Rules:
 
     def waiting(self) -> dict[str, int]:
         """Requests waiting, by priority."""
-        return dict(self._waiting)
+        return {priority: self.queue.count(priority) for priority in (INTERACTIVE, BATCH)}

@@ -4,10 +4,14 @@ the core under the pool's lock."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backends.base import Backend
 from .core import PoolCore
+from .errors import WanwuError
+from .models import ModelCatalog
 from .policy import GpuReading, State
 from .settings import Settings
 
@@ -106,4 +110,29 @@ def live_settings(core: PoolCore, settings: Settings) -> dict[str, Any]:
         "gpu_high_watermark": config.high_watermark,
         "gpu_low_watermark": config.low_watermark,
         "start_ms": dict(core.start_ms),  # the last start of each kind, as measured
+    }
+
+
+def readiness(
+    backend: Backend, catalog: ModelCatalog, settings: Settings, closing: bool
+) -> dict[str, tuple[bool, str]]:
+    """The backend's checks, the default model's bundle, and whether the pool is open."""
+    checks = backend.readiness()
+    try:
+        model = catalog.get(settings.default_model)
+        checks["model"] = (True, f"{model.name} ({model.path})")
+    except WanwuError as exc:
+        checks["model"] = (False, str(exc))
+    checks["pool"] = (not closing, "shutting down" if closing else "accepting requests")
+    return checks
+
+
+def runtime_settings(settings: Settings, ttl_overrides: Mapping[str, float]) -> dict[str, Any]:
+    """What ``WarmPool.reconfigure`` can change, as it is now."""
+    return {
+        "max_workers": settings.max_workers,
+        "idle_ttl_s": settings.idle_ttl_s,
+        "keepalive": settings.keepalive,
+        "stem_cells": settings.stem_cells,
+        "model_ttl_s": dict(sorted(ttl_overrides.items())),
     }

@@ -34,6 +34,17 @@ Action = Callable[[], None]
 log = logging.getLogger("scheduler.pool")
 
 
+class _Inline(Executor):
+    """Runs submitted work at once in the caller's thread (deterministic tests)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        fn(*args, **kwargs)
+        return None
+
+
+INLINE = _Inline()
+
+
 class Starts:
     """``WarmPool``'s start and stop jobs, on the pool's own attributes (declared here
     for the type checker)."""

@@ -116,6 +116,8 @@ class Workers(Mapping[str, Worker]):
 
     def add(self, worker: Worker) -> None:
         """A new worker (a spawn): it starts in STARTING."""
+        if worker.id in self._by_id:
+            raise IllegalMove(f"worker {worker.id} is already in the table")
         self._check(worker, GONE, worker.state)
         self._by_id[worker.id] = worker
         self._enter(worker)
@@ -191,7 +193,11 @@ class Workers(Mapping[str, Worker]):
         self._of.setdefault((worker.model, worker.state), {})[worker.id] = worker
         self._in[worker.state][worker.id] = worker
         if worker.state is State.IDLE:
-            heapq.heappush(self._lru, (not worker.stem, worker.last_used, worker.id))
+            lru = self._lru
+            heapq.heappush(lru, (not worker.stem, worker.last_used, worker.id))
+            if len(lru) > 2 * len(self._in[State.IDLE]) + 64:  # mostly stale: rebuild (amortised O(1))
+                self._lru = [entry for entry in lru if self._current(entry)]
+                heapq.heapify(self._lru)
 
     def _leave(self, worker: Worker) -> None:
         key = (worker.model, worker.state)

@@ -356,3 +356,19 @@ def test_prewarms_count_from_the_last_arrival_and_allow_for_the_start_and_a_late
             worker = prewarm.worker_id
             pool.handle(Ready(worker, due + 2, 2000.0))
     assert pool.counters["prewarms"] >= 1
+
+
+def test_stray_reports_about_a_busy_worker_change_nothing() -> None:
+    """A second Ready, a StartFailed or a Stopped for a worker that is serving are stray
+    (no shell sends them, but a backend bug might): the worker stays busy with its call,
+    nobody else is granted it, and it is not dropped from the table."""
+    pool = core()
+    a = serve(pool, 1, "a", 0.0)
+    (grant,) = pool.handle(Arrive(2, "a", 1.0, 11.0))
+    assert isinstance(grant, Grant) and grant.worker_id == a
+    assert pool.handle(Ready(a, 1.1, 100.0)) == []
+    assert pool.handle(StartFailed(a, 1.2, WorkerStartError("late"))) == []
+    assert pool.handle(Stopped(a, 1.3)) == []
+    assert pool.workers[a].state is State.BUSY and pool.counters["spawn_failures"] == 0
+    (spawn,) = pool.handle(Arrive(3, "a", 1.4, 11.4))  # it is still busy: a new worker for the next request
+    assert isinstance(spawn, SpawnWorker)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import events as ev
-from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, SpawnWorker, StopWorker
+from scheduler.core import Command, CoreConfig, Fail, Grant, LoadWorker, PoolCore, Retry, SpawnWorker, StopWorker
 from scheduler.errors import WorkerStartError
 from scheduler.policy import STEM, State
 
@@ -42,8 +42,10 @@ class Shell:
                 self.stops.append(command)
             elif isinstance(command, SpawnWorker):
                 self.spawns.append(command)
-            else:
+            elif isinstance(command, LoadWorker):
                 self.loads.append(command)
+            elif isinstance(command, Retry):  # its worker failed it: it waits again, until a new deadline
+                self.waiting[command.request_id] = command.deadline
         if any(isinstance(c, SpawnWorker) for c in commands):
             assert self.live() <= self.core.config.capacity, "a start took the pool over N"
 
