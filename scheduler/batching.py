@@ -13,7 +13,7 @@ request waits at most for one batch's inference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .events import BATCH, INTERACTIVE
@@ -114,7 +114,9 @@ class WaitQueue:
         every request with no start under way, and the parked ones of ``models``."""
         chosen = [*self._open[INTERACTIVE].values(), *self._open[BATCH].values()]
         chosen += [r for model in models for r in self._parked.get(model, {}).values()]
-        return sorted(chosen, key=lambda r: (r.priority != INTERACTIVE, r.seq))
+        if len(chosen) < 2:
+            return chosen
+        return sorted(chosen, key=_served_first)
 
     def _place(self, request: Request) -> None:
         if request.spawning is None:
@@ -132,11 +134,8 @@ class WaitQueue:
                 del self._parked[request.model]
 
 
-def in_order(queue: Sequence[Request]) -> list[Request]:
-    """The queue as it is served: interactive requests first, FIFO within each priority."""
-    if all(r.priority == INTERACTIVE for r in queue):
-        return list(queue)
-    return [r for r in queue if r.priority == INTERACTIVE] + [r for r in queue if r.priority != INTERACTIVE]
+def _served_first(request: Request) -> tuple[bool, int]:
+    return request.priority != INTERACTIVE, request.seq
 
 
 def members(

@@ -188,6 +188,8 @@ class Rules:
         every one (a reading may reject a model), else those with a free worker."""
         if self.readings:
             return self.queue.parked_models()
+        if not self._freed:
+            return []
         for model in list(self._freed):
             if not (self.queue.parked(model) and self.workers.has(model, State.IDLE)):
                 self._freed.discard(model)

@@ -26,7 +26,9 @@ Without GPUs nothing is placed and nothing falls back, as on a CPU pool.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import gc
 import heapq
 import math
 import multiprocessing
@@ -141,6 +143,9 @@ class Simulator:
         self.tick_s = tick_s
         self._rng = random.Random(seed)
         self._heap: list[tuple[float, int, int, Any]] = []
+        # Deadlines, in the order they come due: every request waits the same queue_timeout_s
+        # from when it (re)enters the queue, so they are pushed in time order and need no heap.
+        self._deadlines: collections.deque[tuple[float, int, int, Any]] = collections.deque()
         self._seq = 0
         self._arrived: dict[int, float] = {}
         self._idle_since: dict[str, tuple[float, str]] = {}  # worker -> (idle since, model)
@@ -156,13 +161,26 @@ class Simulator:
         self.log: list[tuple[Event, list[Command]]] | None = None  # (event, commands) if kept
 
     def run(self) -> SimResult:
+        # The cyclic collector would walk every live record (more, the more models the
+        # pool holds) again and again; a run makes no cycles, so it is off for the run.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> SimResult:
         started = time.perf_counter()
         arrivals = self.trace.arrivals
-        heap, result = self._heap, self.result
+        heap, deadlines, result = self._heap, self._deadlines, self.result
         i, now = 0, 0.0
         self._carry_out(self._feed(Tick(now)), now)  # as the live pool's start: stem cells begin
-        while i < len(arrivals) or heap:
-            if i < len(arrivals) and (not heap or arrivals[i][0] <= heap[0][0]):
+        while i < len(arrivals) or heap or deadlines:
+            # The next event: the heap's or the first deadline's, whichever comes first (then was pushed first).
+            nxt = deadlines[0] if deadlines and (not heap or deadlines[0] < heap[0]) else heap[0] if heap else None
+            if i < len(arrivals) and (nxt is None or arrivals[i][0] <= nxt[0]):
                 now, model = arrivals[i]
                 i += 1
                 request_id = result.requests = i
@@ -172,7 +190,9 @@ class Simulator:
                 if not any(isinstance(c, Grant | Fail) and c.request_id == request_id for c in commands):
                     self._push(deadline, _EXPIRE, (request_id, 1))  # still waiting: it may time out
             else:
-                now, _, kind, payload = heapq.heappop(heap)
+                now, _, kind, payload = (
+                    deadlines.popleft() if deadlines and nxt is deadlines[0] else heapq.heappop(heap)
+                )
                 commands = self._event(kind, payload, now)
             self._carry_out(commands, now)
             self._schedule_tick(now)
@@ -201,6 +221,8 @@ class Simulator:
             self._cpu.discard(payload)
             return self._feed(Stopped(payload, now))
         request_id, attempt = payload
+        if request_id in self._latency or request_id not in self._arrived:
+            return []  # granted or failed since: as the live shell, which only expires a request still waiting
         return self._feed(Expire(request_id, now, attempt))
 
     def _done(self, worker_id: str, now: float) -> list[Command]:
@@ -337,7 +359,11 @@ class Simulator:
 
     def _push(self, at: float, kind: int, payload: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (at, self._seq, kind, payload))
+        entry = (at, self._seq, kind, payload)
+        if kind == _EXPIRE and (not self._deadlines or self._deadlines[-1][0] <= at):
+            self._deadlines.append(entry)
+        else:
+            heapq.heappush(self._heap, entry)
 
 
 def simulate(

@@ -65,21 +65,28 @@ def replicated(trace: Trace, copies: int, thin: int = 1, seed: int = 0) -> Trace
     return Trace(tuple(arrivals), profiles, window, f"{trace.source} x{copies}/{thin}")
 
 
-def scale_speed(trace: Trace, scales: tuple[int, ...] = SCALES, thin: int = 1) -> dict[str, Any]:
+def scale_speed(trace: Trace, scales: tuple[int, ...] = SCALES, thin: int = 1, repeat: int = 3) -> dict[str, Any]:
     """Requests per second of wall time the simulator replays ``replicated(trace, k)``
     for each k (one process, unbounded N, fixed keep-alive of 60 s), with the events it
     handled and the most workers it held, and the ratio of the largest's rate to the
-    smallest's (bar: >= 0.8)."""
+    smallest's (bar: >= 0.8). Each scale runs ``repeat`` times, the scales taking turns,
+    and keeps its fastest run: on a shared VM a run is as often slowed by a neighbour as
+    by what it measures, and the fastest is the one least disturbed."""
     from scheduler.core import CoreConfig
     from scheduler.sim import Profile, simulate
 
+    synthetic = {copies: replicated(trace, copies, thin) for copies in scales}
+    best: dict[int, Any] = {}
+    for _ in range(max(1, repeat)):
+        for copies, replayed in synthetic.items():
+            result = simulate(replayed, CoreConfig(capacity=0, default_ttl_s=60), Profile(infer_ms=5))
+            if copies not in best or result.wall_s < best[copies].wall_s:
+                best[copies] = result
     rows = []
-    for copies in scales:
-        synthetic = replicated(trace, copies, thin)
-        result = simulate(synthetic, CoreConfig(capacity=0, default_ttl_s=60), Profile(infer_ms=5))
+    for copies, result in best.items():
         rows.append(
             {
-                "models": len(synthetic.models()),
+                "models": len(synthetic[copies].models()),
                 "requests": result.requests,
                 "events": result.events,
                 "peak_workers": result.peak_workers,
@@ -89,7 +96,11 @@ def scale_speed(trace: Trace, scales: tuple[int, ...] = SCALES, thin: int = 1) -
                 "events_per_s": round(result.events / result.wall_s),
             }
         )
-    return {"rows": rows, "largest_over_smallest": round(rows[-1]["requests_per_s"] / rows[0]["requests_per_s"], 2)}
+    return {
+        "rows": rows,
+        "repeat": max(1, repeat),
+        "largest_over_smallest": round(rows[-1]["requests_per_s"] / rows[0]["requests_per_s"], 2),
+    }
 
 
 def bench_trace(quick: bool) -> tuple[Trace, int]:
