@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .events import BATCH, INTERACTIVE
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     id: int
     model: str

@@ -336,7 +336,7 @@ class Rules:
     # -- workers ---------------------------------------------------------------------
 
     def _unreserved_start(self, model: str) -> Worker | None:
-        return next((w for w in self.workers.of(model, State.STARTING) if w.reserved_for is None), None)
+        return self.workers.first(model, State.STARTING, unreserved=True)
 
     def _full_and_busy(self, now: float) -> bool:
         """No waiter can be served, failed or rejected now: no room, no idle worker, no

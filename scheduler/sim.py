@@ -219,6 +219,7 @@ class Simulator:
             return self._feed(Configure(payload, now))
         if kind == _STOPPED:
             self._cpu.discard(payload)
+            self._call_ms.pop(payload, None)
             return self._feed(Stopped(payload, now))
         request_id, attempt = payload
         if request_id in self._latency or request_id not in self._arrived:
@@ -246,7 +247,7 @@ class Simulator:
         commands = self.core.handle(event)
         if self.log is not None:
             self.log.append((event, commands))
-        if isinstance(event, Released | Ready):
+        if isinstance(event, (Released, Ready)):
             worker = self.core.workers.get(event.worker_id)
             if worker is not None and worker.state is State.IDLE and event.worker_id not in self._idle_since:
                 self._idle_since[event.worker_id] = (event.now, worker.model)

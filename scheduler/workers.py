@@ -39,6 +39,10 @@ class State(enum.Enum):
     BUSY = "busy"
     STOPPING = "stopping"
 
+    # Members are singletons compared by identity: hash them so too (Enum's own hash is
+    # Python code, and the indexes hash a state on every lookup).
+    __hash__ = object.__hash__
+
 
 GONE = None  # the move out of the table: the worker's record is dropped
 
@@ -67,7 +71,7 @@ class IllegalMove(RuntimeError):
     """A move the table does not list: a bug in the core, never the user's input."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Worker:
     id: str
     model: str
@@ -154,7 +158,15 @@ class Workers(Mapping[str, Worker]):
         return iter(list(self._of.get((model, state), {}).values()))
 
     def has(self, model: str, state: State) -> bool:
-        return bool(self._of.get((model, state)))
+        return (model, state) in self._of  # a group is dropped once empty
+
+    def first(self, model: str, state: State, unreserved: bool = False) -> Worker | None:
+        """``model``'s first worker in ``state`` (with ``unreserved``: the first no
+        request's start is for), without copying the group."""
+        for worker in self._of.get((model, state), {}).values():
+            if not unreserved or worker.reserved_for is None:
+                return worker
+        return None
 
     def counting(self, *states: State) -> int:
         return sum(len(self._in[s]) for s in states)
