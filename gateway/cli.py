@@ -489,7 +489,7 @@ def _bundle_profile(ctx: click.Context, param: click.Parameter, raw: str | None)
         raise click.BadParameter(str(exc)) from None
 
 
-_PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "stem_memory_mb")
+_PROFILE_FIGURES = ("spawn_ms", "load_ms", "infer_ms", "stop_ms", "memory_mb", "stem_memory_mb", "failure_rate")
 
 
 @cli.command()

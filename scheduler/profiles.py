@@ -70,9 +70,10 @@ class Profile:
         stop 300 ms, worker 700 MB, stem cell 500 MB"; a figure left to the trace says so."""
         infer = "inference from the trace" if self.infer_ms is None else f"inference {self.infer_ms:g} ms"
         memory = "worker memory from the trace" if self.memory_mb is None else f"worker {self.memory_mb:g} MB"
+        failures = f", {self.failure_rate:.0%} of calls fail and are tried again" if self.failure_rate else ""
         return (
             f"spawn {self.spawn_ms:g} ms, stem load {self.load_ms:g} ms, {infer}, stop {self.stop_ms:g} ms, "
-            f"{memory}, stem cell {self.stem_memory_mb:g} MB"
+            f"{memory}, stem cell {self.stem_memory_mb:g} MB{failures}"
         )
 
 

@@ -132,6 +132,7 @@ def test_with_no_flags_each_function_is_the_general_model(slow_functions: Path) 
         "stop_ms": g.stop_ms,
         "memory_mb": g.memory_mb,
         "stem_memory_mb": g.stem_memory_mb,
+        "failure_rate": 0.0,
     }
     point = only_point(report)
     assert point["p50_ms"] == g.infer_ms  # warm requests take the model's own time, not the function's 5 s
@@ -267,3 +268,18 @@ def test_when_every_point_rejects_the_closest_is_named_with_a_hint(azure: Path) 
     assert "more workers than the grid's largest N=1 (--max-workers)" in result.stdout
     rows = result.stdout.split("\n\n")[0].splitlines()[1:]
     assert len(rows) == 2 and all(row.endswith("  rejects") for row in rows)  # not on the front, not recommended
+
+
+def test_a_failure_rate_makes_the_core_try_failed_calls_again(azure: Path) -> None:
+    """Calls that crash cost their requests a second call on another worker (and the
+    worker a restart): the same grid replayed with failures has more cold starts and a
+    slower p99 than without, and the header says what was assumed."""
+    clean, _ = tune_json(str(azure), "--infer-ms", "50")
+    failing, stderr = tune_json(str(azure), "--infer-ms", "50", "--failure-rate", "0.3")
+    assert failing["profile"]["failure_rate"] == 0.3 and clean["profile"]["failure_rate"] == 0.0
+    assert failing["profile"]["source"].endswith("with --failure-rate, --infer-ms")
+    assert "30% of calls fail and are tried again" in stderr
+    before, after = only_point(clean), only_point(failing)
+    assert after["cold_rate"] > before["cold_rate"] and after["p99_ms"] > before["p99_ms"]
+    result = CliRunner().invoke(cli, ["tune", str(azure), "--failure-rate", "1"])
+    assert result.exit_code == 2 and "--failure-rate" in result.output
