@@ -51,6 +51,7 @@ from collections.abc import Mapping
 from typing import Any, assert_never
 
 from . import policy
+from .backoff import Backoff
 from .batching import Request
 from .coreconfig import UNBOUNDED, CoreConfig
 from .errors import BackendUnavailable, CapacityExhausted, WorkerCrashed, WorkerTimeout
@@ -82,7 +83,7 @@ from .events import (
     Tick,
 )
 from .keepalive import make
-from .rules import REAP_REASONS, Backoff, Rules
+from .rules import REAP_REASONS, Rules
 from .workers import STEM, State, Worker
 
 __all__ = [

@@ -255,22 +255,9 @@ def decide(
         )
 
     # Own idle workers there are none (they would have been reused): every idle one is another model's.
-    starting = list(pool.in_state(State.STARTING)) if gpus else []
     if room <= 0:
-        first = pool.oldest_idle()
-        if first is None:
-            return Wait("every worker is busy or starting")
-        # The evicted worker's memory is free for the new one.
-        rest = pool.idle_lru()[1:] if gpus else []
-        placed = None if never_fits else _place(starting, estimate, _credit(gpus, first), estimates, limits, rest)
-        if placed is None:
-            if not cpu_fallback:
-                return Wait(f"model {model} does not fit in GPU memory yet")
-            # The least recently used idle worker gives its slot, as for a GPU start.
-            return Spawn(None, (first.id,), cpu_fallback=True)
-        device, more = placed
-        return Spawn(device, (first.id, *more))
-
+        return _in_a_slot_freed(model, pool, limits, gpus, estimates, cpu_fallback, never_fits)
+    starting = list(pool.in_state(State.STARTING)) if gpus else []
     others_idle = pool.idle_lru() if gpus else []
     placed = None if never_fits else _place(starting, estimate, gpus, estimates, limits, others_idle)
     if placed is None:
@@ -279,6 +266,34 @@ def decide(
         return Wait(f"model {model} does not fit in GPU memory until busy workers finish")
     device, evict = placed
     return Spawn(device, evict)
+
+
+def _in_a_slot_freed(
+    model: str,
+    pool: Indexed[W],
+    limits: Limits,
+    gpus: Sequence[GpuReading],
+    estimates: Mapping[str, float],
+    cpu_fallback: bool,
+    never_fits: bool,
+) -> Spawn | Wait:
+    """A full pool: a start in the slot (and the memory) of the least recently used idle
+    worker, and more idle workers of its GPU if the model needs their memory too."""
+    first = pool.oldest_idle()
+    if first is None:
+        return Wait("every worker is busy or starting")
+    # The evicted worker's memory is free for the new one.
+    starting = list(pool.in_state(State.STARTING)) if gpus else []
+    rest = pool.idle_lru()[1:] if gpus else []
+    estimate = estimates.get(model, 0.0)
+    placed = None if never_fits else _place(starting, estimate, _credit(gpus, first), estimates, limits, rest)
+    if placed is None:
+        if not cpu_fallback:
+            return Wait(f"model {model} does not fit in GPU memory yet")
+        # The least recently used idle worker gives its slot, as for a GPU start.
+        return Spawn(None, (first.id,), cpu_fallback=True)
+    device, more = placed
+    return Spawn(device, (first.id, *more))
 
 
 def _stem_for(

@@ -23,12 +23,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from . import batching, policy
+from .backoff import Backoff
 from .batching import Request
 from .coreconfig import UNBOUNDED, CoreConfig
-from .errors import CapacityExhausted, ModelUnavailable, WanwuError
+from .errors import CapacityExhausted, WanwuError
 from .events import BATCH, INTERACTIVE, Command, Fail, Grant, LoadWorker, SpawnWorker, StopWorker
 from .keepalive import KeepAlive, Window, make
 from .workers import STEM, State, Worker, Workers
@@ -53,10 +54,14 @@ COUNTERS = (
 
 
 @dataclass
-class Backoff:
-    failures: int = 0
-    until: float = 0.0
-    last_error: str = ""
+class _Walk:
+    """One dispatch walk's notes. Decisions depend only on the model and the workers:
+    they are reused along the queue until a hand-over or a start changes the workers (a
+    long queue stays cheap)."""
+
+    decided: dict[str, policy.Decision] = field(default_factory=dict)
+    held: set[tuple[str, str]] = field(default_factory=set)  # (model, priority) batches waiting for more members
+    kept: set[str] = field(default_factory=set)  # their idle workers: to any other request they look busy
 
 
 class Rules:
@@ -96,67 +101,77 @@ class Rules:
         """Serve waiters, interactive first and FIFO within a priority, as far as the
         policy allows; batch work only where ``_batch_may_take`` says so."""
         commands = self._trim(now)  # first: a surplus worker serves nobody, and its slot is not refilled
-        limits, estimates = self._limits, self.config.estimates_mb
         self._batch_due.clear()
         self._reserve_until = None
         if self._full_and_busy(now):
             return commands + self._refill_stems(now)  # every waiter would wait: skip the walk
-        # Decisions depend only on the model and the workers: reuse them along the queue
-        # until a hand-over or a spawn changes the workers (a long queue stays cheap).
-        decided: dict[str, policy.Decision] = {}
-        held: set[tuple[str, str]] = set()  # (model, priority) batches waiting for more members
-        kept: set[str] = set()  # their idle workers: to any other request they look busy
+        walk = _Walk()
         for request in self.queue.candidates(self._attention()):
-            if request.done or (request.model, request.priority) in held:
+            if self._passes_over(request, walk):
                 continue
-            if request.spawning is not None and not self.readings and not self.workers.has(request.model, State.IDLE):
-                continue  # its start is under way and no worker of its model is free: nothing to decide
-            batch = request.priority == BATCH
-            if batch and (request.model, INTERACTIVE) in held:
-                continue  # that worker is being held for an interactive batch
-            decision = decided.get(request.model)
+            decision = walk.decided.get(request.model)
             if decision is None:
-                decision = decided[request.model] = policy.decide(
+                decision = walk.decided[request.model] = policy.decide(
                     request.model,
-                    self.workers.hiding(frozenset(kept)),
-                    limits,
+                    self.workers.hiding(frozenset(walk.kept)),
+                    self._limits,
                     self.readings,
-                    estimates,
+                    self.config.estimates_mb,
                     self._stem_ok(request.model, now),
                     request.model in self.config.cpu_fallback,
                 )
-            backoff = self.backoff.get(request.model)
             if isinstance(decision, policy.Reuse):
-                if batch and not self._batch_may_take(now, len(kept)):
-                    continue
-                members = self._members(request, now)
-                if members is None:  # a batch that may still grow: the worker waits with it
-                    held.add((request.model, request.priority))
-                    kept.add(decision.worker_id)
-                    decided.clear()
-                    continue
-                commands += self._hand_over_batch(members, self.workers[decision.worker_id], now)
-                decided.clear()
-            elif request.spawning is None and backoff is not None and backoff.until > now:
-                # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
-                commands.append(self._fail(request, self._backoff_error(request.model, backoff, now)))
-            elif isinstance(decision, policy.Reject):
-                commands.append(self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s)))
-            elif request.spawning is not None:
-                continue  # its start is under way
-            elif (starting := self._unreserved_start(request.model)) is not None:
-                # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
-                starting.reserved_for = request.id
-                self.queue.park(request, starting.id)
-            elif batch and not self._batch_may_take(now, len(kept)):
-                continue
-            elif isinstance(decision, policy.Spawn):
-                commands.append(self._spawn(request.model, decision, now, request))
-                decided.clear()
-            elif isinstance(decision, policy.Adopt):
-                commands.append(self._adopt(request.model, decision.worker_id, now, request))
-                decided.clear()
+                commands += self._reuse(request, decision, walk, now)
+            else:
+                commands += self._start(request, decision, walk, now)
         return commands + self._refill_stems(now)
+
+    def _passes_over(self, request: Request, walk: _Walk) -> bool:
+        """Whether the walk has nothing to decide for ``request``."""
+        if request.done or (request.model, request.priority) in walk.held:
+            return True
+        if request.spawning is not None and not self.readings and not self.workers.has(request.model, State.IDLE):
+            return True  # its start is under way and no worker of its model is free
+        # A batch request waits while the model's worker is held for an interactive batch.
+        return request.priority == BATCH and (request.model, INTERACTIVE) in walk.held
+
+    def _reuse(self, request: Request, decision: policy.Reuse, walk: _Walk, now: float) -> list[Command]:
+        """Hand an idle worker to ``request`` and its batch, or hold it for a batch that may still grow."""
+        if request.priority == BATCH and not self._batch_may_take(now, len(walk.kept)):
+            return []
+        members = self._members(request, now)
+        walk.decided.clear()
+        if members is None:  # a batch that may still grow: the worker waits with it (to others it looks busy)
+            walk.held.add((request.model, request.priority))
+            walk.kept.add(decision.worker_id)
+            return []
+        return self._hand_over_batch(members, self.workers[decision.worker_id], now)
+
+    def _start(self, request: Request, decision: policy.Decision, walk: _Walk, now: float) -> list[Command]:
+        """No idle worker for ``request``: fail it (its model backs off, or can never fit),
+        take over a start nobody waits for, or start a worker; else it waits."""
+        backoff = self.backoff.get(request.model)
+        if request.spawning is None and backoff is not None and backoff.until > now:
+            # Its workers keep failing to start: an idle one still serves, a new one is not tried yet.
+            return [self._fail(request, backoff.error(request.model, now))]
+        if isinstance(decision, policy.Reject):
+            return [self._fail(request, CapacityExhausted(decision.reason, self.config.retry_after_s))]
+        if request.spawning is not None:
+            return []  # its start is under way
+        if (starting := self._unreserved_start(request.model)) is not None:
+            # A start nobody waits for (a pre-warm, or one whose request gave up): take it over.
+            starting.reserved_for = request.id
+            self.queue.park(request, starting.id)
+            return []
+        if request.priority == BATCH and not self._batch_may_take(now, len(walk.kept)):
+            return []
+        if isinstance(decision, policy.Spawn):
+            walk.decided.clear()
+            return [self._spawn(request.model, decision, now, request)]
+        if isinstance(decision, policy.Adopt):
+            walk.decided.clear()
+            return [self._adopt(request.model, decision.worker_id, now, request)]
+        return []  # Wait
 
     def _trim(self, now: float) -> list[Command]:
         """N is a promise: while the pool holds more workers than capacity (it was
@@ -468,23 +483,10 @@ class Rules:
     # -- failures --------------------------------------------------------------------
 
     def _back_off(self, table: dict[str, Backoff], model: str, now: float, error: WanwuError | str) -> None:
-        backoff = table.setdefault(model, Backoff())
-        backoff.failures += 1
-        backoff.until = now + self.backoff_delay(backoff)
-        text = str(error)
-        backoff.last_error = text.splitlines()[0][:300] if text else type(error).__name__
+        table.setdefault(model, Backoff()).failed(now, error, self.config.backoff_base_s, self.config.backoff_max_s)
 
     def backoff_delay(self, backoff: Backoff) -> float:
-        return min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (backoff.failures - 1))
-
-    @staticmethod
-    def _backoff_error(model: str, backoff: Backoff, now: float) -> ModelUnavailable:
-        wait = backoff.until - now
-        return ModelUnavailable(
-            f"model {model} failed to start {backoff.failures} time(s) in a row; next try in {wait:.1f} s. "
-            f"Last error: {backoff.last_error}",
-            retry_after_s=wait,
-        )
+        return backoff.delay(self.config.backoff_base_s, self.config.backoff_max_s)
 
     def _waiting_request(self, request_id: int | None) -> Request | None:
         """The request ``request_id`` if it is still waiting."""
