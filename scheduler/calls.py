@@ -361,12 +361,31 @@ class Calls:
         decides what becomes of its requests) before a batch's other members are told;
         an error that is not the scheduler's is the worker's garbage, WorkerCrashed."""
         batch = lease.batch
-        if batch is not None and lease.member != 0:  # another member sends the call
-            if not batch.done.wait(timeout + 5.0):
-                raise WorkerTimeout(f"the batch call on worker {lease.worker_id} did not finish", lease.worker_id)
+        if batch is not None and lease.member != 0:
+            # Another member sends the call, bounded by its request timeout, and finishes
+            # the batch however it ends (``_sender``): a member that gave up first would
+            # leave its request to the core with nobody waiting on it.
+            batch.done.wait()
             results = batch.share(lease.member)
             assert batch.answer is not None
             return results, batch.answer
+        try:
+            return self._sender(info, lease, images, top_k, timeout, subset)
+        finally:
+            if batch is not None and not batch.done.is_set():  # only a BaseException gets here
+                batch.finish(None, WorkerCrashed(f"the call on worker {lease.worker_id} was abandoned"))
+
+    def _sender(
+        self,
+        info: ModelInfo,
+        lease: Lease,
+        images: Sequence[bytes],
+        top_k: int,
+        timeout: float,
+        subset: LabelSubset | None,
+    ) -> tuple[list[dict[str, Any]], WorkerAnswer | WorkerBatchAnswer]:
+        """``_send`` for the request that makes the call."""
+        batch = lease.batch
         try:
             results, answer, shares = self._ask(info, lease, images, top_k, timeout, subset)
         except Exception as exc:  # the lease and the batch must never be left behind

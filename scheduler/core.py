@@ -208,8 +208,11 @@ class PoolCore(Rules):
         crashed or timeout) and is replaced rather than reused; its requests are tried
         again on another worker while they have tries left."""
         worker, now = self.workers.get(event.worker_id), event.now
+        # The call's requests are settled whatever became of the worker meanwhile (a
+        # shutdown may have stopped it under them): their threads wait on the answer.
+        settled = self._settle(event.worker_id, event, now)
         if worker is None or worker.state is not State.BUSY:
-            return []
+            return settled
         commands: list[Command] = []
         window = self.window(worker.model)
         if event.ok and worker.retired and worker.dead is None:
@@ -220,21 +223,29 @@ class PoolCore(Rules):
             commands.append(self._stop(worker, event.reason if not event.ok else "crashed", now))
         else:  # a sound worker finishing during a shutdown
             commands.append(self._stop(worker, "shutdown", now))
-        for request_id in self.serving.pop(worker.id, ()):
-            request = self.requests.pop(request_id, None)
-            if request is not None and not event.ok:
-                commands.append(self._again(request, worker, event, now))
+        commands += settled
         commands += self._dispatch(now)
         if window.prewarm_s > 0 and self._current((0.0, worker.id, now)):  # nobody took it
             commands += self._unload_until_prewarm(worker, window, now)
         return commands
 
-    def _again(self, request: Request, worker: Worker, event: Released, now: float) -> Retry | Fail:
-        """A request its worker failed: back to the queue for another try, or its error."""
+    def _settle(self, worker_id: str, event: Released, now: float) -> list[Command]:
+        """The requests of the call on ``worker_id`` are done; if it failed, each goes
+        round again or fails (``_again``)."""
+        commands: list[Command] = []
+        for request_id in self.serving.pop(worker_id, ()):
+            request = self.requests.pop(request_id, None)
+            if request is not None and not event.ok:
+                commands.append(self._again(request, event, now))
+        return commands
+
+    def _again(self, request: Request, event: Released, now: float) -> Retry | Fail:
+        """A request its worker failed: back to the queue for another try (not while the
+        pool shuts down: ``_admit`` fails it then), or its error."""
         error = event.error
         if error is None:
             kind = WorkerTimeout if event.reason == "timeout" else WorkerCrashed
-            error = kind(f"worker {worker.id} failed the call ({event.reason})", worker.id)
+            error = kind(f"worker {event.worker_id} failed the call ({event.reason})", event.worker_id)
         if request.attempt >= request.tries:
             return Fail(request.id, error)
         request.attempt += 1
@@ -424,6 +435,10 @@ class PoolCore(Rules):
         return commands + [self._fail(r, error) for r in list(self.queue)]
 
     # -- what the shell may read -----------------------------------------------------
+
+    def is_waiting(self, request_id: int) -> bool:
+        """Whether ``request_id`` waits in the queue (not served, failed or gone)."""
+        return self._waiting_request(request_id) is not None
 
     def in_flight(self) -> bool:
         return self.workers.counting(State.BUSY, State.STARTING) > 0

@@ -156,13 +156,14 @@ class WarmPool(Calls, Starts):
         event moves it earlier (``_apply`` notifies)."""
         with self._lock:
             while not self._stop.is_set():
-                due, now = self.core.next_wakeup(), self.clock.now()
-                if due is None or due >= now:  # keep-alive ends are strict: wake just past them
-                    self._sleeping_until = due
-                    self._wake.wait(None if due is None else due - now + 0.001)
-                    self._sleeping_until = None
-                    continue
                 try:
+                    due, now = self.core.next_wakeup(), self.clock.now()
+                    if due is None or due >= now:  # keep-alive ends are strict: wake just past them
+                        self._sleeping_until = due
+                        # At most an hour at a time: a TTL of "never" (1e10 s) is past what a wait takes.
+                        self._wake.wait(None if due is None else min(due - now + 0.001, 3600.0))
+                        self._sleeping_until = None
+                        continue
                     actions = self._event(ev.Tick(now))  # as wake(), with the lock already held
                     self._lock.release()
                     try:
@@ -171,6 +172,7 @@ class WarmPool(Calls, Starts):
                         self._lock.acquire()
                 except Exception:  # the timer must outlive any one failure
                     log.exception("timer pass failed")
+                    self._sleeping_until = None
                     self._wake.wait(0.1)
 
     def shutdown(self, grace_s: float | None = None) -> None:
@@ -359,16 +361,16 @@ class WarmPool(Calls, Starts):
                 if lease is not None:  # taken: a failed call's Retry re-arms it for the next Grant
                     waiter.lease = None
                     waiter.event.clear()
-                    lost = False
-                else:
-                    lost = error is None and waiter.request_id not in self._waiters
+                elif error is None and not self.core.is_waiting(waiter.request_id):
+                    # Neither granted, failed nor waiting (never happens: the core settles every
+                    # request it holds), but a thread must not spin on it: it fails here.
+                    self._waiters.pop(waiter.request_id, None)
+                    error = WorkerTimeout(f"request {waiter.request_id} lost its worker call")
             self._run(actions)
             if error is not None:
                 raise error
             if lease is not None:
                 return lease
-            if lost:  # neither waiting nor granted: never happens, but must not spin
-                raise WorkerTimeout(f"request {waiter.request_id} lost its worker call")
 
     def release(self, lease: Lease, ok: bool = True, reason: str = "crashed", error: WanwuError | None = None) -> None:
         """Give a lease back. ``ok=False`` means the worker failed (``reason``:
