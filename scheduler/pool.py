@@ -9,8 +9,9 @@ keep-alive ending, a pre-warm, a held batch), exactly; the reaper thread reads G
 and polls the models directory every ``WANWU_REAP_INTERVAL_S``.
 
 Beside it: ``calls`` (worker calls on leases: ``predict``, ``predict_batch``, dynamic
-batches), ``starts`` (carrying out starts and stops), ``snapshot`` (what it reports),
-``scoring`` (shaping answers: top_k, label subsets).
+batches), ``starts`` (carrying out starts and stops), ``reconfigure`` (settings changed
+at run time), ``snapshot`` (what it reports), ``scoring`` (shaping answers: top_k,
+label subsets).
 
     pool = WarmPool(backend, catalog, settings)
     pool.start()                      # remove this pool id's leftovers, start threads
@@ -25,9 +26,9 @@ import itertools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, assert_never
+from typing import assert_never
 
 from . import events as ev
 from . import policy
@@ -41,9 +42,10 @@ from .events import Command, Event
 from .gpu import GpuMonitor, GpuReader
 from .models import ModelCatalog
 from .policy import State
+from .reconfigure import Reconfigure
 from .scoring import LabelSubset
 from .settings import Settings
-from .snapshot import PoolSnapshot, WorkerInfo, readiness, runtime_settings, take_snapshot
+from .snapshot import PoolSnapshot, WorkerInfo, readiness, take_snapshot
 from .starts import INLINE, Action, Starts
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 
-class WarmPool(Calls, Starts):
+class WarmPool(Calls, Starts, Reconfigure):
     """A pool of at most ``settings.max_workers`` worker containers across models."""
 
     def __init__(
@@ -201,56 +203,6 @@ class WarmPool(Calls, Starts):
         if self._calls is not None:
             self._calls.shutdown(wait=True)
         self.gpu.close()
-
-    # -- settings at run time -----------------------------------------------------------
-
-    def runtime_settings(self) -> dict[str, Any]:
-        """What ``reconfigure`` can change, as it is now."""
-        with self._lock:
-            return self._runtime_settings()
-
-    def reconfigure(
-        self, settings: Settings, model_ttl_s: Mapping[str, float | None] | None = None
-    ) -> dict[str, tuple[Any, Any]]:
-        """Run with ``settings`` from now on (validated by the caller) and per-model TTL
-        overrides (None removes one), without a restart: a settings-changed event of the
-        core. A smaller N stops idle workers first and never a busy one (the pool is
-        over N until they finish); a larger N serves waiting requests at once. Returns
-        what changed as {key: (old, new)}."""
-        with self._lock:
-            before = self._runtime_settings()
-            ttl = dict(self._ttl_overrides)
-            for model, value in (model_ttl_s or {}).items():
-                if value is None:
-                    ttl.pop(model, None)
-                else:
-                    ttl[model] = float(value)
-            self.settings, self._ttl_overrides = settings, ttl
-            self._grow_executors(settings.max_workers)
-            after = self._runtime_settings()
-            actions = self._event(ev.Configure(self._core_config(), self.clock.now()))
-        self._run(actions)
-        changed = {key: (before[key], after[key]) for key in after if before[key] != after[key]}
-        if changed:
-            log.info(
-                "settings changed: %s", ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
-            )
-        return changed
-
-    def _grow_executors(self, workers: int) -> None:
-        """Give a larger N threads enough to start and stop that many workers at once
-        (lock held). The old executors finish what they were given."""
-        if workers <= self._sized_for or not self._own_executor:
-            return
-        old, self._executor = self._executor, ThreadPoolExecutor(workers * 2 + 4, thread_name_prefix="wanwu-pool")
-        old.shutdown(wait=False)
-        if self._calls is not None:
-            calls, self._calls = self._calls, ThreadPoolExecutor(max(4, workers * 2), thread_name_prefix="wanwu-batch")
-            calls.shutdown(wait=False)
-        self._sized_for = workers
-
-    def _runtime_settings(self) -> dict[str, Any]:
-        return runtime_settings(self.settings, self._ttl_overrides)
 
     # -- the core, under the lock ------------------------------------------------------
 
