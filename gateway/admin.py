@@ -16,7 +16,6 @@ that it did.
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import logging
@@ -26,13 +25,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from cachetools import TTLCache
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from scheduler.errors import ConfigError, UnknownModel
+from scheduler.files import write_text_whole
 from scheduler.keepalive import POLICIES
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
@@ -243,7 +242,7 @@ class Admin:
         }
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(self.state_path, json.dumps(state, indent=2, ensure_ascii=False) + "\n", self.fsync)
+            write_text_whole(self.state_path, json.dumps(state, indent=2, ensure_ascii=False) + "\n", self.fsync)
         except OSError as exc:
             raise AdminError(
                 500,
@@ -275,30 +274,6 @@ class Admin:
             log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
             return
         log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
-
-
-def write_durably(path: Path, text: str, fsync: Callable[[int], None] = os.fsync) -> None:
-    """Replace ``path`` with ``text`` so that a crash or a power cut at any point leaves
-    the old file or the new one, whole: the new content is on the disk before the rename,
-    and the rename (the directory) is on the disk before this returns."""
-    partial = path.with_suffix(".partial")
-    try:
-        with partial.open("w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            fsync(file.fileno())
-        os.replace(partial, path)
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fsync(directory)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # a filesystem that cannot sync a directory
-            raise
-    finally:
-        os.close(directory)
 
 
 def _check_type(key: str, value: Any) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Full, Queue
@@ -51,6 +51,7 @@ from urllib.parse import quote
 import requests
 
 from scheduler.errors import WanwuError
+from scheduler.files import partial_path, sync_directory, write_text_whole
 
 from .client import GatewayUnreachable
 
@@ -187,14 +188,11 @@ class Recovered:
 
 
 def fsync_directory(directory: str) -> None:
-    """fsync ``directory``, so that a file created or renamed in it survives a power cut."""
+    """fsync ``directory``, so that a file created in it survives a power cut; a failure
+    is logged (the lines themselves are synced)."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # some file systems cannot fsync a directory; the lines still are
+        sync_directory(directory)
+    except OSError as exc:
         log.warning("cannot fsync the directory %s: %s", directory, exc)
 
 
@@ -237,7 +235,7 @@ class ResultsFile:
     @property
     def own_paths(self) -> tuple[str, ...]:
         """The files this writes, which a source that holds them must not take for images."""
-        return self.path, self.options_path, self.options_path + ".tmp"
+        return self.path, self.options_path, str(partial_path(self.options_path))
 
     def open(self) -> Recovered:
         """Take the file for this job, read which files it has, and cut a partial last line."""
@@ -283,21 +281,13 @@ class ResultsFile:
         return raw
 
     def record_options(self, options: Mapping[str, Any]) -> None:
-        """Keep ``options`` beside the results: written whole (a temporary file, fsynced,
-        renamed over the old one), so a crash leaves the old record or the new one."""
-        temporary = self.options_path + ".tmp"
+        """Keep ``options`` beside the results, written whole (scheduler.files): a
+        crash leaves the old record or the new one."""
         record = {"version": OPTIONS_VERSION, **options}
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.options_path)
+            write_text_whole(self.options_path, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
         except OSError as exc:
-            with suppress(OSError):
-                os.unlink(temporary)
             raise BackfillError(f"cannot write {self.options_path}: {exc.strerror or exc}") from exc
-        self._sync_dir(self._directory)
 
     def append(self, lines: Sequence[bytes]) -> bool:
         """Write ``lines`` (each ending in a newline) with one write; False once closed."""

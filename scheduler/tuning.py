@@ -15,13 +15,13 @@ turns requests away is marked ("rejects"), drawn hollow and grey, and never reco
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import WanwuError
+from .files import write_whole
 
 if TYPE_CHECKING:  # matplotlib is optional: imported for real only inside plot()
     from matplotlib.axes import Axes
@@ -429,7 +429,10 @@ def plot(
     fig = Figure(figsize=(9, 6), layout="constrained")
     FigureCanvasAgg(fig)
     _draw(fig, points, front, recommended, title, max_reject_rate)
-    _save_atomically(fig, path)
+    try:
+        write_whole(path, lambda partial: fig.savefig(partial, format="png", dpi=100))
+    except OSError as exc:
+        raise TuneError(f"cannot write plot {path}: {exc}") from exc
 
 
 def _draw(
@@ -497,16 +500,3 @@ def _draw_rejecting(points: Sequence[Point], ax: Axes, markers: Mapping[str, str
             edgecolors="grey",
             label=text if i == 0 else "_nolegend_",
         )
-
-
-def _save_atomically(fig: Figure, path: Path) -> None:
-    # Beside the target so the rename stays on one filesystem; opened normally so the
-    # PNG gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise TuneError(f"cannot write plot {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)  # already gone after a successful rename

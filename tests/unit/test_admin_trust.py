@@ -19,9 +19,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from gateway.admin import Admin, AuthThrottle, write_durably
+from gateway.admin import Admin, AuthThrottle
 from scheduler.backends.docker_swarm import IPSEC_KERNEL, SwarmBackend, ipsec_support, probe_ipsec
 from scheduler.errors import ConfigError, WorkerStartError
+from scheduler.files import write_text_whole
 from scheduler.settings import Settings
 from tests.unit.fakes import FakeBackend, FakeClock
 from tests.unit.test_admin import AUTH, TOKEN, build
@@ -51,10 +52,10 @@ def test_the_state_file_is_synced_whole_before_the_rename_and_its_directory_afte
     target = tmp_path / "pool.json"
     target.write_text("old\n")
     fsync = RecordingFsync(target)
-    write_durably(target, '{"new": true}\n', fsync)
+    write_text_whole(target, '{"new": true}\n', fsync)
     # the data, whole, while the old file is still in place; then the directory, renamed
     assert fsync.calls == [("file", '{"new": true}\n'), ("dir", '{"new": true}\n')]
-    assert target.read_text() == '{"new": true}\n' and not (tmp_path / "pool.partial").exists()
+    assert target.read_text() == '{"new": true}\n' and [p.name for p in tmp_path.iterdir()] == ["pool.json"]
 
 
 def test_a_persisted_change_goes_through_the_injected_fsync(tmp_path: Path) -> None:
@@ -79,8 +80,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path: Path) -> No
         raise OSError(5, "Input/output error")
 
     with pytest.raises(OSError):
-        write_durably(target, "new\n", failing)
-    assert target.read_text() == "old\n" and not (tmp_path / "pool.partial").exists()
+        write_text_whole(target, "new\n", failing)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["pool.json"]
 
 
 # -- the CLI's token -----------------------------------------------------------------
