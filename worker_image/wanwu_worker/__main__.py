@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import contract as env
 from .bundle import load_bundle
 from .errors import WorkerError
 from .logs import configure as configure_logging
@@ -42,12 +43,12 @@ MOUNTED_MODEL = "/model"
 def default_model_dir() -> str:
     """WANWU_MODEL_DIR, else a bundle mounted at /model, else the image's built-in
     demo bundle (WANWU_BUILTIN_MODEL)."""
-    explicit = os.environ.get("WANWU_MODEL_DIR")
+    explicit = os.environ.get(env.MODEL_DIR)
     if explicit:
         return explicit
     if Path(MOUNTED_MODEL, "model.json").is_file():
         return MOUNTED_MODEL
-    return os.environ.get("WANWU_BUILTIN_MODEL", MOUNTED_MODEL)
+    return os.environ.get(env.BUILTIN_MODEL, MOUNTED_MODEL)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -67,46 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        default=os.environ.get("WANWU_DEVICE") or None,
+        default=os.environ.get(env.DEVICE) or None,
         help="cpu, cuda or cuda:N (default: cuda if available)",
     )
-    parser.add_argument("--max-pixels", type=int, default=_env_int("WANWU_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    parser.add_argument("--max-pixels", type=int, default=_env_int(env.MAX_PIXELS, DEFAULT_MAX_PIXELS))
     parser.add_argument(
         "--threads",
         type=int,
-        default=_env_int("WANWU_TORCH_THREADS", 1),
+        default=_env_int(env.TORCH_THREADS, 1),
         help="torch intra-op threads (default 1; 0 leaves torch's own choice)",
     )
     parser.add_argument(
         "--preprocess-threads",
         type=int,
-        default=_env_int("WANWU_PREPROCESS_THREADS", 0),
+        default=_env_int(env.PREPROCESS_THREADS, 0),
         help="threads decoding a batch's images (default 0: the CPUs this process may use, at most 4)",
     )
     sub = parser.add_subparsers(dest="mode", required=True)
     serve = sub.add_parser(
         "serve", help="answer /healthz, /predict and /predict_batch on a Unix socket (or TCP, --listen)"
     )
-    serve.add_argument("--socket", default=os.environ.get("WANWU_SOCKET", "/run/wanwu/worker.sock"))
+    serve.add_argument("--socket", default=os.environ.get(env.SOCKET, env.DEFAULT_SOCKET))
     serve.add_argument(
         "--listen",
-        default=os.environ.get("WANWU_LISTEN") or None,
+        default=os.environ.get(env.LISTEN) or None,
         metavar="HOST:PORT",
         help="serve on TCP instead of the socket; every request must carry the --secret-file secret",
     )
     serve.add_argument(
         "--secret-file",
-        default=os.environ.get("WANWU_SECRET_FILE") or None,
+        default=os.environ.get(env.SECRET_FILE) or None,
         help="the worker's secret (a Docker secret), required with --listen",
     )
-    serve.add_argument("--max-body", type=int, default=_env_int("WANWU_MAX_BODY_BYTES", 20 * 2**20))
+    serve.add_argument("--max-body", type=int, default=_env_int(env.MAX_BODY_BYTES, 20 * 2**20))
     serve.add_argument(
         "--stem",
         action="store_true",
-        default=os.environ.get("WANWU_STEM") == "1",
+        default=os.environ.get(env.STEM) == "1",
         help="start with no model (a stem cell); POST /load picks a bundle under --models-root",
     )
-    serve.add_argument("--models-root", default=os.environ.get("WANWU_MODELS_ROOT", "/models"))
+    serve.add_argument("--models-root", default=os.environ.get(env.MODELS_ROOT, "/models"))
     predict = sub.add_parser("predict", help="classify or embed FILEs, print one JSON line each")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("files", nargs="+", metavar="FILE")
@@ -282,7 +283,7 @@ def _nvml_free() -> dict[str, int] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(
-        os.environ.get("WANWU_LOG_LEVEL", "INFO").upper(),
+        os.environ.get(env.LOG_LEVEL, "INFO").upper(),
         "%(asctime)s %(levelname)s wanwu-worker %(name)s: %(message)s",
         sys.stderr,
     )
