@@ -91,6 +91,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path: Path) -> No
 def gateway_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The CLI, talking to an app on a fake pool through the Flask test client."""
     from gateway import cli
+    from gateway.cli import pool as pool_cli
 
     app, pool = build(tmp_path, FakeBackend())
     client = app.test_client()
@@ -101,7 +102,7 @@ def gateway_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         )
         return response.status_code, response.get_json()
 
-    monkeypatch.setattr(cli, "_request", request_json)
+    monkeypatch.setattr(pool_cli, "_request", request_json)
     yield cli, pool
     pool.shutdown(grace_s=0)
 

@@ -1,0 +1,5 @@
+"""``python -m gateway.cli``, as the tests and benchmarks start the gateway."""
+
+from . import main
+
+main()
