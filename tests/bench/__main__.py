@@ -1096,7 +1096,7 @@ def footprint(gw: Gateway, client: docker.DockerClient, idle_seconds: float) -> 
 # -- report ------------------------------------------------------------------------------------
 
 
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "azure2019-sample50"
+TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure2019-sample50"
 
 
 def simulator_speed(quick: bool) -> dict[str, Any]:

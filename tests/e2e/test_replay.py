@@ -15,7 +15,7 @@ from gateway.cli import cli
 from tests.dockerutil import demo_bundle_dir
 from tests.gatewayproc import running_gateway
 
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "azure2019-sample50"
+TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure2019-sample50"
 MODELS = ("demo-shapes", "demo-b", "demo-c")
 
 
@@ -31,7 +31,7 @@ def models_dir(root: Path) -> None:
 
 @pytest.mark.docker
 def test_replay_measures_what_the_simulator_predicts(docker_client: docker.DockerClient, tmp_path: Path) -> None:
-    assert TRACE.is_dir(), f"the shared trace is missing: {TRACE}"
+    assert TRACE.is_dir(), f"the trace is missing: {TRACE}"
     models_dir(tmp_path)
     settings = {"max_workers": "2", "idle_ttl_s": "5", "queue_timeout_s": "20"}
     with running_gateway(tmp_path, docker_client, **settings) as gw:
