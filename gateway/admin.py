@@ -32,17 +32,12 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from scheduler.errors import ConfigError, UnknownModel
 from scheduler.files import write_text_whole
-from scheduler.keepalive import POLICIES
 from scheduler.pool import WarmPool
-from scheduler.settings import Settings
+from scheduler.settings import RUNTIME, Settings, parse
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__)
-
-SCALARS = ("max_workers", "idle_ttl_s", "keepalive", "stem_cells")
-MAX_WORKERS_LIMIT = 1024
-MAX_TTL_S = 7 * 86400.0  # a week: longer is "never", and an idle GPU for that long is a mistake
 
 
 class AdminError(Exception):
@@ -186,17 +181,15 @@ class Admin:
     def _parse(self, body: Any) -> tuple[dict[str, Any], dict[str, float | None], bool]:
         if not isinstance(body, dict):
             raise AdminError(400, "invalid_settings", 'send a JSON object, e.g. {"max_workers": 3}')
-        unknown = sorted(set(body) - {*SCALARS, "model_ttl_s", "persist"})
+        unknown = sorted(set(body) - {*RUNTIME, "model_ttl_s", "persist"})
         if unknown:
             raise AdminError(
                 400,
                 "invalid_settings",
                 f"unknown settings {', '.join(unknown)}; these change at run time: "
-                f"{', '.join(SCALARS)}, model_ttl_s (and persist)",
+                f"{', '.join(RUNTIME)}, model_ttl_s (and persist)",
             )
-        scalars = {key: body[key] for key in SCALARS if key in body}
-        for key, value in scalars.items():
-            _check_type(key, value)
+        scalars = {key: body[key] for key in RUNTIME if key in body}
         ttls = self._parse_ttls(body.get("model_ttl_s", {}))
         persist = body.get("persist", False)
         if not isinstance(persist, bool):
@@ -216,16 +209,15 @@ class Admin:
                 self.pool.catalog.get(model)
             except UnknownModel as exc:
                 raise AdminError(400, "invalid_settings", f"model_ttl_s: {exc}") from None
-            if value is not None and not _positive_number(value, MAX_TTL_S):
-                raise AdminError(
-                    400, "invalid_settings", f"model_ttl_s.{model}={value!r}: expected seconds > 0, or null"
-                )
-            ttls[model] = None if value is None else float(value)
+            try:  # a model's TTL has the bounds of the default one (the settings table's)
+                ttls[model] = None if value is None else parse("idle_ttl_s", value, f"model_ttl_s.{model}", strict=True)
+            except ConfigError as exc:
+                raise AdminError(400, "invalid_settings", f"{exc} (or null: the default)") from None
         return ttls
 
     def _validated(self, scalars: Mapping[str, Any]) -> Settings:
         try:
-            return self.pool.settings.changed("PATCH /v1/pool/settings", **scalars)
+            return self.pool.settings.changed("PATCH /v1/pool/settings", strict=True, **scalars)
         except ConfigError as exc:
             raise AdminError(400, "invalid_settings", str(exc)) from None
 
@@ -236,7 +228,7 @@ class Admin:
             "pool_id": settings.pool_id,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {
-                **{key: getattr(settings, key) for key in SCALARS},
+                **{key: getattr(settings, key) for key in RUNTIME},
                 "model_ttl_s": {model: ttl for model, ttl in sorted(merged.items()) if ttl is not None},
             },
         }
@@ -274,29 +266,6 @@ class Admin:
             log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
             return
         log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
-
-
-def _check_type(key: str, value: Any) -> None:
-    if key in ("max_workers", "stem_cells"):
-        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not integral:  # 3.0 is an integer in JSON
-            raise AdminError(400, "invalid_settings", f"{key}={value!r}: expected an integer")
-        if value > MAX_WORKERS_LIMIT:
-            raise AdminError(400, "invalid_settings", f"{key}={value!r}: at most {MAX_WORKERS_LIMIT}")
-    elif key == "idle_ttl_s" and not _positive_number(value, MAX_TTL_S):
-        raise AdminError(400, "invalid_settings", f"idle_ttl_s={value!r}: expected seconds > 0, at most {MAX_TTL_S:g}")
-    elif key == "keepalive" and value not in POLICIES:
-        raise AdminError(400, "invalid_settings", f"keepalive={value!r}: expected one of {', '.join(POLICIES)}")
-
-
-def _positive_number(value: Any, most: float) -> bool:
-    """A JSON number in (0, most]; an int too large for a float is not one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return 0 < float(value) <= most
-    except OverflowError:
-        return False
 
 
 def admin() -> Admin:

@@ -24,6 +24,7 @@ import requests
 from scheduler.core import CoreConfig
 from scheduler.errors import WanwuError
 from scheduler.profiles import Profile
+from scheduler.settings import SPECS, Settings
 from scheduler.sim import percentile, simulate
 from scheduler.traces import Trace, load_trace
 
@@ -207,21 +208,21 @@ def _float(value: Any) -> float | None:
 def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:
     """What the simulator says the same run gives, with the gateway's live settings."""
     live = pool["settings"]
-    config = CoreConfig(
-        capacity=int(live["max_workers"]),
-        default_ttl_s=float(live["idle_ttl_s"]),
-        model_ttl_s={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
-        queue_max=int(live.get("queue_max", 64)),
-        keepalive=str(live.get("keepalive", "fixed")),
-        stem_cells=int(live.get("stem_cells", 0)),
+    # Read as settings (what the gateway reports that is a setting; the rest at its
+    # default, as a gateway would have it), through the same CoreConfig the pool builds.
+    settings = Settings.load(environ={}).changed(
+        "the gateway's /v1/pool settings", strict=True, **{key: live[key] for key in SPECS if key in live}
+    )
+    config = CoreConfig.from_settings(
+        settings,
+        ttl_overrides={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
         batching={
             str(model): (int(b["max_batch_size"]), float(b["max_wait_ms"]) / 1000)
             for model, b in live.get("batching", {}).items()
         },
-        interactive_reserve_s=float(live.get("interactive_reserve_s", 10.0)),
     )
     # The live pool ticks at its core's exact wake-ups (the reaper's interval only paces GPU readings).
-    result = simulate(trace, config, profile, float(live["queue_timeout_s"]))
+    result = simulate(trace, config, profile, settings.queue_timeout_s)
     m = result.metrics()
     return {
         "requests": result.requests,

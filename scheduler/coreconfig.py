@@ -1,5 +1,5 @@
 """What the pool core decides with (``CoreConfig``), and how it follows from the
-settings and the models catalog (``core_config``): pure, so the live pool, the
+settings and the models catalog (``CoreConfig.from_settings``): pure, so the live pool, the
 simulator and ``wanwu replay`` derive the same values (the Retry-After a full pool
 answers, which models a stem cell can load, which may fall back to the CPU).
 """
@@ -50,6 +50,44 @@ class CoreConfig:
         capacity = self.capacity if self.capacity > 0 else UNBOUNDED
         return policy.Limits(capacity, self.default_ttl_s, self.model_ttl_s, self.high_watermark, self.low_watermark)
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        models: Iterable[ModelInfo] = (),
+        ttl_overrides: Mapping[str, float] | None = None,
+        backoff: tuple[float, float] = (1.0, 60.0),
+        batching: Mapping[str, tuple[int, float]] | None = None,
+    ) -> CoreConfig:
+        """The core's config for ``settings`` and the catalog's ``models``, with per-model
+        TTLs set at run time (``ttl_overrides``, over the bundles' own). The one way
+        settings become a CoreConfig: the live pool, ``wanwu tune``, ``wanwu replay`` and
+        the tests all come here. ``batching`` (model: max images, max wait s) stands in
+        for the bundles' own where only a live gateway's report of them is at hand."""
+        models = list(models)
+        s = settings
+        return cls(
+            capacity=s.max_workers,
+            default_ttl_s=s.idle_ttl_s,
+            model_ttl_s={**{m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None}, **(ttl_overrides or {})},
+            estimates_mb={**{m.name: float(m.gpu_memory_mb) for m in models}, STEM: s.stem_gpu_mb if s.gpus else 0.0},
+            high_watermark=s.gpu_high_watermark,
+            low_watermark=s.gpu_low_watermark,
+            queue_max=s.queue_max,
+            retry_after_s=retry_after(s.queue_timeout_s),
+            backoff_base_s=backoff[0],
+            backoff_max_s=backoff[1],
+            keepalive=s.keepalive,
+            stem_cells=s.stem_cells,
+            batching=dict(batching)
+            if batching is not None
+            else {m.name: (m.batching.max_batch_size, m.batching.max_wait_ms / 1000) for m in models if m.batching},
+            interactive_reserve_s=s.interactive_reserve_s,
+            # Without GPUs every worker is a CPU one: there is nothing to fall back from.
+            cpu_fallback=frozenset(m.name for m in models if m.cpu_fallback) if s.gpus else frozenset(),
+            stem_models=stem_models(models, s.models_dir) if models else None,
+        )
+
 
 def retry_after(queue_timeout_s: float) -> float:
     """The Retry-After a full pool answers: the queue timeout, between 1 and 5 s (a
@@ -62,34 +100,3 @@ def stem_models(models: Iterable[ModelInfo], models_dir: Path) -> frozenset[str]
     in from elsewhere starts its own container."""
     root = models_dir.resolve()
     return frozenset(m.name for m in models if m.path.parent == root)
-
-
-def core_config(
-    settings: Settings,
-    models: Iterable[ModelInfo],
-    ttl_overrides: Mapping[str, float] | None = None,
-    backoff: tuple[float, float] = (1.0, 60.0),
-) -> CoreConfig:
-    """The core's config for ``settings`` and the catalog's ``models``, with per-model
-    TTLs set at run time (``ttl_overrides``, over the bundles' own)."""
-    models = list(models)
-    s = settings
-    return CoreConfig(
-        capacity=s.max_workers,
-        default_ttl_s=s.idle_ttl_s,
-        model_ttl_s={**{m.name: m.idle_ttl_s for m in models if m.idle_ttl_s is not None}, **(ttl_overrides or {})},
-        estimates_mb={**{m.name: float(m.gpu_memory_mb) for m in models}, STEM: s.stem_gpu_mb if s.gpus else 0.0},
-        high_watermark=s.gpu_high_watermark,
-        low_watermark=s.gpu_low_watermark,
-        queue_max=s.queue_max,
-        retry_after_s=retry_after(s.queue_timeout_s),
-        backoff_base_s=backoff[0],
-        backoff_max_s=backoff[1],
-        keepalive=s.keepalive,
-        stem_cells=s.stem_cells,
-        batching={m.name: (m.batching.max_batch_size, m.batching.max_wait_ms / 1000) for m in models if m.batching},
-        interactive_reserve_s=s.interactive_reserve_s,
-        # Without GPUs every worker is a CPU one: there is nothing to fall back from.
-        cpu_fallback=frozenset(m.name for m in models if m.cpu_fallback) if s.gpus else frozenset(),
-        stem_models=stem_models(models, s.models_dir),
-    )

@@ -49,7 +49,10 @@ def partial_path(path: str | Path) -> Path:
 
 def write_text_whole(path: str | Path, text: str, fsync: Fsync = os.fsync) -> None:
     """``write_whole`` for UTF-8 text."""
-    write_whole(path, lambda partial: partial.write_text(text, encoding="utf-8"), fsync)
+    def write(partial: Path) -> None:
+        partial.write_text(text, encoding="utf-8")
+
+    write_whole(path, write, fsync)
 
 
 def sync_directory(directory: str | Path, fsync: Fsync = os.fsync) -> None:

@@ -36,7 +36,7 @@ from .backends.base import Backend, Connection
 from .calls import BatchAnswer, Calls, Lease, PoolAnswer, _Batch, _Waiter
 from .clock import Clock, MonotonicClock
 from .core import BATCH, INTERACTIVE, PRIORITIES, REAP_REASONS, PoolCore
-from .coreconfig import CoreConfig, core_config
+from .coreconfig import CoreConfig
 from .errors import WanwuError, WorkerTimeout
 from .events import Command, Event
 from .gpu import GpuMonitor, GpuReader
@@ -111,7 +111,7 @@ class WarmPool(Calls, Starts, Reconfigure):
         self.recorder: Callable[[Event, list[Command]], None] | None = None  # sees every event and its commands
 
     def _core_config(self) -> CoreConfig:
-        return core_config(self.settings, self.catalog.all(), self._ttl_overrides, self._backoff)
+        return CoreConfig.from_settings(self.settings, self.catalog.all(), self._ttl_overrides, self._backoff)
 
     @property
     def _readings(self) -> list[policy.GpuReading]:

@@ -62,10 +62,10 @@ def test_tune_reports_every_point_as_json_and_draws_the_plot(azure: Path, tmp_pa
 
 
 def test_tune_prints_a_table_with_the_front_and_a_recommendation(azure: Path) -> None:
-    args = ["tune", str(azure), "--max-workers", "0,1", "--ttl", "30", "--max-p99-ms", "5000"]
+    args = ["tune", str(azure), "--max-workers", "1,2", "--ttl", "30", "--max-p99-ms", "5000"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "keepalive" in result.stdout and "inf" in result.stdout
+    assert "keepalive" in result.stdout
     assert "recommended for p99 <= 5000 ms" in result.stdout
     assert "requests/s of wall time" in result.stdout
 
@@ -73,11 +73,12 @@ def test_tune_prints_a_table_with_the_front_and_a_recommendation(azure: Path) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ttl", "ten"], "'ten': expected seconds separated by commas"),
-        (["--max-workers", "-1"], "expected integers (>= 0, finite)"),
-        (["--ttl", "inf"], "expected seconds (>= 0, finite)"),
-        (["--ttl", "nan"], "expected seconds (>= 0, finite)"),
-        (["--keepalive", "lru"], "expected some of fixed, adaptive"),
+        (["--ttl", "ten"], "--ttl='ten': expected a number"),
+        (["--max-workers", "-1"], "--max-workers='-1': must be > 0"),
+        (["--max-workers", "0"], "--max-workers='0': must be > 0"),  # no pool runs unbounded
+        (["--ttl", "inf"], "expected a finite number"),
+        (["--ttl", "nan"], "expected a finite number"),
+        (["--keepalive", "lru"], "must be one of fixed, adaptive"),
         (["--minutes", "5"], "expected A:B"),
     ],
 )

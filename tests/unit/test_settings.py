@@ -34,7 +34,7 @@ def test_sources_apply_in_order(tmp_path: Path) -> None:
         ({"WANWU_IDLE_TTL_S": "-5"}, "WANWU_IDLE_TTL_S='-5': must be > 0"),
         ({"WANWU_MAX_WORKERS": "two"}, "WANWU_MAX_WORKERS='two': expected an integer"),
         ({"WANWU_MAX_WORKERS": "0"}, "WANWU_MAX_WORKERS='0': must be > 0"),
-        ({"WANWU_GPU_HIGH_WATERMARK": "1.5"}, "WANWU_GPU_HIGH_WATERMARK='1.5': must be in (0, 1]"),
+        ({"WANWU_GPU_HIGH_WATERMARK": "1.5"}, "WANWU_GPU_HIGH_WATERMARK='1.5': must be at most 1"),
         ({"WANWU_GPU_LOW_WATERMARK": "0.95"}, "WANWU_GPU_LOW_WATERMARK='0.95': must be below gpu_high_watermark (0.9)"),
         ({"WANWU_GPUS": "first"}, "WANWU_GPUS='first': expected device indexes or UUIDs"),
         ({"WANWU_POOL_ID": "a b"}, "WANWU_POOL_ID='a b': must be 1-32 letters"),
