@@ -49,6 +49,7 @@ def partial_path(path: str | Path) -> Path:
 
 def write_text_whole(path: str | Path, text: str, fsync: Fsync = os.fsync) -> None:
     """``write_whole`` for UTF-8 text."""
+
     def write(partial: Path) -> None:
         partial.write_text(text, encoding="utf-8")
 
