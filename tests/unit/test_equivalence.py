@@ -243,12 +243,8 @@ def test_the_same_arrivals_give_the_same_commands_live_and_simulated(tmp_path: P
     driver.run(arrivals, [(at, settings(n, ttl)) for at, n, ttl in case.changes])
     pool.shutdown(grace_s=0)
 
-    batching = {"s": (BATCHING["max_batch_size"], BATCHING["max_wait_ms"] / 1000)}
-
-    def config(n: int, ttl: float) -> CoreConfig:
-        return CoreConfig(
-            n, ttl, queue_max=64, retry_after_s=5, keepalive=case.keepalive, stem_cells=case.stems, batching=batching
-        )
+    def config(n: int, ttl: float) -> CoreConfig:  # the pool's own way: the same settings, the same catalog
+        return CoreConfig.from_settings(settings(n, ttl), pool.catalog.all())
 
     simulator = Simulator(
         trace(arrivals),
