@@ -2,8 +2,9 @@
 
 Decoding is defensive: the format is sniffed from the bytes, the pixel count is checked
 from the header before any pixel is decoded, truncated data is an error, and multi-frame
-files use their first frame. Only Pillow and torch are used (no torchvision, no numpy),
-so the CPU image stays small.
+files use their first frame. Only Pillow and torch are used: no torchvision (the CPU
+image does not ship it) and no NumPy (Pillow's bytes become a tensor directly; NumPy is
+in the image for onnxruntime and the ONNX exporter).
 
 The pixel cap bounds what is decoded, not what a header declares: a JPEG is decoded at
 a reduced scale (``Image.draft``, 1/2, 1/4 or 1/8) when the caller names the size it

@@ -1,1 +1,2 @@
-"""The demo model ``demo-shapes``: a generator of labelled pictures and its trainer."""
+"""The demo model ``demo-shapes``: a generator of labelled pictures, its trainer, and its
+re-export as a torch.export program or ONNX (``export``)."""
