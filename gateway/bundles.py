@@ -39,7 +39,7 @@ from wanwu_worker.bundle import (
 )
 from wanwu_worker.errors import BundleError
 
-from scheduler.backends.base import Backend
+from scheduler.backends.base import BundleTools
 from scheduler.errors import WanwuError
 
 MODEL_FILES = {"torchscript": "model.pt", "export": "model.pt2", "onnx": "model.onnx"}
@@ -148,7 +148,7 @@ def _check_destination(name: str, out: Path, force: bool) -> None:
 
 
 def create(
-    spec: Spec, out: Path, backend: Backend, device: str | None, force: bool = False, progress: Progress = print
+    spec: Spec, out: Path, backend: BundleTools, device: str | None, force: bool = False, progress: Progress = print
 ) -> dict[str, Any]:
     """Build the bundle ``spec`` describes at ``out``, check it on ``backend`` (on GPU
     ``device`` or the CPU) and return the check's report. Raises BundleCreateError
@@ -198,7 +198,7 @@ BUILD_TIMEOUT_S = 900.0
 def create_pretrained(
     name: str,
     out: Path,
-    backend: Backend,
+    backend: BundleTools,
     device: str | None,
     fmt: str = "onnx",
     input_size: int = 224,
@@ -305,7 +305,7 @@ def onnx_external_data(model: Path) -> list[Path]:
     return list(found.values())
 
 
-def check(directory: Path, backend: Backend, device: str | None, progress: Progress = print) -> dict[str, Any]:
+def check(directory: Path, backend: BundleTools, device: str | None, progress: Progress = print) -> dict[str, Any]:
     """Re-validate the bundle in ``directory``: its files, then a load and a request in
     the worker. Returns the report with ``warnings`` (a GPU estimate below what was
     measured). Raises BundleCreateError if it does not pass."""
@@ -322,7 +322,7 @@ def check(directory: Path, backend: Backend, device: str | None, progress: Progr
 
 
 def _checked(
-    directory: Path, backend: Backend, device: str | None, progress: Progress
+    directory: Path, backend: BundleTools, device: str | None, progress: Progress
 ) -> tuple[Bundle, dict[str, Any]]:
     """The bundle as validated on this host, and the worker's report on it."""
     try:

@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.backends.base import WORKER_UID, Backend, prepare_private_dir
-from scheduler.backends.factory import build_backend
+from scheduler.assembly import build_backend
+from scheduler.backends.base import WORKER_UID, BuiltinBackend, prepare_private_dir
 from scheduler.errors import BackendUnavailable, WanwuError
 from scheduler.settings import Settings
 
@@ -49,7 +49,7 @@ def run_checks(config: str | None = None) -> list[Check]:
     return checks
 
 
-def _stem_cells(backend: Backend, models_dir: Path) -> Check:
+def _stem_cells(backend: BuiltinBackend, models_dir: Path) -> Check:
     """Stem cells reach bundles through the models directory, as the worker user."""
     problem = backend.stem_problem(models_dir)
     if problem:
@@ -75,7 +75,7 @@ FIXES = {
 }
 
 
-def _backend(settings: Settings, backend: Backend) -> list[Check]:
+def _backend(settings: Settings, backend: BuiltinBackend) -> list[Check]:
     """What the configured backend needs, as its readiness reports it."""
     found = backend.readiness()
     if settings.backend == "docker":
@@ -105,8 +105,8 @@ def _models(settings: Settings, provider_ok: bool) -> Check:
     )
 
 
-def _gpus(settings: Settings, backend: Backend) -> Check:
-    from scheduler.backends.factory import gpu_reader
+def _gpus(settings: Settings, backend: BuiltinBackend) -> Check:
+    from scheduler.assembly import gpu_reader
     from scheduler.gpu import GpuMonitor
 
     if not settings.gpus:

@@ -46,7 +46,7 @@ from typing import Any
 from waitress.adjustments import Adjustments
 from waitress.server import TcpWSGIServer
 
-from scheduler.backends.factory import build_pool
+from scheduler.assembly import build_pool
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings
 

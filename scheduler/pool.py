@@ -32,7 +32,7 @@ from typing import assert_never
 
 from . import events as ev
 from . import policy
-from .backends.base import Backend, Connection
+from .backends.base import Backend, Connection, RemovesOrphans
 from .calls import BatchAnswer, Calls, Lease, PoolAnswer, _Batch, _Waiter
 from .clock import Clock, MonotonicClock
 from .core import BATCH, INTERACTIVE, PRIORITIES, REAP_REASONS, PoolCore
@@ -100,7 +100,7 @@ class WarmPool(Calls, Starts, Reconfigure):
         )
         self._catalog_version = catalog.version
         self._ttl_overrides: dict[str, float] = {}  # per-model TTLs set at run time (reconfigure)
-        self.stem_problem: str | None = None  # why stem cells cannot work here (set by the factory)
+        self.stem_problem: str | None = None  # why stem cells cannot work here (set by scheduler.assembly)
         digests = {m.name: m.digest for m in catalog.all()}  # each served bundle's identity
         self.core = PoolCore(self._core_config(), id_prefix=uuid.uuid4().hex[:4], digests=digests)
         self._waiters: dict[int, _Waiter] = {}
@@ -127,7 +127,7 @@ class WarmPool(Calls, Starts, Reconfigure):
     def start(self, background: bool = True) -> list[str]:
         """Remove containers an earlier run of this pool id left, start the stem cells,
         the reaper and the event watcher. Returns the names of the leftovers removed."""
-        removed = self.backend.remove_orphans()
+        removed = self.backend.remove_orphans() if isinstance(self.backend, RemovesOrphans) else []
         if removed:
             log.info(
                 "removed %d leftover workers of pool %s: %s", len(removed), self.settings.pool_id, ", ".join(removed)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import Backend
+from .backends.base import Backend, ReportsReadiness
 from .core import PoolCore
 from .errors import WanwuError
 from .models import ModelCatalog
@@ -117,7 +117,7 @@ def readiness(
     backend: Backend, catalog: ModelCatalog, settings: Settings, closing: bool
 ) -> dict[str, tuple[bool, str]]:
     """The backend's checks, the default model's bundle, and whether the pool is open."""
-    checks = backend.readiness()
+    checks = backend.readiness() if isinstance(backend, ReportsReadiness) else {}
     try:
         model = catalog.get(settings.default_model)
         checks["model"] = (True, f"{model.name} ({model.path})")

@@ -14,7 +14,8 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from scheduler.backends.docker import MANAGED_LABEL, POOL_LABEL, WorkerSpec, prepare_socket_dir, run_options
+from scheduler.backends.docker_common import MANAGED_LABEL, POOL_LABEL
+from scheduler.backends.docker_container import WorkerSpec, prepare_socket_dir, run_options
 from scheduler.worker_client import WorkerClient
 
 IMAGE = os.environ.get("WANWU_WORKER_IMAGE", "wanwu-worker:cpu")

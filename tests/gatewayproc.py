@@ -19,7 +19,7 @@ from pathlib import Path
 import docker
 import requests
 
-from scheduler.backends.docker import POOL_LABEL
+from scheduler.backends.docker_common import POOL_LABEL
 from tests.dockerutil import IMAGE
 from tests.workerprocs import kill_all
 

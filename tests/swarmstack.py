@@ -146,7 +146,7 @@ def running_swarm(timings: dict[str, float] | None = None) -> Iterator[Swarm]:
     image built from this checkout and loaded on the manager, the worker image on every
     node; torn down afterwards, leaving nothing. ``timings`` gets the phases' seconds."""
     from scheduler.backends.docker_image import build_gateway_image
-    from scheduler.backends.docker_swarm import probe_ipsec
+    from scheduler.backends.docker_swarm_network import probe_ipsec
 
     timings = {} if timings is None else timings
     swarmnet.clean_leftovers()

@@ -29,7 +29,7 @@ def _triple(ctx: click.Context, param: click.Parameter, raw: str | None) -> tupl
 def _bundle_backend(config: str | None, device: str | None) -> tuple[Any, str | None]:
     """The configured backend, and the GPU to check on: --device, else the first of
     WANWU_GPUS, else none (the CPU)."""
-    from scheduler.backends.factory import build_backend
+    from scheduler.assembly import build_backend
 
     settings = load_settings(config)
     if device in ("", "cpu"):

@@ -1,8 +1,42 @@
-"""The backend seam, in the pool's words: spawn a worker, stop it, list what is managed,
-remove leftovers, watch for workers that die, and connect to a worker. Docker
-(``docker.py``) and local processes (``process.py``) implement it; ``factory.py`` picks
-one from ``WANWU_BACKEND``; a Kubernetes backend would implement the same without
-touching the pool. Tests use ``tests/unit/fakes.py``'s FakeBackend.
+"""The backend seam, in the pool's words.
+
+``Backend`` is what every backend does: spawn a worker (or a stem cell, and turn a stem
+cell into a worker with ``load``), stop it, list what it manages, say how to reach a
+worker (``connect``), report workers that die (``watch``), say whether its engine
+answers (``ping``) and whether stem cells could read bundles (``stem_problem``). What
+only some backends do is a small protocol of its own, which its users ask for with
+``isinstance``; a backend without one still runs a pool:
+
+    RemovesOrphans     remove the workers an earlier run of the pool id left
+                       (docker, process, swarm; asked by WarmPool.start)
+    ReportsReadiness   checks for /readyz and ``wanwu doctor``
+                       (docker, process, swarm; asked by snapshot.readiness)
+    BundleTools        provide, build and check bundles where workers run
+                       (docker, process, swarm; asked by assembly.build_pool and
+                       gateway/bundles.py)
+    RemoteGpus         GPU readings of GPUs on other hosts
+                       (swarm; asked by assembly.gpu_reader)
+
+``BuiltinBackend`` is ``Backend`` with the first three: what each built-in backend is,
+and what ``assembly.build_backend`` gives the CLI and ``wanwu doctor``.
+
+The backends: ``docker.py`` (hardened containers on this engine, a Unix socket each),
+``process.py`` (local child processes, a Unix socket each) and ``docker_swarm.py`` (swarm
+services on an overlay network, over TCP with a secret each). ``scheduler/assembly.py``
+picks one from ``WANWU_BACKEND`` and builds the pool over it; a Kubernetes backend would
+implement ``Backend`` (and what it can of the rest) without touching the pool. Tests use
+``tests/unit/fakes.py``'s FakeBackend and CoreBackend.
+
+Below the protocols: what the backends share. The directories a gateway keeps its
+workers' sockets in (``prepare_private_dir``: the gateway's own, private), what a
+worker's uid may reach or change (``access_problem``, ``writable_path``), waiting for a
+worker to answer on its socket, asking a stem cell to load, and reading a bundle
+check's report.
+
+This package imports nothing of the scheduler above it (no pool, settings, catalog or
+core): only the leaf modules ``scheduler.errors``, ``scheduler.workers``,
+``scheduler.policy``, ``scheduler.gpu``, ``scheduler.answers`` and
+``scheduler.worker_client``, and ``wanwu_worker.contract`` (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations
@@ -15,9 +49,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import BackendUnavailable, WanwuError, WorkerCrashed, WorkerStartError, WorkerStartTimeout, WorkerTimeout
+from ..gpu import GpuReader
 from ..policy import STEM
 from ..worker_client import Scores, WorkerAnswer, WorkerBatchAnswer, WorkerClient
 
@@ -56,7 +91,8 @@ class ManagedWorker:
 
 
 class Connection(Protocol):
-    """How the pool talks to a worker (``WorkerClient`` over a Unix socket)."""
+    """How the pool talks to a worker: a ``WorkerClient``, over a Unix socket (docker,
+    process) or over TCP with the worker's secret (swarm)."""
 
     def predict(
         self, image: bytes, top_k: int = 5, timeout: float | None = None, scores: Scores | None = None
@@ -75,6 +111,8 @@ ExitCallback = Callable[[str, str], None]
 
 
 class Backend(Protocol):
+    """What every backend does (module doc); the pool needs nothing else."""
+
     def spawn(self, request: SpawnRequest) -> Started:
         """Start a worker and block until it is ready. Raises WorkerStartError (with
         its last log lines), WorkerStartTimeout or BackendUnavailable; a worker that
@@ -96,10 +134,6 @@ class Backend(Protocol):
         """Every worker of this pool the backend knows, running or not."""
         ...
 
-    def remove_orphans(self) -> list[str]:
-        """Remove every worker of this pool id (left by an earlier run)."""
-        ...
-
     def connect(self, worker_id: str, timeout: float) -> Connection: ...
 
     def watch(self, on_exit: ExitCallback, on_reconnect: Callable[[], None], stop: threading.Event) -> None:
@@ -111,18 +145,39 @@ class Backend(Protocol):
         """Raise BackendUnavailable unless the engine answers."""
         ...
 
+    def stem_problem(self, models_dir: Path) -> str | None:
+        """Why stem cells could not read bundles through ``models_dir``, or None."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class RemovesOrphans(Protocol):
+    """A backend that finds the workers an earlier run of its pool id left behind."""
+
+    def remove_orphans(self) -> list[str]:
+        """Remove every worker of this pool id (left by an earlier run)."""
+        ...
+
+
+@runtime_checkable
+class ReportsReadiness(Protocol):
+    """A backend with checks of its own for the readiness probe and ``wanwu doctor``."""
+
     def readiness(self) -> dict[str, tuple[bool, str]]:
         """Checks a readiness probe reports, e.g. engine reachable and image present."""
         ...
 
+
+@runtime_checkable
+class BundleTools(Protocol):
+    """A backend that runs the worker package's bundle tools where its workers run."""
+
     def provide_model(self, name: str, models_dir: Path) -> Path:
         """Put the built-in bundle ``name`` into ``models_dir`` when it is missing there
-        (the Docker backend copies it out of the worker image; the process backend
-        trains it). Raises ImageBuildError or WorkerStartError with the reason."""
-        ...
-
-    def stem_problem(self, models_dir: Path) -> str | None:
-        """Why stem cells could not read bundles through ``models_dir``, or None."""
+        (the Docker backends copy it out of the worker image; the process backend
+        makes it). Raises ImageBuildError or WorkerStartError with the reason."""
         ...
 
     def check_bundle(self, bundle_dir: Path, device: str | None, timeout: float) -> dict[str, Any]:
@@ -139,14 +194,31 @@ class Backend(Protocol):
         interpreter. Raises ImageBuildError with the builder's last lines if it fails."""
         ...
 
-    def close(self) -> None: ...
+
+@runtime_checkable
+class RemoteGpus(Protocol):
+    """A backend whose GPUs are on other hosts, out of this host's NVML's sight: it
+    reads them itself."""
+
+    def gpu_devices(self) -> tuple[str, ...]:
+        """Every GPU the backend could place a worker on (``WANWU_GPUS=auto``)."""
+        ...
+
+    def gpu_monitor(self, devices: tuple[str, ...]) -> GpuReader:
+        """The pool's GPU readings of ``devices``."""
+        ...
+
+
+class BuiltinBackend(Backend, RemovesOrphans, ReportsReadiness, BundleTools, Protocol):
+    """What each of docker, process and swarm is: what ``assembly.build_backend`` gives."""
 
 
 BUILDER = ("-m", "wanwu_worker.general.build")  # what ``build_bundle`` runs
 WORKER_UID = 10001  # the worker image's user (USER 10001:10001); a root gateway's process workers too
 
 
-# -- directories the gateway keeps sockets in, and what a worker's uid may touch ----------
+# -- shared: the gateway's socket directories (docker, process), what a worker's uid may
+# -- touch (process), waiting for a worker, a stem cell's load, a bundle check's report --
 
 
 def private_dir_problem(info: os.stat_result, euid: int) -> str | None:

@@ -1,41 +1,27 @@
-"""Run workers as Docker containers (the docker SDK is imported here and in
-docker_image.py only).
-
-Every container is hardened: no network at all, read-only root with a small tmpfs at
-/tmp, a non-root user, every capability dropped, no-new-privileges, memory and pids
-limits, the model bundle mounted read-only at /model, and the worker's socket directory
-(a per-worker host directory) at /run/wanwu. GPUs are requested through device requests.
+"""Run workers as Docker containers on this engine (``WANWU_BACKEND=docker``): one
+hardened container each (``docker_container.py`` says how), reached over a Unix socket in
+its own directory under the gateway's socket directory. The docker SDK is imported only
+by the modules named ``docker*.py`` of this package.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
-import docker.types
-import requests
 
-from ..errors import (
-    BackendUnavailable,
-    ImageBuildError,
-    WanwuError,
-    WorkerStartError,
-    WorkerStartTimeout,
-)
+from ..errors import BackendUnavailable, WanwuError, WorkerStartError, WorkerStartTimeout
 from ..worker_client import WorkerClient
 from .base import (
-    BUILDER,
     ExitCallback,
     ManagedWorker,
     SpawnRequest,
@@ -45,239 +31,27 @@ from .base import (
     prepare_private_dir,
     wait_ready,
 )
-from .base import WORKER_UID as WORKER_UID  # named here too: docker_swarm imports it from this module
+from .docker_common import (
+    ENGINE_ERRORS,
+    MODEL_LABEL,
+    POOL_LABEL,
+    WORKER_LABEL,
+    ContainerLimits,
+    container_name,
+    engine_client,
+    first_line,
+    run_builder,
+    stem_mount_problem,
+)
+from .docker_container import WorkerSpec, container_uid, prepare_socket_dir, run_options
 
 log = logging.getLogger(__name__)
 
-MANAGED_LABEL = "wanwu.managed"
-POOL_LABEL = "wanwu.pool"
-MODEL_LABEL = "wanwu.model"
-WORKER_LABEL = "wanwu.worker"
-SOCKET_DIR_IN_CONTAINER = "/run/wanwu"
-MODEL_DIR_IN_CONTAINER = "/model"
-MODELS_DIR_IN_CONTAINER = "/models"  # a stem cell's view of every bundle
-STEM_LABEL = "wanwu.stem"
-
-# What a call to an engine raises when the engine refuses, fails or cannot be reached.
-ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
-
-
-@dataclass(frozen=True)
-class ContainerLimits:
-    """Per-container resource limits."""
-
-    memory: str = "2g"
-    pids: int = 512
-    tmpfs_size: str = "256m"
-    cpus: float | None = None
-    shm_size: str = "64m"
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What one worker container needs: image, model bundle, socket directory, labels."""
-
-    image: str
-    pool_id: str
-    model: str
-    worker_id: str
-    model_dir: Path
-    socket_dir: Path
-    gpus: tuple[str, ...] = ()
-    limits: ContainerLimits = field(default_factory=ContainerLimits)
-    environment: dict[str, str] = field(default_factory=dict)
-    stem: bool = False  # model_dir is the whole models directory, mounted at /models
-    user: str = field(default_factory=lambda: container_user())
-
-    @property
-    def name(self) -> str:
-        return container_name(self.pool_id, self.worker_id)
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return worker_labels(self.pool_id, self.model, self.worker_id, self.stem)
-
-
-def worker_labels(pool_id: str, model: str, worker_id: str, stem: bool) -> dict[str, str]:
-    """The labels of a worker (its container, or its swarm service), whichever backend."""
-    labels = {MANAGED_LABEL: "true", POOL_LABEL: pool_id, MODEL_LABEL: model, WORKER_LABEL: worker_id}
-    if stem:
-        labels[STEM_LABEL] = "true"
-    return labels
-
-
-def model_mount(stem: bool) -> tuple[str, dict[str, str]]:
-    """Where a worker's bundle (or, for a stem cell, the whole models directory) is
-    mounted, and the environment that tells the worker so."""
-    if stem:
-        return MODELS_DIR_IN_CONTAINER, {"WANWU_MODELS_ROOT": MODELS_DIR_IN_CONTAINER, "WANWU_STEM": "1"}
-    return MODEL_DIR_IN_CONTAINER, {"WANWU_MODEL_DIR": MODEL_DIR_IN_CONTAINER}
-
-
-def engine_client(what: str) -> docker.DockerClient:
-    """A client of the engine ``DOCKER_HOST`` names; BackendUnavailable naming ``what``."""
-    try:
-        return docker.from_env(timeout=60)
-    except docker.errors.DockerException as exc:
-        raise BackendUnavailable(f"cannot reach {what}: {_first_line(exc)}") from exc
-
-
-def container_name(pool_id: str, worker_id: str) -> str:
-    return f"wanwu-{pool_id}-{worker_id}"
-
-
-def container_user(euid: int | None = None, egid: int | None = None) -> str:
-    """The user a worker container runs as: the image's (uid 10001) under a root gateway;
-    else the gateway's own uid and gid, the only user besides root that can bind a socket
-    in a directory of the gateway's that nobody else may enter (any uid but 0 is
-    unprivileged inside the container)."""
-    euid = os.geteuid() if euid is None else euid
-    if euid == 0:
-        return f"{WORKER_UID}:{WORKER_UID}"
-    return f"{euid}:{os.getegid() if egid is None else egid}"
-
-
-def _container_uid() -> int:
-    return int(container_user().split(":")[0])
-
-
-def prepare_socket_dir(path: Path, user: str | None = None) -> None:
-    """Create the worker's socket directory, mode 0700 and owned by the user its
-    container runs as (``container_user()``), so the worker can bind its socket there and
-    nobody else on the host but root can reach it. A directory left there is replaced."""
-    uid, gid = (int(part) for part in (user or container_user()).split(":"))
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, mode=0o700)
-    os.chmod(path, 0o700)  # the umask may have taken bits away, never added: this is exact
-    if (uid, gid) != (os.geteuid(), os.getegid()):
-        os.chown(path, uid, gid)
-
-
-def run_options(spec: WorkerSpec, command: list[str] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``client.containers.run`` (or ``create``) for ``spec``."""
-    limits = spec.limits
-    mount, model_env = model_mount(spec.stem)
-    options: dict[str, Any] = {
-        "image": spec.image,
-        "command": command or ["serve"],
-        "name": spec.name,
-        "labels": spec.labels,
-        "detach": True,
-        "network_mode": "none",
-        "read_only": True,
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
-        "user": spec.user,
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-        "mem_limit": limits.memory,
-        "memswap_limit": limits.memory,
-        "pids_limit": limits.pids,
-        "shm_size": limits.shm_size,
-        "volumes": {
-            str(spec.model_dir): {"bind": mount, "mode": "ro"},
-            str(spec.socket_dir): {"bind": SOCKET_DIR_IN_CONTAINER, "mode": "rw"},
-        },
-        "environment": {
-            **model_env,
-            "WANWU_SOCKET": f"{SOCKET_DIR_IN_CONTAINER}/worker.sock",
-            **spec.environment,
-        },
-    }
-    if limits.cpus:
-        options["nano_cpus"] = int(limits.cpus * 1e9)
-    if spec.gpus:
-        options["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
-    else:
-        # No device request: a CPU worker (a CPU fallback on a GPU host among them). Hide
-        # any GPU an engine whose default runtime is nvidia would still show it.
-        options["environment"]["CUDA_VISIBLE_DEVICES"] = ""
-    return options
-
-
-def run_builder(
-    client: docker.DockerClient,
-    image: str,
-    limits: ContainerLimits,
-    arguments: list[str],
-    out_dir: Path,
-    timeout: float,
-) -> None:
-    """``Backend.build_bundle`` in a container of ``image``: no network, read-only root,
-    no capabilities, ``out_dir`` (a fresh, private directory) mounted at /out and owned
-    by the user the container runs as while it builds: the caller's own user, or, for
-    root, the worker's (and the result handed back to root after). Raises
-    ImageBuildError with the builder's last lines if it fails."""
-    out_dir = out_dir.resolve()
-    root = os.getuid() == 0
-    user = f"{WORKER_UID}:{WORKER_UID}" if root else f"{os.getuid()}:{os.getgid()}"
-    if root:
-        os.chown(out_dir, WORKER_UID, WORKER_UID)
-    prefix = f"{out_dir}/"
-    command = [f"/out/{a[len(prefix) :]}" if a.startswith(prefix) else a for a in arguments]
-    name = f"wanwu-bundle-build-{uuid.uuid4().hex[:8]}"
-    status, errors = None, ""
-    try:
-        container = client.containers.run(
-            image,
-            entrypoint=["python", *BUILDER],
-            command=command,
-            name=name,
-            detach=True,
-            network_mode="none",
-            read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
-            user=user,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            mem_limit=limits.memory,
-            memswap_limit=limits.memory,
-            pids_limit=limits.pids,
-            environment={"HOME": "/tmp"},
-            volumes={str(out_dir): {"bind": "/out", "mode": "rw"}},
-            labels={MANAGED_LABEL: "true", POOL_LABEL: "bundle-build"},
-        )
-        status = container.wait(timeout=timeout).get("StatusCode")
-        errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
-    except docker.errors.ImageNotFound as exc:
-        raise ImageBuildError(f"worker image {image} is not present: run `wanwu image build`") from exc
-    except ENGINE_ERRORS as exc:
-        raise ImageBuildError(f"building a bundle in {image} failed: {_first_line(exc)}") from exc
-    finally:
-        with contextlib.suppress(*ENGINE_ERRORS):  # by name: also one that was created but never started
-            client.api.remove_container(name, force=True)
-        if root:
-            for path in (out_dir, *out_dir.rglob("*")):
-                os.lchown(path, 0, 0)
-    if status != 0:
-        tail = "\n".join(errors.strip().splitlines()[-5:]) or f"exit status {status}"
-        raise ImageBuildError(f"building a bundle in {image} failed:\n{tail}")
-
-
-def stem_mount_problem(models_dir: Path, uid: int = WORKER_UID) -> str | None:
-    """Why stem cells (``uid``: 10001, or a non-root gateway's own) could not reach bundles
-    through the models directory, or None. They open ``/models/<name>``, so the directory
-    must be searchable by them."""
-    try:
-        info = models_dir.stat()
-    except OSError as exc:
-        return f"stem cells cannot use the models directory {models_dir}: {exc.strerror or exc}"
-    searchable = info.st_mode & (0o100 if info.st_uid == uid else 0o001)
-    if not searchable:
-        return (
-            f"stem cells need the models directory {models_dir} searchable by the worker user (uid {uid}): "
-            f"chmod o+x {models_dir}, or set WANWU_STEM_CELLS=0"
-        )
-    return None
-
 
 def _check_readable_by_workers(models_dir: Path, worker_id: str) -> None:
-    problem = stem_mount_problem(models_dir, _container_uid())
+    problem = stem_mount_problem(models_dir, container_uid())
     if problem:
         raise WorkerStartError(problem, worker_id)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
 
 
 class DockerBackend:
@@ -320,7 +94,7 @@ class DockerBackend:
         try:
             self.client.ping()
         except ENGINE_ERRORS as exc:
-            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"the Docker engine does not answer: {first_line(exc)}") from exc
 
     def _prepare_socket_root(self) -> None:
         # The engine (root) bind-mounts each worker's directory, so nothing above it needs
@@ -334,14 +108,14 @@ class DockerBackend:
         except docker.errors.ImageNotFound:
             return False
         except ENGINE_ERRORS as exc:
-            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"the Docker engine does not answer: {first_line(exc)}") from exc
         return True
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
         try:
             version = self.client.version().get("Version", "?")
         except (WanwuError, *ENGINE_ERRORS) as exc:
-            return {"docker": (False, f"the Docker engine does not answer: {_first_line(exc)}")}
+            return {"docker": (False, f"the Docker engine does not answer: {first_line(exc)}")}
         try:
             present = self.image_present()
         except WanwuError as exc:
@@ -380,11 +154,11 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             self._cleanup(spec)
             raise WorkerStartError(
-                f"cannot start worker {spec.name} ({self.image}): {_first_line(exc)}", request.worker_id
+                f"cannot start worker {spec.name} ({self.image}): {first_line(exc)}", request.worker_id
             ) from exc
         except ENGINE_ERRORS as exc:
             self._cleanup(spec)
-            raise BackendUnavailable(f"the Docker engine does not answer: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"the Docker engine does not answer: {first_line(exc)}") from exc
         created = time.monotonic()
         health = self._wait_ready(spec, container, started + self.spawn_timeout_s)
         ready = time.monotonic()
@@ -440,7 +214,7 @@ class DockerBackend:
         try:
             return str(container.logs(tail=lines).decode("utf-8", "replace").rstrip()) or "(no output)"
         except ENGINE_ERRORS as exc:
-            return f"(logs unavailable: {_first_line(exc)})"
+            return f"(logs unavailable: {first_line(exc)})"
 
     @staticmethod
     def _cleanup(spec: WorkerSpec) -> None:
@@ -458,7 +232,7 @@ class DockerBackend:
         return export_builtin_model(self.image, name, models_dir)
 
     def stem_problem(self, models_dir: Path) -> str | None:
-        return stem_mount_problem(models_dir, _container_uid())
+        return stem_mount_problem(models_dir, container_uid())
 
     def build_bundle(self, arguments: list[str], out_dir: Path, timeout: float) -> None:
         """Run the bundle builder in a one-shot container of the worker image, as locked
@@ -499,7 +273,7 @@ class DockerBackend:
             ) from exc
         except ENGINE_ERRORS as exc:
             raise WorkerStartError(
-                f"checking {bundle_dir} in {self.image} failed: {_first_line(exc)}", worker_id
+                f"checking {bundle_dir} in {self.image} failed: {first_line(exc)}", worker_id
             ) from exc
         finally:
             if container is not None:
@@ -516,7 +290,7 @@ class DockerBackend:
         except docker.errors.NotFound:
             pass
         except ENGINE_ERRORS as exc:
-            raise BackendUnavailable(f"cannot remove {name}: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"cannot remove {name}: {first_line(exc)}") from exc
         finally:
             shutil.rmtree(self.socket_root / worker_id, ignore_errors=True)
 
@@ -526,7 +300,7 @@ class DockerBackend:
         try:
             rows = self.client.api.containers(all=True, filters={"label": [f"{POOL_LABEL}={self.pool_id}"]})
         except ENGINE_ERRORS as exc:
-            raise BackendUnavailable(f"cannot list containers: {_first_line(exc)}") from exc
+            raise BackendUnavailable(f"cannot list containers: {first_line(exc)}") from exc
         workers = []
         for row in rows:
             labels = row.get("Labels") or {}
@@ -571,7 +345,7 @@ class DockerBackend:
                     self._dispatch_event(event, on_exit)
             except (*ENGINE_ERRORS, OSError) as exc:
                 if not stop.is_set():
-                    log.warning("lost the Docker event stream: %s", _first_line(exc))
+                    log.warning("lost the Docker event stream: %s", first_line(exc))
             except Exception:  # the watcher must not die silently
                 log.exception("event watcher failed; restarting it")
             if stop.is_set():

@@ -56,8 +56,8 @@ from typing import Any
 
 import docker
 
+from scheduler.assembly import build_backend
 from scheduler.backends.docker_image import export_builtin_model
-from scheduler.backends.factory import build_backend
 from scheduler.clock import MonotonicClock
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool

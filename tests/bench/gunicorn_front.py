@@ -11,7 +11,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from gateway.app import create_app
-from scheduler.backends.factory import build_pool
+from scheduler.assembly import build_pool
 from scheduler.settings import Settings
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from scheduler.backends.docker import POOL_LABEL
+from scheduler.backends.docker_common import POOL_LABEL
 from tests.gatewayproc import ROOT, stop, wait_ready
 from tests.photos import PHOTOS
 

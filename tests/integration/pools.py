@@ -11,8 +11,8 @@ from pathlib import Path
 
 import docker
 
-from scheduler.backends.docker import MODEL_LABEL, POOL_LABEL, WORKER_LABEL
-from scheduler.backends.factory import build_backend
+from scheduler.assembly import build_backend
+from scheduler.backends.docker_common import MODEL_LABEL, POOL_LABEL, WORKER_LABEL
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings

@@ -26,8 +26,8 @@ from wanwu_worker.bundle import load_bundle
 
 from gateway.bundles import BundleCreateError, Spec, check, create
 from gateway.cli import cli
+from scheduler.assembly import build_backend
 from scheduler.backends.docker_image import export_builtin_model
-from scheduler.backends.factory import build_backend
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings

@@ -99,7 +99,7 @@ def test_a_full_pool_evicts_an_idle_worker_of_another_model(pools: PoolFactory) 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from scheduler.backends.factory import build_backend
+from scheduler.assembly import build_backend
 from scheduler.models import ModelCatalog
 from scheduler.pool import WarmPool
 from scheduler.settings import Settings

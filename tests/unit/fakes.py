@@ -224,6 +224,9 @@ class FakeBackend:
     def ping(self) -> None:
         pass
 
+    def stem_problem(self, models_dir: Path) -> str | None:
+        return None
+
     def readiness(self) -> dict[str, tuple[bool, str]]:
         return {"backend": (True, "fake")}
 
@@ -237,6 +240,44 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+
+class CoreBackend:
+    """Only what every backend does (``scheduler.backends.base.Backend``), over a
+    FakeBackend (``fake``, which records as ever): no orphan removal, no readiness
+    checks of its own, no bundle tools, no remote GPUs."""
+
+    def __init__(self, fake: FakeBackend | None = None) -> None:
+        self.fake = fake or FakeBackend()
+
+    def spawn(self, request: SpawnRequest) -> Started:
+        return self.fake.spawn(request)
+
+    def load(self, worker_id: str, model_dir: Path, timeout: float) -> Started:
+        return self.fake.load(worker_id, model_dir, timeout)
+
+    def stop(self, worker_id: str) -> None:
+        self.fake.stop(worker_id)
+
+    def list_workers(self) -> list[ManagedWorker]:
+        return self.fake.list_workers()
+
+    def connect(self, worker_id: str, timeout: float) -> FakeConnection:
+        return self.fake.connect(worker_id, timeout)
+
+    def watch(
+        self, on_exit: Callable[[str, str], None], on_reconnect: Callable[[], None], stop: threading.Event
+    ) -> None:
+        self.fake.watch(on_exit, on_reconnect, stop)
+
+    def ping(self) -> None:
+        self.fake.ping()
+
+    def stem_problem(self, models_dir: Path) -> str | None:
+        return self.fake.stem_problem(models_dir)
+
+    def close(self) -> None:
+        self.fake.close()
 
 
 def make_bundle(

@@ -20,7 +20,8 @@ import yaml
 from click.testing import CliRunner
 
 from gateway.admin import Admin, AuthThrottle
-from scheduler.backends.docker_swarm import IPSEC_KERNEL, SwarmBackend, ipsec_support, probe_ipsec
+from scheduler.backends.docker_swarm import SwarmBackend
+from scheduler.backends.docker_swarm_network import IPSEC_KERNEL, ipsec_support, probe_ipsec
 from scheduler.errors import ConfigError, WorkerStartError
 from scheduler.files import write_text_whole
 from scheduler.settings import Settings

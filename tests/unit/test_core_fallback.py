@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.backends.docker import WorkerSpec, run_options
+from scheduler.backends.docker_container import WorkerSpec, run_options
 from scheduler.core import CoreConfig, Fail, Grant, PoolCore, SpawnWorker, StopWorker
 from scheduler.errors import CapacityExhausted
 from scheduler.events import Arrive, Expire, Ready, Released, Retry, Stopped, Tick

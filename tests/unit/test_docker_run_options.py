@@ -6,7 +6,7 @@ from pathlib import Path
 
 from docker.types import DeviceRequest
 
-from scheduler.backends.docker import WorkerSpec, run_options
+from scheduler.backends.docker_container import WorkerSpec, run_options
 
 
 def spec(gpus: tuple[str, ...] = ()) -> WorkerSpec:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.assembly import build_backend
 from scheduler.backends.base import SpawnRequest
-from scheduler.backends.factory import build_backend
 from scheduler.backends.limits import (
     Cgroups,
     ProcessLimits,

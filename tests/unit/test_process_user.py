@@ -14,7 +14,8 @@ import pytest
 
 from scheduler.backends.base import WORKER_UID, SpawnRequest
 from scheduler.backends.limits import Cgroups, ProcessLimits
-from scheduler.backends.process import ProcessBackend, default_worker_uid, kept_environment, parse_worker_user
+from scheduler.backends.process import ProcessBackend
+from scheduler.backends.process_user import default_worker_uid, kept_environment, parse_worker_user
 from scheduler.errors import BackendUnavailable, ConfigError, WorkerStartError
 from tests.workerprocs import open_directory, worker_processes
 

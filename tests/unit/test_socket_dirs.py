@@ -20,7 +20,8 @@ from scheduler.backends.base import (
     private_dir_problem,
     writable_path,
 )
-from scheduler.backends.docker import DockerBackend, WorkerSpec, container_user, prepare_socket_dir, run_options
+from scheduler.backends.docker import DockerBackend
+from scheduler.backends.docker_container import WorkerSpec, container_user, prepare_socket_dir, run_options
 from scheduler.errors import BackendUnavailable
 from scheduler.settings import _default_socket_root
 from tests.workerprocs import open_directory

@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from scheduler.backends.docker_swarm import SwarmBackend, _address_on, _Remote, split_device
+from scheduler.backends.docker_swarm import SwarmBackend
+from scheduler.backends.docker_swarm_network import address_on
+from scheduler.backends.docker_swarm_nodes import RemoteWorker
+from scheduler.backends.docker_swarm_placement import split_device
 from scheduler.errors import WorkerStartError
 
 
@@ -50,8 +53,10 @@ def backend(api: Api) -> SwarmBackend:
     return SwarmBackend("img", "p", "net", client=SimpleNamespace(api=api))  # type: ignore[arg-type]
 
 
-def ready_worker(b: SwarmBackend, worker_id: str, task_id: str, node_id: str, device: str | None = None) -> _Remote:
-    remote = _Remote(worker_id, f"svc-{worker_id}", "secret", device, task_id, node_id, "10.0.1.5", ready=True)
+def ready_worker(
+    b: SwarmBackend, worker_id: str, task_id: str, node_id: str, device: str | None = None
+) -> RemoteWorker:
+    remote = RemoteWorker(worker_id, f"svc-{worker_id}", "secret", device, task_id, node_id, "10.0.1.5", ready=True)
     b._workers[worker_id] = remote
     return remote
 
@@ -119,5 +124,5 @@ def test_devices_and_addresses() -> None:
             {"Network": {"ID": "net1"}, "Addresses": ["10.0.1.7/24"]},
         ]
     }
-    assert _address_on(attached, "net1") == "10.0.1.7"
-    assert _address_on(attached, "net2") == ""
+    assert address_on(attached, "net1") == "10.0.1.7"
+    assert address_on(attached, "net2") == ""

@@ -1,19 +1,27 @@
-"""The one place a backend is chosen (``WANWU_BACKEND``) and a pool is built over it.
-The gateway, the CLI and ``wanwu doctor`` receive what this builds and never name a
-backend themselves."""
+"""Building a pool: the one place a backend is chosen (``WANWU_BACKEND``) and configured
+from the settings, the pool's GPU readings get their source, the default model is
+provided, and a ``WarmPool`` is built over them. The gateway, the CLI and ``wanwu
+doctor`` receive what this builds and never name a backend themselves.
+
+It lives above ``scheduler/backends/`` (it reads ``Settings`` and builds a ``WarmPool``),
+so the backends import neither; it asks a backend what it can do beyond ``Backend``
+(providing the default model, remote GPUs) with ``isinstance``.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..errors import ConfigError, UnknownModel, WanwuError
-from ..gpu import GpuMonitor, GpuReader
-from ..models import ModelCatalog
-from ..pool import WarmPool
-from ..settings import Settings
-from .base import Backend
-from .limits import ProcessLimits, parse_size
+from wanwu_worker import contract
+
+from .backends.base import Backend, BuiltinBackend, BundleTools, RemoteGpus
+from .backends.limits import ProcessLimits, parse_size
+from .errors import ConfigError, UnknownModel, WanwuError
+from .gpu import GpuMonitor, GpuReader
+from .models import ModelCatalog
+from .pool import WarmPool
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +29,18 @@ log = logging.getLogger(__name__)
 def worker_environment(settings: Settings) -> dict[str, str]:
     """What every worker is told, whichever backend runs it."""
     return {
-        "WANWU_MAX_PIXELS": str(settings.max_pixels),
-        "WANWU_MAX_BODY_BYTES": str(settings.max_upload_bytes),
-        "WANWU_TORCH_THREADS": str(settings.worker_threads),
+        contract.MAX_PIXELS: str(settings.max_pixels),
+        contract.MAX_BODY_BYTES: str(settings.max_upload_bytes),
+        contract.TORCH_THREADS: str(settings.worker_threads),
     }
 
 
-def build_backend(settings: Settings) -> Backend:
+def build_backend(settings: Settings) -> BuiltinBackend:
     """The backend ``settings.backend`` names, configured from ``settings``; nothing is
     started and no engine is contacted."""
     if settings.backend == "docker":
-        from .docker import ContainerLimits, DockerBackend
+        from .backends.docker import DockerBackend
+        from .backends.docker_common import ContainerLimits
 
         limits = ContainerLimits(settings.worker_memory, settings.worker_pids, cpus=settings.worker_cpus or None)
         return DockerBackend(
@@ -43,7 +52,8 @@ def build_backend(settings: Settings) -> Backend:
             environment=worker_environment(settings),
         )
     if settings.backend == "process":
-        from .process import ProcessBackend, parse_worker_user
+        from .backends.process import ProcessBackend
+        from .backends.process_user import parse_worker_user
 
         try:
             memory = parse_size(settings.worker_memory)
@@ -60,8 +70,8 @@ def build_backend(settings: Settings) -> Backend:
             models_dir=settings.models_dir,
         )
     if settings.backend == "swarm":
-        from .docker import ContainerLimits
-        from .docker_swarm import SwarmBackend
+        from .backends.docker_common import ContainerLimits
+        from .backends.docker_swarm import SwarmBackend
 
         limits = ContainerLimits(settings.worker_memory, settings.worker_pids, cpus=settings.worker_cpus or None)
         constraints = tuple(c.strip() for c in settings.swarm_constraints.split(";") if c.strip())
@@ -113,16 +123,18 @@ def gpu_reader(backend: Backend, settings: Settings) -> tuple[Settings, GpuReade
     """Where the pool's GPU readings come from: NVML on this host, or, for a backend
     whose GPUs are on other hosts (swarm), the backend itself, with ``WANWU_GPUS=auto``
     resolved to the GPUs it advertises. Returns the settings with that resolution."""
-    remote = getattr(backend, "gpu_monitor", None)
-    if remote is None:
+    if not isinstance(backend, RemoteGpus):
         return settings, GpuMonitor(settings.gpus)
     if settings.gpus == ("auto",):
-        settings = settings.replace(gpus=backend.gpu_devices())  # type: ignore[attr-defined]
+        settings = settings.replace(gpus=backend.gpu_devices())
         log.info("GPUs the swarm advertises: %s", ", ".join(settings.gpus) or "none")
-    return settings, remote(settings.gpus)
+    return settings, backend.gpu_monitor(settings.gpus)
 
 
 def _provide_default_model(backend: Backend, name: str, models_dir: Path) -> None:
+    if not isinstance(backend, BundleTools):
+        log.warning("default model %s is not available: this backend cannot provide built-in models", name)
+        return
     try:
         path = backend.provide_model(name, models_dir)
     except WanwuError as exc:
