@@ -28,22 +28,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from cachetools import TTLCache
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from scheduler.errors import ConfigError, UnknownModel
 from scheduler.files import write_text_whole
 from scheduler.pool import WarmPool
 from scheduler.settings import RUNTIME, Settings, parse
 
+from .clients import client_address, peer_key
+from .errors import ApiError
+from .services import record, services
+from .shapes import Change, RuntimeSettings, SettingsChange, SettingsChanged, SettingsView
+
 log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__)
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
 class AuthThrottle:
@@ -103,35 +102,44 @@ class Admin:
         self,
         settings: Settings,
         pool: WarmPool,
-        on_change: Callable[[str], None] | None = None,
         throttle: AuthThrottle | None = None,
         fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self.token = settings.admin_token
         self.state_path = settings.state_path
         self.pool = pool
-        self.on_change = on_change  # called with each changed key (metrics)
         self.throttle = throttle or AuthThrottle(pool.clock.now)
         self.fsync = fsync
-        self.changes: deque[dict[str, Any]] = deque(maxlen=20)
+        self.changes: deque[SettingsChange] = deque(maxlen=20)
         self._lock = threading.Lock()  # one change (and state-file write) at a time
 
     # -- the API's view -------------------------------------------------------------
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> SettingsView:
         return {
-            "settings": self.pool.runtime_settings(),
+            "settings": self.current(),
             "admin": "enabled" if self.token else "disabled",
             # Its name only: where it lives is the operator's (the log and `wanwu doctor` say).
             "state_file": self.state_path.name if self.state_path.is_file() else None,
             "changes": list(self.changes),
         }
 
+    def current(self) -> RuntimeSettings:
+        """The settings that change at run time, as they are now."""
+        now = self.pool.runtime_settings()
+        return {
+            "max_workers": int(now["max_workers"]),
+            "idle_ttl_s": float(now["idle_ttl_s"]),
+            "keepalive": str(now["keepalive"]),
+            "stem_cells": int(now["stem_cells"]),
+            "model_ttl_s": {str(model): float(ttl) for model, ttl in now["model_ttl_s"].items()},
+        }
+
     def authorize(self, header: str | None, client: str) -> None:
         """Let ``client`` (its key: gateway.app.peer_key) change settings with the
-        Authorization ``header``, or raise the AdminError to answer."""
+        Authorization ``header``, or raise the ApiError to answer."""
         if not self.token:
-            raise AdminError(
+            raise ApiError(
                 403,
                 "admin_disabled",
                 "changing settings at run time is off: start the gateway with WANWU_ADMIN_TOKEN set "
@@ -139,7 +147,7 @@ class Admin:
             )
         wait = self.throttle.wait_s(client)
         if wait > 0:
-            raise AdminError(
+            raise ApiError(
                 429,
                 "too_many_requests",
                 f"{client} sent wrong admin tokens too often; try again in {math.ceil(wait)} s",
@@ -150,12 +158,17 @@ class Admin:
             held = self.throttle.failed(client)
             if held:
                 log.warning("settings: %s sent a wrong admin token again; held off for %.0f s", client, held)
-            raise AdminError(401, "unauthorized", "send the admin token as 'Authorization: Bearer <token>'")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send the admin token as 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="wanwu"'},
+            )
         self.throttle.succeeded(client)
 
     # -- changing ---------------------------------------------------------------------
 
-    def change(self, body: Any, who: str) -> dict[str, Any]:
+    def change(self, body: Any, who: str) -> SettingsChange:
         """Validate ``body`` (the PATCH's JSON), apply it, persist it if asked; returns
         the record of the change."""
         scalars, ttls, persist = self._parse(body)
@@ -164,26 +177,25 @@ class Admin:
             if persist:
                 self._save(settings, ttls)
             changed = self.pool.reconfigure(settings, ttls)
-            record = {
+            shown: dict[str, Change] = {key: {"old": old, "new": new} for key, (old, new) in changed.items()}
+            record: SettingsChange = {
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "who": who,
-                "changed": {key: {"old": old, "new": new} for key, (old, new) in changed.items()},
+                "changed": shown,
                 "persisted": persist,
             }
             self.changes.append(record)
         for key, (old, new) in changed.items():
             saved = " (persisted)" if persist else ""
             log.warning("settings: %s changed %s from %r to %r%s", who, key, old, new, saved)
-            if self.on_change is not None:
-                self.on_change(key)
         return record
 
     def _parse(self, body: Any) -> tuple[dict[str, Any], dict[str, float | None], bool]:
         if not isinstance(body, dict):
-            raise AdminError(400, "invalid_settings", 'send a JSON object, e.g. {"max_workers": 3}')
+            raise ApiError(400, "invalid_settings", 'send a JSON object, e.g. {"max_workers": 3}')
         unknown = sorted(set(body) - {*RUNTIME, "model_ttl_s", "persist"})
         if unknown:
-            raise AdminError(
+            raise ApiError(
                 400,
                 "invalid_settings",
                 f"unknown settings {', '.join(unknown)}; these change at run time: "
@@ -193,33 +205,33 @@ class Admin:
         ttls = self._parse_ttls(body.get("model_ttl_s", {}))
         persist = body.get("persist", False)
         if not isinstance(persist, bool):
-            raise AdminError(400, "invalid_settings", f"persist={persist!r}: expected true or false")
+            raise ApiError(400, "invalid_settings", f"persist={persist!r}: expected true or false")
         if not scalars and "model_ttl_s" not in body and not persist:
-            raise AdminError(400, "invalid_settings", "nothing to change: give at least one setting (or persist)")
+            raise ApiError(400, "invalid_settings", "nothing to change: give at least one setting (or persist)")
         if scalars.get("stem_cells") and self.pool.stem_problem:
-            raise AdminError(400, "invalid_settings", f"stem_cells: {self.pool.stem_problem}")
+            raise ApiError(400, "invalid_settings", f"stem_cells: {self.pool.stem_problem}")
         return scalars, ttls, persist
 
     def _parse_ttls(self, raw: Any) -> dict[str, float | None]:
         if not isinstance(raw, dict):
-            raise AdminError(400, "invalid_settings", f"model_ttl_s={raw!r}: expected an object of model: seconds")
+            raise ApiError(400, "invalid_settings", f"model_ttl_s={raw!r}: expected an object of model: seconds")
         ttls: dict[str, float | None] = {}
         for model, value in raw.items():
             try:
                 self.pool.catalog.get(model)
             except UnknownModel as exc:
-                raise AdminError(400, "invalid_settings", f"model_ttl_s: {exc}") from None
+                raise ApiError(400, "invalid_settings", f"model_ttl_s: {exc}") from None
             try:  # a model's TTL has the bounds of the default one (the settings table's)
                 ttls[model] = None if value is None else parse("idle_ttl_s", value, f"model_ttl_s.{model}", strict=True)
             except ConfigError as exc:
-                raise AdminError(400, "invalid_settings", f"{exc} (or null: the default)") from None
+                raise ApiError(400, "invalid_settings", f"{exc} (or null: the default)") from None
         return ttls
 
     def _validated(self, scalars: Mapping[str, Any]) -> Settings:
         try:
             return self.pool.settings.changed("PATCH /v1/pool/settings", strict=True, **scalars)
         except ConfigError as exc:
-            raise AdminError(400, "invalid_settings", str(exc)) from None
+            raise ApiError(400, "invalid_settings", str(exc)) from None
 
     def _save(self, settings: Settings, ttls: Mapping[str, float | None]) -> None:
         """Write the settings as they will be after this change, atomically."""
@@ -236,7 +248,7 @@ class Admin:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             write_text_whole(self.state_path, json.dumps(state, indent=2, ensure_ascii=False) + "\n", self.fsync)
         except OSError as exc:
-            raise AdminError(
+            raise ApiError(
                 500,
                 "state_file_unwritable",
                 f"cannot persist to {self.state_path}: {exc.strerror or exc}; "
@@ -261,11 +273,11 @@ class Admin:
             if saved.get("stem_cells") and self.pool.stem_problem:
                 log.warning("the state file %s asks for stem cells, but %s: left out", path, self.pool.stem_problem)
                 del saved["stem_cells"]
-            record = self.change(saved, f"the state file {path}")
-        except (OSError, ValueError, KeyError, TypeError, OverflowError, AdminError) as exc:
+            applied = self.change(saved, f"the state file {path}")
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, ApiError) as exc:
             log.error("ignoring the persisted settings in %s: %s", path, getattr(exc, "message", exc))
             return
-        log.warning("applied the persisted settings in %s over the configuration: %s", path, record["changed"])
+        log.warning("applied the persisted settings in %s over the configuration: %s", path, applied["changed"])
 
 
 def admin() -> Admin:
@@ -273,20 +285,8 @@ def admin() -> Admin:
     return found
 
 
-def _error(exc: AdminError) -> Response:
-    response = jsonify({"error": {"code": exc.code, "message": exc.message, "request_id": g.get("request_id")}})
-    response.status_code = exc.status
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="wanwu"'
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return response
-
-
 def _client() -> str:
     """Who sends this request, as the per-client bounds count clients."""
-    from .app import client_address, peer_key, services  # not at the top: gateway.app imports this module
-
     forwarded = request.headers.get("X-Forwarded-For")
     return peer_key(client_address(request.remote_addr or "", forwarded, services().trusted))
 
@@ -299,19 +299,18 @@ def get_settings() -> Response:
 @bp.patch("/v1/pool/settings")
 def patch_settings() -> Response:
     keeper = admin()
+    keeper.authorize(request.headers.get("Authorization"), _client())
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the settings as application/json")
     try:
-        keeper.authorize(request.headers.get("Authorization"), _client())
-        if not request.is_json:
-            raise AdminError(415, "unsupported_media_type", "send the settings as application/json")
-        try:
-            body = request.get_json(silent=True)
-        except RecursionError:  # nested too deep for the parser
-            body = None
-        if body is None:
-            raise AdminError(400, "invalid_settings", "the body is not valid JSON")
-        operator = request.headers.get("X-Wanwu-Operator", "").strip()[:100]
-        who = f"{operator or 'an operator'} from {request.remote_addr or 'unknown'}"
-        record = keeper.change(body, who)
-    except AdminError as exc:
-        return _error(exc)
-    return jsonify({**keeper.view(), "changed": record["changed"], "persisted": record["persisted"]})
+        body = request.get_json(silent=True)
+    except RecursionError:  # nested too deep for the parser
+        body = None
+    if body is None:
+        raise ApiError(400, "invalid_settings", "the body is not valid JSON")
+    operator = request.headers.get("X-Wanwu-Operator", "").strip()[:100]
+    who = f"{operator or 'an operator'} from {request.remote_addr or 'unknown'}"
+    change = keeper.change(body, who)
+    record().settings_changed = list(change["changed"])  # counted by Metrics.record
+    answer: SettingsChanged = {**keeper.view(), "changed": change["changed"], "persisted": change["persisted"]}
+    return jsonify(answer)

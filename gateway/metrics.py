@@ -1,10 +1,12 @@
-"""Prometheus metrics. Request metrics are recorded as requests finish; pool state
+"""Prometheus metrics. Request metrics are recorded in one place, ``Metrics.record``,
+as each request finishes, from the ``RequestRecord`` its route filled in; pool state
 (workers, reaps, GPU memory, queue depth) is read from the pool when scraped, so it is
 never stale. Each app has its own registry (tests build many apps)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -56,6 +58,33 @@ class PoolCollector(Collector):
         yield total
 
 
+@dataclass
+class RequestRecord:
+    """What one request did, as the routes learn it: what ``Metrics.record`` counts and
+    the access log writes when the request finishes."""
+
+    request_id: str
+    started: float  # time.perf_counter() at arrival
+    arrived: float  # time.time() at arrival
+    model: str | None = None  # the model the request named, as it named it
+    label: str | None = None  # the metrics label of a prediction: its model once known to exist, else "-"
+    batch: bool = False  # a predict:batch or embed:batch request
+    cached: bool | None = None  # answered from the result cache
+    cold_start: bool | None = None
+    start: str | None = None  # how the worker that answered started
+    timing: dict[str, float] | None = None  # the pool's timing of a worker's answer (ms)
+    total_ms: float | None = None  # the answer's timing_ms.total
+    images: list[str] = field(default_factory=list)  # a batch's images: "ok" or each one's error code
+    error: str | None = None  # the code of the error answered
+    refused: bool = False  # the client already had client_max_requests in flight (429)
+    settings_changed: list[str] = field(default_factory=list)  # settings a PATCH changed
+
+    @property
+    def counted(self) -> bool:
+        """A prediction request: counted in ``wanwu_requests`` however it ended."""
+        return self.label is not None
+
+
 class Metrics:
     def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
         self.registry = CollectorRegistry()
@@ -102,6 +131,37 @@ class Metrics:
             registry=r,
         )
         r.register(PoolCollector(snapshot))
+
+    def record(self, rec: RequestRecord, status: int) -> None:
+        """Count a finished request: the one place request metrics are recorded."""
+        if rec.refused:
+            self.client_refused.inc()
+        for key in rec.settings_changed:
+            self.settings_changes.labels(key).inc()
+        if rec.label is None:
+            return
+        model = rec.label
+        self.requests.labels(model, "ok" if status < 400 else rec.error or str(status)).inc()
+        for outcome in rec.images:
+            self.batch_images.labels(model, outcome).inc()
+        if status >= 400:
+            return
+        if rec.cached:
+            self.cache_hits.labels(model).inc()
+        elif rec.timing is not None and not rec.batch:
+            self._served(model, rec.timing, bool(rec.cold_start), rec.start)
+        if rec.total_ms is not None:
+            self.total.labels(model).observe(rec.total_ms / 1000)
+
+    def _served(self, model: str, timing: dict[str, float], cold: bool, start: str | None) -> None:
+        """A worker's answer to a single request: how its worker was had and how long it took."""
+        (self.cold_starts if cold else self.warm_hits).labels(model).inc()
+        if start == "stem":
+            self.stem_starts.labels(model).inc()
+        self.queue.labels(model).observe(timing["queue"] / 1000)
+        if cold:
+            self.spawn.labels(model).observe(timing["spawn"] / 1000)
+        self.inference.labels(model).observe(timing["worker"] / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,10 @@
 """``GET /openapi.json``: the API's OpenAPI 3.1 description.
 
-The document is ``gateway/openapi.json`` (package data), kept true by
-``tests/e2e/test_openapi.py``: it must list every route the app registers, and
-schemathesis runs it against a real gateway.
+The document is ``gateway/openapi.json`` (package data), hand-written, and kept true by
+``tests/unit/test_openapi_shapes.py`` (no Docker): its schemas are those derived from
+the bodies' types in ``gateway.shapes``, it lists exactly the routes the app registers,
+and every route's answers (success and the main errors) validate against it. With a
+real gateway, ``tests/e2e/test_openapi.py`` runs schemathesis against it.
 """
 
 from __future__ import annotations

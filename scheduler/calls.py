@@ -225,7 +225,7 @@ class Calls:
 
     def predict(
         self,
-        model: str,
+        model: str | ModelInfo,
         image: bytes,
         top_k: int = 5,
         queue_timeout_s: float | None = None,
@@ -238,8 +238,9 @@ class Calls:
         request is retried once on another (inference is idempotent); a second failure
         is raised (WorkerCrashed or WorkerTimeout); a bad image is WorkerRejected.
         ``subset``: score over these of the model's labels, renormalised. An
-        embedding model answers ``embedding`` and ``dim`` instead of predictions."""
-        info = self.catalog.get(model)
+        embedding model answers ``embedding`` and ``dim`` instead of predictions.
+        ``model``: a name, or the catalog entry it was resolved to (``_info``)."""
+        info = self._info(model)
         call = self._call(info, [image], top_k, priority, queue_timeout_s, request_timeout_s, subset)
         entry = call.results[0]
         if "error" in entry:
@@ -261,7 +262,7 @@ class Calls:
 
     def predict_batch(
         self,
-        model: str,
+        model: str | ModelInfo,
         images: Sequence[bytes],
         top_k: int = 5,
         priority: str = BATCH,
@@ -277,7 +278,7 @@ class Calls:
         model that are up now."""
         if not images:
             raise ValueError("predict_batch needs at least one image")
-        info = self.catalog.get(model)
+        info = self._info(model)
         with self._lock:
             up = sum(1 for w in self.core.workers.values() if w.model == info.name and w.state in _UP)
         chunks, start = [], 0
@@ -309,6 +310,12 @@ class Calls:
         }
         cold, fallback = any(c.cold_start for c in calls), any(c.cpu_fallback for c in calls)
         return BatchAnswer(results, info.name, len(chunks), cold, timing, cpu_fallback=fallback)
+
+    def _info(self, model: str | ModelInfo) -> ModelInfo:
+        """The entry its caller resolved (the gateway checked the request against it), or
+        the catalog's now. Scores are asked for and shaped by that one entry; a worker of a
+        bundle replaced meanwhile answers another digest (``scoring.shape``: a 502)."""
+        return model if isinstance(model, ModelInfo) else self.catalog.get(model)
 
     def _call(
         self,

@@ -271,3 +271,29 @@ def test_an_access_log_that_cannot_be_opened_is_a_config_error(tmp_path: Path, b
     with pytest.raises(ConfigError, match=r"WANWU_ACCESS_LOG=.*cannot open it"):
         create_app(settings, pool, {"TESTING": True})
     pool.shutdown(grace_s=0)
+
+
+def test_the_model_is_resolved_once_and_its_entry_carried_to_the_pool(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = app.extensions["wanwu"]
+    looked_up: list[str] = []
+    served: list[object] = []
+    real_get, real_predict = svc.catalog.get, svc.pool.predict
+
+    def get(name: str):  # type: ignore[no-untyped-def]
+        looked_up.append(name)
+        return real_get(name)
+
+    def predict(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        served.append(model)
+        return real_predict(model, *args, **kwargs)
+
+    assert post(client, url="/v1/models/other/predict").status_code == 200  # a worker starts (it needs the path)
+    monkeypatch.setattr(svc.catalog, "get", get)
+    monkeypatch.setattr(svc.pool, "predict", predict)
+    fresh = {"headers": {"Cache-Control": "no-cache"}}
+    assert post(client, url="/v1/models/other/predict", **fresh).status_code == 200
+    # The gateway's lookup, and the pool's check as the request arrives that the model is still served.
+    assert looked_up == ["other", "other"]
+    assert served == [real_get("other")] and not isinstance(served[0], str)

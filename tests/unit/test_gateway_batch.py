@@ -65,6 +65,9 @@ def test_every_image_gets_its_entry_in_order_and_a_bad_one_only_its_own_error(
     assert [r["file"] for r in results] == [name for _, name in parts]
     assert results[1]["error"]["code"] == "not_an_image" and results[1]["retryable"] is False
     assert results[3]["error"]["code"] == "corrupt_image"
+    # An image's error is the same error object as a whole answer's, under the batch's request id.
+    assert set(results[1]["error"]) == {"code", "message", "request_id"}
+    assert results[1]["error"]["request_id"] == body["request_id"] == response.headers["X-Request-ID"]
     answered = [r for r in results if "predictions" in r]
     assert len(answered) == 6 and all(len(r["predictions"]) == 1 and r["result"] for r in answered)
     # Six good images, max batch size 3: two worker calls, and the bad ones never reached a worker.

@@ -238,12 +238,13 @@ def test_48_megapixel_jpeg_is_answered(phone_jpeg: bytes) -> None:
 
 
 def test_gateway_lets_a_48_megapixel_jpeg_through(phone_jpeg: bytes) -> None:
-    from gateway.app import ApiError, _check_image
+    from gateway.errors import ApiError
+    from gateway.inputs import check_image
 
-    _check_image(phone_jpeg, DEFAULT_MAX_PIXELS)  # measured as decoded for CHECK_DRAFT: 2000x1500
+    check_image(phone_jpeg, DEFAULT_MAX_PIXELS)  # measured as decoded for CHECK_DRAFT: 2000x1500
     assert sniff(phone_jpeg, DEFAULT_MAX_PIXELS, CHECK_DRAFT).size == (2000, 1500)
     with pytest.raises(ApiError) as caught:  # a PNG cannot be decoded smaller: its header counts
-        _check_image(png_header_only(8000, 6000), DEFAULT_MAX_PIXELS)
+        check_image(png_header_only(8000, 6000), DEFAULT_MAX_PIXELS)
     assert (caught.value.status, caught.value.code) == (413, "image_too_large")
 
 
