@@ -22,27 +22,32 @@ from tests.workerprocs import kill_all, signal_worker, worker_processes
 BACKENDS = ("docker", "process")
 
 
-def make_slow_bundle(dest: Path, name: str = "slow") -> Path:
+def make_slow_bundle(dest: Path, name: str = "slow", iterations: int = 2000) -> Path:
     """A two-class TorchScript bundle that computes for a few seconds when the picture
-    is bright (normalised mean > 1.5) and answers at once otherwise; the warm-up input is
-    zeros, so it starts fast."""
+    is bright (normalised mean > 1.5: ``iterations`` 384x384 products, about 2 s on one
+    core of the test machine at 2,000) and answers at once otherwise; the warm-up input
+    is zeros, so it starts fast."""
     import torch
     from torch import nn
 
     class Slow(nn.Module):
+        def __init__(self, iterations: int) -> None:
+            super().__init__()
+            self.iterations = iterations
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.zeros(x.shape[0], 2)
             if bool(x.mean() > 1.5):
                 m = torch.ones(384, 384) / 384
                 acc = m
-                for _ in range(6000):
+                for _ in range(self.iterations):
                     acc = acc @ m
                 y = y + acc.sum()
             return y
 
     path = dest / name
     path.mkdir(parents=True)
-    torch.jit.script(Slow()).save(str(path / "model.pt"))
+    torch.jit.script(Slow(iterations)).save(str(path / "model.pt"))
     (path / "labels.txt").write_text("亮\n暗\n", encoding="utf-8")
     config = {
         "name": name,

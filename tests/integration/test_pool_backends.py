@@ -163,7 +163,7 @@ def test_an_orphan_record_whose_pid_was_reused_kills_nothing(pools: PoolFactory)
 
 
 def test_killing_a_worker_mid_request_still_answers(pools: PoolFactory) -> None:
-    # The retry computes the slow picture from the start: 10-20 s on one core, more on a
+    # The retry computes the slow picture from the start: a few seconds on one core, more on a
     # loaded machine, and this test is about the retry, not the timeout.
     pool = pools(max_workers=2, request_timeout_s=150.0)
     pool.predict("slow", demo_images()["红色圆形"])  # warm a worker (a dark picture: fast)
