@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from scheduler.core import CoreConfig
-from scheduler.errors import WanwuError
+from scheduler.errors import ConfigError, WanwuError
 from scheduler.profiles import Profile
 from scheduler.settings import SPECS, Settings
 from scheduler.sim import percentile, simulate
@@ -205,24 +205,36 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def predicted(trace: Trace, pool: dict[str, Any], profile: Profile) -> dict[str, Any]:
-    """What the simulator says the same run gives, with the gateway's live settings."""
+def live_config(pool: dict[str, Any]) -> tuple[CoreConfig, float]:
+    """The core's config and the queue timeout of a live gateway, from its /v1/pool
+    settings: read as settings (what it reports that is a setting; the rest at its
+    default, as a gateway would have it), through the same CoreConfig the pool builds.
+    Asked before a replay starts, so a gateway whose settings these bounds refuse (an
+    older one) is a ReplayError at once, not after the whole run."""
     live = pool["settings"]
-    # Read as settings (what the gateway reports that is a setting; the rest at its
-    # default, as a gateway would have it), through the same CoreConfig the pool builds.
-    settings = Settings.load(environ={}).changed(
-        "the gateway's /v1/pool settings", strict=True, **{key: live[key] for key in SPECS if key in live}
-    )
-    config = CoreConfig.from_settings(
-        settings,
-        ttl_overrides={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
-        batching={
-            str(model): (int(b["max_batch_size"]), float(b["max_wait_ms"]) / 1000)
-            for model, b in live.get("batching", {}).items()
-        },
-    )
+    try:
+        settings = Settings.load(environ={}).changed(
+            "the gateway's /v1/pool settings", strict=True, **{key: live[key] for key in SPECS if key in live}
+        )
+        config = CoreConfig.from_settings(
+            settings,
+            ttl_overrides={str(k): float(v) for k, v in live.get("model_ttl_s", {}).items()},
+            batching={
+                str(model): (int(b["max_batch_size"]), float(b["max_wait_ms"]) / 1000)
+                for model, b in live.get("batching", {}).items()
+            },
+        )
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ReplayError(f"cannot predict with the gateway's settings: {exc}") from None
+    return config, settings.queue_timeout_s
+
+
+def predicted(trace: Trace, live: tuple[CoreConfig, float], profile: Profile) -> dict[str, Any]:
+    """What the simulator says the same run gives, with the gateway's live settings
+    (``live_config``)."""
+    config, queue_timeout_s = live
     # The live pool ticks at its core's exact wake-ups (the reaper's interval only paces GPU readings).
-    result = simulate(trace, config, profile, settings.queue_timeout_s)
+    result = simulate(trace, config, profile, queue_timeout_s)
     m = result.metrics()
     return {
         "requests": result.requests,
@@ -270,12 +282,13 @@ def replay_trace(
         say(f"replay: the pool already has {len(pool['workers'])} workers; the prediction starts from an empty pool")
     if progress:
         progress(f"replay: {len(trace.arrivals)} requests over {trace.span_s:.0f} s to {', '.join(targets)}")
+    live = live_config(pool)
     outcomes = send_all(url, trace, concurrency, progress)
     after = _get(f"{url}/v1/pool")  # the start-up times the pool measured meanwhile
     profile = profile_of(outcomes, stop_ms, spawn_ms, after.get("settings", {}).get("start_ms"))
     report: dict[str, Any] = {
         "measured": measured(outcomes),
-        "predicted": None if profile is None else predicted(trace, pool, profile),
+        "predicted": None if profile is None else predicted(trace, live, profile),
         "slice": f"minutes {minutes[0]}:{minutes[1]}" if minutes else "the whole trace",
         "speedup": speedup,
         "models": targets,

@@ -54,17 +54,20 @@ class CoreConfig:
     def from_settings(
         cls,
         settings: Settings,
-        models: Iterable[ModelInfo] = (),
+        models: Iterable[ModelInfo] | None = None,
         ttl_overrides: Mapping[str, float] | None = None,
         backoff: tuple[float, float] = (1.0, 60.0),
         batching: Mapping[str, tuple[int, float]] | None = None,
     ) -> CoreConfig:
         """The core's config for ``settings`` and the catalog's ``models``, with per-model
-        TTLs set at run time (``ttl_overrides``, over the bundles' own). The one way
+        TTLs set at run time (``ttl_overrides``, over the bundles' own); ``models`` None:
+        no catalog at hand (``wanwu tune``, ``wanwu replay``), so a stem cell may load
+        any model, where an empty catalog has none for it. The one way
         settings become a CoreConfig: the live pool, ``wanwu tune``, ``wanwu replay`` and
         the tests all come here. ``batching`` (model: max images, max wait s) stands in
         for the bundles' own where only a live gateway's report of them is at hand."""
-        models = list(models)
+        catalog = models is not None
+        models = list(models or ())
         s = settings
         return cls(
             capacity=s.max_workers,
@@ -85,7 +88,7 @@ class CoreConfig:
             interactive_reserve_s=s.interactive_reserve_s,
             # Without GPUs every worker is a CPU one: there is nothing to fall back from.
             cpu_fallback=frozenset(m.name for m in models if m.cpu_fallback) if s.gpus else frozenset(),
-            stem_models=stem_models(models, s.models_dir) if models else None,
+            stem_models=stem_models(models, s.models_dir) if catalog else None,
         )
 
 

@@ -61,6 +61,8 @@ def parse_value(kind: str, raw: Any, strict: bool = False) -> Any:
     which a number is not a string and an integer is a JSON integer (3.0 counts)."""
     if strict:
         _check_json_type(kind, raw)
+        if kind == "str":
+            return raw  # JSON says exactly what it means: " fixed " is not fixed
     return _PARSERS[kind](raw)
 
 

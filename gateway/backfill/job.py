@@ -93,8 +93,9 @@ class Backfill(Sender):
         except _Stopped:
             summary.total, summary.interrupted = len(self.source.keys), True
             return summary
-        own = {self.source.key_of(path) for path in self.results.own_paths}  # --glob '*' must not take them
-        keys = [key for key in self.source.keys if key not in own]
+        # --glob '*' must not take the job's own files for images
+        directory = self.source.base if self.source.kind == "directory" else None
+        keys = [k for k in self.source.keys if directory is None or not self.results.owns(os.path.join(directory, k))]
         summary.model, summary.total = model, len(keys)
         recovered = self.results.open()
         started = self._clock()

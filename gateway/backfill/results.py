@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.files import partial_path, sync_directory, write_text_whole
+from scheduler.files import is_partial, sync_directory, write_text_whole
 
 from .errors import RESUME_HINT, BackfillError
 
@@ -93,10 +93,12 @@ class ResultsFile:
         self._dirty = False
         self._synced_at = 0.0
 
-    @property
-    def own_paths(self) -> tuple[str, ...]:
-        """The files this writes, which a source that holds them must not take for images."""
-        return self.path, self.options_path, str(partial_path(self.options_path))
+    def owns(self, path: str) -> bool:
+        """Whether ``path`` is a file this writes (the results, their options record, or
+        a temporary one a crash left while writing it), which a source that holds it
+        must not take for an image."""
+        path, options = os.path.realpath(path), os.path.realpath(self.options_path)
+        return path in (os.path.realpath(self.path), options) or is_partial(path, options)
 
     def open(self) -> Recovered:
         """Take the file for this job, read which files it has, and cut a partial last line."""
@@ -146,7 +148,11 @@ class ResultsFile:
         crash leaves the old record or the new one."""
         record = {"version": OPTIONS_VERSION, **options}
         try:
-            write_text_whole(self.options_path, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+            write_text_whole(
+                self.options_path,
+                json.dumps(record, ensure_ascii=False, indent=2) + "\n",
+                sync_dir=lambda directory: self._sync_dir(str(directory)),
+            )
         except OSError as exc:
             raise BackfillError(f"cannot write {self.options_path}: {exc.strerror or exc}") from exc
 

@@ -23,7 +23,7 @@ from gateway.admin import Admin, AuthThrottle
 from scheduler.backends.docker_swarm import SwarmBackend
 from scheduler.backends.docker_swarm_network import IPSEC_KERNEL, ipsec_support, probe_ipsec
 from scheduler.errors import ConfigError, WorkerStartError
-from scheduler.files import write_text_whole
+from scheduler.files import _umask, write_text_whole
 from scheduler.settings import Settings
 from tests.unit.fakes import FakeBackend, FakeClock
 from tests.unit.test_admin import AUTH, TOKEN, build
@@ -403,3 +403,26 @@ def test_a_missing_worker_network_says_how_to_create_it_encrypted_where_the_kern
     backend, _ = swarm_backend(None, able)
     with pytest.raises(WorkerStartError, match=command):
         backend._network()
+
+
+def test_writers_never_share_a_temporary_file_and_the_result_has_the_usual_mode(tmp_path: Path) -> None:
+    import threading
+
+    target = tmp_path / "state.json"
+    texts = [str(i) * 200_000 for i in range(8)]
+    errors: list[BaseException] = []
+
+    def write(text: str) -> None:
+        try:
+            write_text_whole(target, text)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and target.read_text() in texts  # one writer's text, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()  # as open() makes it, not mkstemp's 0600

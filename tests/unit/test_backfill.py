@@ -398,12 +398,11 @@ def test_the_directory_is_fsynced_when_the_results_or_their_options_are_created(
     results = ResultsFile(str(tmp_path / "out.jsonl"), sync_dir=synced.append)
     results.open()
     assert synced == [str(tmp_path)]  # the new file's name is on disk before any line
-    # the sidecar is written whole by scheduler.files.write_whole, which syncs the file
-    # and then its directory (tests/unit/test_admin_trust.py watches the order)
     results.record_options({"model": "m", "top_k": 1, "lang": None})
+    assert synced == [str(tmp_path)] * 2  # and so is the renamed sidecar
     results.close()
     ResultsFile(str(tmp_path / "out.jsonl"), sync_dir=synced.append).open()
-    assert synced == [str(tmp_path)]  # an existing file: nothing new in the directory
+    assert len(synced) == 2  # an existing file: nothing new in the directory
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.options.json"]  # no temporary left
     fsync_directory(str(tmp_path))  # the real one, on a real directory
 
@@ -680,3 +679,25 @@ def test_a_second_ctrl_c_leaves_at_once_without_a_torn_line(tmp_path: Path, stub
     _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 130 and time.monotonic() - began < 2.0, stderr.decode()
     assert out.read_bytes() == b""  # the answers in flight were dropped whole, to be redone
+
+
+def test_a_directory_that_cannot_be_synced_only_warns_when_the_options_are_recorded(tmp_path: Path) -> None:
+    def failing(directory: str) -> None:
+        fsync_directory("/nonexistent/wanwu")  # the real one, failing: it warns and goes on
+
+    results = ResultsFile(str(tmp_path / "out.jsonl"), sync_dir=failing)
+    results.open()
+    results.record_options({"model": "m", "top_k": 1, "lang": None})  # the record is whole; no error
+    results.close()
+    assert json.loads((tmp_path / "out.jsonl.options.json").read_text())["model"] == "m"
+
+
+def test_a_partial_options_record_a_crash_left_is_not_taken_for_an_image(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"x")
+    results = ResultsFile(str(src / "out.jsonl"))
+    for name in ("out.jsonl", "out.jsonl.options.json", ".out.jsonl.options.json.k3j9x_q.partial", "b.png"):
+        (src / name).write_bytes(b"x")
+    owned = sorted(name for name in os.listdir(src) if results.owns(str(src / name)))
+    assert owned == [".out.jsonl.options.json.k3j9x_q.partial", "out.jsonl", "out.jsonl.options.json"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.replay import Outcome, assign, measured, profile_of
+from gateway.replay import Outcome, ReplayError, assign, live_config, measured, profile_of
 from scheduler.traces import ModelProfile, Trace
 
 
@@ -54,3 +54,14 @@ def test_with_only_stem_starts_a_container_start_is_a_stem_cell_start_and_a_load
     assert profile is not None and profile.spawn_ms == 1500.0 + 180.0
     given = profile_of(answers, stop_ms=300, spawn_ms=2000.0, pool_starts={"container": 1900.0})
     assert given is not None and given.spawn_ms == 2000.0  # what the operator says beats the pool's last
+
+
+def test_the_live_settings_become_the_pools_own_config_or_an_error_before_any_request() -> None:
+    live = {"max_workers": 3, "idle_ttl_s": 20.0, "keepalive": "fixed", "queue_timeout_s": 4.0, "stem_cells": 0}
+    live |= {"model_ttl_s": {"a": 7}, "batching": {"a": {"max_batch_size": 4, "max_wait_ms": 10}}}
+    config, queue_timeout_s = live_config({"settings": live})
+    assert (config.capacity, config.default_ttl_s, config.keepalive, config.stem_cells) == (3, 20.0, "fixed", 0)
+    assert (config.model_ttl_s, config.batching, queue_timeout_s) == ({"a": 7.0}, {"a": (4, 0.01)}, 4.0)
+    assert config.interactive_reserve_s == 10.0 and config.queue_max == 64  # not reported: the defaults
+    with pytest.raises(ReplayError, match=r"reap_interval_s=7200\.0: must be at most 3600"):
+        live_config({"settings": {**live, "reap_interval_s": 7200.0}})

@@ -93,6 +93,8 @@ def test_a_patch_takes_json_types_only() -> None:
         settings.changed("PATCH", strict=True, idle_ttl_s=True)
     assert settings.changed("PATCH", strict=True, max_workers=3.0).max_workers == 3  # 3.0 is an integer in JSON
     assert settings.changed("WANWU", max_workers="3").max_workers == 3  # text, as the environment gives it
+    with pytest.raises(ConfigError, match="must be one of"):
+        settings.changed("PATCH", strict=True, keepalive=" fixed ")  # JSON is taken at its word
 
 
 def test_tune_grids_hold_the_settings_bounds() -> None:
@@ -121,3 +123,4 @@ def test_one_core_config_from_settings() -> None:
     )
     assert (config.keepalive, config.stem_cells, config.retry_after_s) == ("adaptive", 1, 3.0)
     assert config.stem_models is None  # no catalog: a stem cell may load anything
+    assert CoreConfig.from_settings(settings, []).stem_models == frozenset()  # an empty one: nothing
