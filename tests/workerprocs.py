@@ -96,6 +96,15 @@ def open_directory(prefix: str) -> Path:
     return path
 
 
+def seed_general(models_dir: Path, bundles: tuple[Path, Path]) -> None:
+    """Put the general model and its embedding model (the session's ``general_bundles``)
+    into ``models_dir``, so a process-backend gateway whose default model is general
+    does not make them itself at start (its builder: 15 s of CPU a gateway). A test of
+    that making leaves them out."""
+    for bundle in bundles:
+        shutil.copytree(bundle, models_dir / bundle.name)
+
+
 def python_for_workers(where: Path) -> str:
     """An interpreter with this one's packages that uid 10001 can run: this one if it
     can, else a venv in ``where`` over the system's interpreter of the same version with

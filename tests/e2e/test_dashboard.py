@@ -20,6 +20,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response
 
 from tests.gatewayproc import running_gateway
 from tests.images import demo_images
+from tests.workerprocs import seed_general
 
 pytestmark = pytest.mark.docker  # the demo bundle is copied out of the worker image
 
@@ -72,10 +73,11 @@ class Watch:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, docker_client: docker.DockerClient) -> Path:
+def workdir(tmp_path: Path, docker_client: docker.DockerClient, general_bundles: tuple[Path, Path]) -> Path:
     from tests.dockerutil import demo_bundle_dir
 
     demo_bundle_dir(tmp_path / "models")
+    seed_general(tmp_path / "models", general_bundles)  # the default model, made once for the session
     return tmp_path
 
 

@@ -32,6 +32,7 @@ from playwright.sync_api import (
 
 from tests.gatewayproc import running_gateway
 from tests.images import demo_images
+from tests.workerprocs import seed_general
 
 pytestmark = pytest.mark.docker  # the demo bundle is copied out of the worker image
 
@@ -85,10 +86,11 @@ class Watch:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, docker_client: docker.DockerClient) -> Path:
+def workdir(tmp_path: Path, docker_client: docker.DockerClient, general_bundles: tuple[Path, Path]) -> Path:
     from tests.dockerutil import demo_bundle_dir
 
     demo_bundle_dir(tmp_path / "models")
+    seed_general(tmp_path / "models", general_bundles)  # the default model, made once for the session
     return tmp_path
 
 

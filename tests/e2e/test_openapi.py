@@ -108,11 +108,15 @@ def test_it_describes_exactly_the_routes_flask_registers(document: dict[str, Any
 
 
 @pytest.mark.docker  # the demo bundle is copied out of the worker image
-def test_schemathesis_finds_the_gateway_as_described(tmp_path: Path, docker_client: docker.DockerClient) -> None:
+def test_schemathesis_finds_the_gateway_as_described(
+    tmp_path: Path, docker_client: docker.DockerClient, general_bundles: tuple[Path, Path]
+) -> None:
     from tests.dockerutil import demo_bundle_dir
+    from tests.workerprocs import seed_general
 
     workdir = tmp_path / "gateway"
     demo_bundle_dir(workdir / "models")
+    seed_general(workdir / "models", general_bundles)  # the default model, made once for the session
     settings = {
         "backend": "process",
         "worker_user": "gateway",  # uid 10001 is test_process_backend.py's

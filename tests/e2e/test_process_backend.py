@@ -25,6 +25,7 @@ from tests.workerprocs import (
     process_ids,
     python_for_workers,
     run_as,
+    seed_general,
     worker_processes,
 )
 
@@ -32,15 +33,17 @@ pytestmark = pytest.mark.docker  # the demo bundle is copied out of the worker i
 
 
 @pytest.fixture
-def workdir(docker_client: docker.DockerClient) -> Iterator[Path]:
+def workdir(docker_client: docker.DockerClient, general_bundles: tuple[Path, Path]) -> Iterator[Path]:
     """Gateway directories whose models directory holds the demo bundle already (with
-    the process backend `wanwu serve` would train it: a minute), open to uid 10001."""
+    the process backend `wanwu serve` would train it: a minute) and the general model
+    (made once for the session), open to uid 10001."""
     from tests.dockerutil import demo_bundle_dir
 
     path = open_directory("wanwu-e2e-")
     try:
         for name in ("models", "first/models", "second/models"):
             demo_bundle_dir(path / name)
+            seed_general(path / name, general_bundles)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -59,8 +62,14 @@ def predict(url: str, data: bytes) -> requests.Response:
 def test_a_process_worker_serves_and_survives_a_bad_upload(
     workdir: Path, python: str, docker_client: docker.DockerClient
 ) -> None:
+    # This gateway makes its default model itself, as one on a fresh machine does (the
+    # other tests here are given it).
+    for made in ("general", "general-embed"):
+        shutil.rmtree(workdir / "models" / made)
     settings = {"backend": "process", "stem_cells": "0", "max_workers": "1", "worker_python": python}
     with running_gateway(workdir, docker_client, **settings) as gw:
+        assert (gw.models_dir / "general" / "model.json").is_file()  # ready: the default model was made
+        assert (gw.models_dir / "general-embed" / "model.json").is_file()
         label, image = next(iter(demo_images(seed=5).items()))
         first = predict(gw.url, image)
         assert first.status_code == 200, first.text
