@@ -7,6 +7,11 @@ changing whether a body is valid by the description:
 
 - ``stem_cells`` above 1 becomes 1: every stem cell is a worker process that imports
   torch, and the pool keeps as many ready as there are spare slots (up to 1024).
+- ``max_workers`` below 4 becomes 4, and an idle TTL (the default or a model's) under
+  60 s becomes 60 s: a pool of one slot, or workers that leave within seconds, make
+  most of the run's requests cold starts (3 s each for the general model on this
+  machine's CPU), and the run's length a matter of which values were drawn (40 to
+  80 s). Those pools have tests of their own (tests/integration, tests/e2e/test_settings.py).
 - ``model_ttl_s`` names the served model: the description cannot list the models a
   gateway serves, and any other name is rightly a 400. The value kept is an invalid one
   if the body had one, so a negative case stays negative.
@@ -28,6 +33,8 @@ from typing import Any
 import schemathesis
 
 SETTINGS = "/v1/pool/settings"
+MIN_WORKERS = 4  # a worker for each model the run may pick (test_openapi.py gives the gateway 4)
+MIN_TTL_S = 60.0
 SERVED_MODEL = "demo-shapes"
 MAX_STEM_CELLS = 1
 
@@ -79,10 +86,16 @@ def _tamed(body: dict[str, Any]) -> dict[str, Any]:
     stems = body.get("stem_cells")
     if _number(stems) and float(stems).is_integer() and stems > MAX_STEM_CELLS:  # 5.0 is an integer in JSON
         body["stem_cells"] = MAX_STEM_CELLS
+    workers = body.get("max_workers")
+    if _number(workers) and float(workers).is_integer() and 1 <= workers < MIN_WORKERS:
+        body["max_workers"] = MIN_WORKERS
+    if _valid_ttl(body.get("idle_ttl_s")) and body.get("idle_ttl_s") is not None:
+        body["idle_ttl_s"] = max(body["idle_ttl_s"], MIN_TTL_S)
     ttls = body.get("model_ttl_s")
     if isinstance(ttls, dict) and ttls:
         values = list(ttls.values())
-        body["model_ttl_s"] = {SERVED_MODEL: next((v for v in values if not _valid_ttl(v)), values[0])}
+        kept = next((v for v in values if not _valid_ttl(v)), values[0])
+        body["model_ttl_s"] = {SERVED_MODEL: max(kept, MIN_TTL_S) if _valid_ttl(kept) and kept is not None else kept}
     return body
 
 

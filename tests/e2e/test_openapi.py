@@ -121,7 +121,10 @@ def test_schemathesis_finds_the_gateway_as_described(
         "backend": "process",
         "worker_user": "gateway",  # uid 10001 is test_process_backend.py's
         "stem_cells": "0",
-        "max_workers": "2",
+        # A worker for each of the four models it may pick (demo-shapes, general and their
+        # embedding models): with two, its random picks made the workers take turns, a
+        # cold start for most requests and a run that took from 40 to 80 s.
+        "max_workers": "4",
         "admin_token": TOKEN,
         "state_file": str(tmp_path / "state.json"),
     }
