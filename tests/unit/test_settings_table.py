@@ -124,3 +124,21 @@ def test_one_core_config_from_settings() -> None:
     assert (config.keepalive, config.stem_cells, config.retry_after_s) == ("adaptive", 1, 3.0)
     assert config.stem_models is None  # no catalog: a stem cell may load anything
     assert CoreConfig.from_settings(settings, []).stem_models == frozenset()  # an empty one: nothing
+
+
+def test_the_api_description_states_the_same_bounds_for_what_changes_at_run_time() -> None:
+    import json
+
+    document = json.loads((README.parent / "gateway" / "openapi.json").read_text(encoding="utf-8"))
+    patch = document["components"]["schemas"]["SettingsPatch"]["properties"]
+    for name in RUNTIME:
+        spec, schema = SPECS[name], patch[name]
+        if spec.choices:
+            keepalive = document["components"]["schemas"]["KeepAlive"]
+            assert tuple(keepalive["enum"]) == spec.choices, name
+            continue
+        low_key = "exclusiveMinimum" if spec.low_open and TYPES[name] == "float" else "minimum"
+        low = spec.low + 1 if spec.low_open and TYPES[name] == "int" else spec.low
+        assert (schema.get(low_key), schema.get("maximum")) == (low, spec.high), name
+    per_model = patch["model_ttl_s"]["additionalProperties"]  # a model's TTL: the default's bounds
+    assert (per_model["exclusiveMinimum"], per_model["maximum"]) == (SPECS["idle_ttl_s"].low, SPECS["idle_ttl_s"].high)
