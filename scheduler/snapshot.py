@@ -43,23 +43,6 @@ class PoolSnapshot:
     keepalive: dict[str, Any] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)  # by priority
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "capacity": self.capacity,
-            "queue_depth": self.queue_depth,
-            "waiting": self.waiting,
-            "workers": [w.__dict__ for w in self.workers],
-            "counters": self.counters,
-            "reaps": self.reaps,
-            "gpus": [
-                {"device": g.device, "used_mb": round(g.used_mb, 1), "total_mb": round(g.total_mb, 1)}
-                for g in self.gpus
-            ],
-            "backoff_s": self.backoff,
-            "settings": self.settings,
-            "keepalive": self.keepalive,
-        }
-
 
 def take_snapshot(core: PoolCore, settings: Settings, now: float) -> PoolSnapshot:
     """The pool as ``core`` holds it at ``now`` (the caller holds the pool's lock)."""

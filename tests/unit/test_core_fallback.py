@@ -218,7 +218,7 @@ def test_the_pool_serves_a_fallback_model_on_the_cpu_and_says_so(tmp_path: Path)
     pool.release(lease)
     assert pool.predict_batch("big", [b"1", b"2"]).cpu_fallback
     snapshot = pool.snapshot()
-    assert [(w["model"], w["device"], w["gpu_mb"]) for w in snapshot.to_json()["workers"]] == [("big", "cpu", 0.0)]
+    assert [(w.model, w.device, w.gpu_mb) for w in snapshot.workers] == [("big", "cpu", 0.0)]
     assert snapshot.counters["cpu_fallbacks"] == 1
     with pytest.raises(CapacityExhausted):
         pool.predict("plain", b"1")  # no flag: it waits for GPU memory, as before

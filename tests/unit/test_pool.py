@@ -301,7 +301,7 @@ def test_snapshot_describes_workers(pool: WarmPool, clock: FakeClock) -> None:
     (worker,) = pool.snapshot().workers
     assert worker.model == "a" and worker.state == "idle" and worker.idle_s == 3 and worker.requests == 1
     assert worker.gpu_mb == 1000  # the bundle's estimate until the worker reports its own
-    assert pool.snapshot().to_json()["workers"][0]["model"] == "a"
+    assert pool.snapshot().workers[0].model == "a"
 
 
 def test_a_start_that_outlives_the_shutdown_is_stopped_and_its_request_fails(

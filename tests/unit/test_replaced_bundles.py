@@ -146,7 +146,7 @@ def test_after_a_replacement_the_gateway_answers_from_a_new_worker_and_not_from_
         fresh = ask()
         assert fresh["result"] == "dog" and fresh["cached"] is False and fresh["cold_start"] is True
         assert old not in backend.live and len(backend.live) == 1
-        assert pool.snapshot().to_json()["reaps"]["replaced"] == 1
+        assert pool.snapshot().reaps["replaced"] == 1
     finally:
         pool.shutdown(grace_s=0)
 
