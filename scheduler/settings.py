@@ -77,8 +77,9 @@ class Settings:
         high=WEEK_S,
         runtime=True,
         flag=True,
-        help="idle seconds before a worker stops (a bundle's `idle_ttl_s` overrides; so does a model's TTL set at "
-        "run time, within the same bounds); with `adaptive` keep-alive, the price of a cold start in idle seconds",
+        help="idle seconds before a worker stops (a bundle's `idle_ttl_s` overrides, and so does a model's TTL set "
+        "at run time, both within the same bounds); with `adaptive` keep-alive, the price of a cold start in idle "
+        "seconds",
     )
     keepalive: str = setting(
         "adaptive",

@@ -63,6 +63,7 @@ def test_bad_json_names_file(bundle_dir: Path) -> None:
         ("std", [0.5, 0, 0.5], r"'std' .* positive numbers"),
         ("gpu_memory_mb", -1, r"'gpu_memory_mb' is -1"),
         ("idle_ttl_s", -5, r"'idle_ttl_s' is -5"),
+        ("idle_ttl_s", 1e10, r"'idle_ttl_s' is 10000000000\.0; expected seconds above 0, at most 604800"),
         ("batching", {"max_batch_size": 0}, r"'batching.max_batch_size' is 0"),
         ("labels", "../etc/passwd", r"'labels' .* inside the bundle"),
         ("name", "", r"'name' is ''"),

@@ -142,3 +142,9 @@ def test_the_api_description_states_the_same_bounds_for_what_changes_at_run_time
         assert (schema.get(low_key), schema.get("maximum")) == (low, spec.high), name
     per_model = patch["model_ttl_s"]["additionalProperties"]  # a model's TTL: the default's bounds
     assert (per_model["exclusiveMinimum"], per_model["maximum"]) == (SPECS["idle_ttl_s"].low, SPECS["idle_ttl_s"].high)
+
+
+def test_a_bundles_own_ttl_has_the_default_ttls_upper_bound() -> None:
+    from wanwu_worker.bundle import MAX_IDLE_TTL_S
+
+    assert SPECS["idle_ttl_s"].high == MAX_IDLE_TTL_S

@@ -179,12 +179,18 @@ def _float_triple(value: Any, path: Path, field: str, positive: bool) -> tuple[f
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-def _optional_positive(cfg: dict[str, Any], path: Path, field: str) -> float | None:
+# A bundle's idle TTL has the bounds of the gateway's (WANWU_IDLE_TTL_S in the settings
+# table, scheduler/settings.py, which this package cannot import; a unit test keeps the
+# two equal): longer than a week is "never", and an idle GPU for that long a mistake.
+MAX_IDLE_TTL_S = 7 * 86400.0
+
+
+def _optional_ttl(cfg: dict[str, Any], path: Path, field: str) -> float | None:
     value = cfg.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _err(path, field, f"is {value!r}; expected a positive number of seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_IDLE_TTL_S:
+        raise _err(path, field, f"is {value!r}; expected seconds above 0, at most {MAX_IDLE_TTL_S:g} (a week)")
     return float(value)
 
 
@@ -398,7 +404,7 @@ def _load(root: Path, dir_fd: int) -> Bundle:
         precision=precision,
         labels=labels,
         gpu_memory_mb=gpu_mb,
-        idle_ttl_s=_optional_positive(cfg, meta, "idle_ttl_s"),
+        idle_ttl_s=_optional_ttl(cfg, meta, "idle_ttl_s"),
         batching=_batching(cfg, meta),
         subsets=subsets,
         cpu_fallback=_flag(cfg, meta, "cpu_fallback"),
