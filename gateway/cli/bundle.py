@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from scheduler.settings import SPECS
+
 from .common import load_settings, reports_errors
 
 
@@ -87,7 +89,10 @@ PRETRAINED_FIXES = (
 @click.option("--max-batch-size", default=1, show_default=True, type=click.IntRange(1, 1024), help="Dynamic batching.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
-    "--idle-ttl", "idle_ttl_s", type=click.FloatRange(min=0, min_open=True), help="Seconds; this model's TTL."
+    "--idle-ttl",
+    "idle_ttl_s",
+    type=click.FloatRange(min=0, min_open=True, max=SPECS["idle_ttl_s"].high),
+    help="Seconds; this model's TTL (WANWU_IDLE_TTL_S's bounds).",
 )
 @click.option("--cpu-fallback", is_flag=True, help="Serve on a CPU worker when no GPU has room.")
 @click.option("--subsets", type=click.Path(exists=True, dir_okay=False), help='JSON: {"name": [label, ...]}.')
